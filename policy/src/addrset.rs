@@ -1,0 +1,321 @@
+//! Sets of IP addresses as sorted, disjoint, merged ranges, per family.
+//!
+//! `ipBlock` with `except` is a CIDR minus other CIDRs, which is not a set of prefixes in
+//! general but is always a set of ranges; nftables interval sets take ranges directly.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Inclusive ranges, sorted, disjoint and not adjacent (adjacent ranges are merged).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrSet {
+    pub v4: Vec<(u32, u32)>,
+    pub v6: Vec<(u128, u128)>,
+}
+
+fn v4_bounds(net: &ipnet::Ipv4Net) -> (u32, u32) {
+    (u32::from(net.network()), u32::from(net.broadcast()))
+}
+
+fn v6_bounds(net: &ipnet::Ipv6Net) -> (u128, u128) {
+    (u128::from(net.network()), u128::from(net.broadcast()))
+}
+
+/// Sorts and merges overlapping or adjacent ranges in place.
+fn normalize<T: Copy + Ord + num_like::Succ>(ranges: &mut Vec<(T, T)>) {
+    ranges.sort_unstable();
+    let mut out: Vec<(T, T)> = Vec::with_capacity(ranges.len());
+    for &(lo, hi) in ranges.iter() {
+        match out.last_mut() {
+            Some(last) if last.1 >= lo || last.1.succ() == Some(lo) => {
+                if hi > last.1 {
+                    last.1 = hi;
+                }
+            }
+            _ => out.push((lo, hi)),
+        }
+    }
+    *ranges = out;
+}
+
+/// Removes `cut` (normalized) from `ranges` (normalized).
+fn subtract<T: Copy + Ord + num_like::Succ>(ranges: &[(T, T)], cut: &[(T, T)]) -> Vec<(T, T)> {
+    let mut out = Vec::new();
+    for &(lo, hi) in ranges {
+        let mut start = Some(lo);
+        for &(clo, chi) in cut {
+            let Some(s) = start else { break };
+            if chi < s || clo > hi {
+                continue;
+            }
+            if clo > s {
+                out.push((s, clo.pred().expect("clo > s implies a predecessor")));
+            }
+            start = if chi >= hi { None } else { chi.succ() };
+        }
+        if let Some(s) = start {
+            out.push((s, hi));
+        }
+    }
+    out
+}
+
+fn contains_sorted<T: Copy + Ord>(ranges: &[(T, T)], x: T) -> bool {
+    let i = ranges.partition_point(|&(lo, _)| lo <= x);
+    i > 0 && ranges[i - 1].1 >= x
+}
+
+mod num_like {
+    pub trait Succ: Sized {
+        fn succ(self) -> Option<Self>;
+        fn pred(self) -> Option<Self>;
+    }
+    impl Succ for u32 {
+        fn succ(self) -> Option<Self> {
+            self.checked_add(1)
+        }
+        fn pred(self) -> Option<Self> {
+            self.checked_sub(1)
+        }
+    }
+    impl Succ for u128 {
+        fn succ(self) -> Option<Self> {
+            self.checked_add(1)
+        }
+        fn pred(self) -> Option<Self> {
+            self.checked_sub(1)
+        }
+    }
+}
+
+impl AddrSet {
+    pub fn new() -> Self {
+        AddrSet::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// `cidr` minus every `except` (excepts of the other family are ignored).
+    pub fn from_block(cidr: &IpNet, except: &[IpNet]) -> Self {
+        let mut set = AddrSet::new();
+        set.insert_net(cidr);
+        let mut cut = AddrSet::new();
+        for e in except {
+            cut.insert_net(e);
+        }
+        cut.normalize();
+        set.v4 = subtract(&set.v4, &cut.v4);
+        set.v6 = subtract(&set.v6, &cut.v6);
+        set
+    }
+
+    pub fn from_addrs(addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        let mut set = AddrSet::new();
+        for a in addrs {
+            set.push_addr(a);
+        }
+        set.normalize();
+        set
+    }
+
+    /// Adds without normalizing; call [`AddrSet::normalize`] after a batch.
+    pub fn push_addr(&mut self, addr: IpAddr) {
+        match addr {
+            IpAddr::V4(a) => self.v4.push((a.into(), a.into())),
+            IpAddr::V6(a) => self.v6.push((a.into(), a.into())),
+        }
+    }
+
+    fn insert_net(&mut self, net: &IpNet) {
+        match net {
+            IpNet::V4(n) => self.v4.push(v4_bounds(n)),
+            IpNet::V6(n) => self.v6.push(v6_bounds(n)),
+        }
+    }
+
+    pub fn normalize(&mut self) {
+        normalize(&mut self.v4);
+        normalize(&mut self.v6);
+    }
+
+    /// Adds every range of `other`.
+    pub fn union_with(&mut self, other: &AddrSet) {
+        self.v4.extend_from_slice(&other.v4);
+        self.v6.extend_from_slice(&other.v6);
+        self.normalize();
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => contains_sorted(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => contains_sorted(&self.v6, u128::from(a)),
+        }
+    }
+
+    /// The number of ranges (what an nftables interval set holds).
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    /// Each range as text: an address, a CIDR where the range is exactly one, or `a-b`.
+    pub fn to_strings(&self) -> Vec<String> {
+        let v4 = self.v4.iter().map(|&(lo, hi)| {
+            range_text(
+                IpAddr::V4(Ipv4Addr::from(lo)),
+                IpAddr::V4(Ipv4Addr::from(hi)),
+                (hi - lo).checked_add(1).map(u128::from),
+                32,
+            )
+        });
+        let v6 = self.v6.iter().map(|&(lo, hi)| {
+            range_text(
+                IpAddr::V6(Ipv6Addr::from(lo)),
+                IpAddr::V6(Ipv6Addr::from(hi)),
+                (hi - lo).checked_add(1),
+                128,
+            )
+        });
+        v4.chain(v6).collect()
+    }
+}
+
+/// `size` is `None` when the range covers the whole family.
+fn range_text(lo: IpAddr, hi: IpAddr, size: Option<u128>, bits: u32) -> String {
+    if lo == hi {
+        return lo.to_string();
+    }
+    let prefix = match size {
+        None => Some(0),
+        Some(n) if n.is_power_of_two() => Some(bits - n.trailing_zeros()),
+        _ => None,
+    };
+    if let Some(len) = prefix {
+        if let Ok(net) = IpNet::new(lo, len as u8) {
+            if net.network() == lo {
+                return net.to_string();
+            }
+        }
+    }
+    format!("{lo}-{hi}")
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid address range {0:?}")]
+pub struct ParseRangeError(String);
+
+fn parse_range(text: &str) -> Result<(IpAddr, IpAddr), ParseRangeError> {
+    let err = || ParseRangeError(text.to_string());
+    if let Some((lo, hi)) = text.split_once('-') {
+        let lo = IpAddr::from_str(lo).map_err(|_| err())?;
+        let hi = IpAddr::from_str(hi).map_err(|_| err())?;
+        return Ok((lo, hi));
+    }
+    if text.contains('/') {
+        let net = IpNet::from_str(text).map_err(|_| err())?;
+        return Ok((net.network(), net.broadcast()));
+    }
+    let a = IpAddr::from_str(text).map_err(|_| err())?;
+    Ok((a, a))
+}
+
+impl fmt::Display for AddrSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{{{}}}", self.to_strings().join(", "))
+    }
+}
+
+impl Serialize for AddrSet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_strings().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for AddrSet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let texts = Vec::<String>::deserialize(d)?;
+        let mut set = AddrSet::new();
+        for t in texts {
+            match parse_range(&t).map_err(serde::de::Error::custom)? {
+                (IpAddr::V4(lo), IpAddr::V4(hi)) => set.v4.push((lo.into(), hi.into())),
+                (IpAddr::V6(lo), IpAddr::V6(hi)) => set.v6.push((lo.into(), hi.into())),
+                _ => return Err(serde::de::Error::custom(format!("mixed families in {t:?}"))),
+            }
+        }
+        set.normalize();
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn block_with_except() {
+        let s = AddrSet::from_block(
+            &net("10.0.0.0/24"),
+            &[net("10.0.0.128/25"), net("10.0.0.7/32")],
+        );
+        assert_eq!(
+            s.to_strings(),
+            vec!["10.0.0.0-10.0.0.6", "10.0.0.8-10.0.0.127"]
+        );
+        assert!(s.contains("10.0.0.6".parse().unwrap()));
+        assert!(!s.contains("10.0.0.7".parse().unwrap()));
+        assert!(!s.contains("10.0.0.200".parse().unwrap()));
+        assert!(!s.contains("10.0.1.0".parse().unwrap()));
+    }
+
+    #[test]
+    fn whole_space_and_v6() {
+        let s = AddrSet::from_block(&net("0.0.0.0/0"), &[net("10.0.0.0/8")]);
+        assert!(s.contains("11.0.0.0".parse().unwrap()));
+        assert!(!s.contains("10.1.2.3".parse().unwrap()));
+        assert!(!s.contains("::1".parse().unwrap()));
+        let all6 = AddrSet::from_block(&net("::/0"), &[]);
+        assert_eq!(all6.to_strings(), vec!["::/0"]);
+        assert!(all6.contains("fd00::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn adjacent_addresses_merge_and_round_trip() {
+        let s = AddrSet::from_addrs(
+            ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.9"].map(|a| a.parse().unwrap()),
+        );
+        assert_eq!(s.to_strings(), vec!["10.0.0.1-10.0.0.3", "10.0.0.9"]);
+        let json = serde_json::to_string(&s).unwrap();
+        let back: AddrSet = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+    }
+
+    proptest! {
+        #[test]
+        fn block_membership_matches_definition(
+            base in any::<u32>(), len in 16u8..=32, excepts in proptest::collection::vec((any::<u32>(), 16u8..=32), 0..4),
+            probe in any::<u32>(),
+        ) {
+            let cidr = IpNet::new(IpAddr::V4(Ipv4Addr::from(base)), len).unwrap().trunc();
+            let ex: Vec<IpNet> = excepts.iter().map(|&(b, l)| IpNet::new(IpAddr::V4(Ipv4Addr::from(b)), l).unwrap().trunc()).collect();
+            let set = AddrSet::from_block(&cidr, &ex);
+            let addr = IpAddr::V4(Ipv4Addr::from(probe));
+            let expected = cidr.contains(&addr) && !ex.iter().any(|e| e.contains(&addr));
+            prop_assert_eq!(set.contains(addr), expected);
+            // Probing at the edges of each range too.
+            for &(lo, hi) in &set.v4 {
+                prop_assert!(cidr.contains(&IpAddr::V4(Ipv4Addr::from(lo))));
+                prop_assert!(!ex.iter().any(|e| e.contains(&IpAddr::V4(Ipv4Addr::from(hi)))));
+            }
+        }
+    }
+}

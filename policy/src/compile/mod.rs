@@ -1,0 +1,54 @@
+//! The compiler: cluster state and policies in, per-node rule sets out, incrementally.
+//!
+//! [`Compiler`] keeps an index (labels → selector groups → rules → nodes) so that one change
+//! to a pod, namespace, node or policy updates only what it affects and reports which
+//! nodes' rule sets changed.
+
+mod index;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Cluster, Namespace, Node, Pod, PodKey, Policy, PolicyId};
+use crate::ruleset::NodeRuleSet;
+
+pub use index::Compiler;
+
+/// One change to the compiler's input.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    UpsertPod(Pod),
+    RemovePod(PodKey),
+    UpsertNamespace(Namespace),
+    RemoveNamespace(String),
+    UpsertNode(Node),
+    RemoveNode(String),
+    UpsertPolicy(Policy),
+    RemovePolicy(PolicyId),
+}
+
+/// What a change did: the nodes whose rule sets differ now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub nodes: BTreeSet<String>,
+}
+
+/// Something worth a human's attention that does not stop compilation.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Warning {
+    pub policies: Vec<PolicyId>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.policies.iter().map(|p| p.to_string()).collect();
+        write!(f, "{}: {}", names.join(", "), self.message)
+    }
+}
+
+/// Compiles everything at once: every node's rule set, keyed by node name.
+pub fn compile(cluster: &Cluster, policies: &[Policy]) -> BTreeMap<String, NodeRuleSet> {
+    Compiler::new(cluster.clone(), policies.to_vec()).node_rule_sets()
+}

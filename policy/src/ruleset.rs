@@ -1,0 +1,322 @@
+//! The compiled form: what one node's agent needs for its local pods.
+//!
+//! A node rule set names its local pods with their addresses and, per pod and direction,
+//! the ordered rule instances of each tier. Peers are referenced by address-group id; the
+//! groups themselves are shared between rules, pods and nodes, and a node carries only the
+//! groups its rules reference. Ids are derived from content, so the same input always gives
+//! the same ids and a small change gives a small diff.
+//!
+//! [`DirectionRules::decide`] matches a packet the way the agent's nftables chains do; the
+//! property tests compare it with the reference evaluator.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::addrset::AddrSet;
+use crate::model::{Action, Cluster, Direction, PolicyId, Protocol, RuleOrigin, Tier};
+use crate::verdict::{
+    exemption, verdict_of, DirectionDecision, Flow, FlowDecision, FlowError, Reason, Verdict,
+};
+
+/// `g-` and 16 hex digits of a hash of the group's definition.
+pub type GroupId = String;
+/// `r-` and 16 hex digits of a hash of the rule's origin.
+pub type RuleId = String;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortRange {
+    pub protocol: Protocol,
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, protocol: Protocol, port: u16) -> bool {
+        self.protocol == protocol && self.start <= port && port <= self.end
+    }
+}
+
+/// A (destination address, protocol, port) triple: an egress named port resolved on one pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortEndpoint {
+    pub addr: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Group {
+    /// Peer addresses (pod addresses, node addresses, CIDRs less their exceptions).
+    Addresses(AddrSet),
+    /// Pod addresses with the port a name means on that pod: egress rules to named ports.
+    NamedPorts(BTreeSet<PortEndpoint>),
+}
+
+impl Group {
+    pub fn len(&self) -> usize {
+        match self {
+            Group::Addresses(a) => a.len(),
+            Group::NamedPorts(e) => e.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One way a rule instance can match; a rule instance matches if any clause does.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Clause {
+    /// The peer's address is in one of `peers` (`None`: any address), and the protocol and
+    /// port are in one of `ports` (`None`: any).
+    PeerPort {
+        peers: Option<Vec<GroupId>>,
+        ports: Option<Vec<PortRange>>,
+    },
+    /// (peer address, protocol, port) is in the `NamedPorts` group.
+    NamedPort { group: GroupId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RuleInstance {
+    pub rule: RuleId,
+    pub action: Action,
+    pub clauses: Vec<Clause>,
+}
+
+/// The rules that govern one direction of one pod, in evaluation order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectionRules {
+    /// Admin tier, by priority then written order; first match decides (or passes).
+    pub admin: Vec<RuleInstance>,
+    /// The NetworkPolicies that isolate the pod in this direction; empty: not isolated, and
+    /// the Baseline tier decides.
+    pub isolated_by: Vec<PolicyId>,
+    /// Allow rules of the isolating NetworkPolicies (any match allows).
+    pub network_policy: Vec<RuleInstance>,
+    /// Baseline tier, consulted only when the pod is not isolated.
+    pub baseline: Vec<RuleInstance>,
+}
+
+impl DirectionRules {
+    pub fn is_empty(&self) -> bool {
+        self.admin.is_empty() && self.isolated_by.is_empty() && self.baseline.is_empty()
+    }
+
+    pub fn instances(&self) -> impl Iterator<Item = &RuleInstance> {
+        self.admin
+            .iter()
+            .chain(&self.network_policy)
+            .chain(&self.baseline)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRules {
+    pub namespace: String,
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    pub ingress: DirectionRules,
+    pub egress: DirectionRules,
+}
+
+impl PodRules {
+    pub fn direction(&self, direction: Direction) -> &DirectionRules {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+}
+
+/// Everything one node's agent enforces.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRuleSet {
+    pub node: String,
+    /// The node's own addresses.
+    pub node_addresses: Vec<IpAddr>,
+    /// Local, non-host-network pods, sorted by namespace and name.
+    pub pods: Vec<PodRules>,
+    /// Every group a rule instance of this node references.
+    pub groups: BTreeMap<GroupId, Group>,
+    /// Every rule a rule instance of this node references, with its origin.
+    pub rules: BTreeMap<RuleId, RuleOrigin>,
+}
+
+impl NodeRuleSet {
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodRules> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+}
+
+/// Packet-level matching, as the agent's chains do it.
+pub struct Matcher<'a> {
+    pub groups: &'a BTreeMap<GroupId, Group>,
+    pub rules: &'a BTreeMap<RuleId, RuleOrigin>,
+}
+
+impl Matcher<'_> {
+    fn in_group(&self, id: &GroupId, peer: IpAddr) -> bool {
+        matches!(self.groups.get(id), Some(Group::Addresses(set)) if set.contains(peer))
+    }
+
+    pub fn clause_matches(
+        &self,
+        clause: &Clause,
+        peer: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> bool {
+        match clause {
+            Clause::PeerPort { peers, ports } => {
+                peers
+                    .as_ref()
+                    .is_none_or(|ids| ids.iter().any(|id| self.in_group(id, peer)))
+                    && ports
+                        .as_ref()
+                        .is_none_or(|r| r.iter().any(|r| r.contains(protocol, port)))
+            }
+            Clause::NamedPort { group } => matches!(
+                self.groups.get(group),
+                Some(Group::NamedPorts(e)) if e.contains(&PortEndpoint { addr: peer, protocol, port })
+            ),
+        }
+    }
+
+    pub fn instance_matches(
+        &self,
+        instance: &RuleInstance,
+        peer: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> bool {
+        instance
+            .clauses
+            .iter()
+            .any(|c| self.clause_matches(c, peer, protocol, port))
+    }
+
+    fn origin(&self, id: &RuleId) -> RuleOrigin {
+        self.rules.get(id).cloned().unwrap_or_else(|| RuleOrigin {
+            policy: PolicyId {
+                kind: crate::model::PolicyKind::NetworkPolicy,
+                namespace: None,
+                name: id.clone(),
+            },
+            tier: Tier::NetworkPolicy,
+            priority: 0,
+            direction: Direction::Ingress,
+            index: 0,
+            name: None,
+        })
+    }
+
+    /// The decision for one direction of one pod, given the address at the other end.
+    pub fn decide(
+        &self,
+        rules: &DirectionRules,
+        direction: Direction,
+        peer: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> DirectionDecision {
+        let mut passed = Vec::new();
+        let decided = |verdict, reason, passed| DirectionDecision {
+            direction,
+            verdict,
+            reason,
+            passed,
+        };
+        for inst in &rules.admin {
+            if self.instance_matches(inst, peer, protocol, port) {
+                match verdict_of(inst.action) {
+                    Some(v) => return decided(v, Reason::Rule(self.origin(&inst.rule)), passed),
+                    None => {
+                        passed.push(self.origin(&inst.rule));
+                        break;
+                    }
+                }
+            }
+        }
+        if !rules.isolated_by.is_empty() {
+            return match rules
+                .network_policy
+                .iter()
+                .find(|i| self.instance_matches(i, peer, protocol, port))
+            {
+                Some(inst) => decided(
+                    Verdict::Allow,
+                    Reason::Rule(self.origin(&inst.rule)),
+                    passed,
+                ),
+                None => decided(
+                    Verdict::Deny,
+                    Reason::DefaultDeny {
+                        isolated_by: rules.isolated_by.clone(),
+                    },
+                    passed,
+                ),
+            };
+        }
+        for inst in &rules.baseline {
+            if self.instance_matches(inst, peer, protocol, port) {
+                match verdict_of(inst.action) {
+                    Some(v) => return decided(v, Reason::Rule(self.origin(&inst.rule)), passed),
+                    None => {
+                        passed.push(self.origin(&inst.rule));
+                        break;
+                    }
+                }
+            }
+        }
+        decided(Verdict::Allow, Reason::NotIsolated, passed)
+    }
+}
+
+/// Decides a flow from compiled node rule sets, the way the agents on the source's and the
+/// destination's nodes would.
+pub fn decide_flow(
+    cluster: &Cluster,
+    rule_sets: &BTreeMap<String, NodeRuleSet>,
+    flow: &Flow,
+) -> Result<FlowDecision, FlowError> {
+    let ends = flow.endpoints(cluster)?;
+    let side = |direction: Direction| {
+        if let Some(d) = exemption(&ends, direction) {
+            return d;
+        }
+        let (pod, peer) = match direction {
+            Direction::Egress => (ends.src, ends.dst_addr),
+            Direction::Ingress => (ends.dst, ends.src_addr),
+        };
+        let Some(set) = rule_sets.get(&pod.node) else {
+            return crate::verdict::exempt(direction, Reason::NotIsolated);
+        };
+        let Some(rules) = set.pod(&pod.namespace, &pod.name) else {
+            return crate::verdict::exempt(direction, Reason::NotIsolated);
+        };
+        let matcher = Matcher {
+            groups: &set.groups,
+            rules: &set.rules,
+        };
+        matcher.decide(
+            rules.direction(direction),
+            direction,
+            peer,
+            flow.protocol,
+            flow.port,
+        )
+    };
+    Ok(FlowDecision::new(
+        side(Direction::Egress),
+        side(Direction::Ingress),
+    ))
+}

@@ -1,0 +1,1 @@
+//! Kubernetes objects into the policy model.

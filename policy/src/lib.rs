@@ -6,6 +6,7 @@
 
 pub mod addrset;
 pub mod compile;
+pub mod evaluate;
 pub mod model;
 pub mod ruleset;
 pub mod selector;

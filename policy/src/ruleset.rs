@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -144,7 +145,7 @@ pub struct NodeRuleSet {
     /// Local, non-host-network pods, sorted by namespace and name.
     pub pods: Vec<PodRules>,
     /// Every group a rule instance of this node references.
-    pub groups: BTreeMap<GroupId, Group>,
+    pub groups: BTreeMap<GroupId, Arc<Group>>,
     /// Every rule a rule instance of this node references, with its origin.
     pub rules: BTreeMap<RuleId, RuleOrigin>,
 }
@@ -159,13 +160,13 @@ impl NodeRuleSet {
 
 /// Packet-level matching, as the agent's chains do it.
 pub struct Matcher<'a> {
-    pub groups: &'a BTreeMap<GroupId, Group>,
+    pub groups: &'a BTreeMap<GroupId, Arc<Group>>,
     pub rules: &'a BTreeMap<RuleId, RuleOrigin>,
 }
 
 impl Matcher<'_> {
     fn in_group(&self, id: &GroupId, peer: IpAddr) -> bool {
-        matches!(self.groups.get(id), Some(Group::Addresses(set)) if set.contains(peer))
+        matches!(self.groups.get(id).map(|g| &**g), Some(Group::Addresses(set)) if set.contains(peer))
     }
 
     pub fn clause_matches(
@@ -185,7 +186,7 @@ impl Matcher<'_> {
                         .is_none_or(|r| r.iter().any(|r| r.contains(protocol, port)))
             }
             Clause::NamedPort { group } => matches!(
-                self.groups.get(group),
+                self.groups.get(group).map(|g| &**g),
                 Some(Group::NamedPorts(e)) if e.contains(&PortEndpoint { addr: peer, protocol, port })
             ),
         }

@@ -1,43 +1,845 @@
-//! Placeholder: replaced by the indexed compiler.
+//! The incremental compiler's index.
+//!
+//! State is kept so that every change has a cheap, exact answer to "what does this affect":
+//! - policies by namespace (NetworkPolicies) and, per namespace, the tiered policies whose
+//!   namespace selector matches it, in evaluation order;
+//! - pods by namespace, node and named port;
+//! - each pod's compiled rules and the groups they reference;
+//! - live groups with their members and the nodes referencing them, indexed by what can
+//!   change their membership (a namespace, any namespace's labels, a port name, nodes).
+//!
+//! A group lives while some pod's rules reference it; its members are computed when it is
+//! first referenced and maintained incrementally after that.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::groups::{node_members, GroupDef, GroupState, Member};
+use super::instances::CompiledPolicy;
 use super::{Change, Touched, Warning};
-use crate::model::{Cluster, Policy};
-use crate::ruleset::NodeRuleSet;
+use crate::model::{
+    Cluster, Direction, Labels, Namespace, NamespaceScope, Node, Peer, Pod, PodKey, Policy,
+    PolicyId, RuleOrigin, Subject, Tier,
+};
+use crate::ruleset::{DirectionRules, GroupId, NodeRuleSet, PodRules, RuleId};
 
+static NO_LABELS: Labels = Labels::new();
+
+struct PodEntry {
+    node: String,
+    rules: PodRules,
+    refs: BTreeSet<GroupId>,
+}
+
+/// Cluster state and policies, compiled incrementally into per-node rule sets.
 pub struct Compiler {
-    _cluster: Cluster,
-    _policies: Vec<Policy>,
+    cluster: Cluster,
+    policies: BTreeMap<PolicyId, CompiledPolicy>,
+    rule_origins: HashMap<RuleId, RuleOrigin>,
+    np_by_ns: HashMap<String, BTreeSet<PolicyId>>,
+    /// Tiered policies in evaluation order.
+    tiered: BTreeSet<(Tier, u32, PolicyId)>,
+    /// Per namespace, the tiered policies whose subject's namespace selector matches it.
+    tiered_by_ns: HashMap<String, Vec<PolicyId>>,
+    pods_by_ns: HashMap<String, BTreeSet<String>>,
+    pods_by_node: BTreeMap<String, BTreeSet<PodKey>>,
+    pods_by_port_name: HashMap<String, BTreeSet<PodKey>>,
+    pod_entries: HashMap<PodKey, PodEntry>,
+    groups: HashMap<GroupId, GroupState>,
+    groups_by_ns: HashMap<String, BTreeSet<GroupId>>,
+    ns_selector_groups: BTreeSet<GroupId>,
+    named_groups_by_port: HashMap<String, BTreeSet<GroupId>>,
+    node_groups: BTreeSet<GroupId>,
 }
 
 impl Compiler {
     /// A full compile of `cluster` and `policies`.
     pub fn new(cluster: Cluster, policies: Vec<Policy>) -> Self {
-        Compiler {
-            _cluster: cluster,
-            _policies: policies,
+        let mut c = Compiler {
+            cluster: Cluster {
+                namespaces: cluster.namespaces,
+                pods: BTreeMap::new(),
+                nodes: cluster.nodes,
+            },
+            policies: BTreeMap::new(),
+            rule_origins: HashMap::new(),
+            np_by_ns: HashMap::new(),
+            tiered: BTreeSet::new(),
+            tiered_by_ns: HashMap::new(),
+            pods_by_ns: HashMap::new(),
+            pods_by_node: BTreeMap::new(),
+            pods_by_port_name: HashMap::new(),
+            pod_entries: HashMap::new(),
+            groups: HashMap::new(),
+            groups_by_ns: HashMap::new(),
+            ns_selector_groups: BTreeSet::new(),
+            named_groups_by_port: HashMap::new(),
+            node_groups: BTreeSet::new(),
+        };
+        for (key, pod) in cluster.pods {
+            c.index_pod(&pod);
+            c.cluster.pods.insert(key, pod);
         }
-    }
-
-    /// Applies one change and says which nodes' rule sets it changed.
-    pub fn apply(&mut self, _change: Change) -> Touched {
-        unimplemented!()
-    }
-
-    pub fn node_rule_set(&self, _node: &str) -> Option<NodeRuleSet> {
-        unimplemented!()
-    }
-
-    pub fn node_rule_sets(&self) -> BTreeMap<String, NodeRuleSet> {
-        unimplemented!()
-    }
-
-    pub fn warnings(&self) -> Vec<Warning> {
-        unimplemented!()
+        for policy in policies {
+            c.index_policy(CompiledPolicy::new(policy));
+        }
+        let namespaces: Vec<String> = c.known_namespaces().cloned().collect();
+        for ns in namespaces {
+            c.refresh_tiered_for_namespace(&ns);
+        }
+        let keys: Vec<PodKey> = c.cluster.pods.keys().cloned().collect();
+        let mut ignored = Touched::default();
+        for key in keys {
+            c.refresh_pod(&key, &mut ignored);
+        }
+        c
     }
 
     pub fn cluster(&self) -> &Cluster {
-        &self._cluster
+        &self.cluster
     }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.values().map(|p| &p.policy)
+    }
+
+    /// Applies one change and says which nodes' rule sets it changed.
+    pub fn apply(&mut self, change: Change) -> Touched {
+        let mut t = Touched::default();
+        match change {
+            Change::UpsertPod(pod) => self.set_pod(pod.key(), Some(pod), &mut t),
+            Change::RemovePod(key) => self.set_pod(key, None, &mut t),
+            Change::UpsertNamespace(ns) => self.set_namespace(ns.name.clone(), Some(ns), &mut t),
+            Change::RemoveNamespace(name) => self.set_namespace(name, None, &mut t),
+            Change::UpsertNode(node) => self.set_node(node.name.clone(), Some(node), &mut t),
+            Change::RemoveNode(name) => self.set_node(name, None, &mut t),
+            Change::UpsertPolicy(p) => self.set_policy(p.id.clone(), Some(p), &mut t),
+            Change::RemovePolicy(id) => self.set_policy(id, None, &mut t),
+        }
+        t
+    }
+
+    /// Every node: those with a Node object and those named by pods.
+    pub fn nodes(&self) -> BTreeSet<&str> {
+        self.cluster
+            .nodes
+            .keys()
+            .map(String::as_str)
+            .chain(
+                self.pods_by_node
+                    .iter()
+                    .filter(|(_, p)| !p.is_empty())
+                    .map(|(n, _)| n.as_str()),
+            )
+            .collect()
+    }
+
+    pub fn node_rule_set(&self, node: &str) -> Option<NodeRuleSet> {
+        let known = self.cluster.nodes.contains_key(node)
+            || self.pods_by_node.get(node).is_some_and(|p| !p.is_empty());
+        if !known {
+            return None;
+        }
+        let mut set = NodeRuleSet {
+            node: node.to_string(),
+            node_addresses: self
+                .cluster
+                .nodes
+                .get(node)
+                .map(|n| n.addresses.clone())
+                .unwrap_or_default(),
+            ..NodeRuleSet::default()
+        };
+        for key in self.pods_by_node.get(node).into_iter().flatten() {
+            let Some(entry) = self.pod_entries.get(key) else {
+                continue;
+            };
+            for gid in &entry.refs {
+                if !set.groups.contains_key(gid) {
+                    if let Some(g) = self.groups.get(gid) {
+                        set.groups.insert(gid.clone(), g.group());
+                    }
+                }
+            }
+            for direction in Direction::BOTH {
+                for inst in entry.rules.direction(direction).instances() {
+                    if !set.rules.contains_key(&inst.rule) {
+                        if let Some(origin) = self.rule_origins.get(&inst.rule) {
+                            set.rules.insert(inst.rule.clone(), origin.clone());
+                        }
+                    }
+                }
+            }
+            set.pods.push(entry.rules.clone());
+        }
+        Some(set)
+    }
+
+    pub fn node_rule_sets(&self) -> BTreeMap<String, NodeRuleSet> {
+        self.nodes()
+            .into_iter()
+            .filter_map(|n| self.node_rule_set(n).map(|s| (n.to_string(), s)))
+            .collect()
+    }
+
+    /// Same-priority pairs within a tier that select a common pod, and rules with peers that
+    /// cannot be enforced.
+    pub fn warnings(&self) -> Vec<Warning> {
+        let mut out = Vec::new();
+        let mut by_rank: BTreeMap<(Tier, u32), Vec<&CompiledPolicy>> = BTreeMap::new();
+        for (tier, priority, id) in &self.tiered {
+            by_rank
+                .entry((*tier, *priority))
+                .or_default()
+                .push(&self.policies[id]);
+        }
+        for ((tier, priority), ps) in by_rank {
+            for (i, a) in ps.iter().enumerate() {
+                for b in &ps[i + 1..] {
+                    let sa = self.subjects(a);
+                    if self.subjects(b).iter().any(|k| sa.contains(k)) {
+                        out.push(Warning {
+                            policies: vec![a.policy.id.clone(), b.policy.id.clone()],
+                            message: format!(
+                                "same tier ({tier}) and priority ({priority}) and a common subject pod; \
+                                 {} is evaluated first (ties are broken by kind, then name)",
+                                a.policy.id.name
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        for cp in self.policies.values() {
+            for direction in Direction::BOTH {
+                for (i, rule) in cp.policy.rules(direction).iter().enumerate() {
+                    if rule
+                        .peers
+                        .iter()
+                        .flatten()
+                        .any(|p| matches!(p, Peer::Nothing))
+                    {
+                        out.push(Warning {
+                            policies: vec![cp.policy.id.clone()],
+                            message: format!(
+                                "{direction}[{i}] has a peer that cannot be enforced (such as domainNames); \
+                                 it matches nothing (fails closed)"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    // ----- pods -----
+
+    fn ns_labels(&self, ns: &str) -> &Labels {
+        self.cluster
+            .namespaces
+            .get(ns)
+            .map(|n| &n.labels)
+            .unwrap_or(&NO_LABELS)
+    }
+
+    fn known_namespaces(&self) -> impl Iterator<Item = &String> {
+        let extra = self
+            .pods_by_ns
+            .keys()
+            .filter(|n| !self.cluster.namespaces.contains_key(*n));
+        self.cluster.namespaces.keys().chain(extra)
+    }
+
+    fn index_pod(&mut self, pod: &Pod) {
+        let key = pod.key();
+        self.pods_by_ns
+            .entry(pod.namespace.clone())
+            .or_default()
+            .insert(pod.name.clone());
+        self.pods_by_node
+            .entry(pod.node.clone())
+            .or_default()
+            .insert(key.clone());
+        for name in pod.ports.iter().filter_map(|p| p.name.as_ref()) {
+            self.pods_by_port_name
+                .entry(name.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+    }
+
+    fn unindex_pod(&mut self, pod: &Pod) {
+        let key = pod.key();
+        if let Some(s) = self.pods_by_ns.get_mut(&pod.namespace) {
+            s.remove(&pod.name);
+            if s.is_empty() {
+                self.pods_by_ns.remove(&pod.namespace);
+            }
+        }
+        if let Some(s) = self.pods_by_node.get_mut(&pod.node) {
+            s.remove(&key);
+            if s.is_empty() {
+                self.pods_by_node.remove(&pod.node);
+            }
+        }
+        for name in pod.ports.iter().filter_map(|p| p.name.as_ref()) {
+            if let Some(s) = self.pods_by_port_name.get_mut(name) {
+                s.remove(&key);
+                if s.is_empty() {
+                    self.pods_by_port_name.remove(name);
+                }
+            }
+        }
+    }
+
+    fn set_pod(&mut self, key: PodKey, new: Option<Pod>, t: &mut Touched) {
+        let old = self.cluster.pods.get(&key).cloned();
+        if old == new {
+            return;
+        }
+        let first_in_namespace = !self.pods_by_ns.contains_key(&key.namespace);
+        if let Some(o) = &old {
+            self.unindex_pod(o);
+            self.cluster.pods.remove(&key);
+        }
+        if let Some(n) = &new {
+            self.index_pod(n);
+            self.cluster.pods.insert(key.clone(), n.clone());
+        }
+        if first_in_namespace && !self.tiered_by_ns.contains_key(&key.namespace) {
+            self.refresh_tiered_for_namespace(&key.namespace);
+        }
+        let labels = self.ns_labels(&key.namespace).clone();
+        let mut candidates: BTreeSet<GroupId> = self
+            .groups_by_ns
+            .get(&key.namespace)
+            .cloned()
+            .unwrap_or_default();
+        candidates.extend(self.ns_selector_groups.iter().cloned());
+        for pod in old.iter().chain(new.iter()) {
+            for name in pod.ports.iter().filter_map(|p| p.name.as_ref()) {
+                candidates.extend(
+                    self.named_groups_by_port
+                        .get(name)
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+        }
+        let mut changed = BTreeSet::new();
+        for gid in candidates {
+            let (before, after) = {
+                let g = &self.groups[&gid];
+                (
+                    contribution(&g.def, old.as_ref(), &labels),
+                    contribution(&g.def, new.as_ref(), &labels),
+                )
+            };
+            if self.update_members(&gid, &before, &after) {
+                changed.insert(gid);
+            }
+        }
+        self.refresh_pod(&key, t);
+        // A pod's addresses are part of its node's rule set even when its rules are unchanged.
+        for pod in old.iter().chain(new.iter()).filter(|p| !p.host_network) {
+            if old.as_ref().map(|o| (&o.ips, &o.node)) != new.as_ref().map(|n| (&n.ips, &n.node)) {
+                t.nodes.insert(pod.node.clone());
+            }
+        }
+        self.touch_groups(&changed, t);
+    }
+
+    fn update_members(&mut self, gid: &GroupId, before: &[Member], after: &[Member]) -> bool {
+        if before == after {
+            return false;
+        }
+        let Some(g) = self.groups.get_mut(gid) else {
+            return false;
+        };
+        let mut changed = false;
+        for m in after {
+            changed |= g.add(*m);
+        }
+        for m in before {
+            changed |= g.remove(*m);
+        }
+        changed
+    }
+
+    fn touch_groups(&self, changed: &BTreeSet<GroupId>, t: &mut Touched) {
+        for gid in changed {
+            if let Some(g) = self.groups.get(gid) {
+                t.nodes.extend(g.nodes.keys().cloned());
+            }
+        }
+    }
+
+    /// Recomputes one pod's rules and the group references that follow from them.
+    fn refresh_pod(&mut self, key: &PodKey, t: &mut Touched) {
+        let fresh = match self.cluster.pods.get(key) {
+            Some(pod) if !pod.host_network => {
+                let (rules, defs) = self.pod_rules(pod);
+                Some((pod.node.clone(), rules, defs))
+            }
+            _ => None,
+        };
+        let old = self.pod_entries.remove(key);
+        if let (Some(o), Some((node, rules, _))) = (&old, &fresh) {
+            if &o.node == node && &o.rules == rules {
+                self.pod_entries
+                    .insert(key.clone(), old.expect("checked above"));
+                return;
+            }
+        }
+        if let Some(o) = &old {
+            t.nodes.insert(o.node.clone());
+        }
+        let Some((node, rules, defs)) = fresh else {
+            if let Some(o) = old {
+                self.release_refs(&o.node, &o.refs);
+            }
+            return;
+        };
+        t.nodes.insert(node.clone());
+        let mut refs = BTreeSet::new();
+        for (gid, def) in defs {
+            if refs.insert(gid.clone()) {
+                self.acquire_ref(&node, gid, def);
+            }
+        }
+        if let Some(o) = old {
+            self.release_refs(&o.node, &o.refs);
+        }
+        self.pod_entries
+            .insert(key.clone(), PodEntry { node, rules, refs });
+    }
+
+    fn pod_rules(&self, pod: &Pod) -> (PodRules, Vec<(GroupId, GroupDef)>) {
+        let labels = self.ns_labels(&pod.namespace);
+        let tiered: Vec<&CompiledPolicy> = self
+            .tiered_by_ns
+            .get(&pod.namespace)
+            .into_iter()
+            .flatten()
+            .map(|id| &self.policies[id])
+            .filter(|cp| cp.selects(pod, labels))
+            .collect();
+        let nps: Vec<&CompiledPolicy> = self
+            .np_by_ns
+            .get(&pod.namespace)
+            .into_iter()
+            .flatten()
+            .map(|id| &self.policies[id])
+            .filter(|cp| cp.selects(pod, labels))
+            .collect();
+        let mut defs = Vec::new();
+        let mut build = |direction: Direction| {
+            let mut rules = DirectionRules::default();
+            let mut instances = |cp: &CompiledPolicy, out: &mut Vec<_>| {
+                for i in 0..cp.rules(direction).len() {
+                    out.extend(cp.instance(direction, i, pod, &mut defs));
+                }
+            };
+            for cp in &tiered {
+                match cp.policy.tier {
+                    Tier::Admin => instances(cp, &mut rules.admin),
+                    Tier::Baseline => instances(cp, &mut rules.baseline),
+                    Tier::NetworkPolicy => {}
+                }
+            }
+            for cp in nps.iter().filter(|cp| cp.policy.isolates.get(direction)) {
+                rules.isolated_by.push(cp.policy.id.clone());
+                instances(cp, &mut rules.network_policy);
+            }
+            rules
+        };
+        let ingress = build(Direction::Ingress);
+        let egress = build(Direction::Egress);
+        let rules = PodRules {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            ips: pod.ips.clone(),
+            ingress,
+            egress,
+        };
+        (rules, defs)
+    }
+
+    // ----- groups -----
+
+    fn acquire_ref(&mut self, node: &str, gid: GroupId, def: GroupDef) {
+        if !self.groups.contains_key(&gid) {
+            let mut state = GroupState::new(def);
+            state.reset(self.compute_members(&state.def));
+            self.index_group(&gid, &state.def);
+            self.groups.insert(gid.clone(), state);
+        }
+        let g = self.groups.get_mut(&gid).expect("inserted above");
+        *g.nodes.entry(node.to_string()).or_insert(0) += 1;
+    }
+
+    fn release_refs(&mut self, node: &str, refs: &BTreeSet<GroupId>) {
+        for gid in refs {
+            let Some(g) = self.groups.get_mut(gid) else {
+                continue;
+            };
+            if let Some(c) = g.nodes.get_mut(node) {
+                *c -= 1;
+                if *c == 0 {
+                    g.nodes.remove(node);
+                }
+            }
+            if g.nodes.is_empty() {
+                let g = self.groups.remove(gid).expect("present");
+                self.unindex_group(gid, &g.def);
+            }
+        }
+    }
+
+    fn index_group(&mut self, gid: &GroupId, def: &GroupDef) {
+        match def {
+            GroupDef::Pods {
+                namespaces: NamespaceScope::Named(ns),
+                ..
+            } => {
+                self.groups_by_ns
+                    .entry(ns.clone())
+                    .or_default()
+                    .insert(gid.clone());
+            }
+            GroupDef::Pods {
+                namespaces: NamespaceScope::Selector(_),
+                ..
+            } => {
+                self.ns_selector_groups.insert(gid.clone());
+            }
+            GroupDef::NamedPorts { name, .. } => {
+                self.named_groups_by_port
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(gid.clone());
+            }
+            GroupDef::Nodes(_) => {
+                self.node_groups.insert(gid.clone());
+            }
+            GroupDef::Block { .. } => {}
+        }
+    }
+
+    fn unindex_group(&mut self, gid: &GroupId, def: &GroupDef) {
+        match def {
+            GroupDef::Pods {
+                namespaces: NamespaceScope::Named(ns),
+                ..
+            } => {
+                if let Some(s) = self.groups_by_ns.get_mut(ns) {
+                    s.remove(gid);
+                    if s.is_empty() {
+                        self.groups_by_ns.remove(ns);
+                    }
+                }
+            }
+            GroupDef::Pods {
+                namespaces: NamespaceScope::Selector(_),
+                ..
+            } => {
+                self.ns_selector_groups.remove(gid);
+            }
+            GroupDef::NamedPorts { name, .. } => {
+                if let Some(s) = self.named_groups_by_port.get_mut(name) {
+                    s.remove(gid);
+                    if s.is_empty() {
+                        self.named_groups_by_port.remove(name);
+                    }
+                }
+            }
+            GroupDef::Nodes(_) => {
+                self.node_groups.remove(gid);
+            }
+            GroupDef::Block { .. } => {}
+        }
+    }
+
+    fn compute_members(&self, def: &GroupDef) -> Vec<Member> {
+        let mut out = Vec::new();
+        let mut add_pods = |keys: &mut dyn Iterator<Item = PodKey>| {
+            for key in keys {
+                if let Some(pod) = self.cluster.pods.get(&key) {
+                    def.contribution(pod, self.ns_labels(&pod.namespace), &mut out);
+                }
+            }
+        };
+        match def {
+            GroupDef::Pods {
+                namespaces: NamespaceScope::Named(ns),
+                ..
+            } => {
+                let names = self.pods_by_ns.get(ns).into_iter().flatten();
+                add_pods(&mut names.map(|n| PodKey::new(ns, n)));
+            }
+            GroupDef::Pods {
+                namespaces: NamespaceScope::Selector(sel),
+                ..
+            } => {
+                let namespaces: Vec<&String> = self
+                    .known_namespaces()
+                    .filter(|ns| sel.matches(self.ns_labels(ns)))
+                    .collect();
+                for ns in namespaces {
+                    let names = self.pods_by_ns.get(ns).into_iter().flatten();
+                    add_pods(&mut names.map(|n| PodKey::new(ns, n)));
+                }
+            }
+            GroupDef::NamedPorts { name, .. } => {
+                add_pods(
+                    &mut self
+                        .pods_by_port_name
+                        .get(name)
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+            GroupDef::Nodes(sel) => out = node_members(sel, self.cluster.nodes.values()),
+            GroupDef::Block { .. } => {}
+        }
+        out
+    }
+
+    // ----- namespaces -----
+
+    fn refresh_tiered_for_namespace(&mut self, ns: &str) {
+        let labels = self.ns_labels(ns);
+        let ids: Vec<PolicyId> = self
+            .tiered
+            .iter()
+            .filter(|(_, _, id)| namespace_may_match(&self.policies[id].policy, ns, labels))
+            .map(|(_, _, id)| id.clone())
+            .collect();
+        self.tiered_by_ns.insert(ns.to_string(), ids);
+    }
+
+    fn set_namespace(&mut self, name: String, new: Option<Namespace>, t: &mut Touched) {
+        let old_labels = self.ns_labels(&name).clone();
+        let existed = self.cluster.namespaces.contains_key(&name);
+        match new {
+            Some(ns) => {
+                if existed && self.cluster.namespaces[&name] == ns {
+                    return;
+                }
+                self.cluster.namespaces.insert(name.clone(), ns);
+            }
+            None => {
+                if !existed {
+                    return;
+                }
+                self.cluster.namespaces.remove(&name);
+            }
+        }
+        let new_labels = self.ns_labels(&name).clone();
+        if new_labels == old_labels {
+            return;
+        }
+        self.refresh_tiered_for_namespace(&name);
+        if !self.cluster.namespaces.contains_key(&name) && !self.pods_by_ns.contains_key(&name) {
+            self.tiered_by_ns.remove(&name);
+        }
+        let pods: Vec<PodKey> = self
+            .pods_by_ns
+            .get(&name)
+            .into_iter()
+            .flatten()
+            .map(|p| PodKey::new(&name, p))
+            .collect();
+        let dependent: Vec<GroupId> = self
+            .ns_selector_groups
+            .iter()
+            .chain(self.named_groups_by_port.values().flatten())
+            .filter(|gid| self.groups[*gid].def.depends_on_namespace_labels())
+            .cloned()
+            .collect();
+        let mut changed = BTreeSet::new();
+        for key in &pods {
+            let Some(pod) = self.cluster.pods.get(key).cloned() else {
+                continue;
+            };
+            for gid in &dependent {
+                let (before, after) = {
+                    let def = &self.groups[gid].def;
+                    (
+                        contribution_with(def, &pod, &old_labels),
+                        contribution_with(def, &pod, &new_labels),
+                    )
+                };
+                if self.update_members(gid, &before, &after) {
+                    changed.insert(gid.clone());
+                }
+            }
+        }
+        for key in &pods {
+            self.refresh_pod(key, t);
+        }
+        self.touch_groups(&changed, t);
+    }
+
+    // ----- nodes -----
+
+    fn set_node(&mut self, name: String, new: Option<Node>, t: &mut Touched) {
+        let old = self.cluster.nodes.get(&name).cloned();
+        if old == new {
+            return;
+        }
+        match new {
+            Some(n) => self.cluster.nodes.insert(name.clone(), n),
+            None => self.cluster.nodes.remove(&name),
+        };
+        t.nodes.insert(name.clone());
+        let mut changed = BTreeSet::new();
+        for gid in self.node_groups.clone() {
+            let members = self.compute_members(&self.groups[&gid].def);
+            if self.groups.get_mut(&gid).is_some_and(|g| g.reset(members)) {
+                changed.insert(gid);
+            }
+        }
+        self.touch_groups(&changed, t);
+    }
+
+    // ----- policies -----
+
+    fn index_policy(&mut self, cp: CompiledPolicy) {
+        let id = cp.policy.id.clone();
+        for rule in cp.all_rules() {
+            self.rule_origins
+                .insert(rule.id.clone(), rule.origin.clone());
+        }
+        match (&cp.policy.tier, &cp.policy.subject) {
+            (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) => {
+                self.np_by_ns
+                    .entry(namespace.clone())
+                    .or_default()
+                    .insert(id.clone());
+            }
+            _ => {
+                self.tiered
+                    .insert((cp.policy.tier, cp.policy.priority, id.clone()));
+            }
+        }
+        self.policies.insert(id, cp);
+    }
+
+    fn unindex_policy(&mut self, id: &PolicyId) -> Option<CompiledPolicy> {
+        let cp = self.policies.remove(id)?;
+        for rule in cp.all_rules() {
+            self.rule_origins.remove(&rule.id);
+        }
+        if let (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) =
+            (&cp.policy.tier, &cp.policy.subject)
+        {
+            if let Some(s) = self.np_by_ns.get_mut(namespace) {
+                s.remove(id);
+                if s.is_empty() {
+                    self.np_by_ns.remove(namespace);
+                }
+            }
+        } else {
+            self.tiered
+                .remove(&(cp.policy.tier, cp.policy.priority, id.clone()));
+        }
+        Some(cp)
+    }
+
+    /// The pods a policy selects now.
+    fn subjects(&self, cp: &CompiledPolicy) -> BTreeSet<PodKey> {
+        let namespaces: Vec<&String> = match &cp.policy.subject {
+            Subject::Namespace { namespace, .. } => vec![namespace],
+            Subject::Cluster { namespaces, .. } => self
+                .known_namespaces()
+                .filter(|ns| namespaces.matches(self.ns_labels(ns)))
+                .collect(),
+        };
+        let mut out = BTreeSet::new();
+        for ns in namespaces {
+            let labels = self.ns_labels(ns);
+            for name in self.pods_by_ns.get(ns).into_iter().flatten() {
+                let key = PodKey::new(ns, name);
+                if self
+                    .cluster
+                    .pods
+                    .get(&key)
+                    .is_some_and(|p| cp.selects(p, labels))
+                {
+                    out.insert(key);
+                }
+            }
+        }
+        out
+    }
+
+    fn set_policy(&mut self, id: PolicyId, new: Option<Policy>, t: &mut Touched) {
+        if self.policies.get(&id).map(|cp| &cp.policy) == new.as_ref() {
+            return;
+        }
+        let mut affected = BTreeSet::new();
+        let mut tiered_changed = false;
+        if let Some(old) = self.unindex_policy(&id) {
+            affected.extend(self.subjects(&old));
+            tiered_changed |= old.policy.tier != Tier::NetworkPolicy;
+        }
+        if let Some(policy) = new {
+            let cp = CompiledPolicy::new(policy);
+            affected.extend(self.subjects(&cp));
+            tiered_changed |= cp.policy.tier != Tier::NetworkPolicy;
+            self.index_policy(cp);
+        }
+        if tiered_changed {
+            self.reorder_tiered(&id);
+        }
+        for key in affected {
+            self.refresh_pod(&key, t);
+        }
+    }
+
+    /// Puts one tiered policy into (or takes it out of) every namespace's ordered list.
+    fn reorder_tiered(&mut self, id: &PolicyId) {
+        let namespaces: Vec<String> = self.tiered_by_ns.keys().cloned().collect();
+        for ns in namespaces {
+            let keep = self
+                .policies
+                .get(id)
+                .is_some_and(|cp| namespace_may_match(&cp.policy, &ns, self.ns_labels(&ns)));
+            let rank = |pid: &PolicyId| {
+                let p = &self.policies[pid].policy;
+                (p.tier, p.priority, pid.clone())
+            };
+            let mut list = self.tiered_by_ns.remove(&ns).unwrap_or_default();
+            list.retain(|p| p != id);
+            if keep {
+                let r = rank(id);
+                let at = list.partition_point(|p| rank(p) < r);
+                list.insert(at, id.clone());
+            }
+            self.tiered_by_ns.insert(ns, list);
+        }
+    }
+}
+
+fn namespace_may_match(policy: &Policy, ns: &str, labels: &Labels) -> bool {
+    match &policy.subject {
+        Subject::Namespace { namespace, .. } => namespace == ns,
+        Subject::Cluster { namespaces, .. } => namespaces.matches(labels),
+    }
+}
+
+fn contribution(def: &GroupDef, pod: Option<&Pod>, ns_labels: &Labels) -> Vec<Member> {
+    let mut out = Vec::new();
+    if let Some(p) = pod {
+        def.contribution(p, ns_labels, &mut out);
+    }
+    out
+}
+
+fn contribution_with(def: &GroupDef, pod: &Pod, ns_labels: &Labels) -> Vec<Member> {
+    contribution(def, Some(pod), ns_labels)
 }

@@ -4,7 +4,11 @@
 //! to a pod, namespace, node or policy updates only what it affects and reports which
 //! nodes' rule sets changed.
 
+mod groups;
 mod index;
+mod instances;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,0 +1,245 @@
+//! Address groups: what a peer means as a set of addresses (or, for egress named ports, of
+//! (address, protocol, port) triples), and how one pod contributes to it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+
+use ipnet::IpNet;
+
+use crate::addrset::AddrSet;
+use crate::model::{Labels, NamespaceScope, Node, Peer, Pod, Protocol};
+use crate::ruleset::{Group, GroupId, PortEndpoint};
+use crate::selector::LabelSelector;
+
+/// A group's definition. Equal definitions share one group (and one id) everywhere.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum GroupDef {
+    Pods {
+        namespaces: NamespaceScope,
+        pods: LabelSelector,
+    },
+    Block {
+        cidr: IpNet,
+        except: Vec<IpNet>,
+    },
+    Nodes(LabelSelector),
+    /// Pods matching `peer` (any pod when `None`) with the port `name` means on each.
+    NamedPorts {
+        peer: Option<Box<GroupDef>>,
+        name: String,
+        protocol: Protocol,
+    },
+}
+
+/// FNV-1a: stable across runs and platforms, unlike `DefaultHasher`.
+pub(crate) fn stable_hash(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl GroupDef {
+    /// The definition of a peer's group; `None` for a peer that matches nothing.
+    pub(crate) fn of_peer(peer: &Peer) -> Option<GroupDef> {
+        match peer {
+            Peer::Pods { namespaces, pods } => Some(GroupDef::Pods {
+                namespaces: match namespaces {
+                    NamespaceScope::Named(n) => NamespaceScope::Named(n.clone()),
+                    NamespaceScope::Selector(s) => NamespaceScope::Selector(s.clone().canonical()),
+                },
+                pods: pods.clone().canonical(),
+            }),
+            Peer::IpBlock { cidr, except } => {
+                let mut except: Vec<IpNet> = except.iter().map(|e| e.trunc()).collect();
+                except.sort();
+                except.dedup();
+                Some(GroupDef::Block {
+                    cidr: cidr.trunc(),
+                    except,
+                })
+            }
+            Peer::Nodes(sel) => Some(GroupDef::Nodes(sel.clone().canonical())),
+            Peer::Nothing => None,
+        }
+    }
+
+    pub(crate) fn id(&self) -> GroupId {
+        format!("g-{:016x}", stable_hash(&format!("{self:?}")))
+    }
+
+    /// Whether a pod's membership depends on its namespace's labels.
+    pub(crate) fn depends_on_namespace_labels(&self) -> bool {
+        match self {
+            GroupDef::Pods {
+                namespaces: NamespaceScope::Selector(_),
+                ..
+            } => true,
+            GroupDef::NamedPorts { peer: Some(p), .. } => p.depends_on_namespace_labels(),
+            _ => false,
+        }
+    }
+
+    /// Whether a (non-host-network) pod is a member of a pod-based group.
+    fn pod_matches(&self, pod: &Pod, ns_labels: &Labels) -> bool {
+        match self {
+            GroupDef::Pods { namespaces, pods } => {
+                let ns_ok = match namespaces {
+                    NamespaceScope::Named(n) => &pod.namespace == n,
+                    NamespaceScope::Selector(s) => s.matches(ns_labels),
+                };
+                ns_ok && pods.matches(&pod.labels)
+            }
+            _ => false,
+        }
+    }
+
+    /// What one pod contributes to this group (nothing for node- and block-based groups,
+    /// except named-port groups over a block).
+    pub(crate) fn contribution(&self, pod: &Pod, ns_labels: &Labels, out: &mut Vec<Member>) {
+        if pod.host_network {
+            return;
+        }
+        match self {
+            GroupDef::Pods { .. } => {
+                if self.pod_matches(pod, ns_labels) {
+                    out.extend(pod.ips.iter().map(|a| Member::Addr(*a)));
+                }
+            }
+            GroupDef::NamedPorts {
+                peer,
+                name,
+                protocol,
+            } => {
+                let Some(port) = pod.named_port(name, *protocol) else {
+                    return;
+                };
+                for addr in &pod.ips {
+                    let in_peer = match peer.as_deref() {
+                        None => true,
+                        Some(p @ GroupDef::Pods { .. }) => p.pod_matches(pod, ns_labels),
+                        Some(GroupDef::Block { cidr, except }) => {
+                            cidr.contains(addr) && !except.iter().any(|e| e.contains(addr))
+                        }
+                        Some(GroupDef::Nodes(_)) | Some(GroupDef::NamedPorts { .. }) => false,
+                    };
+                    if in_peer {
+                        out.push(Member::Endpoint(PortEndpoint {
+                            addr: *addr,
+                            protocol: *protocol,
+                            port,
+                        }));
+                    }
+                }
+            }
+            GroupDef::Block { .. } | GroupDef::Nodes(_) => {}
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Member {
+    Addr(IpAddr),
+    Endpoint(PortEndpoint),
+}
+
+/// A live group: its members with reference counts (two pods may share an address), the
+/// nodes whose rules reference it, and its materialized form, built on demand.
+pub(crate) struct GroupState {
+    pub def: GroupDef,
+    pub members: BTreeMap<Member, u32>,
+    /// Node name → number of rule clauses on that node referencing the group.
+    pub nodes: BTreeMap<String, u32>,
+    built: OnceLock<Arc<Group>>,
+}
+
+impl GroupState {
+    pub(crate) fn new(def: GroupDef) -> Self {
+        GroupState {
+            def,
+            members: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            built: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn add(&mut self, m: Member) -> bool {
+        let c = self.members.entry(m).or_insert(0);
+        *c += 1;
+        let changed = *c == 1;
+        if changed {
+            self.built = OnceLock::new();
+        }
+        changed
+    }
+
+    pub(crate) fn remove(&mut self, m: Member) -> bool {
+        let Some(c) = self.members.get_mut(&m) else {
+            return false;
+        };
+        *c -= 1;
+        if *c > 0 {
+            return false;
+        }
+        self.members.remove(&m);
+        self.built = OnceLock::new();
+        true
+    }
+
+    /// Replaces all members (for groups recomputed as a whole); says whether they changed.
+    pub(crate) fn reset(&mut self, members: impl IntoIterator<Item = Member>) -> bool {
+        let mut fresh = BTreeMap::new();
+        for m in members {
+            *fresh.entry(m).or_insert(0) += 1;
+        }
+        let changed = fresh.keys().ne(self.members.keys());
+        self.members = fresh;
+        if changed {
+            self.built = OnceLock::new();
+        }
+        changed
+    }
+
+    pub(crate) fn group(&self) -> Arc<Group> {
+        self.built
+            .get_or_init(|| {
+                Arc::new(match &self.def {
+                    GroupDef::Block { cidr, except } => {
+                        Group::Addresses(AddrSet::from_block(cidr, except))
+                    }
+                    GroupDef::NamedPorts { .. } => Group::NamedPorts(
+                        self.members
+                            .keys()
+                            .filter_map(|m| match m {
+                                Member::Endpoint(e) => Some(*e),
+                                Member::Addr(_) => None,
+                            })
+                            .collect(),
+                    ),
+                    GroupDef::Pods { .. } | GroupDef::Nodes(_) => {
+                        Group::Addresses(AddrSet::from_addrs(self.members.keys().filter_map(|m| {
+                            match m {
+                                Member::Addr(a) => Some(*a),
+                                Member::Endpoint(_) => None,
+                            }
+                        })))
+                    }
+                })
+            })
+            .clone()
+    }
+}
+
+/// The addresses of the nodes a node selector matches.
+pub(crate) fn node_members<'a>(
+    sel: &'a LabelSelector,
+    nodes: impl Iterator<Item = &'a Node>,
+) -> Vec<Member> {
+    nodes
+        .filter(|n| sel.matches(&n.labels))
+        .flat_map(|n| n.addresses.iter().map(|a| Member::Addr(*a)))
+        .collect()
+}

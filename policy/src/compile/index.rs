@@ -12,22 +12,44 @@
 //! first referenced and maintained incrementally after that.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::groups::{node_members, GroupDef, GroupState, Member};
 use super::instances::CompiledPolicy;
 use super::{Change, Touched, Warning};
 use crate::model::{
-    Cluster, Direction, Labels, Namespace, NamespaceScope, Node, Peer, Pod, PodKey, Policy,
+    Cluster, ContainerPort, Direction, Labels, Namespace, NamespaceScope, Node, Peer, Pod, PodKey, Policy,
     PolicyId, RuleOrigin, Subject, Tier,
 };
-use crate::ruleset::{DirectionRules, GroupId, NodeRuleSet, PodRules, RuleId};
+use crate::ruleset::{DirectionRules, GroupId, NodeRuleSet, PodRules, RuleId, RuleInstance};
 
 static NO_LABELS: Labels = Labels::new();
 
+/// What the policies mean for every pod of one namespace with the same labels and ports.
+#[derive(PartialEq)]
+struct Compiled {
+    ingress: DirectionRules,
+    egress: DirectionRules,
+    defs: Vec<(GroupId, GroupDef)>,
+}
+
+/// Pods of a namespace with equal labels and ports share one compilation.
+type MemoKey = (Labels, Vec<ContainerPort>);
+
 struct PodEntry {
     node: String,
-    rules: PodRules,
+    ips: Vec<IpAddr>,
+    compiled: Arc<Compiled>,
     refs: BTreeSet<GroupId>,
+}
+
+impl PodEntry {
+    fn same_as(&self, other: &PodEntry) -> bool {
+        self.node == other.node
+            && self.ips == other.ips
+            && (Arc::ptr_eq(&self.compiled, &other.compiled) || self.compiled == other.compiled)
+    }
 }
 
 /// Cluster state and policies, compiled incrementally into per-node rule sets.
@@ -49,6 +71,7 @@ pub struct Compiler {
     ns_selector_groups: BTreeSet<GroupId>,
     named_groups_by_port: HashMap<String, BTreeSet<GroupId>>,
     node_groups: BTreeSet<GroupId>,
+    memo: HashMap<String, HashMap<MemoKey, Arc<Compiled>>>,
 }
 
 impl Compiler {
@@ -74,6 +97,7 @@ impl Compiler {
             ns_selector_groups: BTreeSet::new(),
             named_groups_by_port: HashMap::new(),
             node_groups: BTreeSet::new(),
+            memo: HashMap::new(),
         };
         for (key, pod) in cluster.pods {
             c.index_pod(&pod);
@@ -160,8 +184,8 @@ impl Compiler {
                     }
                 }
             }
-            for direction in Direction::BOTH {
-                for inst in entry.rules.direction(direction).instances() {
+            for rules in [&entry.compiled.ingress, &entry.compiled.egress] {
+                for inst in rules.instances() {
                     if !set.rules.contains_key(&inst.rule) {
                         if let Some(origin) = self.rule_origins.get(&inst.rule) {
                             set.rules.insert(inst.rule.clone(), origin.clone());
@@ -169,7 +193,13 @@ impl Compiler {
                     }
                 }
             }
-            set.pods.push(entry.rules.clone());
+            set.pods.push(PodRules {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                ips: entry.ips.clone(),
+                ingress: entry.compiled.ingress.clone(),
+                egress: entry.compiled.egress.clone(),
+            });
         }
         Some(set)
     }
@@ -380,43 +410,54 @@ impl Compiler {
     fn refresh_pod(&mut self, key: &PodKey, t: &mut Touched) {
         let fresh = match self.cluster.pods.get(key) {
             Some(pod) if !pod.host_network => {
-                let (rules, defs) = self.pod_rules(pod);
-                Some((pod.node.clone(), rules, defs))
+                let pod = pod.clone();
+                let compiled = self.compiled_for(&pod);
+                let refs = compiled.defs.iter().map(|(id, _)| id.clone()).collect();
+                Some(PodEntry { node: pod.node, ips: pod.ips, compiled, refs })
             }
             _ => None,
         };
         let old = self.pod_entries.remove(key);
-        if let (Some(o), Some((node, rules, _))) = (&old, &fresh) {
-            if &o.node == node && &o.rules == rules {
-                self.pod_entries
-                    .insert(key.clone(), old.expect("checked above"));
-                return;
+        match (old, fresh) {
+            (Some(o), Some(f)) if o.same_as(&f) => {
+                self.pod_entries.insert(key.clone(), o);
+            }
+            (old, fresh) => {
+                if let Some(f) = &fresh {
+                    t.nodes.insert(f.node.clone());
+                    for (gid, def) in &f.compiled.defs {
+                        self.acquire_ref(&f.node, gid, def);
+                    }
+                }
+                if let Some(o) = old {
+                    t.nodes.insert(o.node.clone());
+                    self.release_refs(&o.node, &o.refs);
+                }
+                if let Some(f) = fresh {
+                    self.pod_entries.insert(key.clone(), f);
+                }
             }
         }
-        if let Some(o) = &old {
-            t.nodes.insert(o.node.clone());
-        }
-        let Some((node, rules, defs)) = fresh else {
-            if let Some(o) = old {
-                self.release_refs(&o.node, &o.refs);
-            }
-            return;
-        };
-        t.nodes.insert(node.clone());
-        let mut refs = BTreeSet::new();
-        for (gid, def) in defs {
-            if refs.insert(gid.clone()) {
-                self.acquire_ref(&node, gid, def);
-            }
-        }
-        if let Some(o) = old {
-            self.release_refs(&o.node, &o.refs);
-        }
-        self.pod_entries
-            .insert(key.clone(), PodEntry { node, rules, refs });
     }
 
-    fn pod_rules(&self, pod: &Pod) -> (PodRules, Vec<(GroupId, GroupDef)>) {
+    fn compiled_for(&mut self, pod: &Pod) -> Arc<Compiled> {
+        let key: MemoKey = (pod.labels.clone(), pod.ports.clone());
+        if let Some(c) = self.memo.get(&pod.namespace).and_then(|m| m.get(&key)) {
+            return c.clone();
+        }
+        let c = Arc::new(self.pod_rules(pod));
+        let pods_here = self.pods_by_ns.get(&pod.namespace).map_or(0, BTreeSet::len);
+        let memo = self.memo.entry(pod.namespace.clone()).or_default();
+        // Label churn leaves entries no pod uses; a bound relative to the namespace's size
+        // keeps the cache from growing without limit.
+        if memo.len() > 2 * pods_here + 16 {
+            memo.clear();
+        }
+        memo.insert(key, c.clone());
+        c
+    }
+
+    fn pod_rules(&self, pod: &Pod) -> Compiled {
         let labels = self.ns_labels(&pod.namespace);
         let tiered: Vec<&CompiledPolicy> = self
             .tiered_by_ns
@@ -453,30 +494,28 @@ impl Compiler {
                 rules.isolated_by.push(cp.policy.id.clone());
                 instances(cp, &mut rules.network_policy);
             }
+            for list in [&mut rules.admin, &mut rules.network_policy, &mut rules.baseline] {
+                drop_unreachable(list);
+            }
             rules
         };
         let ingress = build(Direction::Ingress);
         let egress = build(Direction::Egress);
-        let rules = PodRules {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            ips: pod.ips.clone(),
-            ingress,
-            egress,
-        };
-        (rules, defs)
+        let mut seen = BTreeSet::new();
+        defs.retain(|(id, _)| seen.insert(id.clone()));
+        Compiled { ingress, egress, defs }
     }
 
     // ----- groups -----
 
-    fn acquire_ref(&mut self, node: &str, gid: GroupId, def: GroupDef) {
-        if !self.groups.contains_key(&gid) {
-            let mut state = GroupState::new(def);
+    fn acquire_ref(&mut self, node: &str, gid: &GroupId, def: &GroupDef) {
+        if !self.groups.contains_key(gid) {
+            let mut state = GroupState::new(def.clone());
             state.reset(self.compute_members(&state.def));
-            self.index_group(&gid, &state.def);
+            self.index_group(gid, &state.def);
             self.groups.insert(gid.clone(), state);
         }
-        let g = self.groups.get_mut(&gid).expect("inserted above");
+        let g = self.groups.get_mut(gid).expect("inserted above");
         *g.nodes.entry(node.to_string()).or_insert(0) += 1;
     }
 
@@ -643,6 +682,7 @@ impl Compiler {
             return;
         }
         self.refresh_tiered_for_namespace(&name);
+        self.memo.remove(&name);
         if !self.cluster.namespaces.contains_key(&name) && !self.pods_by_ns.contains_key(&name) {
             self.tiered_by_ns.remove(&name);
         }
@@ -795,6 +835,9 @@ impl Compiler {
         }
         if tiered_changed {
             self.reorder_tiered(&id);
+            self.memo.clear();
+        } else if let Some(ns) = &id.namespace {
+            self.memo.remove(ns);
         }
         for key in affected {
             self.refresh_pod(&key, t);
@@ -823,6 +866,14 @@ impl Compiler {
             self.tiered_by_ns.insert(ns, list);
         }
     }
+}
+
+/// Drops instances that can never be the first to match: a later instance of a tier with
+/// the same clauses as an earlier one. Verdicts and hit attribution are unchanged, and a
+/// pod selected by thousands of identical policies gets one rule, not thousands.
+fn drop_unreachable(list: &mut Vec<RuleInstance>) {
+    let mut seen = BTreeSet::new();
+    list.retain(|inst| seen.insert(inst.clauses.clone()));
 }
 
 fn namespace_may_match(policy: &Policy, ns: &str, labels: &Labels) -> bool {

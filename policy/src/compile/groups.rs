@@ -71,18 +71,6 @@ impl GroupDef {
         format!("g-{:016x}", stable_hash(&format!("{self:?}")))
     }
 
-    /// Whether a pod's membership depends on its namespace's labels.
-    pub(crate) fn depends_on_namespace_labels(&self) -> bool {
-        match self {
-            GroupDef::Pods {
-                namespaces: NamespaceScope::Selector(_),
-                ..
-            } => true,
-            GroupDef::NamedPorts { peer: Some(p), .. } => p.depends_on_namespace_labels(),
-            _ => false,
-        }
-    }
-
     /// Whether a (non-host-network) pod is a member of a pod-based group.
     fn pod_matches(&self, pod: &Pod, ns_labels: &Labels) -> bool {
         match self {

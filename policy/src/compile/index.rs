@@ -19,10 +19,11 @@ use super::groups::{node_members, GroupDef, GroupState, Member};
 use super::instances::CompiledPolicy;
 use super::{Change, Touched, Warning};
 use crate::model::{
-    Cluster, ContainerPort, Direction, Labels, Namespace, NamespaceScope, Node, Peer, Pod, PodKey, Policy,
-    PolicyId, RuleOrigin, Subject, Tier,
+    Cluster, ContainerPort, Direction, Labels, Namespace, NamespaceScope, Node, Peer, Pod, PodKey,
+    Policy, PolicyId, RuleOrigin, Subject, Tier,
 };
 use crate::ruleset::{DirectionRules, GroupId, NodeRuleSet, PodRules, RuleId, RuleInstance};
+use crate::selector::LabelSelector;
 
 static NO_LABELS: Labels = Labels::new();
 
@@ -157,10 +158,13 @@ impl Compiler {
             .collect()
     }
 
+    fn node_exists(&self, node: &str) -> bool {
+        self.cluster.nodes.contains_key(node)
+            || self.pods_by_node.get(node).is_some_and(|p| !p.is_empty())
+    }
+
     pub fn node_rule_set(&self, node: &str) -> Option<NodeRuleSet> {
-        let known = self.cluster.nodes.contains_key(node)
-            || self.pods_by_node.get(node).is_some_and(|p| !p.is_empty());
-        if !known {
+        if !self.node_exists(node) {
             return None;
         }
         let mut set = NodeRuleSet {
@@ -329,6 +333,12 @@ impl Compiler {
             return;
         }
         let first_in_namespace = !self.pods_by_ns.contains_key(&key.namespace);
+        let pod_nodes: BTreeSet<String> = old
+            .iter()
+            .chain(new.iter())
+            .map(|p| p.node.clone())
+            .collect();
+        let nodes_before: Vec<bool> = pod_nodes.iter().map(|n| self.node_exists(n)).collect();
         if let Some(o) = &old {
             self.unindex_pod(o);
             self.cluster.pods.remove(&key);
@@ -372,6 +382,12 @@ impl Compiler {
             }
         }
         self.refresh_pod(&key, t);
+        // A node without a Node object exists while pods name it.
+        for (n, before) in pod_nodes.iter().zip(nodes_before) {
+            if self.node_exists(n) != before {
+                t.nodes.insert(n.clone());
+            }
+        }
         // A pod's addresses are part of its node's rule set even when its rules are unchanged.
         for pod in old.iter().chain(new.iter()).filter(|p| !p.host_network) {
             if old.as_ref().map(|o| (&o.ips, &o.node)) != new.as_ref().map(|n| (&n.ips, &n.node)) {
@@ -413,7 +429,12 @@ impl Compiler {
                 let pod = pod.clone();
                 let compiled = self.compiled_for(&pod);
                 let refs = compiled.defs.iter().map(|(id, _)| id.clone()).collect();
-                Some(PodEntry { node: pod.node, ips: pod.ips, compiled, refs })
+                Some(PodEntry {
+                    node: pod.node,
+                    ips: pod.ips,
+                    compiled,
+                    refs,
+                })
             }
             _ => None,
         };
@@ -494,7 +515,11 @@ impl Compiler {
                 rules.isolated_by.push(cp.policy.id.clone());
                 instances(cp, &mut rules.network_policy);
             }
-            for list in [&mut rules.admin, &mut rules.network_policy, &mut rules.baseline] {
+            for list in [
+                &mut rules.admin,
+                &mut rules.network_policy,
+                &mut rules.baseline,
+            ] {
                 drop_unreachable(list);
             }
             rules
@@ -503,7 +528,11 @@ impl Compiler {
         let egress = build(Direction::Egress);
         let mut seen = BTreeSet::new();
         defs.retain(|(id, _)| seen.insert(id.clone()));
-        Compiled { ingress, egress, defs }
+        Compiled {
+            ingress,
+            egress,
+            defs,
+        }
     }
 
     // ----- groups -----
@@ -538,66 +567,48 @@ impl Compiler {
     }
 
     fn index_group(&mut self, gid: &GroupId, def: &GroupDef) {
-        match def {
-            GroupDef::Pods {
-                namespaces: NamespaceScope::Named(ns),
-                ..
-            } => {
+        match index_slot(def) {
+            Slot::Namespace(ns) => {
                 self.groups_by_ns
-                    .entry(ns.clone())
+                    .entry(ns.to_string())
                     .or_default()
                     .insert(gid.clone());
             }
-            GroupDef::Pods {
-                namespaces: NamespaceScope::Selector(_),
-                ..
-            } => {
+            Slot::NamespaceSelector(_) => {
                 self.ns_selector_groups.insert(gid.clone());
             }
-            GroupDef::NamedPorts { name, .. } => {
+            Slot::PortName(name) => {
                 self.named_groups_by_port
-                    .entry(name.clone())
+                    .entry(name.to_string())
                     .or_default()
                     .insert(gid.clone());
             }
-            GroupDef::Nodes(_) => {
+            Slot::Nodes => {
                 self.node_groups.insert(gid.clone());
             }
-            GroupDef::Block { .. } => {}
+            Slot::Static => {}
         }
     }
 
     fn unindex_group(&mut self, gid: &GroupId, def: &GroupDef) {
-        match def {
-            GroupDef::Pods {
-                namespaces: NamespaceScope::Named(ns),
-                ..
-            } => {
-                if let Some(s) = self.groups_by_ns.get_mut(ns) {
-                    s.remove(gid);
-                    if s.is_empty() {
-                        self.groups_by_ns.remove(ns);
-                    }
+        fn take(map: &mut HashMap<String, BTreeSet<GroupId>>, key: &str, gid: &GroupId) {
+            if let Some(s) = map.get_mut(key) {
+                s.remove(gid);
+                if s.is_empty() {
+                    map.remove(key);
                 }
             }
-            GroupDef::Pods {
-                namespaces: NamespaceScope::Selector(_),
-                ..
-            } => {
+        }
+        match index_slot(def) {
+            Slot::Namespace(ns) => take(&mut self.groups_by_ns, ns, gid),
+            Slot::NamespaceSelector(_) => {
                 self.ns_selector_groups.remove(gid);
             }
-            GroupDef::NamedPorts { name, .. } => {
-                if let Some(s) = self.named_groups_by_port.get_mut(name) {
-                    s.remove(gid);
-                    if s.is_empty() {
-                        self.named_groups_by_port.remove(name);
-                    }
-                }
-            }
-            GroupDef::Nodes(_) => {
+            Slot::PortName(name) => take(&mut self.named_groups_by_port, name, gid),
+            Slot::Nodes => {
                 self.node_groups.remove(gid);
             }
-            GroupDef::Block { .. } => {}
+            Slot::Static => {}
         }
     }
 
@@ -610,18 +621,12 @@ impl Compiler {
                 }
             }
         };
-        match def {
-            GroupDef::Pods {
-                namespaces: NamespaceScope::Named(ns),
-                ..
-            } => {
+        match index_slot(def) {
+            Slot::Namespace(ns) => {
                 let names = self.pods_by_ns.get(ns).into_iter().flatten();
                 add_pods(&mut names.map(|n| PodKey::new(ns, n)));
             }
-            GroupDef::Pods {
-                namespaces: NamespaceScope::Selector(sel),
-                ..
-            } => {
+            Slot::NamespaceSelector(sel) => {
                 let namespaces: Vec<&String> = self
                     .known_namespaces()
                     .filter(|ns| sel.matches(self.ns_labels(ns)))
@@ -631,7 +636,7 @@ impl Compiler {
                     add_pods(&mut names.map(|n| PodKey::new(ns, n)));
                 }
             }
-            GroupDef::NamedPorts { name, .. } => {
+            Slot::PortName(name) => {
                 add_pods(
                     &mut self
                         .pods_by_port_name
@@ -641,8 +646,12 @@ impl Compiler {
                         .cloned(),
                 );
             }
-            GroupDef::Nodes(sel) => out = node_members(sel, self.cluster.nodes.values()),
-            GroupDef::Block { .. } => {}
+            Slot::Nodes => {
+                if let GroupDef::Nodes(sel) = def {
+                    out = node_members(sel, self.cluster.nodes.values());
+                }
+            }
+            Slot::Static => {}
         }
         out
     }
@@ -693,13 +702,7 @@ impl Compiler {
             .flatten()
             .map(|p| PodKey::new(&name, p))
             .collect();
-        let dependent: Vec<GroupId> = self
-            .ns_selector_groups
-            .iter()
-            .chain(self.named_groups_by_port.values().flatten())
-            .filter(|gid| self.groups[*gid].def.depends_on_namespace_labels())
-            .cloned()
-            .collect();
+        let dependent: Vec<GroupId> = self.ns_selector_groups.iter().cloned().collect();
         let mut changed = BTreeSet::new();
         for key in &pods {
             let Some(pod) = self.cluster.pods.get(key).cloned() else {
@@ -731,11 +734,17 @@ impl Compiler {
         if old == new {
             return;
         }
+        let existed = self.node_exists(&name);
+        if old.as_ref().map(|n| &n.addresses) != new.as_ref().map(|n| &n.addresses) {
+            t.nodes.insert(name.clone());
+        }
         match new {
             Some(n) => self.cluster.nodes.insert(name.clone(), n),
             None => self.cluster.nodes.remove(&name),
         };
-        t.nodes.insert(name.clone());
+        if self.node_exists(&name) != existed {
+            t.nodes.insert(name.clone());
+        }
         let mut changed = BTreeSet::new();
         for gid in self.node_groups.clone() {
             let members = self.compute_members(&self.groups[&gid].def);
@@ -865,6 +874,46 @@ impl Compiler {
             }
             self.tiered_by_ns.insert(ns, list);
         }
+    }
+}
+
+/// Where a group is indexed: by what can change its membership.
+enum Slot<'a> {
+    /// Pods of one namespace (and named ports on them).
+    Namespace(&'a str),
+    /// Pods of the namespaces a selector matches: any namespace's labels matter.
+    NamespaceSelector(&'a LabelSelector),
+    /// Named ports on any pod (or on pods in a block).
+    PortName(&'a str),
+    Nodes,
+    /// Blocks: their members never change.
+    Static,
+}
+
+fn index_slot(def: &GroupDef) -> Slot<'_> {
+    match def {
+        GroupDef::Pods {
+            namespaces: NamespaceScope::Named(ns),
+            ..
+        } => Slot::Namespace(ns),
+        GroupDef::Pods {
+            namespaces: NamespaceScope::Selector(s),
+            ..
+        } => Slot::NamespaceSelector(s),
+        GroupDef::NamedPorts {
+            peer: Some(p),
+            name,
+            ..
+        } => match index_slot(p) {
+            Slot::Namespace(ns) => Slot::Namespace(ns),
+            Slot::NamespaceSelector(s) => Slot::NamespaceSelector(s),
+            _ => Slot::PortName(name),
+        },
+        GroupDef::NamedPorts {
+            peer: None, name, ..
+        } => Slot::PortName(name),
+        GroupDef::Nodes(_) => Slot::Nodes,
+        GroupDef::Block { .. } => Slot::Static,
     }
 }
 

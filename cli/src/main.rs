@@ -1,1 +1,23 @@
-fn main() {}
+//! `palisadectl`: compile, explain and verify Palisade policies.
+
+mod cli;
+mod compile;
+mod dataplane;
+mod demo;
+mod explain;
+mod inputs;
+mod verify;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    match cli::Cli::parse().run() {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

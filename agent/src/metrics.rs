@@ -1,0 +1,246 @@
+//! Prometheus metrics, read from the kernel at scrape time by a collector (no polling
+//! loop), and the small HTTP server for `/metrics`, `/healthz` and `/readyz`.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{CounterVec, Encoder, Gauge, IntCounter, Opts, Registry, TextEncoder};
+
+use crate::apply::{ApplyStats, SharedStats};
+use crate::nft::Nft;
+use crate::render::CounterMeta;
+
+const RULE_LABELS: [&str; 6] = ["kind", "namespace", "name", "direction", "rule", "tier"];
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    CounterVec::new(Opts::new(name, help), labels).expect("constant metric options are valid")
+}
+
+/// Reads the table's named counters with `nft` when scraped.
+pub struct KernelCollector {
+    nft: Nft,
+    stats: SharedStats,
+    descs: Vec<Desc>,
+}
+
+fn families() -> (CounterVec, CounterVec, CounterVec, CounterVec) {
+    (
+        counter_vec(
+            "palisade_rule_packets_total",
+            "Packets that matched a compiled rule (first packets of connections).",
+            &RULE_LABELS,
+        ),
+        counter_vec(
+            "palisade_rule_bytes_total",
+            "Bytes of the packets that matched a compiled rule.",
+            &RULE_LABELS,
+        ),
+        counter_vec(
+            "palisade_default_deny_packets_total",
+            "Packets dropped because an isolated pod had no rule allowing them.",
+            &["namespace", "pod", "direction"],
+        ),
+        counter_vec(
+            "palisade_spoofed_packets_total",
+            "Packets dropped because a pod sent them from an address not its own.",
+            &["namespace", "pod"],
+        ),
+    )
+}
+
+impl KernelCollector {
+    pub fn new(nft: Nft, stats: SharedStats) -> Self {
+        let (a, b, c, d) = families();
+        let mut descs: Vec<Desc> = Vec::new();
+        for v in [&a, &b, &c, &d] {
+            descs.extend(v.desc().into_iter().cloned());
+        }
+        for (name, help) in [
+            (
+                "palisade_apply_errors_total",
+                "Failed nftables transactions.",
+            ),
+            (
+                "palisade_ruleset_generation",
+                "Successful transactions so far; 0 before the first.",
+            ),
+            (
+                "palisade_last_apply_success_timestamp_seconds",
+                "Unix time of the last successful transaction.",
+            ),
+        ] {
+            descs.push(
+                Desc::new(name.into(), help.into(), vec![], Default::default())
+                    .expect("constant descriptions are valid"),
+            );
+        }
+        KernelCollector { nft, stats, descs }
+    }
+}
+
+impl Collector for KernelCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (packets, bytes, deny, spoof) = families();
+        let (metas, errors, generation, last) = {
+            let s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                s.counters.clone(),
+                s.errors,
+                s.generation,
+                s.last_success_unix,
+            )
+        };
+        match self.nft.counters() {
+            Ok(list) => {
+                for (name, p, b) in list {
+                    match metas.get(&name) {
+                        Some(CounterMeta::Rule { id, origin }) => {
+                            let labels: [String; 6] = match origin {
+                                Some(o) => [
+                                    o.policy.kind.as_str().to_string(),
+                                    o.policy.namespace.clone().unwrap_or_default(),
+                                    o.policy.name.clone(),
+                                    o.direction.as_str().to_string(),
+                                    o.name.clone().unwrap_or_else(|| o.index.to_string()),
+                                    o.tier.as_str().to_string(),
+                                ],
+                                None => Default::default(),
+                            };
+                            let mut labels = labels;
+                            if origin.is_none() {
+                                labels[4] = id.clone();
+                            }
+                            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+                            packets.with_label_values(&refs).inc_by(p as f64);
+                            bytes.with_label_values(&refs).inc_by(b as f64);
+                        }
+                        Some(CounterMeta::DefaultDeny { pod, direction }) => deny
+                            .with_label_values(&[&pod.namespace, &pod.name, direction.as_str()])
+                            .inc_by(p as f64),
+                        Some(CounterMeta::Spoofed { pod }) => spoof
+                            .with_label_values(&[&pod.namespace, &pod.name])
+                            .inc_by(p as f64),
+                        None => {}
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read nftables counters for a scrape"),
+        }
+        let mut out = Vec::new();
+        for v in [&packets, &bytes, &deny, &spoof] {
+            out.extend(v.collect());
+        }
+        let err = IntCounter::new(
+            "palisade_apply_errors_total",
+            "Failed nftables transactions.",
+        )
+        .expect("constant");
+        err.inc_by(errors);
+        out.extend(err.collect());
+        let generation_g = Gauge::new(
+            "palisade_ruleset_generation",
+            "Successful transactions so far; 0 before the first.",
+        )
+        .expect("constant");
+        generation_g.set(generation as f64);
+        out.extend(generation_g.collect());
+        let last_g = Gauge::new(
+            "palisade_last_apply_success_timestamp_seconds",
+            "Unix time of the last successful transaction.",
+        )
+        .expect("constant");
+        last_g.set(last.unwrap_or(0.0));
+        out.extend(last_g.collect());
+        out
+    }
+}
+
+/// Collects the apply duration histogram from the shared stats.
+struct HistogramCollector(SharedStats, Vec<Desc>);
+
+impl Collector for HistogramCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.1.iter().collect()
+    }
+    fn collect(&self) -> Vec<MetricFamily> {
+        let s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.apply_duration.collect()
+    }
+}
+
+/// A registry with the agent's metrics.
+pub fn registry(nft: Nft, stats: SharedStats) -> Registry {
+    let registry = Registry::new();
+    let hist_descs: Vec<Desc> = {
+        let s = stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.apply_duration.desc().into_iter().cloned().collect()
+    };
+    let _ = registry.register(Box::new(HistogramCollector(stats.clone(), hist_descs)));
+    let _ = registry.register(Box::new(KernelCollector::new(nft, stats)));
+    registry
+}
+
+/// The text exposition of everything in `registry`.
+pub fn encode(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn is_ready(stats: &Mutex<ApplyStats>) -> bool {
+    stats.lock().map(|s| s.generation > 0).unwrap_or(false)
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (200 once a rule set has been applied)
+/// until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, stats: SharedStats) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (registry, stats) = (registry.clone(), stats.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (registry, stats) = (registry.clone(), stats.clone());
+                async move { Ok::<_, Infallible>(respond(req.uri().path(), registry, stats).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond(path: &str, registry: Arc<Registry>, stats: SharedStats) -> Response<Full<Bytes>> {
+    let (status, body) = match path {
+        "/metrics" => {
+            // Gathering runs nft: keep it off the async workers.
+            let text = tokio::task::spawn_blocking(move || encode(&registry))
+                .await
+                .unwrap_or_default();
+            (StatusCode::OK, text)
+        }
+        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+        "/readyz" if is_ready(&stats) => (StatusCode::OK, "ready\n".to_string()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no rule set applied yet\n".to_string(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}

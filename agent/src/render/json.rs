@@ -1,0 +1,452 @@
+//! The ruleset as `nft -j` commands, built from the `nftables` crate's schema types.
+//!
+//! The crate's schema has no `verdict` data type for maps, so the two dispatch maps are
+//! declared with a hand-written object of the same JSON schema; everything else is the
+//! crate's types, serialized.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use nftables::expr::{
+    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem, CT,
+};
+use nftables::schema::{self, NfCmd, NfListObject, SetFlag, SetType, SetTypeValue};
+use nftables::stmt::{self, Counter, JumpTarget, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use palisade_policy::model::Direction;
+use serde_json::{json, Value};
+
+use super::model::*;
+use super::text::{prefix_len, protocol_name};
+
+/// One `nft -j` command (`{"add": {...}}`, `{"delete": {...}}`, `{"flush": {...}}`).
+pub type Command = Value;
+
+fn to_value<T: serde::Serialize>(x: &T) -> Value {
+    // Serializing the schema's plain structs cannot fail (no maps with non-string keys).
+    serde_json::to_value(x).unwrap_or(Value::Null)
+}
+
+pub fn add(obj: NfListObject<'_>) -> Command {
+    to_value(&NfCmd::Add(obj))
+}
+
+pub fn delete(obj: NfListObject<'_>) -> Command {
+    to_value(&NfCmd::Delete(obj))
+}
+
+pub fn table() -> NfListObject<'static> {
+    NfListObject::Table(schema::Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    })
+}
+
+pub fn counter(name: &str) -> NfListObject<'_> {
+    NfListObject::Counter(schema::Counter {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: name.into(),
+        handle: None,
+        packets: None,
+        bytes: None,
+    })
+}
+
+pub fn set(name: &str, kind: SetKind) -> NfListObject<'_> {
+    let (set_type, flags) = match kind {
+        SetKind::Addresses(f) => (
+            SetTypeValue::Single(addr_type(f)),
+            Some(HashSet::from([SetFlag::Interval])),
+        ),
+        SetKind::NamedPorts(f) => (
+            SetTypeValue::Concatenated(Cow::Owned(vec![
+                addr_type(f),
+                SetType::InetProto,
+                SetType::InetService,
+            ])),
+            None,
+        ),
+    };
+    NfListObject::Set(Box::new(schema::Set {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: name.into(),
+        handle: None,
+        set_type,
+        policy: None,
+        flags,
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    }))
+}
+
+fn addr_type(f: IpFamily) -> SetType {
+    match f {
+        IpFamily::V4 => SetType::Ipv4Addr,
+        IpFamily::V6 => SetType::Ipv6Addr,
+    }
+}
+
+pub fn element_expr(e: &SetElement) -> Expression<'static> {
+    match e {
+        SetElement::Addr(r) => addr_range_expr(r),
+        SetElement::Endpoint(ep) => Expression::Named(NamedExpression::Concat(vec![
+            Expression::String(ep.addr.to_string().into()),
+            Expression::String(protocol_name(ep.protocol).into()),
+            Expression::Number(u32::from(ep.port)),
+        ])),
+    }
+}
+
+fn addr_range_expr(r: &AddrRange) -> Expression<'static> {
+    if r.lo == r.hi {
+        return Expression::String(r.lo.to_string().into());
+    }
+    match prefix_len(r) {
+        Some(len) => Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(Expression::String(r.lo.to_string().into())),
+            len: u32::from(len),
+        })),
+        None => Expression::Range(Box::new(Range {
+            range: [
+                Expression::String(r.lo.to_string().into()),
+                Expression::String(r.hi.to_string().into()),
+            ],
+        })),
+    }
+}
+
+/// `add element` / `delete element` body for a named set.
+pub fn elements<'a>(set: &'a str, elems: &[SetElement]) -> NfListObject<'a> {
+    NfListObject::Element(schema::Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: set.into(),
+        elem: Cow::Owned(elems.iter().map(element_expr).collect()),
+    })
+}
+
+/// `add map` for a dispatch map (`type ifname : verdict`), hand-written: see module docs.
+pub fn add_dispatch_map(name: &str) -> Command {
+    json!({"add": {"map": {"family": "inet", "table": TABLE, "name": name, "type": "ifname", "map": "verdict"}}})
+}
+
+/// `add element` / `delete element` body for a dispatch map.
+pub fn dispatch_elements<'a>(
+    map: &'a str,
+    entries: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> NfListObject<'a> {
+    NfListObject::Element(schema::Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: map.into(),
+        elem: Cow::Owned(
+            entries
+                .into_iter()
+                .map(|(ifname, chain)| {
+                    Expression::List(vec![
+                        Expression::String(ifname.as_str().into()),
+                        Expression::Verdict(nftables::expr::Verdict::Jump(JumpTarget {
+                            target: chain.as_str().into(),
+                        })),
+                    ])
+                })
+                .collect(),
+        ),
+    })
+}
+
+pub fn dispatch_map_name(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Egress => EGRESS_DISPATCH,
+        Direction::Ingress => INGRESS_DISPATCH,
+    }
+}
+
+pub fn chain(name: &str) -> NfListObject<'_> {
+    NfListObject::Chain(schema::Chain {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: name.into(),
+        newname: None,
+        handle: None,
+        _type: None,
+        hook: None,
+        prio: None,
+        dev: None,
+        policy: None,
+    })
+}
+
+pub fn base_chain(bc: &BaseChain) -> NfListObject<'static> {
+    let hook = match bc.hook {
+        "input" => NfHook::Input,
+        "output" => NfHook::Output,
+        _ => NfHook::Forward,
+    };
+    NfListObject::Chain(schema::Chain {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: bc.name.into(),
+        newname: None,
+        handle: None,
+        _type: Some(NfChainType::Filter),
+        hook: Some(hook),
+        prio: Some(bc.priority),
+        dev: None,
+        policy: Some(NfChainPolicy::Accept),
+    })
+}
+
+/// `flush chain` command.
+pub fn flush_chain(name: &str) -> Command {
+    to_value(&NfCmd::Flush(schema::FlushObject::Chain(
+        match chain(name) {
+            NfListObject::Chain(c) => c,
+            _ => unreachable!("chain() builds a chain"),
+        },
+    )))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(stmt::Match { left, right, op })
+}
+
+fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Set(
+        items.into_iter().map(SetItem::Element).collect(),
+    ))
+}
+
+fn set_ref(name: &str) -> Expression<'static> {
+    Expression::String(format!("@{name}").into())
+}
+
+fn l4_dport() -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(vec![
+        meta(MetaKey::L4proto),
+        payload("th", "dport"),
+    ]))
+}
+
+pub fn match_statement(m: &Match) -> Statement<'static> {
+    match m {
+        Match::Family(f) => matches(
+            meta(MetaKey::Nfproto),
+            Operator::EQ,
+            Expression::String(f.nfproto().into()),
+        ),
+        Match::AddrNotIn { family, end, addrs } => {
+            let items: Vec<Expression<'static>> = addrs
+                .iter()
+                .map(|a| Expression::String(a.to_string().into()))
+                .collect();
+            let right = if items.len() == 1 {
+                items
+                    .into_iter()
+                    .next()
+                    .unwrap_or(Expression::Boolean(false))
+            } else {
+                anon_set(items)
+            };
+            matches(payload(family.payload(), end.field()), Operator::NEQ, right)
+        }
+        Match::AddrInSet { family, end, set } => matches(
+            payload(family.payload(), end.field()),
+            Operator::EQ,
+            set_ref(set),
+        ),
+        Match::Ports(ports) => {
+            let items = ports
+                .iter()
+                .map(|p| {
+                    let port = if p.start == p.end {
+                        Expression::Number(u32::from(p.start))
+                    } else {
+                        Expression::Range(Box::new(Range {
+                            range: [
+                                Expression::Number(u32::from(p.start)),
+                                Expression::Number(u32::from(p.end)),
+                            ],
+                        }))
+                    };
+                    Expression::Named(NamedExpression::Concat(vec![
+                        Expression::String(protocol_name(p.protocol).into()),
+                        port,
+                    ]))
+                })
+                .collect();
+            matches(l4_dport(), Operator::EQ, anon_set(items))
+        }
+        Match::EndpointInSet { family, end, set } => matches(
+            Expression::Named(NamedExpression::Concat(vec![
+                payload(family.payload(), end.field()),
+                meta(MetaKey::L4proto),
+                payload("th", "dport"),
+            ])),
+            Operator::EQ,
+            set_ref(set),
+        ),
+    }
+}
+
+pub fn verdict_statement(v: &Verdict) -> Statement<'static> {
+    match v {
+        Verdict::Accept => Statement::Accept(None),
+        Verdict::Drop => Statement::Drop(None),
+        Verdict::Return => Statement::Return(None),
+        Verdict::Jump(c) => Statement::Jump(JumpTarget {
+            target: c.clone().into(),
+        }),
+        Verdict::Goto(c) => Statement::Goto(JumpTarget {
+            target: c.clone().into(),
+        }),
+    }
+}
+
+fn rule_obj<'a>(chain: &'a str, expr: Vec<Statement<'a>>) -> NfListObject<'a> {
+    NfListObject::Rule(schema::Rule {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        chain: chain.into(),
+        expr: Cow::Owned(expr),
+        handle: None,
+        index: None,
+        comment: None,
+    })
+}
+
+pub fn rule<'a>(chain: &'a str, r: &RuleDef) -> NfListObject<'a> {
+    let mut expr: Vec<Statement<'a>> = r.matches.iter().map(match_statement).collect();
+    if let Some(c) = &r.counter {
+        expr.push(Statement::Counter(Counter::Named(c.clone().into())));
+    }
+    expr.push(verdict_statement(&r.verdict));
+    rule_obj(chain, expr)
+}
+
+pub fn base_rule<'a>(chain: &'a str, s: &BaseStatement) -> NfListObject<'a> {
+    let expr = match s {
+        BaseStatement::Established => vec![
+            matches(
+                Expression::Named(NamedExpression::CT(CT {
+                    key: "state".into(),
+                    family: None,
+                    dir: None,
+                })),
+                Operator::IN,
+                Expression::List(vec![
+                    Expression::String("established".into()),
+                    Expression::String("related".into()),
+                ]),
+            ),
+            Statement::Accept(None),
+        ],
+        BaseStatement::NeighbourDiscovery => vec![
+            matches(
+                payload("icmpv6", "type"),
+                Operator::EQ,
+                anon_set(
+                    [
+                        "nd-router-solicit",
+                        "nd-neighbor-solicit",
+                        "nd-neighbor-advert",
+                    ]
+                    .into_iter()
+                    .map(|t| Expression::String(t.into()))
+                    .collect(),
+                ),
+            ),
+            Statement::Accept(None),
+        ],
+        BaseStatement::Dispatch(direction) => {
+            let key = match direction {
+                Direction::Egress => MetaKey::Iifname,
+                Direction::Ingress => MetaKey::Oifname,
+            };
+            vec![Statement::VerdictMap(stmt::VerdictMap {
+                key: meta(key),
+                data: set_ref(dispatch_map_name(*direction)),
+            })]
+        }
+    };
+    rule_obj(chain, expr)
+}
+
+/// Commands that create the table's whole content in an existing, empty table.
+pub fn create_all(rs: &Ruleset) -> Vec<Command> {
+    let mut cmds = Vec::new();
+    for name in rs.counters.keys() {
+        cmds.push(add(counter(name)));
+    }
+    for (name, s) in &rs.sets {
+        cmds.push(add(set(name, s.kind)));
+        if !s.elements.is_empty() {
+            cmds.push(add(elements(name, &s.elements)));
+        }
+    }
+    cmds.push(add_dispatch_map(EGRESS_DISPATCH));
+    cmds.push(add_dispatch_map(INGRESS_DISPATCH));
+    for name in rs.chains.keys() {
+        cmds.push(add(chain(name)));
+    }
+    for (name, rules) in &rs.chains {
+        for r in rules {
+            cmds.push(add(rule(name, r)));
+        }
+    }
+    for direction in [Direction::Egress, Direction::Ingress] {
+        let entries = rs.dispatch(direction);
+        if !entries.is_empty() {
+            cmds.push(add(dispatch_elements(
+                dispatch_map_name(direction),
+                entries,
+            )));
+        }
+    }
+    // Base chains last: traffic is only steered into the table once it is complete (it is
+    // one transaction anyway, this only keeps a partial dump readable).
+    for bc in &rs.base_chains {
+        cmds.push(add(base_chain(bc)));
+        for st in &bc.statements {
+            cmds.push(add(base_rule(bc.name, st)));
+        }
+    }
+    cmds
+}
+
+/// One transaction that replaces the table (or creates it): `add table` (so the delete
+/// cannot fail), `delete table`, then everything anew. nftables commits a batch
+/// atomically, so packets see either the old table or the new one, never none.
+pub fn replace_all(rs: &Ruleset) -> Vec<Command> {
+    let mut cmds = vec![add(table()), delete(table()), add(table())];
+    cmds.extend(create_all(rs));
+    cmds
+}
+
+/// The JSON document `nft -j -f -` reads.
+pub fn payload_of(cmds: &[Command]) -> String {
+    json!({ "nftables": cmds }).to_string()
+}

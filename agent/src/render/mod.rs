@@ -1,0 +1,546 @@
+//! Rendering: a node's [`NodeRuleSet`] and the local pods' host-side interfaces in, the
+//! content of the table `inet palisade` out. Pure: no I/O.
+//!
+//! # Layout of the table
+//!
+//! * Base chains `forward` and `input`, both `type filter`, priority `filter` (0): after
+//!   conntrack (-200) so `ct state` is known, and after DNAT in prerouting (-100) so a
+//!   Service's traffic is seen with the real pod as destination. Other tables' filter chains
+//!   at the same priority do not matter for correctness: an `accept` here never overrides a
+//!   `drop` elsewhere, and a `drop` here is final.
+//! * Both start with `ct state established,related accept`, so rules only cost the first
+//!   packet of a connection. There is no `ct state invalid drop`: invalid packets are simply
+//!   not "established" and are judged by the policy like new ones, so the agent never drops
+//!   traffic its policy allows.
+//! * `forward` dispatches by interface: `iifname vmap @egress_dispatch` jumps to the
+//!   egress chain of the pod behind the incoming veth, then `oifname vmap
+//!   @ingress_dispatch` to the ingress chain of the pod behind the outgoing one. Pod chains
+//!   *return* to allow, so same-node traffic passes both checks; they `drop` to deny.
+//! * `input` (a pod talking to its own node) accepts IPv6 neighbour discovery first (the
+//!   pods' default IPv6 route is via the node's link-local address), then runs the pod's
+//!   egress check.
+//! * There is no `output` chain: traffic the node itself (kubelet probes, host-network pods)
+//!   sends to its local pods is always allowed, as docs/design.md specifies. Replies of pods
+//!   to it are `established`.
+//! * Per pod and direction an entry chain (`egress/NS/NAME`, `ingress/NS/NAME`) holds the
+//!   Admin tier (Allow → counter + return, Deny → counter + drop, Pass → counter + goto the
+//!   rest chain) and ends with `goto` the rest chain (`egress-rest/NS/NAME`): the
+//!   NetworkPolicy allow rules and, if the pod is isolated, a default-deny counter + drop;
+//!   otherwise the Baseline tier. The egress entry chain starts with anti-spoofing: a source
+//!   address that is not one of the pod's is counted (`spoof/NS/NAME`) and dropped, and a
+//!   pod without an address of a family sends nothing of that family.
+//! * A pod without a known interface has no chains and no dispatch elements.
+//! * Peers are named interval sets, one per address group and family (`g-…_4`, `g-…_6`),
+//!   shared by every rule and pod that uses them; egress named ports are sets of
+//!   `address . inet_proto . inet_service`. Port lists are anonymous concatenated sets
+//!   `meta l4proto . th dport { tcp . 80, udp . 53-60 }`: one rule per clause whatever the
+//!   protocols, with intervals for ranges. A clause with several groups renders one rule
+//!   per group and family (sharing the group's set instead of making a per-rule union).
+//! * Every compiled rule has a named counter (its rule id, shared across pods); isolated
+//!   pods have `deny-ingress/…`/`deny-egress/…` counters.
+
+pub mod json;
+pub mod model;
+pub mod text;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use palisade_policy::model::{Action, Direction, PodKey, Protocol};
+use palisade_policy::ruleset::{
+    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance,
+};
+
+pub use model::*;
+
+/// Each local pod's host-side interface name.
+pub type Interfaces = BTreeMap<PodKey, String>;
+
+/// Longest pod part of a chain or counter name before it is replaced by a hash.
+const MAX_POD_PART: usize = 48;
+/// Longest group or rule id accepted (the contract says `g-`/`r-` + 16 hex digits).
+const MAX_ID: usize = 64;
+/// Linux interface names are at most 15 bytes.
+const MAX_IFNAME: usize = 15;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("group id {0:?} is not a valid nftables name (letters, digits, '-' and '_', at most {MAX_ID} characters)")]
+    BadGroupId(String),
+    #[error("rule id {0:?} is not a valid nftables name (letters, digits, '-' and '_', at most {MAX_ID} characters)")]
+    BadRuleId(String),
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_IFNAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\' && c != '/')
+}
+
+/// FNV-1a: stable across runs and Rust versions, unlike `DefaultHasher`.
+fn fnv64(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// `NS/NAME` where that is short and made of name characters, else a stable hash.
+pub fn pod_part(pod: &PodKey) -> String {
+    let plain = format!("{}/{}", pod.namespace, pod.name);
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    };
+    if plain.len() <= MAX_POD_PART && ok(&pod.namespace) && ok(&pod.name) {
+        plain
+    } else {
+        format!("h-{:016x}", fnv64(&plain))
+    }
+}
+
+pub fn entry_chain(pod: &PodKey, direction: Direction) -> String {
+    format!("{}/{}", direction.as_str(), pod_part(pod))
+}
+
+pub fn rest_chain(pod: &PodKey, direction: Direction) -> String {
+    format!("{}-rest/{}", direction.as_str(), pod_part(pod))
+}
+
+pub fn default_deny_counter(pod: &PodKey, direction: Direction) -> String {
+    format!("deny-{}/{}", direction.as_str(), pod_part(pod))
+}
+
+pub fn spoof_counter(pod: &PodKey) -> String {
+    format!("spoof/{}", pod_part(pod))
+}
+
+pub fn group_set(group: &str, family: IpFamily) -> String {
+    format!("{group}{}", family.suffix())
+}
+
+/// Renders the table for `rules`, enforcing the pods that have an interface in
+/// `interfaces`. A pod whose interface is already taken by an earlier pod (a stale entry
+/// while a pod moves) is left out with a warning.
+pub fn render(rules: &NodeRuleSet, interfaces: &Interfaces) -> Result<Ruleset, RenderError> {
+    let mut out = Ruleset {
+        base_chains: base_chains(),
+        ..Ruleset::default()
+    };
+    for (id, group) in &rules.groups {
+        if !valid_id(id) {
+            return Err(RenderError::BadGroupId(id.clone()));
+        }
+        let group: &Group = group;
+        for (kind, elements) in group_sets(group) {
+            if !elements.is_empty() {
+                let family = match kind {
+                    SetKind::Addresses(f) | SetKind::NamedPorts(f) => f,
+                };
+                out.sets
+                    .insert(group_set(id, family), SetDef { kind, elements });
+            }
+        }
+    }
+    for (id, origin) in &rules.rules {
+        if !valid_id(id) {
+            return Err(RenderError::BadRuleId(id.clone()));
+        }
+        out.counters.insert(
+            id.clone(),
+            CounterMeta::Rule {
+                id: id.clone(),
+                origin: Some(origin.clone()),
+            },
+        );
+    }
+    let mut taken: BTreeSet<&str> = BTreeSet::new();
+    for pod in &rules.pods {
+        let key = PodKey::new(&pod.namespace, &pod.name);
+        let Some(ifname) = interfaces.get(&key) else {
+            continue;
+        };
+        if !valid_ifname(ifname) {
+            tracing::warn!(pod = %key, ifname, "interface name unusable in nftables; pod not enforced");
+            continue;
+        }
+        if !taken.insert(ifname) {
+            tracing::warn!(pod = %key, ifname, "interface already used by another pod; pod not enforced until that clears");
+            continue;
+        }
+        render_pod(&mut out, rules, pod, &key, ifname)?;
+    }
+    Ok(out)
+}
+
+fn base_chains() -> Vec<BaseChain> {
+    vec![
+        BaseChain {
+            name: "forward",
+            hook: "forward",
+            priority: 0,
+            statements: vec![
+                BaseStatement::Established,
+                BaseStatement::Dispatch(Direction::Egress),
+                BaseStatement::Dispatch(Direction::Ingress),
+            ],
+        },
+        BaseChain {
+            name: "input",
+            hook: "input",
+            priority: 0,
+            statements: vec![
+                BaseStatement::Established,
+                BaseStatement::NeighbourDiscovery,
+                BaseStatement::Dispatch(Direction::Egress),
+            ],
+        },
+    ]
+}
+
+fn group_sets(group: &Group) -> Vec<(SetKind, Vec<SetElement>)> {
+    match group {
+        Group::Addresses(set) => {
+            let v4 = set
+                .v4
+                .iter()
+                .map(|&(lo, hi)| {
+                    SetElement::Addr(AddrRange {
+                        lo: IpAddr::V4(lo.into()),
+                        hi: IpAddr::V4(hi.into()),
+                    })
+                })
+                .collect();
+            let v6 = set
+                .v6
+                .iter()
+                .map(|&(lo, hi)| {
+                    SetElement::Addr(AddrRange {
+                        lo: IpAddr::V6(lo.into()),
+                        hi: IpAddr::V6(hi.into()),
+                    })
+                })
+                .collect();
+            vec![
+                (SetKind::Addresses(IpFamily::V4), v4),
+                (SetKind::Addresses(IpFamily::V6), v6),
+            ]
+        }
+        Group::NamedPorts(endpoints) => [IpFamily::V4, IpFamily::V6]
+            .into_iter()
+            .map(|family| {
+                let elements = endpoints
+                    .iter()
+                    .filter(|e| IpFamily::of(&e.addr) == family)
+                    .map(|e| {
+                        SetElement::Endpoint(Endpoint {
+                            addr: e.addr,
+                            protocol: e.protocol,
+                            port: e.port,
+                        })
+                    })
+                    .collect();
+                (SetKind::NamedPorts(family), elements)
+            })
+            .collect(),
+    }
+}
+
+fn render_pod(
+    out: &mut Ruleset,
+    rules: &NodeRuleSet,
+    pod: &PodRules,
+    key: &PodKey,
+    ifname: &str,
+) -> Result<(), RenderError> {
+    for direction in [Direction::Egress, Direction::Ingress] {
+        let dir_rules = pod.direction(direction);
+        let entry = entry_chain(key, direction);
+        let rest = rest_chain(key, direction);
+        let mut entry_rules = Vec::new();
+        if direction == Direction::Egress {
+            entry_rules.extend(anti_spoofing(out, key, &pod.ips));
+        }
+        let rest_rules = rest_rules(out, rules, dir_rules, key, direction)?;
+        let rest_target = (!rest_rules.is_empty()).then(|| rest.clone());
+        for inst in &dir_rules.admin {
+            let verdict = match inst.action {
+                Action::Allow => Verdict::Return,
+                Action::Deny => Verdict::Drop,
+                Action::Pass => match &rest_target {
+                    Some(chain) => Verdict::Goto(chain.clone()),
+                    None => Verdict::Return,
+                },
+            };
+            entry_rules.extend(instance_rules(out, rules, inst, direction, verdict)?);
+        }
+        if let Some(chain) = &rest_target {
+            entry_rules.push(RuleDef {
+                matches: vec![],
+                counter: None,
+                verdict: Verdict::Goto(chain.clone()),
+            });
+            out.chains.insert(rest, rest_rules);
+        }
+        if entry_rules.is_empty() {
+            continue;
+        }
+        out.chains.insert(entry.clone(), entry_rules);
+        let dispatch = match direction {
+            Direction::Egress => &mut out.egress_dispatch,
+            Direction::Ingress => &mut out.ingress_dispatch,
+        };
+        dispatch.insert(ifname.to_string(), entry);
+    }
+    Ok(())
+}
+
+fn anti_spoofing(out: &mut Ruleset, pod: &PodKey, ips: &[IpAddr]) -> Vec<RuleDef> {
+    let counter = spoof_counter(pod);
+    out.counters
+        .insert(counter.clone(), CounterMeta::Spoofed { pod: pod.clone() });
+    [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .map(|family| {
+            let mut addrs: Vec<IpAddr> = ips
+                .iter()
+                .copied()
+                .filter(|a| IpFamily::of(a) == family)
+                .collect();
+            addrs.sort();
+            addrs.dedup();
+            let matcher = if addrs.is_empty() {
+                Match::Family(family)
+            } else {
+                Match::AddrNotIn {
+                    family,
+                    end: End::Source,
+                    addrs,
+                }
+            };
+            RuleDef {
+                matches: vec![matcher],
+                counter: Some(counter.clone()),
+                verdict: Verdict::Drop,
+            }
+        })
+        .collect()
+}
+
+fn rest_rules(
+    out: &mut Ruleset,
+    rules: &NodeRuleSet,
+    dir_rules: &DirectionRules,
+    pod: &PodKey,
+    direction: Direction,
+) -> Result<Vec<RuleDef>, RenderError> {
+    let mut list = Vec::new();
+    if !dir_rules.isolated_by.is_empty() {
+        for inst in &dir_rules.network_policy {
+            list.extend(instance_rules(
+                out,
+                rules,
+                inst,
+                direction,
+                Verdict::Return,
+            )?);
+        }
+        let counter = default_deny_counter(pod, direction);
+        out.counters.insert(
+            counter.clone(),
+            CounterMeta::DefaultDeny {
+                pod: pod.clone(),
+                direction,
+            },
+        );
+        list.push(RuleDef {
+            matches: vec![],
+            counter: Some(counter),
+            verdict: Verdict::Drop,
+        });
+    } else {
+        for inst in &dir_rules.baseline {
+            let verdict = match inst.action {
+                Action::Deny => Verdict::Drop,
+                // Pass in the last tier goes on to the default, which allows.
+                Action::Allow | Action::Pass => Verdict::Return,
+            };
+            list.extend(instance_rules(out, rules, inst, direction, verdict)?);
+        }
+    }
+    Ok(list)
+}
+
+/// The rules of one rule instance: one per clause, group and family (any of them matching
+/// means the instance matches; the first match decides, so splitting is exact).
+fn instance_rules(
+    out: &mut Ruleset,
+    rules: &NodeRuleSet,
+    inst: &RuleInstance,
+    direction: Direction,
+    verdict: Verdict,
+) -> Result<Vec<RuleDef>, RenderError> {
+    if !valid_id(&inst.rule) {
+        return Err(RenderError::BadRuleId(inst.rule.clone()));
+    }
+    // A rule without a known origin still gets its counter, only without labels.
+    out.counters
+        .entry(inst.rule.clone())
+        .or_insert_with(|| CounterMeta::Rule {
+            id: inst.rule.clone(),
+            origin: None,
+        });
+    let peer_end = End::peer_of(direction);
+    let mut list = Vec::new();
+    let mut emit = |matches: Vec<Match>| {
+        let rule = RuleDef {
+            matches,
+            counter: Some(inst.rule.clone()),
+            verdict: verdict.clone(),
+        };
+        if !list.contains(&rule) {
+            list.push(rule);
+        }
+    };
+    for clause in &inst.clauses {
+        match clause {
+            Clause::PeerPort { peers, ports } => {
+                let port_match = match ports {
+                    None => None,
+                    Some(p) if p.is_empty() => continue,
+                    Some(p) => Some(Match::Ports(normalize_ports(p))),
+                };
+                let with_ports = |mut m: Vec<Match>| {
+                    m.extend(port_match.clone());
+                    m
+                };
+                let Some(ids) = peers else {
+                    emit(with_ports(vec![]));
+                    continue;
+                };
+                for id in ids.iter().collect::<BTreeSet<_>>() {
+                    for family in [IpFamily::V4, IpFamily::V6] {
+                        let set = group_set(id, family);
+                        let is_addresses = matches!(
+                            out.sets.get(&set),
+                            Some(SetDef {
+                                kind: SetKind::Addresses(_),
+                                ..
+                            })
+                        );
+                        if is_addresses && rules.groups.contains_key(id.as_str()) {
+                            emit(with_ports(vec![Match::AddrInSet {
+                                family,
+                                end: peer_end,
+                                set,
+                            }]));
+                        }
+                    }
+                }
+            }
+            Clause::NamedPort { group } => {
+                for family in [IpFamily::V4, IpFamily::V6] {
+                    let set = group_set(group, family);
+                    if matches!(
+                        out.sets.get(&set),
+                        Some(SetDef {
+                            kind: SetKind::NamedPorts(_),
+                            ..
+                        })
+                    ) {
+                        emit(vec![Match::EndpointInSet {
+                            family,
+                            end: peer_end,
+                            set,
+                        }]);
+                    }
+                }
+            }
+        }
+    }
+    Ok(list)
+}
+
+fn normalize_ports(ports: &[PortRange]) -> Vec<PortRange> {
+    let mut by_proto: BTreeMap<Protocol, Vec<(u16, u16)>> = BTreeMap::new();
+    for p in ports {
+        let (lo, hi) = if p.start <= p.end {
+            (p.start, p.end)
+        } else {
+            (p.end, p.start)
+        };
+        by_proto.entry(p.protocol).or_default().push((lo, hi));
+    }
+    let mut out = Vec::new();
+    for (protocol, mut ranges) in by_proto {
+        ranges.sort_unstable();
+        let mut merged: Vec<(u16, u16)> = Vec::new();
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                // Interval sets reject overlapping elements, and nft merges adjacent ones
+                // when listing: merging here keeps the render and the kernel's view alike.
+                Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => {
+                    last.1 = last.1.max(hi);
+                }
+                _ => merged.push((lo, hi)),
+            }
+        }
+        out.extend(merged.into_iter().map(|(start, end)| PortRange {
+            protocol,
+            start,
+            end,
+        }));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_or_odd_pod_names_are_hashed_stably() {
+        let short = PodKey::new("default", "web-1");
+        assert_eq!(pod_part(&short), "default/web-1");
+        let long = PodKey::new("default", "x".repeat(60));
+        let part = pod_part(&long);
+        assert!(part.starts_with("h-") && part.len() == 18, "{part}");
+        assert_eq!(part, pod_part(&long));
+        assert!(pod_part(&PodKey::new("a b", "c")).starts_with("h-"));
+    }
+
+    #[test]
+    fn overlapping_and_adjacent_ports_merge_per_protocol() {
+        let p = |protocol, start, end| PortRange {
+            protocol,
+            start,
+            end,
+        };
+        let merged = normalize_ports(&[
+            p(Protocol::Tcp, 80, 80),
+            p(Protocol::Udp, 53, 53),
+            p(Protocol::Tcp, 81, 90),
+            p(Protocol::Tcp, 85, 85),
+            p(Protocol::Tcp, 443, 443),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                p(Protocol::Tcp, 80, 90),
+                p(Protocol::Tcp, 443, 443),
+                p(Protocol::Udp, 53, 53)
+            ]
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! The desired content of the agent's nftables table, as plain data.
+//!
+//! Rendering produces a [`Ruleset`]; it is printed as nft text ([`super::text`]), turned
+//! into `nft -j` commands ([`super::json`]) and compared with the applied one to plan an
+//! incremental transaction ([`crate::diff`]). Every collection is ordered so that the same
+//! input always gives the same output.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use palisade_policy::model::{Direction, PodKey, Protocol, RuleOrigin};
+use palisade_policy::ruleset::PortRange;
+
+/// The only table the agent ever touches.
+pub const TABLE: &str = "palisade";
+pub const EGRESS_DISPATCH: &str = "egress_dispatch";
+pub const INGRESS_DISPATCH: &str = "ingress_dispatch";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(addr: &IpAddr) -> IpFamily {
+        match addr {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// The payload protocol of the address fields (`ip saddr`, `ip6 daddr`).
+    pub fn payload(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        }
+    }
+
+    /// The `meta nfproto` value.
+    pub fn nfproto(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ipv4",
+            IpFamily::V6 => "ipv6",
+        }
+    }
+
+    pub fn addr_type(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ipv4_addr",
+            IpFamily::V6 => "ipv6_addr",
+        }
+    }
+
+    pub fn suffix(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "_4",
+            IpFamily::V6 => "_6",
+        }
+    }
+}
+
+/// One element of an address set: an inclusive range (a single address when `lo == hi`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrRange {
+    pub lo: IpAddr,
+    pub hi: IpAddr,
+}
+
+/// An element of a named-port set: (address, protocol, port).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetElement {
+    Addr(AddrRange),
+    Endpoint(Endpoint),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetKind {
+    /// `type ipv4_addr` / `ipv6_addr`, `flags interval`.
+    Addresses(IpFamily),
+    /// `type ipv4_addr . inet_proto . inet_service`.
+    NamedPorts(IpFamily),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetDef {
+    pub kind: SetKind,
+    /// Sorted, no duplicates (and, for address sets, no overlaps).
+    pub elements: Vec<SetElement>,
+}
+
+/// Which end of the packet a match looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+impl End {
+    pub fn field(self) -> &'static str {
+        match self {
+            End::Source => "saddr",
+            End::Destination => "daddr",
+        }
+    }
+
+    /// The end of the packet where the peer is, for a subject pod's direction.
+    pub fn peer_of(direction: Direction) -> End {
+        match direction {
+            Direction::Ingress => End::Source,
+            Direction::Egress => End::Destination,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Match {
+    /// `meta nfproto ipv4`.
+    Family(IpFamily),
+    /// `ip saddr != { a, b }` (the pod's own addresses, anti-spoofing).
+    AddrNotIn {
+        family: IpFamily,
+        end: End,
+        addrs: Vec<IpAddr>,
+    },
+    /// `ip daddr @set`.
+    AddrInSet {
+        family: IpFamily,
+        end: End,
+        set: String,
+    },
+    /// `meta l4proto . th dport { tcp . 80, udp . 53-60 }`.
+    Ports(Vec<PortRange>),
+    /// `ip daddr . meta l4proto . th dport @set`.
+    EndpointInSet {
+        family: IpFamily,
+        end: End,
+        set: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RuleDef {
+    pub matches: Vec<Match>,
+    /// A named counter object.
+    pub counter: Option<String>,
+    pub verdict: Verdict,
+}
+
+/// The fixed statements of the base chains (see the module docs of [`crate::render`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum BaseStatement {
+    /// `ct state established,related accept`.
+    Established,
+    /// `icmpv6 type { nd-... } accept`: a pod's neighbour discovery with its node.
+    NeighbourDiscovery,
+    /// `iifname vmap @egress_dispatch` / `oifname vmap @ingress_dispatch`.
+    Dispatch(Direction),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseChain {
+    pub name: &'static str,
+    pub hook: &'static str,
+    pub priority: i32,
+    pub statements: Vec<BaseStatement>,
+}
+
+/// What a named counter counts, for the metrics' labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CounterMeta {
+    Rule {
+        id: String,
+        origin: Option<RuleOrigin>,
+    },
+    DefaultDeny {
+        pod: PodKey,
+        direction: Direction,
+    },
+    Spoofed {
+        pod: PodKey,
+    },
+}
+
+/// The whole table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub base_chains: Vec<BaseChain>,
+    pub counters: BTreeMap<String, CounterMeta>,
+    pub sets: BTreeMap<String, SetDef>,
+    /// Interface name → chain, per dispatch map.
+    pub egress_dispatch: BTreeMap<String, String>,
+    pub ingress_dispatch: BTreeMap<String, String>,
+    /// Regular (non-base) chains.
+    pub chains: BTreeMap<String, Vec<RuleDef>>,
+}
+
+impl Ruleset {
+    pub fn dispatch(&self, direction: Direction) -> &BTreeMap<String, String> {
+        match direction {
+            Direction::Egress => &self.egress_dispatch,
+            Direction::Ingress => &self.ingress_dispatch,
+        }
+    }
+}

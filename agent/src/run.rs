@@ -1,0 +1,129 @@
+//! The agent's loop: rules file and interface events in, atomic transactions out, a full
+//! reconcile at start and every `reconcile_interval_secs`, exponential back-off after a
+//! failed transaction (the last good table stays in force meanwhile).
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use nix::sched::{setns, CloneFlags};
+use palisade_policy::ruleset::NodeRuleSet;
+use tokio::time::{sleep_until, Instant};
+
+use crate::apply::Applier;
+use crate::config::AgentConfig;
+use crate::interfaces::{events, pod_interfaces, Discovery, HostRoutes};
+use crate::metrics;
+use crate::nft::Nft;
+use crate::render::render;
+use crate::source::{load_rules, FileWatch};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Enters `/var/run/netns/NAME` with the calling thread. Call before starting any other
+/// thread (tokio's workers, nft children inherit it).
+pub fn enter_netns(name: &str) -> anyhow::Result<()> {
+    let path = format!("/var/run/netns/{name}");
+    let file =
+        File::open(&path).with_context(|| format!("cannot open network namespace {path}"))?;
+    setns(file, CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("cannot enter network namespace {path}"))?;
+    Ok(())
+}
+
+/// Runs until Ctrl-C / SIGTERM. `listener` was bound before entering the namespace.
+pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::Result<()> {
+    let rules_path = cfg.rules.clone().context("no rules file configured")?;
+    let nft = Nft::local();
+    let mut applier = Applier::new(nft.clone());
+    let stats = applier.stats();
+    let registry = Arc::new(metrics::registry(nft.clone(), stats.clone()));
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(metrics::serve(listener, registry, stats));
+
+    let discovery = Discovery::new()?;
+    let mut link_events = events()?.boxed();
+    let mut routes: HostRoutes = discovery.host_routes().await?;
+    let mut watch = FileWatch::new(&rules_path);
+    let mut rules: Option<NodeRuleSet> = None;
+    let mut poll = tokio::time::interval(Duration::from_millis(cfg.poll_interval_ms.max(50)));
+    let mut reconcile =
+        tokio::time::interval(Duration::from_secs(cfg.reconcile_interval_secs.max(1)));
+    let (mut dirty, mut full_check) = (false, true);
+    let mut backoff = Duration::ZERO;
+    let mut retry_at = Instant::now();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {
+                if watch.changed() {
+                    match load_rules(watch.path()) {
+                        Ok(r) => {
+                            tracing::info!(node = %r.node, pods = r.pods.len(), groups = r.groups.len(), "rules loaded");
+                            rules = Some(r);
+                            dirty = true;
+                        }
+                        Err(e) => tracing::error!(error = %e, "keeping the last rules"),
+                    }
+                }
+            }
+            Some(()) = link_events.next() => {
+                // Interfaces come with bursts of events: take them all, then dump once.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while let Some(Some(())) = futures::FutureExt::now_or_never(link_events.next()) {}
+                match discovery.host_routes().await {
+                    Ok(r) if r != routes => { routes = r; dirty = true; }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot dump routes"),
+                }
+            }
+            _ = reconcile.tick() => full_check = true,
+            _ = sleep_until(retry_at), if !backoff.is_zero() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+        let Some(current) = &rules else { continue };
+        if !(dirty || full_check) || Instant::now() < retry_at {
+            continue;
+        }
+        let desired = match render(current, &pod_interfaces(current, &routes)) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot render the rules; keeping the last table");
+                dirty = false;
+                continue;
+            }
+        };
+        let result = tokio::task::block_in_place(|| {
+            if full_check {
+                applier
+                    .reconcile(&desired)
+                    .map(|o| format!("reconcile: {o:?}"))
+            } else {
+                applier
+                    .apply(&desired)
+                    .map(|o| format!("{:?} ({} commands, {:?})", o.kind, o.commands, o.duration))
+            }
+        });
+        match result {
+            Ok(what) => {
+                tracing::info!(%what, "applied");
+                dirty = false;
+                full_check = false;
+                backoff = Duration::ZERO;
+            }
+            Err(e) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(250), MAX_BACKOFF);
+                retry_at = Instant::now() + backoff;
+                tracing::error!(error = %e, retry_in = ?backoff, "transaction failed; the last good table stays in force");
+            }
+        }
+    }
+    tracing::info!("stopping; the table stays in force");
+    Ok(())
+}

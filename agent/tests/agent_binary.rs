@@ -1,0 +1,196 @@
+//! The `palisade-agent` binary end to end: `--netns`, `--rules` re-read on change, interface
+//! discovery from routes (also for a pod whose interface appears later), `/readyz` and
+//! `/metrics`. Root only; prints SKIPPED otherwise.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+use palisade_policy::model::{Action, Direction, PolicyId, PolicyKind, Protocol, RuleOrigin, Tier};
+use palisade_policy::ruleset::{
+    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance,
+};
+use palisade_policy::AddrSet;
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    Some((status, text))
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn np(name: &str) -> PolicyId {
+    PolicyId {
+        kind: PolicyKind::NetworkPolicy,
+        namespace: Some("default".into()),
+        name: name.into(),
+    }
+}
+
+fn isolated_ingress(pod: &str, ips: Vec<std::net::IpAddr>, allow: Vec<RuleInstance>) -> PodRules {
+    PodRules {
+        namespace: "default".into(),
+        name: pod.into(),
+        ips,
+        ingress: DirectionRules {
+            isolated_by: vec![np(pod)],
+            network_policy: allow,
+            ..DirectionRules::default()
+        },
+        egress: DirectionRules::default(),
+    }
+}
+
+#[test]
+fn agent_binary_enforces_follows_files_and_interfaces_and_serves_metrics() {
+    if !can_run("agent_binary_enforces_follows_files_and_interfaces_and_serves_metrics") {
+        return;
+    }
+    let mut lab = Lab::new("b", 15, &["default/a", "default/b"]);
+    let (a_ip, b_ip, c_ip) = (lab.pod("a").ip4, lab.pod("b").ip4, lab.planned_ip4(2));
+    let allow = RuleInstance {
+        rule: "r-00000000000000f1".into(),
+        action: Action::Allow,
+        clauses: vec![Clause::PeerPort {
+            peers: Some(vec!["g-00000000000000fa".into()]),
+            ports: Some(vec![PortRange {
+                protocol: Protocol::Tcp,
+                start: 8080,
+                end: 8080,
+            }]),
+        }],
+    };
+    let mut rules = NodeRuleSet {
+        node: "node-1".into(),
+        node_addresses: vec![],
+        pods: vec![
+            isolated_ingress("b", vec![b_ip], vec![allow]),
+            isolated_ingress("c", vec![c_ip], vec![]),
+        ],
+        groups: [(
+            "g-00000000000000fa".to_string(),
+            Group::Addresses(AddrSet::from_addrs([a_ip])).into(),
+        )]
+        .into_iter()
+        .collect(),
+        rules: [(
+            "r-00000000000000f1".to_string(),
+            RuleOrigin {
+                policy: np("b"),
+                tier: Tier::NetworkPolicy,
+                priority: 0,
+                direction: Direction::Ingress,
+                index: 0,
+                name: None,
+            },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let dir = std::env::temp_dir().join(format!("palisade-agent-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules_file = dir.join("rules.json");
+    std::fs::write(&rules_file, serde_json::to_string(&rules).unwrap()).unwrap();
+    let port = 20000 + (std::process::id() % 20000) as u16;
+
+    let a_ns = lab.pod("a").netns.clone();
+    let _sb = Servers::start(&lab.pod("b").netns, &[7070, 8080], &[]);
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+            .args([
+                "--netns",
+                &lab.node,
+                "--rules",
+                rules_file.to_str().unwrap(),
+            ])
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+                "--poll-interval-ms",
+                "200",
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    eventually("/readyz 200", || {
+        matches!(http_get(port, "/readyz"), Some((200, _)))
+    });
+    assert!(matches!(http_get(port, "/healthz"), Some((200, _))));
+    assert!(tcp_ok(&a_ns, b_ip, 8080));
+    assert!(!tcp_ok(&a_ns, b_ip, 7070));
+
+    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("palisade_rule_packets_total{"))
+        .unwrap_or_else(|| panic!("no rule metric in:\n{metrics}"));
+    for label in [
+        r#"kind="NetworkPolicy""#,
+        r#"namespace="default""#,
+        r#"name="b""#,
+        r#"direction="ingress""#,
+        r#"rule="0""#,
+        r#"tier="NetworkPolicy""#,
+    ] {
+        assert!(line.contains(label), "{label} missing in {line}");
+    }
+    assert!(
+        !line.ends_with(" 0"),
+        "the allowed connection was counted: {line}"
+    );
+    assert!(metrics.contains(r#"palisade_default_deny_packets_total{direction="ingress",namespace="default",pod="b"}"#), "{metrics}");
+    assert!(
+        metrics.contains("palisade_ruleset_generation "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("palisade_apply_duration_seconds_bucket"),
+        "{metrics}"
+    );
+
+    // Pod c's interface appears while the agent runs: it is enforced without a restart.
+    let c_ns = lab.add_pod("default/c").netns.clone();
+    let _sc = Servers::start(&c_ns, &[7070], &[]);
+    eventually("c enforced once its interface exists", || {
+        !tcp_ok(&a_ns, c_ip, 7070)
+    });
+
+    // The rules file changes: b is no longer isolated.
+    rules.pods.retain(|p| p.name != "b");
+    std::fs::write(&rules_file, serde_json::to_string(&rules).unwrap()).unwrap();
+    eventually("b open after the rules file changed", || {
+        tcp_ok(&a_ns, b_ip, 7070)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

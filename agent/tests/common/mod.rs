@@ -1,0 +1,361 @@
+//! A tiny lab for root integration tests: one node namespace and pod namespaces joined to it
+//! by routed veth pairs exactly as docs/design.md describes, probes run with Rust sockets
+//! in threads that entered a namespace. Everything is removed on drop, also on failure.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
+use palisade_agent::Interfaces;
+use palisade_policy::model::PodKey;
+
+/// Whether root integration tests can run here; prints SKIPPED with the reason if not.
+pub fn can_run(test: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIPPED {test}: not root");
+        return false;
+    }
+    let nft = Command::new("nft").arg("--version").output();
+    if !matches!(nft, Ok(o) if o.status.success()) {
+        println!("SKIPPED {test}: nft not installed");
+        return false;
+    }
+    true
+}
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn sh_out(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+pub struct LabPod {
+    pub key: PodKey,
+    pub netns: String,
+    pub veth: String,
+    pub ip4: IpAddr,
+    pub ip6: IpAddr,
+}
+
+pub struct Lab {
+    pub node: String,
+    pub pods: Vec<LabPod>,
+    namespaces: Vec<String>,
+    id: String,
+    tag: String,
+    subnet: u8,
+}
+
+impl Lab {
+    /// `tag` keeps names of concurrently running tests apart (with the pid). `subnet` is the
+    /// third octet of the pod addresses (10.77.SUBNET.x).
+    pub fn new(tag: &str, subnet: u8, pods: &[&str]) -> Lab {
+        let id = format!("{}{}", tag, std::process::id() % 100000);
+        let node = format!("pn-{id}");
+        let mut lab = Lab {
+            node: node.clone(),
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+            id: id.clone(),
+            tag: tag.to_string(),
+            subnet,
+        };
+        sh(&["ip", "netns", "add", &node]);
+        lab.namespaces.push(node.clone());
+        for s in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ] {
+            sh(&["ip", "netns", "exec", &node, "sysctl", "-qw", s]);
+        }
+        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
+        // The pods' gateway: ARP for it is answered because it is a local address (proxy
+        // ARP alone answers only for targets routed out of another interface).
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "169.254.1.1/32",
+            "dev",
+            "lo",
+        ]);
+        for name in pods {
+            lab.add_pod(name);
+        }
+        lab
+    }
+
+    /// Adds a pod namespace joined to the node (pods may be added while an agent runs).
+    pub fn add_pod(&mut self, name: &str) -> &LabPod {
+        let i = self.pods.len();
+        let (node, id, subnet, tag) = (
+            self.node.clone(),
+            self.id.clone(),
+            self.subnet,
+            self.tag.clone(),
+        );
+        let host = i as u8 + 2;
+        let netns = format!("pp-{id}-{i}");
+        let veth = format!("v{tag}{i}");
+        assert!(veth.len() <= 15);
+        let ip4: IpAddr = format!("10.77.{subnet}.{host}").parse().unwrap();
+        let ip6: IpAddr = format!("fd00:77:{subnet}::{host}").parse().unwrap();
+        sh(&["ip", "netns", "add", &netns]);
+        self.namespaces.push(netns.clone());
+        sh(&[
+            "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{veth}.proxy_arp=1"),
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{veth}.rp_filter=0"),
+        ]);
+        sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "fe80::1/64",
+            "dev",
+            &veth,
+            "nodad",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "route",
+            "add",
+            &format!("{ip4}/32"),
+            "dev",
+            &veth,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "-6",
+            "route",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            &veth,
+        ]);
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip4}/32"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "onlink",
+        ]);
+        sh(&[
+            "ip", "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ]);
+        let (ns, pod) = name.split_once('/').unwrap();
+        self.pods.push(LabPod {
+            key: PodKey::new(ns, pod),
+            netns,
+            veth,
+            ip4,
+            ip6,
+        });
+        self.pods.last().unwrap()
+    }
+
+    /// The IPv4 address the `i`-th pod gets (for rules written before it exists).
+    pub fn planned_ip4(&self, i: usize) -> IpAddr {
+        format!("10.77.{}.{}", self.subnet, i + 2).parse().unwrap()
+    }
+
+    pub fn pod(&self, name: &str) -> &LabPod {
+        self.pods
+            .iter()
+            .find(|p| p.key.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn interfaces(&self) -> Interfaces {
+        self.pods
+            .iter()
+            .map(|p| (p.key.clone(), p.veth.clone()))
+            .collect::<BTreeMap<_, _>>()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Runs `f` in a new thread inside network namespace `netns`.
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// Listeners on TCP ports (kernel completes handshakes; accepted sockets are dropped) and
+/// UDP ports (counting datagrams), in one pod, until dropped.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    pub udp_received: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    pub fn start(netns: &str, tcp: &[u16], udp: &[u16]) -> Servers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let udp_received = Arc::new(AtomicUsize::new(0));
+        let mut threads = Vec::new();
+        for &port in tcp {
+            let stop = stop.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            threads.push(in_netns(netns, move || {
+                let l = TcpListener::bind(("::", port)).expect("bind tcp");
+                l.set_nonblocking(true).unwrap();
+                tx.send(()).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut s, _)) => {
+                            let mut buf = [0u8; 16];
+                            let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+                            let _ = s.read(&mut buf);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            }));
+            rx.recv().unwrap();
+        }
+        for &port in udp {
+            let stop = stop.clone();
+            let count = udp_received.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            threads.push(in_netns(netns, move || {
+                let s = UdpSocket::bind(("::", port)).expect("bind udp");
+                s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                tx.send(()).unwrap();
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    if s.recv_from(&mut buf).is_ok() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+            rx.recv().unwrap();
+        }
+        Servers {
+            stop,
+            udp_received,
+            threads,
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP connection attempt from `netns` to `dst:port`: true if the handshake completed.
+pub fn tcp_ok(netns: &str, dst: IpAddr, port: u16) -> bool {
+    in_netns(netns, move || {
+        TcpStream::connect_timeout(&SocketAddr::new(dst, port), Duration::from_millis(400)).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Sends `n` UDP datagrams from `netns`, bound to `src`, to `dst:port`.
+pub fn udp_send_from(netns: &str, src: IpAddr, dst: IpAddr, port: u16, n: usize) {
+    in_netns(netns, move || {
+        let s = UdpSocket::bind(SocketAddr::new(src, 0)).expect("bind source");
+        for _ in 0..n {
+            let _ = s.send_to(b"x", SocketAddr::new(dst, port));
+        }
+    })
+    .join()
+    .unwrap()
+}

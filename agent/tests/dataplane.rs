@@ -1,0 +1,409 @@
+//! Root integration tests: real nftables, real packets, in network namespaces of their own.
+//! Without root or nft they print SKIPPED and return.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use palisade_agent::render::{self, Ruleset};
+use palisade_agent::{Applier, ApplyKind, Nft, ReconcileOutcome};
+use palisade_policy::model::{Action, Direction, PolicyId, PolicyKind, Protocol, RuleOrigin, Tier};
+use palisade_policy::ruleset::{
+    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance,
+};
+use palisade_policy::AddrSet;
+
+const G_A: &str = "g-00000000000000aa";
+const G_B: &str = "g-00000000000000bb";
+const R_B_IN: &str = "r-000000000000a001";
+const R_A_DENY: &str = "r-000000000000a002";
+const R_B_OUT: &str = "r-000000000000a003";
+
+fn tcp(ports: &[u16]) -> Option<Vec<PortRange>> {
+    Some(
+        ports
+            .iter()
+            .map(|&p| PortRange {
+                protocol: Protocol::Tcp,
+                start: p,
+                end: p,
+            })
+            .collect(),
+    )
+}
+
+fn instance(rule: &str, action: Action, group: &str, ports: &[u16]) -> RuleInstance {
+    RuleInstance {
+        rule: rule.into(),
+        action,
+        clauses: vec![Clause::PeerPort {
+            peers: Some(vec![group.into()]),
+            ports: tcp(ports),
+        }],
+    }
+}
+
+fn origin(kind: PolicyKind, name: &str, tier: Tier, direction: Direction) -> RuleOrigin {
+    RuleOrigin {
+        policy: PolicyId {
+            kind,
+            namespace: (kind == PolicyKind::NetworkPolicy).then(|| "default".to_string()),
+            name: name.into(),
+        },
+        tier,
+        priority: 0,
+        direction,
+        index: 0,
+        name: None,
+    }
+}
+
+/// b accepts TCP 8080 and 9090 from a and may only send to a's 8081; an admin rule denies
+/// a's egress to b's 9090.
+fn rules(lab: &Lab) -> NodeRuleSet {
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let np = |name: &str| PolicyId {
+        kind: PolicyKind::NetworkPolicy,
+        namespace: Some("default".into()),
+        name: name.into(),
+    };
+    let pod_a = PodRules {
+        namespace: "default".into(),
+        name: "a".into(),
+        ips: vec![a.ip4, a.ip6],
+        ingress: DirectionRules::default(),
+        egress: DirectionRules {
+            admin: vec![instance(R_A_DENY, Action::Deny, G_B, &[9090])],
+            ..DirectionRules::default()
+        },
+    };
+    let pod_b = PodRules {
+        namespace: "default".into(),
+        name: "b".into(),
+        ips: vec![b.ip4, b.ip6],
+        ingress: DirectionRules {
+            isolated_by: vec![np("b-in")],
+            network_policy: vec![instance(R_B_IN, Action::Allow, G_A, &[8080, 9090])],
+            ..DirectionRules::default()
+        },
+        egress: DirectionRules {
+            isolated_by: vec![np("b-out")],
+            network_policy: vec![instance(R_B_OUT, Action::Allow, G_A, &[8081])],
+            ..DirectionRules::default()
+        },
+    };
+    NodeRuleSet {
+        node: "node-1".into(),
+        node_addresses: vec![],
+        pods: vec![pod_a, pod_b],
+        groups: [
+            (
+                G_A.to_string(),
+                Group::Addresses(AddrSet::from_addrs([a.ip4, a.ip6])).into(),
+            ),
+            (
+                G_B.to_string(),
+                Group::Addresses(AddrSet::from_addrs([b.ip4, b.ip6])).into(),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+        rules: [
+            (
+                R_B_IN.to_string(),
+                origin(
+                    PolicyKind::NetworkPolicy,
+                    "b-in",
+                    Tier::NetworkPolicy,
+                    Direction::Ingress,
+                ),
+            ),
+            (
+                R_A_DENY.to_string(),
+                origin(
+                    PolicyKind::ClusterNetworkPolicy,
+                    "guard",
+                    Tier::Admin,
+                    Direction::Egress,
+                ),
+            ),
+            (
+                R_B_OUT.to_string(),
+                origin(
+                    PolicyKind::NetworkPolicy,
+                    "b-out",
+                    Tier::NetworkPolicy,
+                    Direction::Egress,
+                ),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    }
+}
+
+fn counters(nft: &Nft) -> BTreeMap<String, (u64, u64)> {
+    nft.counters()
+        .unwrap()
+        .into_iter()
+        .map(|(n, p, b)| (n, (p, b)))
+        .collect()
+}
+
+fn packets(nft: &Nft, name: &str) -> u64 {
+    counters(nft).get(name).map(|c| c.0).unwrap_or(0)
+}
+
+/// The expected verdicts of the policy above, IPv4 and IPv6.
+fn assert_enforced(lab: &Lab) {
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    for (ip_a, ip_b) in [(a.ip4, b.ip4), (a.ip6, b.ip6)] {
+        assert!(tcp_ok(&a.netns, ip_b, 8080), "a -> b:8080 ({ip_b}) allowed");
+        assert!(
+            !tcp_ok(&a.netns, ip_b, 9090),
+            "a -> b:9090 ({ip_b}) denied by admin egress"
+        );
+        assert!(
+            !tcp_ok(&a.netns, ip_b, 7070),
+            "a -> b:7070 ({ip_b}) denied by b's isolation"
+        );
+        assert!(tcp_ok(&b.netns, ip_a, 8081), "b -> a:8081 ({ip_a}) allowed");
+        assert!(
+            !tcp_ok(&b.netns, ip_a, 8080),
+            "b -> a:8080 ({ip_a}) denied by b's egress isolation"
+        );
+    }
+}
+
+fn render_for(lab: &Lab) -> Ruleset {
+    render::render(&rules(lab), &lab.interfaces()).unwrap()
+}
+
+#[test]
+fn enforcement_counters_and_spoofing() {
+    if !can_run("enforcement_counters_and_spoofing") {
+        return;
+    }
+    let lab = Lab::new("e", 11, &["default/a", "default/b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sa = Servers::start(&a.netns, &[8080, 8081], &[]);
+    let sb = Servers::start(&b.netns, &[7070, 8080, 9090], &[5353]);
+    let nft = Nft::in_netns(&lab.node);
+
+    // Without the agent everything flows, so the denials below are the agent's doing.
+    assert!(tcp_ok(&a.netns, b.ip4, 7070));
+    assert!(tcp_ok(&b.netns, a.ip4, 8080));
+
+    let mut applier = Applier::new(nft.clone());
+    let out = applier.apply(&render_for(&lab)).unwrap();
+    assert_eq!(out.kind, ApplyKind::Full);
+    assert_enforced(&lab);
+
+    // The handshakes above passed only because b's SYN-ACKs (b's egress allows only 8081)
+    // were established replies; counters moved for the rules that decided.
+    let c = counters(&nft);
+    assert!(c[R_B_IN].0 >= 2, "allow rule counted: {c:?}");
+    assert!(c[R_A_DENY].0 >= 2, "admin deny counted: {c:?}");
+    assert!(
+        c["deny-ingress/default/b"].0 >= 2,
+        "default deny counted: {c:?}"
+    );
+    assert!(
+        c["deny-egress/default/b"].0 >= 2,
+        "egress default deny counted: {c:?}"
+    );
+    assert!(c[R_B_IN].1 > 0, "bytes counted too");
+
+    // Anti-spoofing: a second address in pod a that is not a's.
+    sh(&[
+        "ip",
+        "-n",
+        &a.netns,
+        "addr",
+        "add",
+        "10.99.0.1/32",
+        "dev",
+        "eth0",
+    ]);
+    let spoof_before = packets(&nft, "spoof/default/a");
+    udp_send_from(&a.netns, "10.99.0.1".parse().unwrap(), b.ip4, 5353, 5);
+    udp_send_from(&a.netns, a.ip4, "10.77.11.200".parse().unwrap(), 5353, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        sb.udp_received.load(Ordering::Relaxed),
+        0,
+        "spoofed datagrams must not arrive"
+    );
+    assert_eq!(
+        packets(&nft, "spoof/default/a") - spoof_before,
+        5,
+        "exactly the spoofed ones counted"
+    );
+}
+
+#[test]
+fn drift_repair_failed_transaction_and_incremental() {
+    if !can_run("drift_repair_failed_transaction_and_incremental") {
+        return;
+    }
+    let lab = Lab::new("d", 12, &["default/a", "default/b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sa = Servers::start(&a.netns, &[8080, 8081], &[]);
+    let _sb = Servers::start(&b.netns, &[7070, 8080, 9090], &[]);
+    let nft = Nft::in_netns(&lab.node);
+    let desired = render_for(&lab);
+
+    // A pod without an interface is not enforced; once it has one, an incremental
+    // transaction enforces it.
+    let mut without_b = lab.interfaces();
+    without_b.remove(&b.key);
+    let mut applier = Applier::new(nft.clone());
+    applier
+        .apply(&render::render(&rules(&lab), &without_b).unwrap())
+        .unwrap();
+    assert!(
+        tcp_ok(&a.netns, b.ip4, 7070),
+        "b not enforced without its interface"
+    );
+    let out = applier.apply(&desired).unwrap();
+    assert_eq!(out.kind, ApplyKind::Incremental);
+    assert_enforced(&lab);
+
+    // In sync: nothing to do.
+    assert_eq!(
+        applier.reconcile(&desired).unwrap(),
+        ReconcileOutcome::InSync
+    );
+
+    // Someone deletes the table.
+    sh(&[
+        "ip", "netns", "exec", &lab.node, "nft", "delete", "table", "inet", "palisade",
+    ]);
+    assert!(tcp_ok(&a.netns, b.ip4, 7070));
+    assert_eq!(
+        applier.reconcile(&desired).unwrap(),
+        ReconcileOutcome::Repaired
+    );
+    assert_enforced(&lab);
+
+    // Someone edits a chain.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.node,
+        "nft",
+        "flush",
+        "chain",
+        "inet",
+        "palisade",
+        "ingress-rest/default/b",
+    ]);
+    assert!(tcp_ok(&a.netns, b.ip4, 7070));
+    assert_eq!(
+        applier.reconcile(&desired).unwrap(),
+        ReconcileOutcome::Repaired
+    );
+    assert_enforced(&lab);
+    assert_eq!(
+        applier.reconcile(&desired).unwrap(),
+        ReconcileOutcome::InSync
+    );
+
+    // A transaction that fails (a rule referencing a set that does not exist) leaves the
+    // last good table in force and counts the error.
+    let mut bad = desired.clone();
+    bad.chains.get_mut("ingress-rest/default/b").unwrap()[0].matches =
+        vec![render::Match::AddrInSet {
+            family: render::IpFamily::V4,
+            end: render::End::Source,
+            set: "g-does-not-exist_4".into(),
+        }];
+    let stats = applier.stats();
+    let generation = stats.lock().unwrap().generation;
+    assert!(applier.apply(&bad).is_err());
+    assert_eq!(stats.lock().unwrap().errors, 1);
+    assert_eq!(stats.lock().unwrap().generation, generation);
+    assert_enforced(&lab);
+    // The retry after a failure is a full replacement.
+    assert_eq!(applier.apply(&desired).unwrap().kind, ApplyKind::Full);
+    assert_enforced(&lab);
+
+    // A group change is an element delta: a loses its allowance when it leaves group A.
+    let mut rs = rules(&lab);
+    rs.groups.insert(
+        G_A.into(),
+        Group::Addresses(AddrSet::from_addrs([b.ip4])).into(),
+    );
+    let out = applier
+        .apply(&render::render(&rs, &lab.interfaces()).unwrap())
+        .unwrap();
+    assert_eq!(out.kind, ApplyKind::Incremental);
+    assert!(!tcp_ok(&a.netns, b.ip4, 8080), "a no longer in group A");
+}
+
+#[test]
+fn restart_adopts_without_gap() {
+    if !can_run("restart_adopts_without_gap") {
+        return;
+    }
+    let lab = Lab::new("r", 13, &["default/a", "default/b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sb = Servers::start(&b.netns, &[7070, 8080], &[]);
+    let nft = Nft::in_netns(&lab.node);
+    let desired = render_for(&lab);
+    Applier::new(nft.clone()).apply(&desired).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (probes, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let prober = {
+        let (stop, probes, failures) = (stop.clone(), probes.clone(), failures.clone());
+        let (netns, dst) = (a.netns.clone(), b.ip4);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // Allowed must connect, denied must not: either failing is a gap.
+                if !tcp_ok(&netns, dst, 8080) || tcp_ok(&netns, dst, 7070) {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                probes.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // Restarts: each new applier replaces the table in one transaction.
+    for _ in 0..25 {
+        let mut fresh = Applier::new(nft.clone());
+        assert_eq!(fresh.apply(&desired).unwrap().kind, ApplyKind::Full);
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    stop.store(true, Ordering::Relaxed);
+    prober.join().unwrap();
+    // Denied probes take their whole time-out, so a handful of probes is what fits.
+    assert!(probes.load(Ordering::Relaxed) > 0);
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "a probe saw a gap");
+}
+
+#[test]
+fn text_render_loads_into_nft() {
+    if !can_run("text_render_loads_into_nft") {
+        return;
+    }
+    let lab = Lab::new("t", 14, &["default/a", "default/b"]);
+    let text = render::text::to_text(&render_for(&lab));
+    let path = std::env::temp_dir().join(format!("palisade-{}.nft", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.node,
+        "nft",
+        "-c",
+        "-f",
+        path.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&path);
+}

@@ -70,9 +70,18 @@ fn picks(n: usize, modulo: usize) -> impl Iterator<Item = usize> {
 }
 
 fn incremental(compiler: &mut Compiler) {
-    let pods: Vec<Pod> = compiler.cluster().pods.values().cloned().collect();
-    let relabel = picks(SAMPLES, pods.len()).map(|i| {
-        let old = pods[i].clone();
+    let total = compiler.cluster().pods.len();
+    let wanted: std::collections::BTreeSet<usize> = picks(SAMPLES, total).collect();
+    let pods: Vec<Pod> = compiler
+        .cluster()
+        .pods
+        .values()
+        .enumerate()
+        .filter(|(i, _)| wanted.contains(i))
+        .map(|(_, p)| p.clone())
+        .collect();
+    let relabel = pods.iter().map(|old| {
+        let old = old.clone();
         let mut new = old.clone();
         let app = new.labels.get("app").cloned().unwrap_or_default();
         let next = format!(
@@ -155,10 +164,13 @@ fn run(name: &str) {
         instances,
         groups.len()
     );
+    println!(
+        "  peak RSS after full compile and materializing {:>8.1} MiB",
+        peak_rss_mib()
+    );
     if name.starts_with("scale") {
         incremental(&mut compiler);
     }
-    println!("  peak RSS               {:>8.1} MiB", peak_rss_mib());
 }
 
 fn main() {

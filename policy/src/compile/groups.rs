@@ -2,6 +2,8 @@
 //! (address, protocol, port) triples), and how one pod contributes to it.
 
 use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -137,19 +139,19 @@ pub(crate) enum Member {
 /// A live group: its members with reference counts (two pods may share an address), the
 /// nodes whose rules reference it, and its materialized form, built on demand.
 pub(crate) struct GroupState {
-    pub def: GroupDef,
+    pub def: Arc<GroupDef>,
     pub members: BTreeMap<Member, u32>,
-    /// Node name → number of rule clauses on that node referencing the group.
-    pub nodes: BTreeMap<String, u32>,
+    /// Node → number of pods on that node whose rules reference the group.
+    pub nodes: HashMap<Arc<str>, u32>,
     built: OnceLock<Arc<Group>>,
 }
 
 impl GroupState {
-    pub(crate) fn new(def: GroupDef) -> Self {
+    pub(crate) fn new(def: Arc<GroupDef>) -> Self {
         GroupState {
             def,
             members: BTreeMap::new(),
-            nodes: BTreeMap::new(),
+            nodes: HashMap::default(),
             built: OnceLock::new(),
         }
     }
@@ -194,7 +196,7 @@ impl GroupState {
     pub(crate) fn group(&self) -> Arc<Group> {
         self.built
             .get_or_init(|| {
-                Arc::new(match &self.def {
+                Arc::new(match self.def.as_ref() {
                     GroupDef::Block { cidr, except } => {
                         Group::Addresses(AddrSet::from_block(cidr, except))
                     }

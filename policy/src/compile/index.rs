@@ -11,7 +11,9 @@
 //! A group lives while some pod's rules reference it; its members are computed when it is
 //! first referenced and maintained incrementally after that.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -32,17 +34,33 @@ static NO_LABELS: Labels = Labels::new();
 struct Compiled {
     ingress: DirectionRules,
     egress: DirectionRules,
-    defs: Vec<(GroupId, GroupDef)>,
+    defs: Vec<(GroupId, Arc<GroupDef>)>,
 }
 
 /// Pods of a namespace with equal labels and ports share one compilation.
 type MemoKey = (Labels, Vec<ContainerPort>);
+/// Per namespace: hash of the key → entries with that hash.
+type Memo = HashMap<String, HashMap<u64, Vec<(MemoKey, Arc<Compiled>)>>>;
+
+fn memo_hash(labels: &Labels, ports: &[ContainerPort]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    labels.hash(&mut h);
+    ports.hash(&mut h);
+    h.finish()
+}
 
 struct PodEntry {
-    node: String,
+    /// Shared with the node table, so references cost a count, not a string.
+    node: Arc<str>,
     ips: Vec<IpAddr>,
     compiled: Arc<Compiled>,
-    refs: BTreeSet<GroupId>,
+}
+
+impl PodEntry {
+    fn refs(&self) -> impl Iterator<Item = &GroupId> {
+        self.compiled.defs.iter().map(|(id, _)| id)
+    }
 }
 
 impl PodEntry {
@@ -63,16 +81,17 @@ pub struct Compiler {
     tiered: BTreeSet<(Tier, u32, PolicyId)>,
     /// Per namespace, the tiered policies whose subject's namespace selector matches it.
     tiered_by_ns: HashMap<String, Vec<PolicyId>>,
-    pods_by_ns: HashMap<String, BTreeSet<String>>,
+    /// Pods per namespace (a count: the pods themselves are a range of `cluster.pods`).
+    pods_by_ns: HashMap<String, usize>,
     pods_by_node: BTreeMap<String, BTreeSet<PodKey>>,
-    pods_by_port_name: HashMap<String, BTreeSet<PodKey>>,
     pod_entries: HashMap<PodKey, PodEntry>,
     groups: HashMap<GroupId, GroupState>,
     groups_by_ns: HashMap<String, BTreeSet<GroupId>>,
     ns_selector_groups: BTreeSet<GroupId>,
     named_groups_by_port: HashMap<String, BTreeSet<GroupId>>,
     node_groups: BTreeSet<GroupId>,
-    memo: HashMap<String, HashMap<MemoKey, Arc<Compiled>>>,
+    memo: Memo,
+    node_names: HashMap<String, Arc<str>>,
 }
 
 impl Compiler {
@@ -85,25 +104,27 @@ impl Compiler {
                 nodes: cluster.nodes,
             },
             policies: BTreeMap::new(),
-            rule_origins: HashMap::new(),
-            np_by_ns: HashMap::new(),
+            rule_origins: HashMap::default(),
+            np_by_ns: HashMap::default(),
             tiered: BTreeSet::new(),
-            tiered_by_ns: HashMap::new(),
-            pods_by_ns: HashMap::new(),
+            tiered_by_ns: HashMap::default(),
+            pods_by_ns: HashMap::default(),
             pods_by_node: BTreeMap::new(),
-            pods_by_port_name: HashMap::new(),
-            pod_entries: HashMap::new(),
-            groups: HashMap::new(),
-            groups_by_ns: HashMap::new(),
+            pod_entries: HashMap::default(),
+            groups: HashMap::default(),
+            groups_by_ns: HashMap::default(),
             ns_selector_groups: BTreeSet::new(),
-            named_groups_by_port: HashMap::new(),
+            named_groups_by_port: HashMap::default(),
             node_groups: BTreeSet::new(),
-            memo: HashMap::new(),
+            memo: HashMap::default(),
+            node_names: HashMap::default(),
         };
-        for (key, pod) in cluster.pods {
-            c.index_pod(&pod);
-            c.cluster.pods.insert(key, pod);
+        c.cluster.pods = cluster.pods;
+        let pods = std::mem::take(&mut c.cluster.pods);
+        for pod in pods.values() {
+            c.index_pod(pod);
         }
+        c.cluster.pods = pods;
         for policy in policies {
             c.index_policy(CompiledPolicy::new(policy));
         }
@@ -111,10 +132,27 @@ impl Compiler {
         for ns in namespaces {
             c.refresh_tiered_for_namespace(&ns);
         }
-        let keys: Vec<PodKey> = c.cluster.pods.keys().cloned().collect();
-        let mut ignored = Touched::default();
-        for key in keys {
-            c.refresh_pod(&key, &mut ignored);
+        // Every pod's rules first (the cluster is only read), then their group references.
+        let mut memo = std::mem::take(&mut c.memo);
+        let mut entries = Vec::with_capacity(c.cluster.pods.len());
+        for (key, pod) in c.cluster.pods.iter().filter(|(_, p)| !p.host_network) {
+            let compiled = c.compiled_for(&mut memo, pod);
+            entries.push((key.clone(), pod.node.clone(), pod.ips.clone(), compiled));
+        }
+        c.memo = memo;
+        for (key, node, ips, compiled) in entries {
+            let node = c.node_name(&node);
+            for (gid, def) in &compiled.defs {
+                c.acquire_ref(&node, gid, def);
+            }
+            c.pod_entries.insert(
+                key,
+                PodEntry {
+                    node,
+                    ips,
+                    compiled,
+                },
+            );
         }
         c
     }
@@ -181,7 +219,7 @@ impl Compiler {
             let Some(entry) = self.pod_entries.get(key) else {
                 continue;
             };
-            for gid in &entry.refs {
+            for gid in entry.refs() {
                 if !set.groups.contains_key(gid) {
                     if let Some(g) = self.groups.get(gid) {
                         set.groups.insert(gid.clone(), g.group());
@@ -277,6 +315,36 @@ impl Compiler {
             .unwrap_or(&NO_LABELS)
     }
 
+    /// The pods of one namespace: a range of the cluster's pods, which are sorted by
+    /// namespace first.
+    fn pods_in<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = (&'a PodKey, &'a Pod)> + 'a {
+        let from = PodKey::new(ns, "");
+        self.cluster
+            .pods
+            .range(from..)
+            .take_while(move |(k, _)| k.namespace == ns)
+    }
+
+    /// Namespaces (with or without a Namespace object) whose labels `sel` matches.
+    fn namespaces_matching<'a>(&'a self, sel: &LabelSelector) -> Vec<(&'a str, &'a Labels)> {
+        let mut out: Vec<(&str, &Labels)> = self
+            .cluster
+            .namespaces
+            .values()
+            .filter(|n| sel.matches(&n.labels))
+            .map(|n| (n.name.as_str(), &n.labels))
+            .collect();
+        if sel.matches(&NO_LABELS) {
+            out.extend(
+                self.pods_by_ns
+                    .keys()
+                    .filter(|n| !self.cluster.namespaces.contains_key(*n))
+                    .map(|n| (n.as_str(), &NO_LABELS)),
+            );
+        }
+        out
+    }
+
     fn known_namespaces(&self) -> impl Iterator<Item = &String> {
         let extra = self
             .pods_by_ns
@@ -287,27 +355,28 @@ impl Compiler {
 
     fn index_pod(&mut self, pod: &Pod) {
         let key = pod.key();
-        self.pods_by_ns
-            .entry(pod.namespace.clone())
-            .or_default()
-            .insert(pod.name.clone());
-        self.pods_by_node
-            .entry(pod.node.clone())
-            .or_default()
-            .insert(key.clone());
-        for name in pod.ports.iter().filter_map(|p| p.name.as_ref()) {
-            self.pods_by_port_name
-                .entry(name.clone())
-                .or_default()
-                .insert(key.clone());
+        match self.pods_by_ns.get_mut(&pod.namespace) {
+            Some(n) => *n += 1,
+            None => {
+                self.pods_by_ns.insert(pod.namespace.clone(), 1);
+            }
+        }
+        match self.pods_by_node.get_mut(&pod.node) {
+            Some(s) => {
+                s.insert(key);
+            }
+            None => {
+                self.pods_by_node
+                    .insert(pod.node.clone(), BTreeSet::from([key]));
+            }
         }
     }
 
     fn unindex_pod(&mut self, pod: &Pod) {
         let key = pod.key();
-        if let Some(s) = self.pods_by_ns.get_mut(&pod.namespace) {
-            s.remove(&pod.name);
-            if s.is_empty() {
+        if let Some(n) = self.pods_by_ns.get_mut(&pod.namespace) {
+            *n -= 1;
+            if *n == 0 {
                 self.pods_by_ns.remove(&pod.namespace);
             }
         }
@@ -315,14 +384,6 @@ impl Compiler {
             s.remove(&key);
             if s.is_empty() {
                 self.pods_by_node.remove(&pod.node);
-            }
-        }
-        for name in pod.ports.iter().filter_map(|p| p.name.as_ref()) {
-            if let Some(s) = self.pods_by_port_name.get_mut(name) {
-                s.remove(&key);
-                if s.is_empty() {
-                    self.pods_by_port_name.remove(name);
-                }
             }
         }
     }
@@ -417,7 +478,7 @@ impl Compiler {
     fn touch_groups(&self, changed: &BTreeSet<GroupId>, t: &mut Touched) {
         for gid in changed {
             if let Some(g) = self.groups.get(gid) {
-                t.nodes.extend(g.nodes.keys().cloned());
+                t.nodes.extend(g.nodes.keys().map(|n| n.to_string()));
             }
         }
     }
@@ -426,14 +487,15 @@ impl Compiler {
     fn refresh_pod(&mut self, key: &PodKey, t: &mut Touched) {
         let fresh = match self.cluster.pods.get(key) {
             Some(pod) if !pod.host_network => {
-                let pod = pod.clone();
-                let compiled = self.compiled_for(&pod);
-                let refs = compiled.defs.iter().map(|(id, _)| id.clone()).collect();
+                // The memo is taken out so the pod can stay borrowed from the cluster.
+                let mut memo = std::mem::take(&mut self.memo);
+                let compiled = self.compiled_for(&mut memo, pod);
+                self.memo = memo;
+                let (node, ips) = (pod.node.clone(), pod.ips.clone());
                 Some(PodEntry {
-                    node: pod.node,
-                    ips: pod.ips,
+                    node: self.node_name(&node),
+                    ips,
                     compiled,
-                    refs,
                 })
             }
             _ => None,
@@ -445,14 +507,14 @@ impl Compiler {
             }
             (old, fresh) => {
                 if let Some(f) = &fresh {
-                    t.nodes.insert(f.node.clone());
+                    t.nodes.insert(f.node.to_string());
                     for (gid, def) in &f.compiled.defs {
                         self.acquire_ref(&f.node, gid, def);
                     }
                 }
                 if let Some(o) = old {
-                    t.nodes.insert(o.node.clone());
-                    self.release_refs(&o.node, &o.refs);
+                    t.nodes.insert(o.node.to_string());
+                    self.release_refs(&o.node, o.refs());
                 }
                 if let Some(f) = fresh {
                     self.pod_entries.insert(key.clone(), f);
@@ -461,20 +523,41 @@ impl Compiler {
         }
     }
 
-    fn compiled_for(&mut self, pod: &Pod) -> Arc<Compiled> {
-        let key: MemoKey = (pod.labels.clone(), pod.ports.clone());
-        if let Some(c) = self.memo.get(&pod.namespace).and_then(|m| m.get(&key)) {
-            return c.clone();
+    fn node_name(&mut self, node: &str) -> Arc<str> {
+        if let Some(n) = self.node_names.get(node) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(node);
+        self.node_names.insert(node.to_string(), n.clone());
+        n
+    }
+
+    fn compiled_for(&self, memo: &mut Memo, pod: &Pod) -> Arc<Compiled> {
+        let hash = memo_hash(&pod.labels, &pod.ports);
+        let found = memo
+            .get(&pod.namespace)
+            .and_then(|m| m.get(&hash))
+            .and_then(|entries| {
+                entries
+                    .iter()
+                    .find(|((l, p), _)| l == &pod.labels && p == &pod.ports)
+                    .map(|(_, c)| c.clone())
+            });
+        if let Some(c) = found {
+            return c;
         }
         let c = Arc::new(self.pod_rules(pod));
-        let pods_here = self.pods_by_ns.get(&pod.namespace).map_or(0, BTreeSet::len);
-        let memo = self.memo.entry(pod.namespace.clone()).or_default();
+        let pods_here = self.pods_by_ns.get(&pod.namespace).copied().unwrap_or(0);
+        let per_ns = memo.entry(pod.namespace.clone()).or_default();
         // Label churn leaves entries no pod uses; a bound relative to the namespace's size
         // keeps the cache from growing without limit.
-        if memo.len() > 2 * pods_here + 16 {
-            memo.clear();
+        if per_ns.len() > 2 * pods_here + 16 {
+            per_ns.clear();
         }
-        memo.insert(key, c.clone());
+        per_ns
+            .entry(hash)
+            .or_default()
+            .push(((pod.labels.clone(), pod.ports.clone()), c.clone()));
         c
     }
 
@@ -537,7 +620,7 @@ impl Compiler {
 
     // ----- groups -----
 
-    fn acquire_ref(&mut self, node: &str, gid: &GroupId, def: &GroupDef) {
+    fn acquire_ref(&mut self, node: &Arc<str>, gid: &GroupId, def: &Arc<GroupDef>) {
         if !self.groups.contains_key(gid) {
             let mut state = GroupState::new(def.clone());
             state.reset(self.compute_members(&state.def));
@@ -545,10 +628,10 @@ impl Compiler {
             self.groups.insert(gid.clone(), state);
         }
         let g = self.groups.get_mut(gid).expect("inserted above");
-        *g.nodes.entry(node.to_string()).or_insert(0) += 1;
+        *g.nodes.entry(node.clone()).or_insert(0) += 1;
     }
 
-    fn release_refs(&mut self, node: &str, refs: &BTreeSet<GroupId>) {
+    fn release_refs<'a>(&mut self, node: &str, refs: impl Iterator<Item = &'a GroupId>) {
         for gid in refs {
             let Some(g) = self.groups.get_mut(gid) else {
                 continue;
@@ -614,37 +697,26 @@ impl Compiler {
 
     fn compute_members(&self, def: &GroupDef) -> Vec<Member> {
         let mut out = Vec::new();
-        let mut add_pods = |keys: &mut dyn Iterator<Item = PodKey>| {
-            for key in keys {
-                if let Some(pod) = self.cluster.pods.get(&key) {
-                    def.contribution(pod, self.ns_labels(&pod.namespace), &mut out);
-                }
-            }
-        };
         match index_slot(def) {
             Slot::Namespace(ns) => {
-                let names = self.pods_by_ns.get(ns).into_iter().flatten();
-                add_pods(&mut names.map(|n| PodKey::new(ns, n)));
-            }
-            Slot::NamespaceSelector(sel) => {
-                let namespaces: Vec<&String> = self
-                    .known_namespaces()
-                    .filter(|ns| sel.matches(self.ns_labels(ns)))
-                    .collect();
-                for ns in namespaces {
-                    let names = self.pods_by_ns.get(ns).into_iter().flatten();
-                    add_pods(&mut names.map(|n| PodKey::new(ns, n)));
+                let labels = self.ns_labels(ns);
+                for (_, pod) in self.pods_in(ns) {
+                    def.contribution(pod, labels, &mut out);
                 }
             }
-            Slot::PortName(name) => {
-                add_pods(
-                    &mut self
-                        .pods_by_port_name
-                        .get(name)
-                        .into_iter()
-                        .flatten()
-                        .cloned(),
-                );
+            Slot::NamespaceSelector(sel) => {
+                for (ns, labels) in self.namespaces_matching(sel) {
+                    for (_, pod) in self.pods_in(ns) {
+                        def.contribution(pod, labels, &mut out);
+                    }
+                }
+            }
+            Slot::PortName(_) => {
+                // Named ports on any pod: rare enough (egress to a block or to anyone by port
+                // name) that a scan at creation beats indexing every pod by port name.
+                for pod in self.cluster.pods.values() {
+                    def.contribution(pod, self.ns_labels(&pod.namespace), &mut out);
+                }
             }
             Slot::Nodes => {
                 if let GroupDef::Nodes(sel) = def {
@@ -695,13 +767,7 @@ impl Compiler {
         if !self.cluster.namespaces.contains_key(&name) && !self.pods_by_ns.contains_key(&name) {
             self.tiered_by_ns.remove(&name);
         }
-        let pods: Vec<PodKey> = self
-            .pods_by_ns
-            .get(&name)
-            .into_iter()
-            .flatten()
-            .map(|p| PodKey::new(&name, p))
-            .collect();
+        let pods: Vec<PodKey> = self.pods_in(&name).map(|(k, _)| k.clone()).collect();
         let dependent: Vec<GroupId> = self.ns_selector_groups.iter().cloned().collect();
         let mut changed = BTreeSet::new();
         for key in &pods {
@@ -801,25 +867,17 @@ impl Compiler {
 
     /// The pods a policy selects now.
     fn subjects(&self, cp: &CompiledPolicy) -> BTreeSet<PodKey> {
-        let namespaces: Vec<&String> = match &cp.policy.subject {
-            Subject::Namespace { namespace, .. } => vec![namespace],
-            Subject::Cluster { namespaces, .. } => self
-                .known_namespaces()
-                .filter(|ns| namespaces.matches(self.ns_labels(ns)))
-                .collect(),
+        let namespaces: Vec<(&str, &Labels)> = match &cp.policy.subject {
+            Subject::Namespace { namespace, .. } => {
+                vec![(namespace.as_str(), self.ns_labels(namespace))]
+            }
+            Subject::Cluster { namespaces, .. } => self.namespaces_matching(namespaces),
         };
         let mut out = BTreeSet::new();
-        for ns in namespaces {
-            let labels = self.ns_labels(ns);
-            for name in self.pods_by_ns.get(ns).into_iter().flatten() {
-                let key = PodKey::new(ns, name);
-                if self
-                    .cluster
-                    .pods
-                    .get(&key)
-                    .is_some_and(|p| cp.selects(p, labels))
-                {
-                    out.insert(key);
+        for (ns, labels) in namespaces {
+            for (key, pod) in self.pods_in(ns) {
+                if cp.selects(pod, labels) {
+                    out.insert(key.clone());
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! their rules means for it (named ports resolved on it for ingress).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::model::{Direction, Labels, Pod, Policy, PortSpec, RuleOrigin, Subject};
 use crate::ruleset::{Clause, GroupId, PortRange, RuleId, RuleInstance};
@@ -19,7 +20,7 @@ pub(crate) struct CompiledRule {
     pub id: RuleId,
     pub origin: RuleOrigin,
     /// `None`: any peer; otherwise the groups of the peers that can match something.
-    pub peers: Option<Vec<(GroupDef, GroupId)>>,
+    pub peers: Option<Vec<(Arc<GroupDef>, GroupId)>>,
 }
 
 pub(crate) fn rule_id(origin: &RuleOrigin) -> RuleId {
@@ -43,12 +44,12 @@ impl CompiledPolicy {
                         name: rule.name.clone(),
                     };
                     let peers = rule.peers.as_ref().map(|peers| {
-                        let mut defs: Vec<(GroupDef, GroupId)> = peers
+                        let mut defs: Vec<(Arc<GroupDef>, GroupId)> = peers
                             .iter()
                             .filter_map(GroupDef::of_peer)
                             .map(|d| {
                                 let id = d.id();
-                                (d, id)
+                                (Arc::new(d), id)
                             })
                             .collect();
                         defs.sort_by(|a, b| a.1.cmp(&b.1));
@@ -103,7 +104,7 @@ impl CompiledPolicy {
         direction: Direction,
         index: usize,
         pod: &Pod,
-        defs: &mut Vec<(GroupId, GroupDef)>,
+        defs: &mut Vec<(GroupId, Arc<GroupDef>)>,
     ) -> Option<RuleInstance> {
         let compiled = &self.rules(direction)[index];
         let rule = &self.policy.rules(direction)[index];
@@ -166,7 +167,10 @@ impl CompiledPolicy {
                 for (name, protocol) in named {
                     let peers: Vec<Option<Box<GroupDef>>> = match &compiled.peers {
                         None => vec![None],
-                        Some(p) => p.iter().map(|(d, _)| Some(Box::new(d.clone()))).collect(),
+                        Some(p) => p
+                            .iter()
+                            .map(|(d, _)| Some(Box::new(GroupDef::clone(d))))
+                            .collect(),
                     };
                     for peer in peers {
                         let def = GroupDef::NamedPorts {
@@ -176,7 +180,7 @@ impl CompiledPolicy {
                         };
                         let id = def.id();
                         clauses.push(Clause::NamedPort { group: id.clone() });
-                        defs.push((id, def));
+                        defs.push((id, Arc::new(def)));
                     }
                 }
             }

@@ -289,7 +289,7 @@ fn no_policy_allows_with_not_isolated() {
 fn isolation_without_rules_denies_only_its_direction() {
     let w = shop();
     let deny_in = np("a", "deny-in", &[("app", "db")], Some(vec![]), None);
-    let d = w.eval(&[deny_in.clone()], &tcp("a/web", "a/db", 80));
+    let d = w.eval(std::slice::from_ref(&deny_in), &tcp("a/web", "a/db", 80));
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(d.egress.reason, Reason::NotIsolated);
     assert_eq!(
@@ -308,7 +308,8 @@ fn policy_selects_only_its_namespace_and_labels() {
     let w = shop();
     let p = np("a", "deny-web", &[("app", "web")], Some(vec![]), None);
     assert_eq!(
-        w.eval(&[p.clone()], &tcp("a/db", "a/web", 80)).verdict,
+        w.eval(std::slice::from_ref(&p), &tcp("a/db", "a/web", 80))
+            .verdict,
         Verdict::Deny
     );
     // b/web has the same labels but lives in another namespace.
@@ -331,7 +332,7 @@ fn pod_selector_peer_is_limited_to_the_policy_namespace() {
         )]),
         None,
     );
-    let d = w.eval(&[p.clone()], &tcp("a/web", "a/db", 5432));
+    let d = w.eval(std::slice::from_ref(&p), &tcp("a/web", "a/db", 5432));
     assert_eq!(d.verdict, Verdict::Allow);
     assert_eq!(
         d.ingress.reason,
@@ -377,7 +378,8 @@ fn namespace_selector_peer_and_missing_namespace_object() {
         None,
     );
     assert_eq!(
-        w.eval(&[all_ns.clone()], &tcp("c/web", "a/db", 1)).verdict,
+        w.eval(std::slice::from_ref(&all_ns), &tcp("c/web", "a/db", 1))
+            .verdict,
         Verdict::Allow
     );
     // NotIn matches the missing key of a namespace without labels.
@@ -402,7 +404,8 @@ fn namespace_selector_peer_and_missing_namespace_object() {
         None,
     );
     assert_eq!(
-        w.eval(&[not_in.clone()], &tcp("c/web", "a/db", 1)).verdict,
+        w.eval(std::slice::from_ref(&not_in), &tcp("c/web", "a/db", 1))
+            .verdict,
         Verdict::Allow
     );
     assert_eq!(
@@ -484,13 +487,13 @@ fn egress_isolation_checks_the_destination_address() {
             None,
         )]),
     );
-    let d = w.eval(&[p.clone()], &tcp("a/web", "a/db", 5432));
+    let d = w.eval(std::slice::from_ref(&p), &tcp("a/web", "a/db", 5432));
     assert_eq!(d.verdict, Verdict::Allow);
     assert_eq!(
         d.egress.reason,
         Reason::Rule(origin(&p, Direction::Egress, 0))
     );
-    let d = w.eval(&[p.clone()], &tcp("a/web", "b/web", 80));
+    let d = w.eval(std::slice::from_ref(&p), &tcp("a/web", "b/web", 80));
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(
         d.egress.reason,
@@ -515,7 +518,8 @@ fn ip_block_with_except_matches_pod_addresses() {
         None,
     );
     assert_eq!(
-        w.eval(&[p.clone()], &tcp("a/web", "a/db", 1)).verdict,
+        w.eval(std::slice::from_ref(&p), &tcp("a/web", "a/db", 1))
+            .verdict,
         Verdict::Allow
     );
     assert_eq!(
@@ -541,9 +545,15 @@ fn dual_stack_flows_use_the_family_address() {
         None,
     );
     let mut f = tcp("a/web", "b/six", 80);
-    assert_eq!(w.eval(&[v4_only.clone()], &f).verdict, Verdict::Allow);
+    assert_eq!(
+        w.eval(std::slice::from_ref(&v4_only), &f).verdict,
+        Verdict::Allow
+    );
     f.family = Family::IPv6;
-    assert_eq!(w.eval(&[v4_only.clone()], &f).verdict, Verdict::Deny);
+    assert_eq!(
+        w.eval(std::slice::from_ref(&v4_only), &f).verdict,
+        Verdict::Deny
+    );
     // Pod selectors match either family.
     let by_pod = np(
         "b",
@@ -581,10 +591,10 @@ fn host_network_pods_are_not_subjects_and_match_only_by_address() {
     let w = shop().host_pod("a", "agent", "n2");
     let deny_all = np("a", "deny-all", &[], Some(vec![]), Some(vec![]));
     // As subject: both directions exempt.
-    let d = w.eval(&[deny_all.clone()], &tcp("a/web", "a/agent", 1));
+    let d = w.eval(std::slice::from_ref(&deny_all), &tcp("a/web", "a/agent", 1));
     assert_eq!(d.ingress.reason, Reason::HostNetwork);
     assert_eq!(d.egress.verdict, Verdict::Deny);
-    let d = w.eval(&[deny_all.clone()], &tcp("a/agent", "b/web", 1));
+    let d = w.eval(std::slice::from_ref(&deny_all), &tcp("a/agent", "b/web", 1));
     assert_eq!(d.egress.reason, Reason::HostNetwork);
     assert_eq!(d.verdict, Verdict::Allow);
 
@@ -622,7 +632,7 @@ fn own_node_may_always_reach_its_pods() {
     // a/db runs on n2, as does the host-network pod.
     let w = shop().host_pod("a", "agent", "n2");
     let deny_all = np("a", "deny-all", &[], Some(vec![]), None);
-    let d = w.eval(&[deny_all.clone()], &tcp("a/agent", "a/db", 1));
+    let d = w.eval(std::slice::from_ref(&deny_all), &tcp("a/agent", "a/db", 1));
     assert_eq!(d.ingress.reason, Reason::NodeLocal);
     assert_eq!(d.verdict, Verdict::Allow);
     // A pod on another node is not exempt.
@@ -819,13 +829,13 @@ fn rules_are_tried_in_written_order() {
     let mut second = rule(Action::Deny, None, None);
     second.name = Some("rest".into());
     let p = admin("ordered", 1, vec![first, second], vec![]);
-    let d = w.eval(&[p.clone()], &tcp("a/web", "a/db", 1));
+    let d = w.eval(std::slice::from_ref(&p), &tcp("a/web", "a/db", 1));
     assert_eq!(
         d.ingress.reason,
         Reason::Rule(origin(&p, Direction::Ingress, 0))
     );
     assert_eq!(d.verdict, Verdict::Allow);
-    let d = w.eval(&[p.clone()], &tcp("b/web", "a/db", 1));
+    let d = w.eval(std::slice::from_ref(&p), &tcp("b/web", "a/db", 1));
     let o = origin(&p, Direction::Ingress, 1);
     assert_eq!(o.name.as_deref(), Some("rest"));
     assert_eq!(d.ingress.reason, Reason::Rule(o));
@@ -883,7 +893,7 @@ fn pass_skips_the_admin_tier_and_is_recorded() {
 fn baseline_decides_only_when_not_isolated() {
     let w = shop();
     let base = baseline("default", 0, vec![rule(Action::Deny, None, None)], vec![]);
-    let d = w.eval(&[base.clone()], &tcp("a/web", "a/db", 1));
+    let d = w.eval(std::slice::from_ref(&base), &tcp("a/web", "a/db", 1));
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(
         d.ingress.reason,

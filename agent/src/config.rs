@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 pub struct AgentConfig {
     /// The node's rule set (`NodeRuleSet`, JSON or YAML), re-read when it changes.
     pub rules: Option<PathBuf>,
+    /// Cluster state (Kubernetes YAML) to compile the node's rule set from, with `policies`
+    /// and `node`, instead of `rules`.
+    pub cluster: Option<PathBuf>,
+    pub policies: Option<PathBuf>,
+    pub node: Option<String>,
     /// Network namespace (a name under /var/run/netns) to program instead of our own.
     pub netns: Option<String>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (bound before entering
@@ -28,6 +33,9 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             rules: None,
+            cluster: None,
+            policies: None,
+            node: None,
             netns: None,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9469)),
             reconcile_interval_secs: 60,
@@ -52,6 +60,18 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rules: Option<PathBuf>,
+    /// Cluster state file to compile the node's rule set from (with --policies and --node).
+    #[arg(long, conflicts_with = "rules", requires_all = ["policies", "node"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<PathBuf>,
+    /// Policies file (NetworkPolicies and cluster-wide policies), with --cluster.
+    #[arg(long, requires = "cluster")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policies: Option<PathBuf>,
+    /// This node's name, with --cluster.
+    #[arg(long, requires = "cluster")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Program the named network namespace (/var/run/netns/NAME).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -77,9 +97,27 @@ pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
     #[error(
-        "no rule source: give --rules FILE (or `rules:` in the config file, or PALISADE_RULES)"
+        "no rule source: give --rules FILE, or --cluster FILE --policies FILE --node NAME (or the same keys in the config file, or PALISADE_RULES / PALISADE_CLUSTER ...)"
     )]
     NoSource,
+    #[error("give either rules or cluster + policies + node, not both")]
+    TwoSources,
+}
+
+impl AgentConfig {
+    /// The rule source the configuration names ([`Flags::resolve`] has checked there is
+    /// exactly one).
+    pub fn source(&self) -> Option<crate::source::RuleSource> {
+        use crate::source::{FileWatch, RuleSource};
+        if let Some(rules) = &self.rules {
+            return Some(RuleSource::File(FileWatch::new(rules)));
+        }
+        Some(RuleSource::Compile {
+            cluster: FileWatch::new(self.cluster.as_ref()?),
+            policies: FileWatch::new(self.policies.as_ref()?),
+            node: self.node.clone()?,
+        })
+    }
 }
 
 impl Flags {
@@ -96,10 +134,12 @@ impl Flags {
             .merge(Serialized::defaults(self))
             .extract()
             .map_err(Box::new)?;
-        if cfg.rules.is_none() {
-            return Err(ConfigError::NoSource);
+        let compiled = (&cfg.cluster, &cfg.policies, &cfg.node);
+        match (&cfg.rules, compiled) {
+            (Some(_), (None, None, None)) | (None, (Some(_), Some(_), Some(_))) => Ok(cfg),
+            (Some(_), _) => Err(ConfigError::TwoSources),
+            (None, _) => Err(ConfigError::NoSource),
         }
-        Ok(cfg)
     }
 }
 

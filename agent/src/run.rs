@@ -18,7 +18,6 @@ use crate::interfaces::{events, pod_interfaces, Discovery, HostRoutes};
 use crate::metrics;
 use crate::nft::Nft;
 use crate::render::render;
-use crate::source::{load_rules, FileWatch};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -35,7 +34,7 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
 
 /// Runs until Ctrl-C / SIGTERM. `listener` was bound before entering the namespace.
 pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::Result<()> {
-    let rules_path = cfg.rules.clone().context("no rules file configured")?;
+    let mut source = cfg.source().context("no rule source configured")?;
     let nft = Nft::local();
     let mut applier = Applier::new(nft.clone());
     let stats = applier.stats();
@@ -48,7 +47,6 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
     let discovery = Discovery::new()?;
     let mut link_events = events()?.boxed();
     let mut routes: HostRoutes = discovery.host_routes().await?;
-    let mut watch = FileWatch::new(&rules_path);
     let mut rules: Option<NodeRuleSet> = None;
     let mut poll = tokio::time::interval(Duration::from_millis(cfg.poll_interval_ms.max(50)));
     let mut reconcile =
@@ -61,8 +59,8 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
     loop {
         tokio::select! {
             _ = poll.tick() => {
-                if watch.changed() {
-                    match load_rules(watch.path()) {
+                if let Some(loaded) = source.poll() {
+                    match loaded {
                         Ok(r) => {
                             tracing::info!(node = %r.node, pods = r.pods.len(), groups = r.groups.len(), "rules loaded");
                             rules = Some(r);

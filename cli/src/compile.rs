@@ -28,9 +28,6 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
-    if args.output == Format::Nft {
-        bail!("-o nft is not built yet: it needs the agent's nftables renderer");
-    }
     let inputs = args.inputs.load()?;
     let compiler = Compiler::new(inputs.cluster, inputs.policies);
     print_warnings(&compiler.warnings());
@@ -43,9 +40,19 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                     known.join(", ")
                 );
             };
-            render(&set, args.output)?
+            match args.output {
+                Format::Nft => nft(&set)?,
+                _ => render(&set, args.output)?,
+            }
         }
-        None => render(&compiler.node_rule_sets(), args.output)?,
+        None => match args.output {
+            Format::Nft => {
+                let sets = compiler.node_rule_sets();
+                let texts: Vec<String> = sets.values().map(nft).collect::<Result<_>>()?;
+                texts.join("\n")
+            }
+            _ => render(&compiler.node_rule_sets(), args.output)?,
+        },
     };
     print!("{text}");
     Ok(ExitCode::SUCCESS)
@@ -55,6 +62,29 @@ fn render(value: &impl serde::Serialize, format: Format) -> Result<String> {
     Ok(match format {
         Format::Yaml => serde_yaml::to_string(value)?,
         Format::Json => serde_json::to_string_pretty(value)? + "\n",
-        Format::Nft => bail!("-o nft is not built yet: it needs the agent's nftables renderer"),
+        Format::Nft => bail!("nft output is rendered per node"),
     })
+}
+
+/// The table a node's agent would install. The agent learns each pod's host-side interface
+/// from the kernel; offline, the pods get placeholder names `pv0`, `pv1`, … listed in the
+/// header so the output reads (and loads with `nft -f`) like the real thing.
+fn nft(set: &palisade_policy::NodeRuleSet) -> Result<String> {
+    let interfaces: palisade_agent::Interfaces = set
+        .pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                palisade_policy::PodKey::new(&p.namespace, &p.name),
+                format!("pv{i}"),
+            )
+        })
+        .collect();
+    let mut out = format!("# node {}: nftables ruleset of palisade-agent\n", set.node);
+    for (pod, iface) in &interfaces {
+        out.push_str(&format!("# {iface}: {pod}\n"));
+    }
+    out.push_str(&palisade_agent::render_text(set, &interfaces)?);
+    Ok(out)
 }

@@ -1,12 +1,209 @@
-//! `palisadectl demo`: a lab cluster with policies at work. Not built yet.
+//! `palisadectl demo`: the whole system on one machine. A two-node cluster of network
+//! namespaces runs a small shop; an agent per node enforces its node's rule set; the demo
+//! shows who can reach whom with real connections, before and after the sample policies,
+//! then serves the agents' metrics on loopback until Ctrl-C.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
+use palisade_netlab::{Probe as LabProbe, ProbeResult};
+use palisade_policy::ruleset::decide_flow;
+use palisade_policy::{
+    Cluster, Compiler, Family, Flow, NodeRuleSet, PodKey, Policy, Protocol, Verdict,
+};
+
+use crate::running::{agent_binary, check_prerequisites, http_get, RunningCluster};
+
+const CLUSTER: &str = include_str!("../demo/cluster.yaml");
+const POLICIES: &str = include_str!("../demo/policies.yaml");
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Show both matrices and exit instead of waiting for Ctrl-C.
+    #[arg(long)]
+    no_wait: bool,
+    /// The palisade-agent binary (default: beside palisadectl, else on PATH).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+}
 
-pub fn run(_args: &Args) -> Result<ExitCode> {
-    bail!("demo is not built yet: it needs the agent and the lab (netlab)")
+/// A column of the matrix: a destination pod and the port it serves.
+struct Target {
+    pod: PodKey,
+    protocol: Protocol,
+    port: u16,
+}
+
+fn targets(cluster: &Cluster) -> Vec<Target> {
+    let mut out = Vec::new();
+    for pod in cluster.pods.values() {
+        // Each pod's first declared port is the one the matrix tries.
+        if let Some(p) = pod.ports.first() {
+            out.push(Target {
+                pod: pod.key(),
+                protocol: p.protocol,
+                port: p.port,
+            });
+        }
+    }
+    out
+}
+
+fn compile(cluster: &Cluster, policies: &[Policy]) -> BTreeMap<String, NodeRuleSet> {
+    Compiler::new(cluster.clone(), policies.to_vec()).node_rule_sets()
+}
+
+/// Probes every pod against every target and prints the matrix; a cell disagreeing with
+/// the compiled rule sets is flagged (it should never happen).
+fn matrix(
+    running: &RunningCluster,
+    cluster: &Cluster,
+    sets: &BTreeMap<String, NodeRuleSet>,
+    title: &str,
+) -> Result<()> {
+    let sources: Vec<PodKey> = cluster.pods.keys().cloned().collect();
+    let targets = targets(cluster);
+    let mut probes = Vec::new();
+    for src in &sources {
+        for t in &targets {
+            let to_addr = cluster.pods[&t.pod]
+                .ip_of(Family::IPv4)
+                .context("demo pods have IPv4 addresses")?;
+            probes.push(LabProbe {
+                from: src.clone(),
+                to_addr,
+                protocol: t.protocol,
+                port: t.port,
+            });
+        }
+    }
+    let results = running.lab.probe_all(&probes, PROBE_TIMEOUT, 64)?;
+    println!("\n{title}");
+    let width = sources
+        .iter()
+        .map(|s| s.to_string().len())
+        .max()
+        .unwrap_or(10)
+        + 2;
+    print!("{:width$}", "from \\ to");
+    for t in &targets {
+        print!("{:>22}", format!("{}:{}", t.pod.name, t.port));
+    }
+    println!();
+    let mut mismatches = 0;
+    for (i, src) in sources.iter().enumerate() {
+        print!("{:width$}", src.to_string());
+        for (j, t) in targets.iter().enumerate() {
+            let result = &results[i * targets.len() + j];
+            let flow = Flow {
+                src: src.clone(),
+                dst: t.pod.clone(),
+                protocol: t.protocol,
+                port: t.port,
+                family: Family::IPv4,
+            };
+            let expected = decide_flow(cluster, sets, &flow).map(|d| d.verdict).ok();
+            let got = matches!(result, ProbeResult::Connected);
+            let mark = if got { "allow" } else { "deny" };
+            let agrees = expected == Some(if got { Verdict::Allow } else { Verdict::Deny });
+            if !agrees {
+                mismatches += 1;
+            }
+            print!(
+                "{:>22}",
+                if agrees {
+                    mark.to_string()
+                } else {
+                    format!("{mark} (!)")
+                }
+            );
+        }
+        println!();
+    }
+    if mismatches > 0 {
+        println!("(!) {mismatches} cells differ from the compiled rule sets");
+    }
+    Ok(())
+}
+
+fn print_hits(running: &RunningCluster) {
+    println!("\nRule hits so far (palisade_rule_packets_total > 0):");
+    for (node, addr) in running.metrics_addresses() {
+        let Ok((_, text)) = http_get(addr, "/metrics") else {
+            continue;
+        };
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("palisade_rule_packets_total{") && !l.ends_with(" 0"))
+        {
+            println!("  {node}: {line}");
+        }
+    }
+}
+
+pub fn run(args: &Args) -> Result<ExitCode> {
+    check_prerequisites()?;
+    let (cluster, _services) =
+        palisade_resources::parse_cluster_text("demo/cluster.yaml", CLUSTER)?;
+    let policies = palisade_resources::parse_policies("demo/policies.yaml", POLICIES)?.policies;
+    let bin = agent_binary(args.agent.as_deref());
+
+    println!(
+        "Building a two-node cluster of network namespaces with {} pods…",
+        cluster.pods.len()
+    );
+    let open = compile(&cluster, &[]);
+    let mut running = RunningCluster::start(&cluster, &open, &bin)?;
+    println!(
+        "Lab {}: one agent per node, each programming its node's namespace.",
+        running.lab.prefix()
+    );
+    let served: BTreeSet<_> = targets(&cluster)
+        .into_iter()
+        .map(|t| (t.pod, t.protocol, t.port))
+        .collect();
+    running
+        .lab
+        .serve_all(&served.into_iter().collect::<Vec<_>>())?;
+    matrix(
+        &running,
+        &cluster,
+        &open,
+        "Connectivity with no policy (real connections):",
+    )?;
+
+    println!("\nApplying the sample policies (demo/policies.yaml: an Admin-tier DNS rule, the shop's NetworkPolicies)…");
+    let enforced = compile(&cluster, &policies);
+    running.update(&enforced)?;
+    matrix(
+        &running,
+        &cluster,
+        &enforced,
+        "Connectivity with the policies:",
+    )?;
+    print_hits(&running);
+
+    println!("\nAgents' metrics, health and readiness:");
+    for (node, addr) in running.metrics_addresses() {
+        println!("  {node}: http://{addr}/metrics  http://{addr}/healthz  http://{addr}/readyz");
+    }
+    println!("Try: palisadectl explain --from shop/web --to shop/db --port 5432 (with the demo's files in cli/demo/).");
+    if !args.no_wait {
+        println!("\nRunning until Ctrl-C; everything is removed then.");
+        let (tx, rx) = mpsc::channel();
+        ctrlc::set_handler(move || {
+            let _ = tx.send(());
+        })
+        .context("installing the Ctrl-C handler")?;
+        let _ = rx.recv();
+    }
+    println!("Removing the lab…");
+    drop(running);
+    println!("Done.");
+    Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,7 @@ mod dataplane;
 mod demo;
 mod explain;
 mod inputs;
+mod running;
 mod verify;
 
 use std::process::ExitCode;

@@ -21,6 +21,9 @@ pub struct Args {
     /// Send real packets through network namespaces programmed by agents (needs root).
     #[arg(long)]
     dataplane: bool,
+    /// The palisade-agent binary for --dataplane (default: beside palisadectl, else on PATH).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -31,7 +34,7 @@ pub struct Tally {
 
 pub fn run(args: &Args) -> Result<ExitCode> {
     if args.dataplane {
-        return dataplane::verify(&args.dirs);
+        return dataplane::verify(&args.dirs, args.agent.as_deref());
     }
     let mut tally = Tally::default();
     for dir in &args.dirs {

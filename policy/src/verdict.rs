@@ -104,6 +104,9 @@ pub enum Reason {
     HostNetwork,
     /// Traffic from the destination pod's own node is always allowed (kubelet probes).
     NodeLocal,
+    /// A pod's traffic to its own address never leaves its network namespace: no
+    /// enforcement point sees it, and it is always allowed.
+    ToItself,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -131,6 +134,7 @@ impl fmt::Display for DirectionDecision {
             Reason::NodeLocal => {
                 f.write_str("traffic from the pod's own node is always allowed")?
             }
+            Reason::ToItself => f.write_str("a pod's traffic to itself is always allowed")?,
         }
         for p in &self.passed {
             write!(f, "; passed on by {p}")?;
@@ -189,8 +193,12 @@ pub fn verdict_of(action: Action) -> Option<Verdict> {
 }
 
 /// The exemptions both the evaluator and the compiled matcher apply before looking at rules:
-/// host-network pods are never subjects, and a pod's own node may always reach it.
+/// a pod may always reach itself, host-network pods are never subjects, and a pod's own node
+/// may always reach it.
 pub fn exemption(endpoints: &Endpoints<'_>, direction: Direction) -> Option<DirectionDecision> {
+    if endpoints.src.key() == endpoints.dst.key() {
+        return Some(exempt(direction, Reason::ToItself));
+    }
     match direction {
         Direction::Egress if endpoints.src.host_network => {
             Some(exempt(direction, Reason::HostNetwork))

@@ -300,6 +300,7 @@ fn generated_cases_reach_every_kind_of_decision() {
                     Reason::NotIsolated => "not isolated".to_string(),
                     Reason::HostNetwork => "host network".to_string(),
                     Reason::NodeLocal => "node local".to_string(),
+                    Reason::ToItself => "to itself".to_string(),
                 };
                 *seen.entry(kind).or_default() += 1;
                 if !d.passed.is_empty() {

@@ -27,7 +27,7 @@ pub use policies::{
     load_policies, parse_policies, parse_policies_each, policy_from_network_policy,
     policy_from_value, Policies,
 };
-pub use scenario::{load_cluster, load_scenario, Scenario, ScenarioError};
+pub use scenario::{load_cluster, load_scenario, parse_cluster_text, Scenario, ScenarioError};
 pub use tiered::{CNP_MAX_RULES, V1ALPHA1_MAX_RULES};
 
 use palisade_policy::{Policy, Warning};

@@ -52,6 +52,16 @@ pub fn load_cluster(path: &Path) -> Result<(Cluster, Vec<Service>), LoadError> {
     Ok((cluster, objects.services))
 }
 
+/// Cluster state from YAML text (`file` names it in errors), as [`load_cluster`] reads it.
+pub fn parse_cluster_text(file: &str, text: &str) -> Result<(Cluster, Vec<Service>), LoadError> {
+    let objects = crate::core::parse_cluster(file, text)?;
+    let cluster = build_cluster(&objects).map_err(|errors| LoadError::Invalid {
+        file: file.to_string(),
+        errors,
+    })?;
+    Ok((cluster, objects.services))
+}
+
 /// Loads a scenario directory; every file is read and every error reported.
 pub fn load_scenario(dir: &Path) -> Result<Scenario, ScenarioError> {
     let mut errors = Vec::new();

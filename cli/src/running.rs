@@ -1,0 +1,260 @@
+//! A lab cluster with one `palisade-agent` process per node, each programming its node's
+//! network namespace from a rules file — the same process boundary as in production.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use palisade_netlab::{Lab, LabOptions};
+use palisade_policy::{Cluster, NodeRuleSet};
+
+/// Where the agent binary is: `--agent`, else beside this executable, else on `PATH`.
+pub fn agent_binary(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("palisade-agent")));
+    match beside {
+        Some(p) if p.exists() => p,
+        _ => PathBuf::from("palisade-agent"),
+    }
+}
+
+/// Checks what a lab needs before anything is created, with a message a person can act on.
+pub fn check_prerequisites() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("this needs root: it creates network namespaces and programs nftables in them (try sudo)");
+    }
+    let nft = Command::new("nft").arg("--version").output();
+    if !nft.is_ok_and(|o| o.status.success()) {
+        bail!("nft (nftables) is not installed: apt-get install nftables");
+    }
+    let ip = Command::new("ip").arg("-V").output();
+    if !ip.is_ok_and(|o| o.status.success()) {
+        bail!("ip (iproute2) is not installed: apt-get install iproute2");
+    }
+    Ok(())
+}
+
+struct Agent {
+    node: String,
+    child: Child,
+    metrics: SocketAddr,
+    rules_file: PathBuf,
+    log_file: PathBuf,
+}
+
+/// Lab and agents; dropping it stops the agents and removes the namespaces and files.
+pub struct RunningCluster {
+    agents: Vec<Agent>,
+    dir: PathBuf,
+    // Dropped last (fields drop in order): agents must be gone before their namespaces.
+    pub lab: Lab,
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn write_rules(path: &Path, set: &NodeRuleSet) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, serde_json::to_vec(set)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    // A rename, so the agent never reads half a file.
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A plain HTTP/1.0 GET on loopback: status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no HTTP status from {addr}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of an unlabelled metric in Prometheus text format.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+impl RunningCluster {
+    /// Builds the lab, writes each node's rule set and starts its agent; returns once every
+    /// agent has applied its rules.
+    pub fn start(
+        cluster: &Cluster,
+        rule_sets: &BTreeMap<String, NodeRuleSet>,
+        agent_bin: &Path,
+    ) -> Result<Self> {
+        let lab = Lab::build(cluster, LabOptions::default()).context("building the lab")?;
+        let dir = std::env::temp_dir().join(format!("palisade-{}", lab.prefix()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut running = RunningCluster {
+            agents: Vec::new(),
+            dir,
+            lab,
+        };
+        let nodes: Vec<String> = running.lab.nodes().map(str::to_string).collect();
+        for node in nodes {
+            let set = rule_sets
+                .get(&node)
+                .cloned()
+                .unwrap_or_else(|| NodeRuleSet {
+                    node: node.clone(),
+                    ..Default::default()
+                });
+            running.start_agent(&node, &set, agent_bin)?;
+        }
+        running.wait(|_, text| {
+            metric(text, "palisade_ruleset_generation").is_some_and(|g| g >= 1.0)
+        })?;
+        Ok(running)
+    }
+
+    fn start_agent(&mut self, node: &str, set: &NodeRuleSet, bin: &Path) -> Result<()> {
+        let rules_file = self.dir.join(format!("{node}.json"));
+        write_rules(&rules_file, set)?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let log_file = self.dir.join(format!("{node}.log"));
+        let log = fs::File::create(&log_file)?;
+        let netns = self.lab.node_netns(node)?.to_string();
+        let child = Command::new(bin)
+            .args(["--netns", &netns, "--rules"])
+            .arg(&rules_file)
+            .args([
+                "--metrics-addr",
+                &metrics.to_string(),
+                "--poll-interval-ms",
+                "200",
+            ])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (build it with cargo build -p palisade-agent, or pass --agent)",
+                    bin.display()
+                )
+            })?;
+        self.agents.push(Agent {
+            node: node.to_string(),
+            child,
+            metrics,
+            rules_file,
+            log_file,
+        });
+        Ok(())
+    }
+
+    /// Waits until `done(agent, /metrics text)` holds for every agent.
+    fn wait(&mut self, done: impl Fn(&str, &str) -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in 0..self.agents.len() {
+            loop {
+                let agent = &mut self.agents[i];
+                if let Some(status) = agent.child.try_wait()? {
+                    bail!(
+                        "the agent of {} exited ({status}):\n{}",
+                        agent.node,
+                        tail(&agent.log_file)
+                    );
+                }
+                if let Ok((200, text)) = http_get(agent.metrics, "/metrics") {
+                    if done(&agent.node, &text) {
+                        break;
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the agent of {} did not apply its rules in time:\n{}",
+                        agent.node,
+                        tail(&agent.log_file)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every agent its new rule set and waits until each has applied it.
+    pub fn update(&mut self, rule_sets: &BTreeMap<String, NodeRuleSet>) -> Result<()> {
+        let mut before = BTreeMap::new();
+        for a in &self.agents {
+            let (_, text) = http_get(a.metrics, "/metrics")?;
+            let generation = metric(&text, "palisade_ruleset_generation").unwrap_or(0.0);
+            before.insert(a.node.clone(), generation);
+            let set = rule_sets
+                .get(&a.node)
+                .cloned()
+                .unwrap_or_else(|| NodeRuleSet {
+                    node: a.node.clone(),
+                    ..Default::default()
+                });
+            write_rules(&a.rules_file, &set)?;
+        }
+        self.wait(|node, text| {
+            metric(text, "palisade_ruleset_generation").is_some_and(|g| g > before[node])
+        })
+    }
+
+    /// Each node's metrics address.
+    pub fn metrics_addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.agents
+            .iter()
+            .map(|a| (a.node.clone(), a.metrics))
+            .collect()
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+impl Drop for RunningCluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            // SIGTERM first so the agent can leave cleanly; then make sure.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) };
+        }
+        for a in &mut self.agents {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while a.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = a.child.kill();
+            let _ = a.child.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

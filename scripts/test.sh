@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit/property/integration tests (root tests use
+# network namespaces they create and remove), and the conformance scenarios, offline and
+# with real packets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo test"
+# Root integration tests each build their own namespaces; one test thread per binary keeps
+# the two-core machines from timing out probes.
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+
+echo "== conformance (offline)"
+cargo build --release --locked -p palisadectl -p palisade-agent
+bin=target/release
+"$bin/palisadectl" verify tests/conformance/* ../shared/conformance/examples/*
+
+echo "== conformance (dataplane)"
+"$bin/palisadectl" verify --dataplane --agent "$bin/palisade-agent" tests/conformance/* ../shared/conformance/examples/*

@@ -21,7 +21,7 @@ use super::groups::{node_members, GroupDef, GroupState, Member};
 use super::instances::CompiledPolicy;
 use super::{Change, Touched, Warning};
 use crate::model::{
-    Cluster, ContainerPort, Direction, Labels, Namespace, NamespaceScope, Node, Peer, Pod, PodKey,
+    Cluster, ContainerPort, Direction, Labels, Namespace, NamespaceScope, Node, Pod, PodKey,
     Policy, PolicyId, RuleOrigin, Subject, Tier,
 };
 use crate::ruleset::{DirectionRules, GroupId, NodeRuleSet, PodRules, RuleId, RuleInstance};
@@ -253,8 +253,8 @@ impl Compiler {
             .collect()
     }
 
-    /// Same-priority pairs within a tier that select a common pod, and rules with peers that
-    /// cannot be enforced.
+    /// Same-priority pairs within a tier that select a common pod. (Peers that cannot be
+    /// enforced are warned about where they are read, with their field path.)
     pub fn warnings(&self) -> Vec<Warning> {
         let mut out = Vec::new();
         let mut by_rank: BTreeMap<(Tier, u32), Vec<&CompiledPolicy>> = BTreeMap::new();
@@ -275,26 +275,6 @@ impl Compiler {
                                 "same tier ({tier}) and priority ({priority}) and a common subject pod; \
                                  {} is evaluated first (ties are broken by kind, then name)",
                                 a.policy.id.name
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        for cp in self.policies.values() {
-            for direction in Direction::BOTH {
-                for (i, rule) in cp.policy.rules(direction).iter().enumerate() {
-                    if rule
-                        .peers
-                        .iter()
-                        .flatten()
-                        .any(|p| matches!(p, Peer::Nothing))
-                    {
-                        out.push(Warning {
-                            policies: vec![cp.policy.id.clone()],
-                            message: format!(
-                                "{direction}[{i}] has a peer that cannot be enforced (such as domainNames); \
-                                 it matches nothing (fails closed)"
                             ),
                         });
                     }

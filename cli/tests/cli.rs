@@ -259,17 +259,7 @@ fn explain_names_the_deciding_rule() {
 }
 
 #[test]
-fn unbuilt_commands_say_so() {
-    let o = palisadectl(&["verify", "--dataplane", EXAMPLES]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("verify --dataplane is not built yet"),
-        "{}",
-        stderr(&o)
-    );
-    let o = palisadectl(&["demo"]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("demo is not built yet"));
+fn compile_to_nft_prints_each_nodes_table() {
     let cluster = example("admin-tiers", "cluster.yaml");
     let policies = example("admin-tiers", "policies.yaml");
     let o = palisadectl(&[
@@ -278,11 +268,43 @@ fn unbuilt_commands_say_so() {
         &cluster,
         "--policies",
         &policies,
+        "--node",
+        "node-1",
         "-o",
         "nft",
     ]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("-o nft is not built yet"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.starts_with("# node node-1: nftables ruleset of palisade-agent\n"),
+        "{text}"
+    );
+    // node-1 runs ledger and wordpress, each with an interface and its own chains.
+    assert!(
+        text.contains("# pv0: blog/wordpress") && text.contains("# pv1: payments/ledger"),
+        "{text}"
+    );
+    assert!(text.contains("table inet palisade {"), "{text}");
+    assert!(text.contains("jump ingress/payments/ledger"), "{text}");
+    assert!(
+        text.contains("counter name \"deny-ingress/blog/wordpress\" drop"),
+        "{text}"
+    );
+    let all = palisadectl(&[
+        "compile",
+        "--cluster",
+        &cluster,
+        "--policies",
+        &policies,
+        "-o",
+        "nft",
+    ]);
+    assert!(all.status.success());
+    assert_eq!(
+        stdout(&all).matches("table inet palisade {").count(),
+        2,
+        "one table per node"
+    );
 }
 
 const CLUSTER: &str = r#"

@@ -18,6 +18,10 @@ use crate::running::{agent_binary, check_prerequisites, RunningCluster};
 /// deny probes (which always wait it out) stays quick; probes run in parallel.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 const PARALLEL_PROBES: usize = 64;
+/// A second, longer chance for a probe that should have connected but timed out: on a loaded
+/// machine a first packet can be late. A real block times out again; a connection is never
+/// retried, so a deny that leaks is always caught.
+const RETRY_TIMEOUT: Duration = Duration::from_secs(4);
 
 #[derive(Debug, Default)]
 struct Tally {

@@ -163,9 +163,20 @@ impl Applier {
             stats.apply_duration.observe(duration.as_secs_f64());
             stats.counters = desired.counters.clone();
         }
+        // The image leaves set contents out, so a change of set elements alone leaves it
+        // as it was; reading it back would cost a dump of every set element (nft fetches
+        // them all even for `-t`), hundreds of milliseconds with 100k-element groups.
+        let keep_image = kind == ApplyKind::Incremental
+            && self.image.is_some()
+            && self
+                .applied
+                .as_ref()
+                .is_some_and(|applied| same_but_set_contents(applied, desired));
         self.applied = Some(desired.clone());
-        // Best effort: without an image the next reconcile rewrites the table.
-        self.image = self.read_image().ok().flatten();
+        if !keep_image {
+            // Best effort: without an image the next reconcile rewrites the table.
+            self.image = self.read_image().ok().flatten();
+        }
         Ok(ApplyOutcome {
             kind,
             commands: cmds.len(),
@@ -222,6 +233,20 @@ impl Applier {
     }
 }
 
+/// Whether two tables differ at most in the elements of their named sets.
+fn same_but_set_contents(a: &Ruleset, b: &Ruleset) -> bool {
+    a.base_chains == b.base_chains
+        && a.chains == b.chains
+        && a.egress_dispatch == b.egress_dispatch
+        && a.ingress_dispatch == b.ingress_dispatch
+        && a.counters.keys().eq(b.counters.keys())
+        && a.sets.len() == b.sets.len()
+        && a.sets
+            .iter()
+            .zip(&b.sets)
+            .all(|((na, sa), (nb, sb))| na == nb && sa.kind == sb.kind)
+}
+
 /// Removes what changes without anyone editing the table: handles and counter values.
 fn strip_volatile(v: &mut Value) {
     match v {
@@ -250,6 +275,48 @@ fn unix_now() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_element_changes_keep_the_shape() {
+        use crate::render::{AddrRange, IpFamily, RuleDef, SetDef, SetElement, SetKind, Verdict};
+        let addr = |a: &str| {
+            let ip = a.parse().unwrap();
+            SetElement::Addr(AddrRange { lo: ip, hi: ip })
+        };
+        let mut a = Ruleset::default();
+        a.sets.insert(
+            "g-a_4".into(),
+            SetDef {
+                kind: SetKind::Addresses(IpFamily::V4),
+                elements: vec![addr("10.0.0.1")],
+            },
+        );
+        a.chains.insert("ingress/ns/a".into(), vec![]);
+        let mut b = a.clone();
+        b.sets
+            .get_mut("g-a_4")
+            .unwrap()
+            .elements
+            .push(addr("10.0.0.3"));
+        assert!(same_but_set_contents(&a, &b));
+        let mut c = b.clone();
+        c.chains.get_mut("ingress/ns/a").unwrap().push(RuleDef {
+            matches: vec![],
+            counter: None,
+            verdict: Verdict::Drop,
+        });
+        assert!(!same_but_set_contents(&b, &c), "a chain changed");
+        let mut d = b.clone();
+        d.sets.get_mut("g-a_4").unwrap().kind = SetKind::NamedPorts(IpFamily::V4);
+        assert!(!same_but_set_contents(&b, &d), "a set's type changed");
+        let mut e = b.clone();
+        e.egress_dispatch
+            .insert("veth1".into(), "egress/ns/a".into());
+        assert!(
+            !same_but_set_contents(&b, &e),
+            "a dispatch element was added"
+        );
+    }
 
     #[test]
     fn volatile_fields_are_stripped() {

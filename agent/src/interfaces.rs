@@ -123,7 +123,7 @@ pub fn events() -> Result<impl Stream<Item = ()>, InterfaceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use palisade_policy::ruleset::{DirectionRules, PodRules};
+    use palisade_policy::ruleset::PodRules;
 
     #[test]
     fn pods_map_to_the_interface_of_their_host_route() {
@@ -131,8 +131,8 @@ mod tests {
             namespace: "ns".into(),
             name: name.into(),
             ips: ips.iter().map(|a| a.parse().unwrap()).collect(),
-            ingress: DirectionRules::default(),
-            egress: DirectionRules::default(),
+            ingress: Default::default(),
+            egress: Default::default(),
         };
         let rules = NodeRuleSet {
             pods: vec![

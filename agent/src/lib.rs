@@ -6,6 +6,7 @@ pub mod config;
 pub mod diff;
 pub mod interfaces;
 pub mod metrics;
+pub mod netlink_counters;
 pub mod nft;
 pub mod render;
 pub mod run;

@@ -20,6 +20,8 @@ pub enum NftError {
     List { args: String, stderr: String },
     #[error("nft printed invalid JSON: {0}")]
     Json(String),
+    #[error("reading counters: {0}")]
+    Netlink(String),
 }
 
 /// How to reach `nft`: in the current network namespace, or (for tools and tests that stay
@@ -117,8 +119,19 @@ impl Nft {
         self.list(&["list", "map", "inet", TABLE, map])
     }
 
-    /// Every named counter of the table: name → (packets, bytes).
+    /// Every named counter of the table: name → (packets, bytes). In the current
+    /// namespace straight over netlink ([`crate::netlink_counters`]: `nft list counters`
+    /// costs ~0.45 s with 150k set elements); through `ip netns exec nft` otherwise.
     pub fn counters(&self) -> Result<Vec<(String, u64, u64)>, NftError> {
+        if self.netns.is_none() {
+            return crate::netlink_counters::read(TABLE)
+                .map_err(|e| NftError::Netlink(e.to_string()));
+        }
+        self.counters_by_nft()
+    }
+
+    /// The same as [`Nft::counters`], always through `nft list counters`.
+    pub fn counters_by_nft(&self) -> Result<Vec<(String, u64, u64)>, NftError> {
         let Some(doc) = self.list(&["list", "counters", "table", "inet", TABLE])? else {
             return Ok(Vec::new());
         };

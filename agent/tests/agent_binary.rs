@@ -67,8 +67,9 @@ fn isolated_ingress(pod: &str, ips: Vec<std::net::IpAddr>, allow: Vec<RuleInstan
             isolated_by: vec![np(pod)],
             network_policy: allow,
             ..DirectionRules::default()
-        },
-        egress: DirectionRules::default(),
+        }
+        .into(),
+        egress: Default::default(),
     }
 }
 
@@ -100,7 +101,7 @@ fn agent_binary_enforces_follows_files_and_interfaces_and_serves_metrics() {
         ],
         groups: [(
             "g-00000000000000fa".to_string(),
-            Group::Addresses(AddrSet::from_addrs([a_ip])).into(),
+            Group::Hosts(AddrSet::from_addrs([a_ip])).into(),
         )]
         .into_iter()
         .collect(),

@@ -75,11 +75,12 @@ fn rules(lab: &Lab) -> NodeRuleSet {
         namespace: "default".into(),
         name: "a".into(),
         ips: vec![a.ip4, a.ip6],
-        ingress: DirectionRules::default(),
+        ingress: Default::default(),
         egress: DirectionRules {
             admin: vec![instance(R_A_DENY, Action::Deny, G_B, &[9090])],
             ..DirectionRules::default()
-        },
+        }
+        .into(),
     };
     let pod_b = PodRules {
         namespace: "default".into(),
@@ -89,12 +90,14 @@ fn rules(lab: &Lab) -> NodeRuleSet {
             isolated_by: vec![np("b-in")],
             network_policy: vec![instance(R_B_IN, Action::Allow, G_A, &[8080, 9090])],
             ..DirectionRules::default()
-        },
+        }
+        .into(),
         egress: DirectionRules {
             isolated_by: vec![np("b-out")],
             network_policy: vec![instance(R_B_OUT, Action::Allow, G_A, &[8081])],
             ..DirectionRules::default()
-        },
+        }
+        .into(),
     };
     NodeRuleSet {
         node: "node-1".into(),
@@ -103,7 +106,9 @@ fn rules(lab: &Lab) -> NodeRuleSet {
         groups: [
             (
                 G_A.to_string(),
-                Group::Addresses(AddrSet::from_addrs([a.ip4, a.ip6])).into(),
+                // Pod addresses: a host group (hash sets); G_B stays a CIDR group (interval
+                // sets), so both kinds see real packets.
+                Group::Hosts(AddrSet::from_addrs([a.ip4, a.ip6])).into(),
             ),
             (
                 G_B.to_string(),
@@ -217,6 +222,16 @@ fn enforcement_counters_and_spoofing() {
         "egress default deny counted: {c:?}"
     );
     assert!(c[R_B_IN].1 > 0, "bytes counted too");
+    // The agent reads counters over netlink in its own namespace; it must see what nft
+    // sees (nothing sends traffic between the two reads).
+    let mut by_netlink = in_netns(&lab.node, || Nft::local().counters().unwrap())
+        .join()
+        .unwrap();
+    let mut by_nft = nft.counters_by_nft().unwrap();
+    by_netlink.sort();
+    by_nft.sort();
+    assert_eq!(by_netlink, by_nft);
+    assert!(by_netlink.len() >= 6, "{by_netlink:?}");
 
     // Anti-spoofing: a second address in pod a that is not a's.
     sh(&[
@@ -337,13 +352,23 @@ fn drift_repair_failed_transaction_and_incremental() {
     let mut rs = rules(&lab);
     rs.groups.insert(
         G_A.into(),
-        Group::Addresses(AddrSet::from_addrs([b.ip4])).into(),
+        Group::Hosts(AddrSet::from_addrs([b.ip4])).into(),
     );
     let out = applier
         .apply(&render::render(&rs, &lab.interfaces()).unwrap())
         .unwrap();
     assert_eq!(out.kind, ApplyKind::Incremental);
     assert!(!tcp_ok(&a.netns, b.ip4, 8080), "a no longer in group A");
+    // And back: one single-address element added to the hash set.
+    rs.groups.insert(
+        G_A.into(),
+        Group::Hosts(AddrSet::from_addrs([a.ip4, b.ip4])).into(),
+    );
+    let out = applier
+        .apply(&render::render(&rs, &lab.interfaces()).unwrap())
+        .unwrap();
+    assert_eq!((out.kind, out.commands), (ApplyKind::Incremental, 1));
+    assert!(tcp_ok(&a.netns, b.ip4, 8080), "a back in group A");
 }
 
 #[test]
@@ -406,4 +431,60 @@ fn text_render_loads_into_nft() {
         path.to_str().unwrap(),
     ]);
     let _ = std::fs::remove_file(&path);
+}
+
+/// A clause with TCP and UDP ports renders one rule per protocol; each must admit exactly
+/// its own protocol's ports (a TCP port must not open the same number for UDP).
+#[test]
+fn ports_of_several_protocols_in_one_clause() {
+    if !can_run("ports_of_several_protocols_in_one_clause") {
+        return;
+    }
+    let lab = Lab::new("p", 15, &["default/a", "default/b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let sb = Servers::start(&b.netns, &[7070, 8080, 9005], &[5353, 8080]);
+    let mut rs = rules(&lab);
+    let port = |protocol, start, end| PortRange {
+        protocol,
+        start,
+        end,
+    };
+    std::sync::Arc::make_mut(&mut rs.pods[1].ingress).network_policy = vec![RuleInstance {
+        rule: R_B_IN.into(),
+        action: Action::Allow,
+        clauses: vec![Clause::PeerPort {
+            peers: Some(vec![G_A.into()]),
+            ports: Some(vec![
+                port(Protocol::Tcp, 8080, 8080),
+                port(Protocol::Udp, 5353, 5353),
+                port(Protocol::Tcp, 9000, 9010),
+            ]),
+        }],
+    }];
+    let mut applier = Applier::new(Nft::in_netns(&lab.node));
+    applier
+        .apply(&render::render(&rs, &lab.interfaces()).unwrap())
+        .unwrap();
+    for ip_b in [b.ip4, b.ip6] {
+        assert!(tcp_ok(&a.netns, ip_b, 8080), "tcp 8080 ({ip_b}) allowed");
+        assert!(tcp_ok(&a.netns, ip_b, 9005), "tcp 9005 ({ip_b}) in range");
+        assert!(!tcp_ok(&a.netns, ip_b, 7070), "tcp 7070 ({ip_b}) denied");
+    }
+    let (src4, src6) = (a.ip4, a.ip6);
+    udp_send_from(&a.netns, src4, b.ip4, 8080, 3);
+    udp_send_from(&a.netns, src6, b.ip6, 8080, 3);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        sb.udp_received.load(Ordering::Relaxed),
+        0,
+        "udp 8080 denied: only tcp 8080 is allowed"
+    );
+    udp_send_from(&a.netns, src4, b.ip4, 5353, 3);
+    udp_send_from(&a.netns, src6, b.ip6, 5353, 2);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        sb.udp_received.load(Ordering::Relaxed),
+        5,
+        "udp 5353 allowed"
+    );
 }

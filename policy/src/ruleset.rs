@@ -50,8 +50,12 @@ pub struct PortEndpoint {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Group {
-    /// Peer addresses (pod addresses, node addresses, CIDRs less their exceptions).
+    /// Peer address ranges: CIDRs less their exceptions (`ipBlock`, `networks`).
     Addresses(AddrSet),
+    /// Individual host addresses: pods' and nodes' addresses. The set is spelled as merged
+    /// ranges for compactness, but every address in it is a member in its own right, so an
+    /// enforcer may store them as single elements (a hash set rather than an interval set).
+    Hosts(AddrSet),
     /// Pod addresses with the port a name means on that pod: egress rules to named ports.
     NamedPorts(BTreeSet<PortEndpoint>),
 }
@@ -59,7 +63,7 @@ pub enum Group {
 impl Group {
     pub fn len(&self) -> usize {
         match self {
-            Group::Addresses(a) => a.len(),
+            Group::Addresses(a) | Group::Hosts(a) => a.len(),
             Group::NamedPorts(e) => e.len(),
         }
     }
@@ -123,8 +127,10 @@ pub struct PodRules {
     pub namespace: String,
     pub name: String,
     pub ips: Vec<IpAddr>,
-    pub ingress: DirectionRules,
-    pub egress: DirectionRules,
+    /// Shared between the pods whose policies mean the same for them (a namespace's pods
+    /// with equal labels and ports), so a node's rule set costs a count per pod, not a copy.
+    pub ingress: Arc<DirectionRules>,
+    pub egress: Arc<DirectionRules>,
 }
 
 impl PodRules {
@@ -166,7 +172,7 @@ pub struct Matcher<'a> {
 
 impl Matcher<'_> {
     fn in_group(&self, id: &GroupId, peer: IpAddr) -> bool {
-        matches!(self.groups.get(id).map(|g| &**g), Some(Group::Addresses(set)) if set.contains(peer))
+        matches!(self.groups.get(id).map(|g| &**g), Some(Group::Addresses(set) | Group::Hosts(set)) if set.contains(peer))
     }
 
     pub fn clause_matches(

@@ -60,6 +60,7 @@ pub fn set(name: &str, kind: SetKind) -> NfListObject<'_> {
             SetTypeValue::Single(addr_type(f)),
             Some(HashSet::from([SetFlag::Interval])),
         ),
+        SetKind::Hosts(f) => (SetTypeValue::Single(addr_type(f)), None),
         SetKind::NamedPorts(f) => (
             SetTypeValue::Concatenated(Cow::Owned(vec![
                 addr_type(f),
@@ -244,11 +245,17 @@ fn set_ref(name: &str) -> Expression<'static> {
     Expression::String(format!("@{name}").into())
 }
 
-fn l4_dport() -> Expression<'static> {
-    Expression::Named(NamedExpression::Concat(vec![
-        meta(MetaKey::L4proto),
-        payload("th", "dport"),
-    ]))
+fn port_expr(&(lo, hi): &(u16, u16)) -> Expression<'static> {
+    if lo == hi {
+        Expression::Number(u32::from(lo))
+    } else {
+        Expression::Range(Box::new(Range {
+            range: [
+                Expression::Number(u32::from(lo)),
+                Expression::Number(u32::from(hi)),
+            ],
+        }))
+    }
 }
 
 pub fn match_statement(m: &Match) -> Statement<'static> {
@@ -278,27 +285,18 @@ pub fn match_statement(m: &Match) -> Statement<'static> {
             Operator::EQ,
             set_ref(set),
         ),
-        Match::Ports(ports) => {
-            let items = ports
-                .iter()
-                .map(|p| {
-                    let port = if p.start == p.end {
-                        Expression::Number(u32::from(p.start))
-                    } else {
-                        Expression::Range(Box::new(Range {
-                            range: [
-                                Expression::Number(u32::from(p.start)),
-                                Expression::Number(u32::from(p.end)),
-                            ],
-                        }))
-                    };
-                    Expression::Named(NamedExpression::Concat(vec![
-                        Expression::String(protocol_name(p.protocol).into()),
-                        port,
-                    ]))
-                })
-                .collect();
-            matches(l4_dport(), Operator::EQ, anon_set(items))
+        Match::Protocol(p) => matches(
+            meta(MetaKey::L4proto),
+            Operator::EQ,
+            Expression::String(protocol_name(*p).into()),
+        ),
+        Match::Dports(ranges) => {
+            let mut items: Vec<Expression<'static>> = ranges.iter().map(port_expr).collect();
+            let right = match items.len() {
+                1 => items.remove(0),
+                _ => anon_set(items),
+            };
+            matches(payload("th", "dport"), Operator::EQ, right)
         }
         Match::EndpointInSet { family, end, set } => matches(
             Expression::Named(NamedExpression::Concat(vec![

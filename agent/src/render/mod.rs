@@ -30,8 +30,11 @@
 //!   address that is not one of the pod's is counted (`spoof/NS/NAME`) and dropped, and a
 //!   pod without an address of a family sends nothing of that family.
 //! * A pod without a known interface has no chains and no dispatch elements.
-//! * Peers are named interval sets, one per address group and family (`g-…_4`, `g-…_6`),
-//!   shared by every rule and pod that uses them; egress named ports are sets of
+//! * Peers are named sets, one per address group and family (`g-…_4`, `g-…_6`), shared
+//!   by every rule and pod that uses them: host groups (pods' and nodes' addresses) are
+//!   plain hash sets of single addresses, CIDR groups (`ipBlock`, `networks`) interval
+//!   sets. A group's id never changes kind (ids hash the definition); if a set's type
+//!   differs anyway, the incremental plan gives way to a full replacement. Egress named ports are sets of
 //!   `address . inet_proto . inet_service`. Port lists are anonymous concatenated sets
 //!   `meta l4proto . th dport { tcp . 80, udp . 53-60 }`: one rule per clause whatever the
 //!   protocols, with intervals for ranges. A clause with several groups renders one rule
@@ -60,6 +63,10 @@ pub type Interfaces = BTreeMap<PodKey, String>;
 const MAX_POD_PART: usize = 48;
 /// Longest group or rule id accepted (the contract says `g-`/`r-` + 16 hex digits).
 const MAX_ID: usize = 64;
+/// Most addresses a host group (pods', nodes') may expand to. Host groups are expanded
+/// into single elements; a cluster has far fewer pods than this, so more means a bogus
+/// rule set, refused rather than allowed to exhaust memory.
+pub const MAX_HOSTS_PER_GROUP: u128 = 1_000_000;
 /// Linux interface names are at most 15 bytes.
 const MAX_IFNAME: usize = 15;
 
@@ -69,6 +76,8 @@ pub enum RenderError {
     BadGroupId(String),
     #[error("rule id {0:?} is not a valid nftables name (letters, digits, '-' and '_', at most {MAX_ID} characters)")]
     BadRuleId(String),
+    #[error("host group {group} holds {count} addresses, more than the {MAX_HOSTS_PER_GROUP} one node can load as single elements")]
+    TooManyHosts { group: String, count: u128 },
 }
 
 fn valid_id(id: &str) -> bool {
@@ -143,13 +152,10 @@ pub fn render(rules: &NodeRuleSet, interfaces: &Interfaces) -> Result<Ruleset, R
             return Err(RenderError::BadGroupId(id.clone()));
         }
         let group: &Group = group;
-        for (kind, elements) in group_sets(group) {
+        for (kind, elements) in group_sets(id, group)? {
             if !elements.is_empty() {
-                let family = match kind {
-                    SetKind::Addresses(f) | SetKind::NamedPorts(f) => f,
-                };
                 out.sets
-                    .insert(group_set(id, family), SetDef { kind, elements });
+                    .insert(group_set(id, kind.family()), SetDef { kind, elements });
             }
         }
     }
@@ -209,35 +215,43 @@ fn base_chains() -> Vec<BaseChain> {
     ]
 }
 
-fn group_sets(group: &Group) -> Vec<(SetKind, Vec<SetElement>)> {
+fn group_sets(id: &str, group: &Group) -> Result<Vec<(SetKind, Vec<SetElement>)>, RenderError> {
     match group {
-        Group::Addresses(set) => {
+        Group::Addresses(set) => Ok(vec![
+            (
+                SetKind::Addresses(IpFamily::V4),
+                set.v4.iter().map(|&(lo, hi)| v4_range(lo, hi)).collect(),
+            ),
+            (
+                SetKind::Addresses(IpFamily::V6),
+                set.v6.iter().map(|&(lo, hi)| v6_range(lo, hi)).collect(),
+            ),
+        ]),
+        Group::Hosts(set) => {
+            // Counted before expanding: a bogus range must fail, not exhaust memory.
+            let count = host_count(set);
+            if count > MAX_HOSTS_PER_GROUP {
+                return Err(RenderError::TooManyHosts {
+                    group: id.to_string(),
+                    count,
+                });
+            }
             let v4 = set
                 .v4
                 .iter()
-                .map(|&(lo, hi)| {
-                    SetElement::Addr(AddrRange {
-                        lo: IpAddr::V4(lo.into()),
-                        hi: IpAddr::V4(hi.into()),
-                    })
-                })
+                .flat_map(|&(lo, hi)| (lo..=hi).map(|a| v4_range(a, a)))
                 .collect();
             let v6 = set
                 .v6
                 .iter()
-                .map(|&(lo, hi)| {
-                    SetElement::Addr(AddrRange {
-                        lo: IpAddr::V6(lo.into()),
-                        hi: IpAddr::V6(hi.into()),
-                    })
-                })
+                .flat_map(|&(lo, hi)| (lo..=hi).map(|a| v6_range(a, a)))
                 .collect();
-            vec![
-                (SetKind::Addresses(IpFamily::V4), v4),
-                (SetKind::Addresses(IpFamily::V6), v6),
-            ]
+            Ok(vec![
+                (SetKind::Hosts(IpFamily::V4), v4),
+                (SetKind::Hosts(IpFamily::V6), v6),
+            ])
         }
-        Group::NamedPorts(endpoints) => [IpFamily::V4, IpFamily::V6]
+        Group::NamedPorts(endpoints) => Ok([IpFamily::V4, IpFamily::V6]
             .into_iter()
             .map(|family| {
                 let elements = endpoints
@@ -253,8 +267,35 @@ fn group_sets(group: &Group) -> Vec<(SetKind, Vec<SetElement>)> {
                     .collect();
                 (SetKind::NamedPorts(family), elements)
             })
-            .collect(),
+            .collect()),
     }
+}
+
+/// How many single addresses a host group spells, saturating (IPv6 ranges can be huge).
+fn host_count(set: &palisade_policy::AddrSet) -> u128 {
+    let v4 = set
+        .v4
+        .iter()
+        .map(|&(lo, hi)| u128::from(hi.saturating_sub(lo)) + 1);
+    let v6 = set
+        .v6
+        .iter()
+        .map(|&(lo, hi)| hi.saturating_sub(lo).saturating_add(1));
+    v4.chain(v6).fold(0u128, u128::saturating_add)
+}
+
+fn v4_range(lo: u32, hi: u32) -> SetElement {
+    SetElement::Addr(AddrRange {
+        lo: IpAddr::V4(lo.into()),
+        hi: IpAddr::V4(hi.into()),
+    })
+}
+
+fn v6_range(lo: u128, hi: u128) -> SetElement {
+    SetElement::Addr(AddrRange {
+        lo: IpAddr::V6(lo.into()),
+        hi: IpAddr::V6(hi.into()),
+    })
 }
 
 fn render_pod(
@@ -416,35 +457,42 @@ fn instance_rules(
     for clause in &inst.clauses {
         match clause {
             Clause::PeerPort { peers, ports } => {
-                let port_match = match ports {
-                    None => None,
+                // One (protocol, ports) pair per protocol of the clause; `None`: any port.
+                let port_matches: Vec<Option<(Match, Match)>> = match ports {
+                    None => vec![None],
                     Some(p) if p.is_empty() => continue,
-                    Some(p) => Some(Match::Ports(normalize_ports(p))),
+                    Some(p) => ports_by_protocol(p)
+                        .into_iter()
+                        .map(|(protocol, ranges)| {
+                            Some((Match::Protocol(protocol), Match::Dports(ranges)))
+                        })
+                        .collect(),
                 };
-                let with_ports = |mut m: Vec<Match>| {
-                    m.extend(port_match.clone());
-                    m
+                // The protocol test first (cheapest), then the peer, then the ports.
+                let mut with_ports = |peer: Option<Match>| {
+                    for pm in &port_matches {
+                        let mut m = Vec::new();
+                        m.extend(pm.as_ref().map(|(proto, _)| proto.clone()));
+                        m.extend(peer.clone());
+                        m.extend(pm.as_ref().map(|(_, dports)| dports.clone()));
+                        emit(m);
+                    }
                 };
                 let Some(ids) = peers else {
-                    emit(with_ports(vec![]));
+                    with_ports(None);
                     continue;
                 };
                 for id in ids.iter().collect::<BTreeSet<_>>() {
                     for family in [IpFamily::V4, IpFamily::V6] {
                         let set = group_set(id, family);
-                        let is_addresses = matches!(
-                            out.sets.get(&set),
-                            Some(SetDef {
-                                kind: SetKind::Addresses(_),
-                                ..
-                            })
-                        );
+                        let is_addresses =
+                            out.sets.get(&set).is_some_and(|s| s.kind.is_addresses());
                         if is_addresses && rules.groups.contains_key(id.as_str()) {
-                            emit(with_ports(vec![Match::AddrInSet {
+                            with_ports(Some(Match::AddrInSet {
                                 family,
                                 end: peer_end,
                                 set,
-                            }]));
+                            }));
                         }
                     }
                 }
@@ -472,7 +520,8 @@ fn instance_rules(
     Ok(list)
 }
 
-fn normalize_ports(ports: &[PortRange]) -> Vec<PortRange> {
+/// The clause's ports per protocol: sorted, overlapping and adjacent ranges merged.
+fn ports_by_protocol(ports: &[PortRange]) -> BTreeMap<Protocol, Vec<(u16, u16)>> {
     let mut by_proto: BTreeMap<Protocol, Vec<(u16, u16)>> = BTreeMap::new();
     for p in ports {
         let (lo, hi) = if p.start <= p.end {
@@ -482,11 +531,10 @@ fn normalize_ports(ports: &[PortRange]) -> Vec<PortRange> {
         };
         by_proto.entry(p.protocol).or_default().push((lo, hi));
     }
-    let mut out = Vec::new();
-    for (protocol, mut ranges) in by_proto {
+    for ranges in by_proto.values_mut() {
         ranges.sort_unstable();
-        let mut merged: Vec<(u16, u16)> = Vec::new();
-        for (lo, hi) in ranges {
+        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+        for &(lo, hi) in ranges.iter() {
             match merged.last_mut() {
                 // Interval sets reject overlapping elements, and nft merges adjacent ones
                 // when listing: merging here keeps the render and the kernel's view alike.
@@ -496,13 +544,9 @@ fn normalize_ports(ports: &[PortRange]) -> Vec<PortRange> {
                 _ => merged.push((lo, hi)),
             }
         }
-        out.extend(merged.into_iter().map(|(start, end)| PortRange {
-            protocol,
-            start,
-            end,
-        }));
+        *ranges = merged;
     }
-    out
+    by_proto
 }
 
 #[cfg(test)]
@@ -520,6 +564,71 @@ mod tests {
         assert!(pod_part(&PodKey::new("a b", "c")).starts_with("h-"));
     }
 
+    fn one_group(group: Group) -> NodeRuleSet {
+        let mut rules = NodeRuleSet::default();
+        rules
+            .groups
+            .insert("g-1".into(), std::sync::Arc::new(group));
+        rules
+    }
+
+    #[test]
+    fn host_groups_are_hash_sets_of_single_addresses() {
+        let mut hosts = palisade_policy::AddrSet::default();
+        // A merged range of three adjacent pod addresses, and one IPv6 pod.
+        hosts.v4.push((
+            u32::from(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+            u32::from(std::net::Ipv4Addr::new(10, 0, 0, 3)),
+        ));
+        hosts.v6.push((1, 1));
+        let out = render(&one_group(Group::Hosts(hosts)), &Interfaces::new()).unwrap();
+        let v4 = &out.sets["g-1_4"];
+        assert_eq!(v4.kind, SetKind::Hosts(IpFamily::V4));
+        let texts: Vec<String> = v4.elements.iter().map(text::element_text).collect();
+        assert_eq!(texts, ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        assert_eq!(out.sets["g-1_6"].kind, SetKind::Hosts(IpFamily::V6));
+        let table = text::to_text(&out);
+        assert!(
+            table.contains(
+                "set g-1_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.0.0.1, 10.0.0.2, 10.0.0.3 }"
+            ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn address_groups_stay_interval_sets() {
+        let block = palisade_policy::AddrSet::from_block(&"10.0.0.0/30".parse().unwrap(), &[]);
+        let out = render(&one_group(Group::Addresses(block)), &Interfaces::new()).unwrap();
+        assert_eq!(out.sets["g-1_4"].kind, SetKind::Addresses(IpFamily::V4));
+        assert_eq!(
+            text::element_text(&out.sets["g-1_4"].elements[0]),
+            "10.0.0.0/30"
+        );
+        assert!(text::to_text(&out).contains("flags interval"));
+    }
+
+    #[test]
+    fn oversized_host_groups_are_refused_before_expanding() {
+        let mut hosts = palisade_policy::AddrSet::default();
+        hosts.v6.push((0, u128::MAX));
+        let err = render(&one_group(Group::Hosts(hosts)), &Interfaces::new()).unwrap_err();
+        assert_eq!(
+            err,
+            RenderError::TooManyHosts {
+                group: "g-1".into(),
+                count: u128::MAX
+            }
+        );
+        assert!(err.to_string().contains("g-1"), "{err}");
+        let mut hosts = palisade_policy::AddrSet::default();
+        hosts.v4.push((0, MAX_HOSTS_PER_GROUP as u32));
+        assert!(matches!(
+            render(&one_group(Group::Hosts(hosts)), &Interfaces::new()),
+            Err(RenderError::TooManyHosts { count, .. }) if count == MAX_HOSTS_PER_GROUP + 1
+        ));
+    }
+
     #[test]
     fn overlapping_and_adjacent_ports_merge_per_protocol() {
         let p = |protocol, start, end| PortRange {
@@ -527,19 +636,19 @@ mod tests {
             start,
             end,
         };
-        let merged = normalize_ports(&[
+        let merged = ports_by_protocol(&[
             p(Protocol::Tcp, 80, 80),
             p(Protocol::Udp, 53, 53),
             p(Protocol::Tcp, 81, 90),
             p(Protocol::Tcp, 85, 85),
             p(Protocol::Tcp, 443, 443),
+            p(Protocol::Udp, 60, 54),
         ]);
         assert_eq!(
-            merged,
+            merged.into_iter().collect::<Vec<_>>(),
             vec![
-                p(Protocol::Tcp, 80, 90),
-                p(Protocol::Tcp, 443, 443),
-                p(Protocol::Udp, 53, 53)
+                (Protocol::Tcp, vec![(80, 90), (443, 443)]),
+                (Protocol::Udp, vec![(53, 60)])
             ]
         );
     }

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use palisade_policy::model::{Direction, PodKey, Protocol, RuleOrigin};
-use palisade_policy::ruleset::PortRange;
 
 /// The only table the agent ever touches.
 pub const TABLE: &str = "palisade";
@@ -84,10 +83,28 @@ pub enum SetElement {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SetKind {
-    /// `type ipv4_addr` / `ipv6_addr`, `flags interval`.
+    /// `type ipv4_addr` / `ipv6_addr`, `flags interval`: CIDR blocks less exceptions.
     Addresses(IpFamily),
+    /// `type ipv4_addr` / `ipv6_addr`, a plain hash set of single addresses: pods' and
+    /// nodes' addresses. Hash sets cost less to load and look up than interval sets, and
+    /// nft 1.0.x adds an element to them without first fetching every element of every
+    /// interval set of the table (it does that for interval sets, to check overlaps).
+    Hosts(IpFamily),
     /// `type ipv4_addr . inet_proto . inet_service`.
     NamedPorts(IpFamily),
+}
+
+impl SetKind {
+    pub fn family(self) -> IpFamily {
+        match self {
+            SetKind::Addresses(f) | SetKind::Hosts(f) | SetKind::NamedPorts(f) => f,
+        }
+    }
+
+    /// Whether the set holds peer addresses (matched with `ip saddr @set`).
+    pub fn is_addresses(self) -> bool {
+        matches!(self, SetKind::Addresses(_) | SetKind::Hosts(_))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,8 +154,12 @@ pub enum Match {
         end: End,
         set: String,
     },
-    /// `meta l4proto . th dport { tcp . 80, udp . 53-60 }`.
-    Ports(Vec<PortRange>),
+    /// `meta l4proto tcp`: first in a rule, the cheapest test rejects other protocols
+    /// before any set lookup.
+    Protocol(Protocol),
+    /// `th dport 80`, `th dport 8000-8100` or `th dport { 80, 8000-8100 }`: merged, sorted,
+    /// inclusive ranges of one protocol (a [`Match::Protocol`] precedes it in the rule).
+    Dports(Vec<(u16, u16)>),
     /// `ip daddr . meta l4proto . th dport @set`.
     EndpointInSet {
         family: IpFamily,

@@ -5,7 +5,6 @@ use std::fmt::Write;
 use std::net::IpAddr;
 
 use palisade_policy::model::{Direction, Protocol};
-use palisade_policy::ruleset::PortRange;
 
 use super::model::*;
 
@@ -59,11 +58,11 @@ pub fn element_text(e: &SetElement) -> String {
     }
 }
 
-fn port_text(p: &PortRange) -> String {
-    if p.start == p.end {
-        format!("{} . {}", protocol_name(p.protocol), p.start)
+fn port_range_text(&(lo, hi): &(u16, u16)) -> String {
+    if lo == hi {
+        lo.to_string()
     } else {
-        format!("{} . {}-{}", protocol_name(p.protocol), p.start, p.end)
+        format!("{lo}-{hi}")
     }
 }
 
@@ -86,10 +85,14 @@ pub fn match_text(m: &Match) -> String {
         Match::AddrInSet { family, end, set } => {
             format!("{} {} @{}", family.payload(), end.field(), set)
         }
-        Match::Ports(ports) => {
-            let list: Vec<String> = ports.iter().map(port_text).collect();
-            format!("meta l4proto . th dport {{ {} }}", list.join(", "))
-        }
+        Match::Protocol(p) => format!("meta l4proto {}", protocol_name(*p)),
+        Match::Dports(ranges) => match ranges.as_slice() {
+            [one] => format!("th dport {}", port_range_text(one)),
+            _ => {
+                let list: Vec<String> = ranges.iter().map(port_range_text).collect();
+                format!("th dport {{ {} }}", list.join(", "))
+            }
+        },
         Match::EndpointInSet { family, end, set } => format!(
             "{} {} . meta l4proto . th dport @{}",
             family.payload(),
@@ -135,6 +138,7 @@ pub fn base_statement_text(s: &BaseStatement) -> String {
 fn set_type_text(kind: SetKind) -> (String, bool) {
     match kind {
         SetKind::Addresses(f) => (f.addr_type().to_string(), true),
+        SetKind::Hosts(f) => (f.addr_type().to_string(), false),
         SetKind::NamedPorts(f) => (
             format!("{} . inet_proto . inet_service", f.addr_type()),
             false,

@@ -34,14 +34,27 @@ pub(crate) enum GroupDef {
     },
 }
 
-/// FNV-1a: stable across runs and platforms, unlike `DefaultHasher`.
-pub(crate) fn stable_hash(text: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// FNV-1a over formatted text: stable across runs and platforms, unlike `DefaultHasher`,
+/// and fed by `write!` so no string is built.
+struct Fnv(u64);
+
+impl std::fmt::Write for Fnv {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for b in s.as_bytes() {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(())
     }
-    h
+}
+
+/// The stable hash of a value's `Debug` form.
+pub(crate) fn stable_hash(value: &impl std::fmt::Debug) -> u64 {
+    use std::fmt::Write;
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    // Writing into Fnv cannot fail.
+    let _ = write!(h, "{value:?}");
+    h.0
 }
 
 impl GroupDef {
@@ -70,7 +83,7 @@ impl GroupDef {
     }
 
     pub(crate) fn id(&self) -> GroupId {
-        format!("g-{:016x}", stable_hash(&format!("{self:?}")))
+        format!("g-{:016x}", stable_hash(self))
     }
 
     /// Whether a (non-host-network) pod is a member of a pod-based group.
@@ -209,14 +222,12 @@ impl GroupState {
                             })
                             .collect(),
                     ),
-                    GroupDef::Pods { .. } | GroupDef::Nodes(_) => {
-                        Group::Addresses(AddrSet::from_addrs(self.members.keys().filter_map(|m| {
-                            match m {
-                                Member::Addr(a) => Some(*a),
-                                Member::Endpoint(_) => None,
-                            }
-                        })))
-                    }
+                    GroupDef::Pods { .. } | GroupDef::Nodes(_) => Group::Hosts(
+                        AddrSet::from_addrs(self.members.keys().filter_map(|m| match m {
+                            Member::Addr(a) => Some(*a),
+                            Member::Endpoint(_) => None,
+                        })),
+                    ),
                 })
             })
             .clone()

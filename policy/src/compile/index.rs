@@ -32,8 +32,8 @@ static NO_LABELS: Labels = Labels::new();
 /// What the policies mean for every pod of one namespace with the same labels and ports.
 #[derive(PartialEq)]
 struct Compiled {
-    ingress: DirectionRules,
-    egress: DirectionRules,
+    ingress: Arc<DirectionRules>,
+    egress: Arc<DirectionRules>,
     defs: Vec<(GroupId, Arc<GroupDef>)>,
 }
 
@@ -132,27 +132,31 @@ impl Compiler {
         for ns in namespaces {
             c.refresh_tiered_for_namespace(&ns);
         }
-        // Every pod's rules first (the cluster is only read), then their group references.
+        // One pass over the pods, taken out of the cluster so they can be read while the
+        // index grows; groups are created empty and their members computed once, after.
+        let pods = std::mem::take(&mut c.cluster.pods);
         let mut memo = std::mem::take(&mut c.memo);
-        let mut entries = Vec::with_capacity(c.cluster.pods.len());
-        for (key, pod) in c.cluster.pods.iter().filter(|(_, p)| !p.host_network) {
+        for (key, pod) in pods.iter().filter(|(_, p)| !p.host_network) {
             let compiled = c.compiled_for(&mut memo, pod);
-            entries.push((key.clone(), pod.node.clone(), pod.ips.clone(), compiled));
+            let node = c.node_name(&pod.node);
+            for (gid, def) in &compiled.defs {
+                c.reference_group(&node, gid, def);
+            }
+            let entry = PodEntry {
+                node,
+                ips: pod.ips.clone(),
+                compiled,
+            };
+            c.pod_entries.insert(key.clone(), entry);
         }
         c.memo = memo;
-        for (key, node, ips, compiled) in entries {
-            let node = c.node_name(&node);
-            for (gid, def) in &compiled.defs {
-                c.acquire_ref(&node, gid, def);
+        c.cluster.pods = pods;
+        let ids: Vec<GroupId> = c.groups.keys().cloned().collect();
+        for gid in ids {
+            let members = c.compute_members(&c.groups[&gid].def);
+            if let Some(g) = c.groups.get_mut(&gid) {
+                g.reset(members);
             }
-            c.pod_entries.insert(
-                key,
-                PodEntry {
-                    node,
-                    ips,
-                    compiled,
-                },
-            );
         }
         c
     }
@@ -592,8 +596,8 @@ impl Compiler {
         let mut seen = BTreeSet::new();
         defs.retain(|(id, _)| seen.insert(id.clone()));
         Compiled {
-            ingress,
-            egress,
+            ingress: Arc::new(ingress),
+            egress: Arc::new(egress),
             defs,
         }
     }
@@ -607,8 +611,27 @@ impl Compiler {
             self.index_group(gid, &state.def);
             self.groups.insert(gid.clone(), state);
         }
-        let g = self.groups.get_mut(gid).expect("inserted above");
-        *g.nodes.entry(node.clone()).or_insert(0) += 1;
+        self.reference_group(node, gid, def);
+    }
+
+    /// Counts a reference from `node`, creating the group without members if it is new (the
+    /// full compile computes all members at the end).
+    fn reference_group(&mut self, node: &Arc<str>, gid: &GroupId, def: &Arc<GroupDef>) {
+        let g = match self.groups.get_mut(gid) {
+            Some(g) => g,
+            None => {
+                self.index_group(gid, def);
+                self.groups
+                    .entry(gid.clone())
+                    .or_insert_with(|| GroupState::new(def.clone()))
+            }
+        };
+        match g.nodes.get_mut(node) {
+            Some(c) => *c += 1,
+            None => {
+                g.nodes.insert(node.clone(), 1);
+            }
+        }
     }
 
     fn release_refs<'a>(&mut self, node: &str, refs: impl Iterator<Item = &'a GroupId>) {

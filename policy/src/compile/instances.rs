@@ -24,7 +24,7 @@ pub(crate) struct CompiledRule {
 }
 
 pub(crate) fn rule_id(origin: &RuleOrigin) -> RuleId {
-    format!("r-{:016x}", stable_hash(&format!("{origin:?}")))
+    format!("r-{:016x}", stable_hash(origin))
 }
 
 impl CompiledPolicy {

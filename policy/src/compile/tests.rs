@@ -177,10 +177,9 @@ fn groups_are_shared_and_ids_stable() {
     // db's two policies on n1 name the same peer: one group, referenced by both rules.
     assert_eq!(n1.groups.len(), 1, "{:?}", n1.groups.keys());
     assert_eq!(n1.pod("a", "db").unwrap().ingress.network_policy.len(), 2);
-    let api_group = n1
-        .groups
-        .values()
-        .find(|g| matches!(&***g, Group::Addresses(a) if a.contains("10.0.2.1".parse::<IpAddr>().unwrap())));
+    let api_group = n1.groups.values().find(
+        |g| matches!(&***g, Group::Hosts(a) if a.contains("10.0.2.1".parse::<IpAddr>().unwrap())),
+    );
     assert!(api_group.is_some());
     assert!(n1
         .groups

@@ -1,0 +1,710 @@
+//! Apply benchmark (issue 4, benchmark a): one node with 110 isolated pods whose rules
+//! reference address groups totalling 150,000 addresses (20 groups of 7,500 pod addresses,
+//! plus CIDR-with-except groups and a named-port group), with Admin-tier and NetworkPolicy
+//! rules in both directions. Palisade's nftables path is measured side by side with the
+//! iptables + ipset rendering of the same rule set (kube-router style, see
+//! `common/iptables.rs`), interleaved, in network namespaces of the bench's own:
+//!
+//! * full apply: fresh namespace, empty table → whole rule set (median of 7);
+//! * incremental: one address added to one group (median of 30) — Palisade: the changed
+//!   rule set through `Applier::apply` (one set-element transaction); iptables: `ipset add`.
+//!
+//! Run (as root): `cargo bench -p palisade-agent --bench apply`
+//! (`PALISADE_BENCH_IPTABLES=legacy` measures iptables-legacy instead of the system's
+//! default iptables backend.)
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::{group_id, iptables, median, ms, print_table, rule_id, sh, sh_stdin, unique, Netns};
+use palisade_agent::{render, Applier, ApplyKind, Interfaces, Nft};
+use palisade_policy::model::{
+    Action, Direction, PodKey, PolicyId, PolicyKind, Protocol, RuleOrigin, Tier,
+};
+use palisade_policy::ruleset::{
+    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortEndpoint, PortRange, RuleInstance,
+};
+use palisade_policy::AddrSet;
+
+const NAMESPACES: usize = 10;
+const PODS_PER_NAMESPACE: usize = 11;
+const POD_GROUPS: usize = 20;
+const PER_GROUP: u32 = 7_500;
+const FULL_REPS: usize = 7;
+const INCREMENTAL_REPS: usize = 30;
+
+/// The `j`-th pod address of the (synthetic) cluster, 10.16.0.0/13.
+fn cluster_ip(j: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 16, 0, 0)) + j)
+}
+
+/// Group `g`'s pod addresses: every 41st cluster address, so no two are adjacent (the
+/// compiler would merge adjacent addresses into one range).
+fn pod_group(g: usize) -> AddrSet {
+    AddrSet::from_addrs((0..PER_GROUP).map(|i| IpAddr::V4(cluster_ip(i * 41 + g as u32 * 7))))
+}
+
+fn block(cidr: &str, except: &[&str]) -> AddrSet {
+    let net = cidr.parse().expect("constant CIDR");
+    let except: Vec<_> = except
+        .iter()
+        .map(|e| e.parse().expect("constant CIDR"))
+        .collect();
+    AddrSet::from_block(&net, &except)
+}
+
+fn ports(list: &[(Protocol, u16, u16)]) -> Option<Vec<PortRange>> {
+    Some(
+        list.iter()
+            .map(|&(protocol, start, end)| PortRange {
+                protocol,
+                start,
+                end,
+            })
+            .collect(),
+    )
+}
+
+struct Builder {
+    rules: NodeRuleSet,
+}
+
+impl Builder {
+    fn instance(
+        &mut self,
+        policy: (PolicyKind, Option<String>, &str),
+        (tier, priority): (Tier, u32),
+        direction: Direction,
+        index: usize,
+        action: Action,
+        clauses: Vec<Clause>,
+    ) -> RuleInstance {
+        let (kind, namespace, name) = policy;
+        let origin = RuleOrigin {
+            policy: PolicyId {
+                kind,
+                namespace,
+                name: name.to_string(),
+            },
+            tier,
+            priority,
+            direction,
+            index,
+            name: None,
+        };
+        let id = rule_id(&format!("{origin:?}"));
+        self.rules.rules.insert(id.clone(), origin);
+        RuleInstance {
+            rule: id,
+            action,
+            clauses,
+        }
+    }
+}
+
+fn peer_port(groups: &[&str], p: Option<Vec<PortRange>>) -> Clause {
+    Clause::PeerPort {
+        peers: Some(groups.iter().map(|g| g.to_string()).collect()),
+        ports: p,
+    }
+}
+
+/// Names of the groups, in the order `node_rules` creates them.
+struct Groups {
+    pods: Vec<String>,
+    internet: String,
+    corp: String,
+    quarantine: String,
+    metrics: String,
+}
+
+fn node_rules() -> (NodeRuleSet, Groups, Interfaces) {
+    use Protocol::{Tcp, Udp};
+    let mut b = Builder {
+        rules: NodeRuleSet {
+            node: "node-7".into(),
+            node_addresses: vec!["192.0.2.7".parse().expect("constant")],
+            ..NodeRuleSet::default()
+        },
+    };
+    let add_group = |b: &mut Builder, name: &str, g: Group| {
+        let id = group_id(name);
+        b.rules.groups.insert(id.clone(), Arc::new(g));
+        id
+    };
+    let pods: Vec<String> = (0..POD_GROUPS)
+        .map(|g| add_group(&mut b, &format!("pods-{g}"), Group::Hosts(pod_group(g))))
+        .collect();
+    let internet = add_group(
+        &mut b,
+        "internet",
+        Group::Addresses(block(
+            "0.0.0.0/0",
+            &[
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+                "169.254.0.0/16",
+            ],
+        )),
+    );
+    let corp = add_group(
+        &mut b,
+        "corp",
+        Group::Addresses(block(
+            "192.168.0.0/16",
+            &["192.168.10.0/24", "192.168.200.0/24"],
+        )),
+    );
+    let quarantine = add_group(
+        &mut b,
+        "quarantine",
+        Group::Addresses(block("172.20.0.0/14", &["172.21.5.0/24"])),
+    );
+    let metrics = add_group(
+        &mut b,
+        "metrics",
+        Group::NamedPorts(
+            (0..200u32)
+                .map(|k| PortEndpoint {
+                    addr: IpAddr::V4(cluster_ip(k * 97 + 3)),
+                    protocol: Tcp,
+                    port: 9100 + (k % 3) as u16,
+                })
+                .collect(),
+        ),
+    );
+
+    let cnp = |name: &'static str| (PolicyKind::ClusterNetworkPolicy, None, name);
+    let admin_in = vec![
+        b.instance(
+            cnp("security-quarantine"),
+            (Tier::Admin, 10),
+            Direction::Ingress,
+            0,
+            Action::Deny,
+            vec![peer_port(&[&quarantine], None)],
+        ),
+        b.instance(
+            cnp("monitoring"),
+            (Tier::Admin, 20),
+            Direction::Ingress,
+            0,
+            Action::Pass,
+            vec![peer_port(&[&pods[19]], ports(&[(Tcp, 9090, 9090)]))],
+        ),
+    ];
+    let admin_out = vec![
+        b.instance(
+            cnp("dns"),
+            (Tier::Admin, 5),
+            Direction::Egress,
+            0,
+            Action::Allow,
+            vec![peer_port(
+                &[&pods[18]],
+                ports(&[(Udp, 53, 53), (Tcp, 53, 53)]),
+            )],
+        ),
+        b.instance(
+            cnp("security-quarantine"),
+            (Tier::Admin, 10),
+            Direction::Egress,
+            0,
+            Action::Deny,
+            vec![peer_port(&[&quarantine], None)],
+        ),
+    ];
+
+    let mut interfaces = Interfaces::new();
+    for n in 0..NAMESPACES {
+        let ns = format!("app-{n}");
+        let np = |name: &'static str| (PolicyKind::NetworkPolicy, Some(ns.clone()), name);
+        let isolated_by = vec![
+            PolicyId {
+                kind: PolicyKind::NetworkPolicy,
+                namespace: Some(ns.clone()),
+                name: "default-deny".into(),
+            },
+            PolicyId {
+                kind: PolicyKind::NetworkPolicy,
+                namespace: Some(ns.clone()),
+                name: "allow-app".into(),
+            },
+        ];
+        let ingress = vec![
+            b.instance(
+                np("allow-app"),
+                (Tier::NetworkPolicy, 0),
+                Direction::Ingress,
+                0,
+                Action::Allow,
+                vec![peer_port(
+                    &[&pods[2 * n], &pods[2 * n + 1]],
+                    ports(&[(Tcp, 8080, 8080), (Tcp, 8443, 8443)]),
+                )],
+            ),
+            b.instance(
+                np("allow-app"),
+                (Tier::NetworkPolicy, 0),
+                Direction::Ingress,
+                1,
+                Action::Allow,
+                vec![peer_port(
+                    &[&pods[(2 * n + 2) % 18]],
+                    ports(&[(Tcp, 9000, 9100), (Udp, 5000, 5010)]),
+                )],
+            ),
+            b.instance(
+                np("allow-app"),
+                (Tier::NetworkPolicy, 0),
+                Direction::Ingress,
+                2,
+                Action::Allow,
+                vec![peer_port(&[&corp], ports(&[(Tcp, 443, 443)]))],
+            ),
+        ];
+        let egress = vec![
+            b.instance(
+                np("allow-app"),
+                (Tier::NetworkPolicy, 0),
+                Direction::Egress,
+                0,
+                Action::Allow,
+                vec![peer_port(
+                    &[&pods[(2 * n + 3) % 18]],
+                    ports(&[(Tcp, 5432, 5432), (Tcp, 6379, 6379)]),
+                )],
+            ),
+            b.instance(
+                np("allow-app"),
+                (Tier::NetworkPolicy, 0),
+                Direction::Egress,
+                1,
+                Action::Allow,
+                vec![peer_port(
+                    &[&internet],
+                    ports(&[(Tcp, 80, 80), (Tcp, 443, 443)]),
+                )],
+            ),
+            b.instance(
+                np("allow-app"),
+                (Tier::NetworkPolicy, 0),
+                Direction::Egress,
+                2,
+                Action::Allow,
+                vec![Clause::NamedPort {
+                    group: metrics.clone(),
+                }],
+            ),
+        ];
+        for k in 0..PODS_PER_NAMESPACE {
+            let p = n * PODS_PER_NAMESPACE + k;
+            let name = format!("web-{k}");
+            b.rules.pods.push(PodRules {
+                namespace: ns.clone(),
+                name: name.clone(),
+                ips: vec![IpAddr::V4(Ipv4Addr::new(10, 244, 7, p as u8 + 2))],
+                ingress: DirectionRules {
+                    admin: admin_in.clone(),
+                    isolated_by: isolated_by.clone(),
+                    network_policy: ingress.clone(),
+                    baseline: vec![],
+                }
+                .into(),
+                egress: DirectionRules {
+                    admin: admin_out.clone(),
+                    isolated_by: isolated_by.clone(),
+                    network_policy: egress.clone(),
+                    baseline: vec![],
+                }
+                .into(),
+            });
+            interfaces.insert(PodKey::new(&ns, &name), format!("cali{p:08x}"));
+        }
+    }
+    let groups = Groups {
+        pods,
+        internet,
+        corp,
+        quarantine,
+        metrics,
+    };
+    (b.rules, groups, interfaces)
+}
+
+/// The rule set with `extra` added to pod group 0.
+fn with_extra_address(base: &NodeRuleSet, group: &str, extra: &[IpAddr]) -> NodeRuleSet {
+    let mut rules = base.clone();
+    let mut set = pod_group(0);
+    for &a in extra {
+        set.push_addr(a);
+    }
+    set.normalize();
+    rules
+        .groups
+        .insert(group.to_string(), Arc::new(Group::Hosts(set)));
+    rules
+}
+
+/// The `i`-th address added by the incremental runs: outside every group, not adjacent.
+fn extra_address(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        10,
+        250,
+        (i / 100) as u8,
+        (2 * (i % 100)) as u8 + 1,
+    ))
+}
+
+#[derive(Default)]
+struct Samples(BTreeMap<&'static str, Vec<f64>>);
+
+impl Samples {
+    fn push(&mut self, key: &'static str, v: f64) {
+        self.0.entry(key).or_default().push(v);
+    }
+    fn median(&self, key: &str) -> f64 {
+        self.0.get(key).map(|v| median(v)).unwrap_or(f64::NAN)
+    }
+}
+
+fn palisade_full(netns: &str, rules: NodeRuleSet, interfaces: Interfaces) -> [f64; 3] {
+    common::in_netns(netns, move || {
+        let t0 = Instant::now();
+        let desired = render(&rules, &interfaces).expect("render");
+        let t1 = Instant::now();
+        let mut applier = Applier::new(Nft::local());
+        let out = applier.apply(&desired).expect("full apply");
+        let t2 = Instant::now();
+        assert_eq!(out.kind, ApplyKind::Full);
+        [ms(t1 - t0), ms(out.duration), ms(t2 - t0)]
+    })
+    .join()
+    .expect("palisade full apply thread")
+}
+
+fn iptables_full(netns: &str, rules: NodeRuleSet, interfaces: Interfaces) -> [f64; 4] {
+    common::in_netns(netns, move || {
+        let t0 = Instant::now();
+        let r = iptables::render(&rules, &interfaces);
+        let t1 = Instant::now();
+        sh_stdin(&["ipset", "restore"], &r.ipset);
+        let t2 = Instant::now();
+        sh_stdin(&[iptables::restore_program(), "-w"], &r.iptables);
+        let t3 = Instant::now();
+        [ms(t1 - t0), ms(t2 - t1), ms(t3 - t2), ms(t3 - t0)]
+    })
+    .join()
+    .expect("iptables full apply thread")
+}
+
+/// Counts what landed in the kernel, once, outside the timings.
+fn check_loaded(netns: &str, groups: &Groups, rules: &NodeRuleSet, interfaces: &Interfaces) {
+    let nft_json = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        "nft",
+        "-j",
+        "list",
+        "set",
+        "inet",
+        "palisade",
+        &format!("{}_4", groups.pods[0]),
+    ]);
+    let doc: serde_json::Value = serde_json::from_str(&nft_json).expect("nft JSON");
+    let elems = doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["set"]["elem"].as_array())
+        .map(Vec::len)
+        .sum::<usize>();
+    let expected = PER_GROUP as usize + INCREMENTAL_REPS;
+    assert_eq!(
+        elems, expected,
+        "nft set of pod group 0 holds every address"
+    );
+    let r = iptables::render(rules, interfaces);
+    let listing = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        "ipset",
+        "list",
+        "-t",
+        &r.sets[&groups.pods[0]],
+    ]);
+    assert!(
+        listing.contains(&format!("Number of entries: {expected}")),
+        "ipset of pod group 0: {listing}"
+    );
+    let saved = sh(&["ip", "netns", "exec", netns, iptables::list_program(), "-S"]);
+    let n = saved.lines().filter(|l| l.starts_with("-A ")).count();
+    assert_eq!(n, r.rules, "every iptables rule loaded");
+}
+
+/// Writes what both sides load, for inspection and for timing the tools by hand.
+fn dump(dir: &str, rendered: &palisade_agent::Ruleset, ipt: &iptables::Rendered) {
+    let write = |name: &str, text: &str| {
+        let path = format!("{dir}/{name}");
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    };
+    write(
+        "table.nft",
+        &palisade_agent::render::text::to_text(rendered),
+    );
+    write(
+        "table.json",
+        &palisade_agent::render::json::payload_of(&palisade_agent::render::json::replace_all(
+            rendered,
+        )),
+    );
+    write("ipset.restore", &ipt.ipset);
+    write("iptables.restore", &ipt.iptables);
+    println!("wrote table.nft, table.json, ipset.restore, iptables.restore to {dir}");
+}
+
+fn main() {
+    if !common::can_run("apply") {
+        return;
+    }
+    iptables::self_check();
+    let (rules, groups, interfaces) = node_rules();
+    let rendered = render(&rules, &interfaces).expect("render");
+    let ipt = iptables::render(&rules, &interfaces);
+    let nft_elements: usize = rendered.sets.values().map(|s| s.elements.len()).sum();
+    let nft_rules: usize = rendered.chains.values().map(Vec::len).sum();
+    let addresses: usize = groups.pods.len() * PER_GROUP as usize;
+    println!(
+        "rule set: {} pods (all isolated both ways), {} groups ({} pod addresses in {} pod groups; \
+         CIDR-with-except groups {}, {}, {}; named-port group {}), {} rules",
+        rules.pods.len(),
+        rules.groups.len(),
+        addresses,
+        groups.pods.len(),
+        rules.groups[&groups.internet].len(),
+        rules.groups[&groups.corp].len(),
+        rules.groups[&groups.quarantine].len(),
+        rules.groups[&groups.metrics].len(),
+        rules.rules.len()
+    );
+    println!(
+        "nftables: {} sets, {} set elements, {} chains, {} rules",
+        rendered.sets.len(),
+        nft_elements,
+        rendered.chains.len(),
+        nft_rules
+    );
+    println!(
+        "iptables: {} ipsets, {} ipset entries, {} iptables rules ({})",
+        ipt.sets.len(),
+        ipt.set_elements,
+        ipt.rules,
+        iptables::backend()
+    );
+
+    if let Ok(dir) = std::env::var("PALISADE_BENCH_DUMP") {
+        dump(&dir, &rendered, &ipt);
+    }
+
+    let mut s = Samples::default();
+    for rep in 0..FULL_REPS {
+        // Alternate which side goes first, so drift in machine load hits both alike.
+        let order = if rep % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let ns = Netns::new(unique("pba-"));
+            if side == 0 {
+                let [render_ms, nft_ms, total] =
+                    palisade_full(&ns.name, rules.clone(), interfaces.clone());
+                s.push("p_full_render", render_ms);
+                s.push("p_full_nft", nft_ms);
+                s.push("p_full_total", total);
+            } else {
+                let [render_ms, ipset_ms, ipt_ms, total] =
+                    iptables_full(&ns.name, rules.clone(), interfaces.clone());
+                s.push("i_full_render", render_ms);
+                s.push("i_full_ipset", ipset_ms);
+                s.push("i_full_iptables", ipt_ms);
+                s.push("i_full_tools", ipset_ms + ipt_ms);
+                s.push("i_full_total", total);
+            }
+        }
+        eprintln!(
+            "full apply rep {rep}: palisade {:.1} ms, iptables {:.1} ms",
+            s.0["p_full_total"].last().copied().unwrap_or(f64::NAN),
+            s.0["i_full_total"].last().copied().unwrap_or(f64::NAN)
+        );
+    }
+
+    // Incremental: both sides loaded in one namespace, one address added per step.
+    let ns = Netns::new(unique("pbi-"));
+    let (r0, g0, i0) = (rules.clone(), groups.pods[0].clone(), interfaces.clone());
+    let set0 = ipt.sets[&groups.pods[0]].clone();
+    let incremental = common::in_netns(&ns.name, move || {
+        let mut applier = Applier::new(Nft::local());
+        applier
+            .apply(&render(&r0, &i0).expect("render"))
+            .expect("initial apply");
+        let r = iptables::render(&r0, &i0);
+        sh_stdin(&["ipset", "restore"], &r.ipset);
+        sh_stdin(&[iptables::restore_program(), "-w"], &r.iptables);
+        let mut out: Vec<[f64; 7]> = Vec::new();
+        let mut extra = Vec::new();
+        for i in 0..INCREMENTAL_REPS {
+            extra.push(extra_address(i));
+            // Building the changed rule set is the compiler's work, not the agent's.
+            let changed = with_extra_address(&r0, &g0, &extra);
+            let t0 = Instant::now();
+            let desired = render(&changed, &i0).expect("render");
+            let t1 = Instant::now();
+            let outcome = applier.apply(&desired).expect("incremental apply");
+            let t2 = Instant::now();
+            assert_eq!(outcome.kind, ApplyKind::Incremental);
+            assert_eq!(outcome.commands, 1, "one set-element command");
+            let addr = extra_address(i).to_string();
+            let t3 = Instant::now();
+            sh(&["ipset", "add", &set0, &addr]);
+            let t4 = Instant::now();
+            // What a /metrics scrape costs: the agent's netlink dump, and `nft list
+            // counters` (which fetches every set element first).
+            let n_netlink = applier.nft().counters().expect("netlink counters").len();
+            let t5 = Instant::now();
+            let n_nft = applier.nft().counters_by_nft().expect("nft counters").len();
+            let t6 = Instant::now();
+            assert_eq!(n_netlink, n_nft, "both readers see every counter");
+            out.push([
+                ms(t1 - t0),
+                ms(outcome.duration),
+                ms(t2 - t1),
+                ms(t2 - t0),
+                ms(t4 - t3),
+                ms(t5 - t4),
+                ms(t6 - t5),
+            ]);
+        }
+        out
+    })
+    .join()
+    .expect("incremental thread");
+    for [render_ms, nft_ms, apply_ms, total, ipset_ms, netlink_ms, list_ms] in incremental {
+        s.push("p_counters_netlink", netlink_ms);
+        s.push("p_counters_nft", list_ms);
+        s.push("p_inc_render", render_ms);
+        s.push("p_inc_nft", nft_ms);
+        s.push("p_inc_apply", apply_ms);
+        s.push("p_inc_total", total);
+        s.push("i_inc_ipset", ipset_ms);
+    }
+    check_loaded(&ns.name, &groups, &rules, &interfaces);
+    drop(ns);
+
+    let f = |v: f64| format!("{v:.1}");
+    let f2 = |v: f64| format!("{v:.2}");
+    let ratio = |a: f64, b: f64| format!("{:.2}x", a / b);
+    println!();
+    println!("Full apply (median of {FULL_REPS}, ms; fresh namespace each time, interleaved):");
+    print_table(&[
+        vec![
+            "step".into(),
+            "Palisade nft".into(),
+            "iptables+ipset".into(),
+            "Palisade/iptables".into(),
+            "target".into(),
+        ],
+        vec![
+            "render (rule set → table/scripts)".into(),
+            f(s.median("p_full_render")),
+            f(s.median("i_full_render")),
+            ratio(s.median("p_full_render"), s.median("i_full_render")),
+            String::new(),
+        ],
+        vec![
+            "kernel tools (nft -j -f | ipset restore + iptables-restore)".into(),
+            f(s.median("p_full_nft")),
+            f(s.median("i_full_tools")),
+            ratio(s.median("p_full_nft"), s.median("i_full_tools")),
+            String::new(),
+        ],
+        vec![
+            "  of which ipset restore / iptables-restore".into(),
+            String::new(),
+            format!(
+                "{} / {}",
+                f(s.median("i_full_ipset")),
+                f(s.median("i_full_iptables"))
+            ),
+            String::new(),
+            String::new(),
+        ],
+        vec![
+            "total (render + Applier::apply incl. read-back | render + both restores)".into(),
+            f(s.median("p_full_total")),
+            f(s.median("i_full_total")),
+            ratio(s.median("p_full_total"), s.median("i_full_total")),
+            "≤ 500".into(),
+        ],
+    ]);
+    println!();
+    println!("Incremental: one address added to one 7,500-address group (median of {INCREMENTAL_REPS}, ms):");
+    print_table(&[
+        vec![
+            "step".into(),
+            "Palisade nft".into(),
+            "iptables+ipset".into(),
+            "Palisade/iptables".into(),
+            "target".into(),
+        ],
+        vec![
+            "render".into(),
+            f2(s.median("p_inc_render")),
+            "-".into(),
+            String::new(),
+            String::new(),
+        ],
+        vec![
+            "kernel tool (nft element transaction | ipset add)".into(),
+            f2(s.median("p_inc_nft")),
+            f2(s.median("i_inc_ipset")),
+            ratio(s.median("p_inc_nft"), s.median("i_inc_ipset")),
+            String::new(),
+        ],
+        vec![
+            "Applier::apply (plan + nft + read-back)".into(),
+            f2(s.median("p_inc_apply")),
+            String::new(),
+            String::new(),
+            String::new(),
+        ],
+        vec![
+            "total (render + Applier::apply | ipset add)".into(),
+            f2(s.median("p_inc_total")),
+            f2(s.median("i_inc_ipset")),
+            ratio(s.median("p_inc_total"), s.median("i_inc_ipset")),
+            "≤ 5".into(),
+        ],
+    ]);
+    println!();
+    println!(
+        "Reading every named counter (one /metrics scrape; median of {INCREMENTAL_REPS}, ms):"
+    );
+    print_table(&[
+        vec!["reader".into(), "ms".into()],
+        vec![
+            "netlink GETOBJ dump (the agent's)".into(),
+            f2(s.median("p_counters_netlink")),
+        ],
+        vec![
+            "nft -j list counters table inet palisade".into(),
+            f2(s.median("p_counters_nft")),
+        ],
+    ]);
+}

@@ -348,24 +348,12 @@ pub fn parse_cluster(file: &str, text: &str) -> Result<ClusterObjects, LoadError
             errors.push(e);
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(LoadError::Invalid {
-            file: file.to_string(),
-            errors,
-        })
-    }
+    LoadError::all_or_nothing(file, out, errors)
 }
 
 /// [`parse_cluster`] of a file on disk.
 pub fn load_cluster_objects(path: &Path) -> Result<ClusterObjects, LoadError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-        file: file.clone(),
-        source,
-    })?;
-    parse_cluster(&file, &text)
+    LoadError::read_then(path, parse_cluster)
 }
 
 #[cfg(test)]

@@ -108,6 +108,36 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    /// `value` if there are no errors; otherwise every error, so that a file is taken whole
+    /// or not at all.
+    pub(crate) fn all_or_nothing<T>(
+        file: &str,
+        value: T,
+        errors: Vec<ObjectError>,
+    ) -> Result<T, LoadError> {
+        if errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(LoadError::Invalid {
+                file: file.to_string(),
+                errors,
+            })
+        }
+    }
+
+    /// Reads a file and hands its name (as given) and text to `parse`.
+    pub(crate) fn read_then<T>(
+        path: &std::path::Path,
+        parse: impl FnOnce(&str, &str) -> Result<T, LoadError>,
+    ) -> Result<T, LoadError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        parse(&file, &text)
+    }
+
     pub fn file(&self) -> &str {
         match self {
             LoadError::Read { file, .. } | LoadError::Invalid { file, .. } => file,

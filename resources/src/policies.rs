@@ -140,22 +140,10 @@ pub fn parse_policies(file: &str, text: &str) -> Result<Policies, LoadError> {
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(LoadError::Invalid {
-            file: file.to_string(),
-            errors,
-        })
-    }
+    LoadError::all_or_nothing(file, out, errors)
 }
 
 /// [`parse_policies`] of a file on disk; errors name the file as given.
 pub fn load_policies(path: &Path) -> Result<Policies, LoadError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-        file: file.clone(),
-        source,
-    })?;
-    parse_policies(&file, &text)
+    LoadError::read_then(path, parse_policies)
 }

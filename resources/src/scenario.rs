@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use palisade_policy::{Cluster, Policy, Warning};
 
-use crate::core::{load_cluster_objects, Service};
+use crate::core::Service;
 use crate::error::LoadError;
 use crate::placement::build_cluster;
 use crate::policies::load_policies;
@@ -44,12 +44,7 @@ impl fmt::Display for ScenarioError {
 /// A cluster file, completed with nodes, placement and addresses where it leaves them out
 /// (see the `placement` module): the cluster and its services.
 pub fn load_cluster(path: &Path) -> Result<(Cluster, Vec<Service>), LoadError> {
-    let objects = load_cluster_objects(path)?;
-    let cluster = build_cluster(&objects).map_err(|errors| LoadError::Invalid {
-        file: path.display().to_string(),
-        errors,
-    })?;
-    Ok((cluster, objects.services))
+    LoadError::read_then(path, parse_cluster_text)
 }
 
 /// Cluster state from YAML text (`file` names it in errors), as [`load_cluster`] reads it.

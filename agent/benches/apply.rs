@@ -5,9 +5,14 @@
 //! iptables + ipset rendering of the same rule set (kube-router style, see
 //! `common/iptables.rs`), interleaved, in network namespaces of the bench's own:
 //!
-//! * full apply: fresh namespace, empty table → whole rule set (median of 7);
-//! * incremental: one address added to one group (median of 30) — Palisade: the changed
-//!   rule set through `Applier::apply` (one set-element transaction); iptables: `ipset add`.
+//! * full apply: fresh namespace, empty table → whole rule set (median of 7): Palisade's
+//!   staged first load (nft: table without base chains; netlink: host set elements; nft:
+//!   base chains) and the read-back;
+//! * replacement: the same rule set applied again by a fresh `Applier` (a restarted agent
+//!   adopting the table): one nft transaction `add table; delete table; add table; …`;
+//! * incremental: one address added to one group (median of 30) — Palisade: render (with
+//!   the agent's `Renderer`, which keeps unchanged groups) and `Applier::apply` (one netlink
+//!   set-element batch); iptables: `ipset add`.
 //!
 //! Run (as root): `cargo bench -p palisade-agent --bench apply`
 //! (`PALISADE_BENCH_IPTABLES=legacy` measures iptables-legacy instead of the system's
@@ -21,7 +26,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{group_id, iptables, median, ms, print_table, rule_id, sh, sh_stdin, unique, Netns};
-use palisade_agent::{render, Applier, ApplyKind, Interfaces, Nft};
+use palisade_agent::apply::phase;
+use palisade_agent::{
+    render, Applier, ApplyKind, ApplyOutcome, Interfaces, Nft, ReconcileOutcome, Renderer,
+};
 use palisade_policy::model::{
     Action, Direction, PodKey, PolicyId, PolicyKind, Protocol, RuleOrigin, Tier,
 };
@@ -374,7 +382,21 @@ impl Samples {
     }
 }
 
-fn palisade_full(netns: &str, rules: NodeRuleSet, interfaces: Interfaces) -> [f64; 3] {
+/// The duration of `name` in the outcome's phases, in ms (0 when absent).
+fn phase_ms(out: &ApplyOutcome, name: &str) -> f64 {
+    out.phases
+        .iter()
+        .filter(|(n, _)| *n == name)
+        .map(|(_, d)| ms(*d))
+        .sum()
+}
+
+/// Full apply into an empty namespace, then the replacement by a fresh applier.
+fn palisade_full(
+    netns: &str,
+    rules: NodeRuleSet,
+    interfaces: Interfaces,
+) -> Vec<(&'static str, f64)> {
     common::in_netns(netns, move || {
         let t0 = Instant::now();
         let desired = render(&rules, &interfaces).expect("render");
@@ -383,7 +405,24 @@ fn palisade_full(netns: &str, rules: NodeRuleSet, interfaces: Interfaces) -> [f6
         let out = applier.apply(&desired).expect("full apply");
         let t2 = Instant::now();
         assert_eq!(out.kind, ApplyKind::Full);
-        [ms(t1 - t0), ms(out.duration), ms(t2 - t0)]
+        // A restarted agent: the table exists, so one replacing nft transaction.
+        let t3 = Instant::now();
+        let mut fresh = Applier::new(Nft::local());
+        let replaced = fresh.apply(&desired).expect("replacement");
+        let t4 = Instant::now();
+        assert_eq!(replaced.kind, ApplyKind::Full);
+        vec![
+            ("p_full_render", ms(t1 - t0)),
+            ("p_full_unhooked", phase_ms(&out, phase::NFT_UNHOOKED)),
+            ("p_full_elements", phase_ms(&out, phase::NETLINK_ELEMENTS)),
+            ("p_full_hook", phase_ms(&out, phase::NFT_HOOK)),
+            ("p_full_kernel", ms(out.duration)),
+            ("p_full_readback", phase_ms(&out, phase::READ_BACK)),
+            ("p_full_total", ms(t2 - t0)),
+            ("p_repl_nft", phase_ms(&replaced, phase::NFT)),
+            ("p_repl_readback", phase_ms(&replaced, phase::READ_BACK)),
+            ("p_repl_total", ms(t4 - t3)),
+        ]
     })
     .join()
     .expect("palisade full apply thread")
@@ -482,7 +521,7 @@ fn main() {
     let rendered = render(&rules, &interfaces).expect("render");
     let ipt = iptables::render(&rules, &interfaces);
     let nft_elements: usize = rendered.sets.values().map(|s| s.elements.len()).sum();
-    let nft_rules: usize = rendered.chains.values().map(Vec::len).sum();
+    let nft_rules: usize = rendered.chains.values().map(|c| c.len()).sum();
     let addresses: usize = groups.pods.len() * PER_GROUP as usize;
     println!(
         "rule set: {} pods (all isolated both ways), {} groups ({} pod addresses in {} pod groups; \
@@ -523,11 +562,9 @@ fn main() {
         for side in order {
             let ns = Netns::new(unique("pba-"));
             if side == 0 {
-                let [render_ms, nft_ms, total] =
-                    palisade_full(&ns.name, rules.clone(), interfaces.clone());
-                s.push("p_full_render", render_ms);
-                s.push("p_full_nft", nft_ms);
-                s.push("p_full_total", total);
+                for (key, v) in palisade_full(&ns.name, rules.clone(), interfaces.clone()) {
+                    s.push(key, v);
+                }
             } else {
                 let [render_ms, ipset_ms, ipt_ms, total] =
                     iptables_full(&ns.name, rules.clone(), interfaces.clone());
@@ -539,8 +576,9 @@ fn main() {
             }
         }
         eprintln!(
-            "full apply rep {rep}: palisade {:.1} ms, iptables {:.1} ms",
+            "full apply rep {rep}: palisade {:.1} ms (replacement {:.1} ms), iptables {:.1} ms",
             s.0["p_full_total"].last().copied().unwrap_or(f64::NAN),
+            s.0["p_repl_total"].last().copied().unwrap_or(f64::NAN),
             s.0["i_full_total"].last().copied().unwrap_or(f64::NAN)
         );
     }
@@ -551,25 +589,32 @@ fn main() {
     let set0 = ipt.sets[&groups.pods[0]].clone();
     let incremental = common::in_netns(&ns.name, move || {
         let mut applier = Applier::new(Nft::local());
+        // The agent keeps one renderer: unchanged groups are not expanded again.
+        let mut renderer = Renderer::default();
         applier
-            .apply(&render(&r0, &i0).expect("render"))
+            .apply(&renderer.render(&r0, &i0).expect("render"))
             .expect("initial apply");
         let r = iptables::render(&r0, &i0);
         sh_stdin(&["ipset", "restore"], &r.ipset);
         sh_stdin(&[iptables::restore_program(), "-w"], &r.iptables);
-        let mut out: Vec<[f64; 7]> = Vec::new();
+        let mut out: Vec<[f64; 8]> = Vec::new();
         let mut extra = Vec::new();
         for i in 0..INCREMENTAL_REPS {
             extra.push(extra_address(i));
             // Building the changed rule set is the compiler's work, not the agent's.
             let changed = with_extra_address(&r0, &g0, &extra);
             let t0 = Instant::now();
-            let desired = render(&changed, &i0).expect("render");
+            let desired = renderer.render(&changed, &i0).expect("render");
             let t1 = Instant::now();
             let outcome = applier.apply(&desired).expect("incremental apply");
             let t2 = Instant::now();
             assert_eq!(outcome.kind, ApplyKind::Incremental);
-            assert_eq!(outcome.commands, 1, "one set-element command");
+            assert_eq!(outcome.commands, 1, "one set-element change");
+            assert_eq!(
+                outcome.phases.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+                vec![phase::NETLINK_ELEMENTS],
+                "a netlink batch, no read-back"
+            );
             let addr = extra_address(i).to_string();
             let t3 = Instant::now();
             sh(&["ipset", "add", &set0, &addr]);
@@ -589,17 +634,38 @@ fn main() {
                 ms(t4 - t3),
                 ms(t5 - t4),
                 ms(t6 - t5),
+                phase_ms(&outcome, phase::NETLINK_ELEMENTS),
             ]);
         }
-        out
+        // A periodic reconcile of the table in force: the netlink read-out with a digest
+        // of every set's elements (150,000 read back), compared with the expected image.
+        let desired = renderer
+            .render(&with_extra_address(&r0, &g0, &extra), &i0)
+            .expect("render");
+        let reconciles: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let outcome = applier.reconcile(&desired).expect("reconcile");
+                assert_eq!(outcome, ReconcileOutcome::InSync);
+                ms(t.elapsed())
+            })
+            .collect();
+        (out, reconciles)
     })
     .join()
     .expect("incremental thread");
-    for [render_ms, nft_ms, apply_ms, total, ipset_ms, netlink_ms, list_ms] in incremental {
+    let (incremental, reconciles) = incremental;
+    for v in reconciles {
+        s.push("p_reconcile", v);
+    }
+    for [render_ms, kernel_ms, apply_ms, total, ipset_ms, netlink_ms, list_ms, batch_ms] in
+        incremental
+    {
+        s.push("p_inc_batch", batch_ms);
         s.push("p_counters_netlink", netlink_ms);
         s.push("p_counters_nft", list_ms);
         s.push("p_inc_render", render_ms);
-        s.push("p_inc_nft", nft_ms);
+        s.push("p_inc_kernel", kernel_ms);
         s.push("p_inc_apply", apply_ms);
         s.push("p_inc_total", total);
         s.push("i_inc_ipset", ipset_ms);
@@ -612,6 +678,20 @@ fn main() {
     let ratio = |a: f64, b: f64| format!("{:.2}x", a / b);
     println!();
     println!("Full apply (median of {FULL_REPS}, ms; fresh namespace each time, interleaved):");
+    let row = |label: &str, p: Option<&str>, i: Option<&str>, target: &str| -> Vec<String> {
+        let pv = p.map(|k| s.median(k));
+        let iv = i.map(|k| s.median(k));
+        vec![
+            label.into(),
+            pv.map(f).unwrap_or_default(),
+            iv.map(f).unwrap_or_default(),
+            match (pv, iv) {
+                (Some(a), Some(b)) => ratio(a, b),
+                _ => String::new(),
+            },
+            target.into(),
+        ]
+    };
     print_table(&[
         vec![
             "step".into(),
@@ -620,20 +700,36 @@ fn main() {
             "Palisade/iptables".into(),
             "target".into(),
         ],
-        vec![
-            "render (rule set → table/scripts)".into(),
-            f(s.median("p_full_render")),
-            f(s.median("i_full_render")),
-            ratio(s.median("p_full_render"), s.median("i_full_render")),
-            String::new(),
-        ],
-        vec![
-            "kernel tools (nft -j -f | ipset restore + iptables-restore)".into(),
-            f(s.median("p_full_nft")),
-            f(s.median("i_full_tools")),
-            ratio(s.median("p_full_nft"), s.median("i_full_tools")),
-            String::new(),
-        ],
+        row(
+            "render (rule set → table/scripts)",
+            Some("p_full_render"),
+            Some("i_full_render"),
+            "",
+        ),
+        row(
+            "txn 1: nft -j -f, table without base chains and host set elements",
+            Some("p_full_unhooked"),
+            None,
+            "",
+        ),
+        row(
+            "txn 2: netlink batch, 150,000 host set elements",
+            Some("p_full_elements"),
+            None,
+            "",
+        ),
+        row(
+            "txn 3: nft -j -f, base chains (enforcement starts)",
+            Some("p_full_hook"),
+            None,
+            "",
+        ),
+        row(
+            "kernel transactions (txn 1-3 | ipset restore + iptables-restore)",
+            Some("p_full_kernel"),
+            Some("i_full_tools"),
+            "",
+        ),
         vec![
             "  of which ipset restore / iptables-restore".into(),
             String::new(),
@@ -645,13 +741,49 @@ fn main() {
             String::new(),
             String::new(),
         ],
+        row(
+            "read-back for drift detection (netlink dump)",
+            Some("p_full_readback"),
+            None,
+            "",
+        ),
+        row(
+            "total (render + Applier::apply incl. read-back | render + both restores)",
+            Some("p_full_total"),
+            Some("i_full_total"),
+            "≤ 500",
+        ),
+    ]);
+    println!();
+    println!(
+        "Replacement of an existing table (a restarted agent adopting it; one nft transaction; median of {FULL_REPS}, ms):"
+    );
+    print_table(&[
         vec![
-            "total (render + Applier::apply incl. read-back | render + both restores)".into(),
-            f(s.median("p_full_total")),
-            f(s.median("i_full_total")),
-            ratio(s.median("p_full_total"), s.median("i_full_total")),
-            "≤ 500".into(),
+            "step".into(),
+            "Palisade nft".into(),
+            "iptables+ipset (full apply)".into(),
+            "Palisade/iptables".into(),
+            "target".into(),
         ],
+        row(
+            "nft -j -f: add table; delete table; add table; …",
+            Some("p_repl_nft"),
+            None,
+            "",
+        ),
+        row(
+            "read-back (netlink dump)",
+            Some("p_repl_readback"),
+            None,
+            "",
+        ),
+        row(
+            "total Applier::apply",
+            Some("p_repl_total"),
+            Some("i_full_total"),
+            "",
+        ),
     ]);
     println!();
     println!("Incremental: one address added to one 7,500-address group (median of {INCREMENTAL_REPS}, ms):");
@@ -664,21 +796,21 @@ fn main() {
             "target".into(),
         ],
         vec![
-            "render".into(),
+            "render (Renderer: only the changed group)".into(),
             f2(s.median("p_inc_render")),
             "-".into(),
             String::new(),
             String::new(),
         ],
         vec![
-            "kernel tool (nft element transaction | ipset add)".into(),
-            f2(s.median("p_inc_nft")),
+            "kernel (netlink element batch | ipset add)".into(),
+            f2(s.median("p_inc_batch")),
             f2(s.median("i_inc_ipset")),
-            ratio(s.median("p_inc_nft"), s.median("i_inc_ipset")),
+            ratio(s.median("p_inc_batch"), s.median("i_inc_ipset")),
             String::new(),
         ],
         vec![
-            "Applier::apply (plan + nft + read-back)".into(),
+            "Applier::apply (plan + batch + bookkeeping; no read-back)".into(),
             f2(s.median("p_inc_apply")),
             String::new(),
             String::new(),
@@ -692,6 +824,12 @@ fn main() {
             "≤ 5".into(),
         ],
     ]);
+    println!();
+    println!(
+        "Reconcile of the table in force (netlink read-out incl. a digest of all 150,211 set \
+         elements; median of 5): {:.1} ms",
+        s.median("p_reconcile")
+    );
     println!();
     println!(
         "Reading every named counter (one /metrics scrape; median of {INCREMENTAL_REPS}, ms):"

@@ -8,9 +8,26 @@
 //!    that do not hold the client, one rule from the client's group, both with the same
 //!    1,000 TCP + 1,000 UDP port ranges, so every new flow makes the address and the
 //!    port lookups of both rules before it is allowed;
-//! 4. the same rule set as iptables + ipset (kube-router style, `common/iptables.rs`).
+//! 4. the same rule set as iptables + ipset (kube-router style, `common/iptables.rs`);
+//! 5. variant 2 again: the difference between 2 and 5 is the bench's noise floor.
 //!
-//! Variants run interleaved (1 2 3 4 1 2 3 4 …), medians reported. Before each policy run
+//! Variants run interleaved, each round in a different order (rotated, every other round
+//! reversed), so no variant always follows the same one; each run starts at least 2 s after
+//! the previous one ended, when its conntrack entries have expired. The
+//! machine is usually shared, so the bench reports, besides medians of the rates, the
+//! median over rounds of each variant's rate relative to Palisade without policy in the
+//! same round, and the process CPU time per successful flow (softirq time is charged to
+//! the sending thread without IRQ_TIME_ACCOUNTING, so it includes the forwarding path),
+//! which other processes' load disturbs less than the rate.
+//!
+//! Then the paired measurement, the one to judge the 95 % target by: with the policy table
+//! loaded, the client alternates every 100 ms between B (the policy) and a third pod C on
+//! the same node that no policy isolates, TCP then UDP. Both pods' flows cross the same
+//! table and conntrack table under the same load, so the per-cycle ratio isolates what B's
+//! rules cost; separate runs differ by more than that on a shared machine (compare
+//! "Palisade, no policy" with its repeat).
+//!
+//! Before each policy run
 //! the bench checks that a port outside the ranges is blocked (TCP and UDP) and the
 //! allowed one is open; after it, that the allow rule's counter grew by at least the number
 //! of successful connections (every one was a conntrack NEW flow that traversed the rules).
@@ -18,8 +35,10 @@
 //! Run (as root): `cargo bench -p palisade-agent --bench rate`
 //! (`PALISADE_BENCH_IPTABLES=legacy` measures iptables-legacy instead of the system's
 //! default iptables backend; `PALISADE_BENCH_SECONDS` / `PALISADE_BENCH_ROUNDS` change the
-//! run length, default 3 s and 5 rounds; `PALISADE_BENCH_CIDRS` / `PALISADE_BENCH_RANGES`
-//! the policy's size, for profiling.)
+//! run length, default 3 s and 5 rounds; `PALISADE_BENCH_PAIRED_SECONDS` the paired
+//! measurement's, per protocol, default 20 s, 0 skips it; `PALISADE_BENCH_VARIANTS` runs
+//! some variants only (none, empty, policy, iptables, again); `PALISADE_BENCH_CIDRS` /
+//! `PALISADE_BENCH_RANGES` the policy's size, for profiling.)
 
 mod common;
 
@@ -166,6 +185,7 @@ fn node_rules(lab: &Lab, with_policy: bool) -> Policy {
     rules.pods = vec![
         pod(client, DirectionRules::default()),
         pod(server, server_ingress),
+        pod(&lab.pods[2], DirectionRules::default()),
     ];
     Policy { rules, client_rule }
 }
@@ -176,14 +196,16 @@ enum Variant {
     PalisadeEmpty,
     Palisade,
     Iptables,
+    PalisadeEmptyAgain,
 }
 
 impl Variant {
-    const ALL: [Variant; 4] = [
+    const ALL: [Variant; 5] = [
         Variant::None,
         Variant::PalisadeEmpty,
         Variant::Palisade,
         Variant::Iptables,
+        Variant::PalisadeEmptyAgain,
     ];
 
     fn label(self) -> &'static str {
@@ -192,7 +214,41 @@ impl Variant {
             Variant::PalisadeEmpty => "Palisade, no policy",
             Variant::Palisade => "Palisade, policy",
             Variant::Iptables => "iptables+ipset, policy",
+            Variant::PalisadeEmptyAgain => "Palisade, no policy (again)",
         }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Variant::None => "none",
+            Variant::PalisadeEmpty => "empty",
+            Variant::Palisade => "policy",
+            Variant::Iptables => "iptables",
+            Variant::PalisadeEmptyAgain => "again",
+        }
+    }
+
+    /// The variants to run: all, or those `PALISADE_BENCH_VARIANTS` names (comma-separated
+    /// keys: none, empty, policy, iptables, again; for profiling one of them alone).
+    fn selected() -> Vec<Variant> {
+        match std::env::var("PALISADE_BENCH_VARIANTS") {
+            Ok(list) => Variant::ALL
+                .into_iter()
+                .filter(|v| list.split(',').any(|k| k.trim() == v.key()))
+                .collect(),
+            Err(_) => Variant::ALL.to_vec(),
+        }
+    }
+
+    /// Round `round`'s order: rotated by the round, reversed every other round.
+    fn order(round: usize) -> Vec<Variant> {
+        let mut order = Variant::selected();
+        let n = order.len();
+        order.rotate_left(round % n);
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        order
     }
 
     fn enforces(self) -> bool {
@@ -222,7 +278,7 @@ impl<'a> Loaded<'a> {
         };
         match variant {
             Variant::None => {}
-            Variant::PalisadeEmpty | Variant::Palisade => {
+            Variant::PalisadeEmpty | Variant::Palisade | Variant::PalisadeEmptyAgain => {
                 let rules = if variant == Variant::Palisade {
                     policy
                 } else {
@@ -321,7 +377,7 @@ impl Drop for Loaded<'_> {
         };
         match self.variant {
             Variant::None => {}
-            Variant::PalisadeEmpty | Variant::Palisade => {
+            Variant::PalisadeEmpty | Variant::Palisade | Variant::PalisadeEmptyAgain => {
                 run(&["nft", "delete", "table", "inet", "palisade"], None)
             }
             Variant::Iptables => {
@@ -441,7 +497,67 @@ fn udp_request(src: SocketAddr, dst: SocketAddr, timeout: Duration) -> bool {
     s.send_to(b"ping", dst).is_ok() && s.recv_from(&mut buf).is_ok()
 }
 
+/// CPU time of this whole process, exited threads included (client, server threads and
+/// the softirq work they run), from /proc: a clock tick is < 0.2 % of a 3 s run on 2 CPUs.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th
+    // and 13th.
+    let fields: Vec<u64> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let tick = 1.0
+        / sh(&["getconf", "CLK_TCK"])
+            .trim()
+            .parse::<f64>()
+            .unwrap_or(100.0);
+    Duration::from_secs_f64((fields[11] + fields[12]) as f64 * tick)
+}
+
+/// Entries in the node's conntrack table (0 while no rule has loaded conntrack there).
+fn conntrack_count(node: &str) -> u64 {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", node, "cat"])
+        .arg("/proc/sys/net/netfilter/nf_conntrack_count")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits (at most 2 s: the previous run's entries have expired by then, 1 s timeouts)
+/// until the previous run's conntrack entries have been reaped; returns how many are left.
+/// The kernel's garbage collector often takes longer than that, so no variant waits for
+/// it and leftovers are reported, not waited for.
+fn settle(node: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut count = conntrack_count(node);
+    while count > 64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        count = conntrack_count(node);
+    }
+    count
+}
+
 /// (successes, failures) per protocol, summed over client threads, for `secs` seconds.
+/// One new flow from client thread `t`: a TCP connect, or a UDP request from the next
+/// source port of the thread's block (`i` counts the thread's UDP requests).
+fn one_flow(udp: bool, src: IpAddr, dst: IpAddr, t: usize, i: &mut usize) -> bool {
+    if !udp {
+        return tcp_connect(SocketAddr::new(dst, PORT), Duration::from_secs(1));
+    }
+    let base = UDP_PORT_BASE + t as u16 * UDP_PORTS_PER_THREAD;
+    let server = UDP_PORTS[(*i + t) % UDP_PORTS.len()];
+    let port = base + ((*i / UDP_PORTS.len()) % usize::from(UDP_PORTS_PER_THREAD)) as u16;
+    *i += 1;
+    udp_request(
+        SocketAddr::new(src, port),
+        SocketAddr::new(dst, server),
+        Duration::from_millis(200),
+    )
+}
+
 fn run_load(netns: &str, src: IpAddr, dst: IpAddr, udp: bool, secs: f64) -> (u64, u64) {
     let start = Instant::now() + Duration::from_millis(50);
     let deadline = start + Duration::from_secs_f64(secs);
@@ -449,25 +565,12 @@ fn run_load(netns: &str, src: IpAddr, dst: IpAddr, udp: bool, secs: f64) -> (u64
         .map(|t| {
             in_netns(netns, move || {
                 let (mut ok, mut failed) = (0u64, 0u64);
-                let base = UDP_PORT_BASE + t as u16 * UDP_PORTS_PER_THREAD;
                 let mut i = 0usize;
                 while Instant::now() < start {
                     std::hint::spin_loop();
                 }
                 while Instant::now() < deadline {
-                    let success = if udp {
-                        let server = UDP_PORTS[(i + t) % UDP_PORTS.len()];
-                        let port = base
-                            + ((i / UDP_PORTS.len()) % usize::from(UDP_PORTS_PER_THREAD)) as u16;
-                        i += 1;
-                        udp_request(
-                            SocketAddr::new(src, port),
-                            SocketAddr::new(dst, server),
-                            Duration::from_millis(200),
-                        )
-                    } else {
-                        tcp_connect(SocketAddr::new(dst, PORT), Duration::from_secs(1))
-                    };
+                    let success = one_flow(udp, src, dst, t, &mut i);
                     if success {
                         ok += 1;
                     } else {
@@ -482,6 +585,97 @@ fn run_load(netns: &str, src: IpAddr, dst: IpAddr, udp: bool, secs: f64) -> (u64
         .into_iter()
         .map(|t| t.join().expect("client thread"))
         .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// CPU time of this process's live threads (ns resolution, unlike `process_cpu`).
+fn threads_cpu() -> Duration {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(ns)
+}
+
+/// Per-cycle ratios (rate, CPU per flow) of `dsts[1]` to `dsts[0]`: all client threads
+/// send to one destination for `slice`, then to the other, in alternating order, for
+/// `secs`. Both pods sit behind the same table and conntrack table under the same load,
+/// so this isolates what one pod's rules cost from everything else that varies between
+/// separate runs.
+fn run_alternating(
+    netns: &str,
+    src: IpAddr,
+    dsts: [IpAddr; 2],
+    udp: bool,
+    slice: Duration,
+    secs: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    // usize::MAX: stop.
+    let target = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let oks: Arc<[std::sync::atomic::AtomicU64; 2]> = Arc::new(Default::default());
+    let threads: Vec<_> = (0..CLIENT_THREADS)
+        .map(|t| {
+            let (target, oks) = (target.clone(), oks.clone());
+            in_netns(netns, move || {
+                let mut i = 0usize;
+                loop {
+                    let which = target.load(Ordering::Relaxed);
+                    if which == usize::MAX {
+                        break;
+                    }
+                    let success = one_flow(udp, src, dsts[which], t, &mut i);
+                    if success {
+                        oks[which].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let cycles = ((secs / (2.0 * slice.as_secs_f64())) as usize).max(1);
+    let (mut rate, mut cpu) = (Vec::new(), Vec::new());
+    for c in 0..cycles {
+        let mut per = [(0.0, 0.0); 2];
+        let order = if c % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            target.store(which, Ordering::Relaxed);
+            let (n0, t0, c0) = (
+                oks[which].load(Ordering::Relaxed),
+                Instant::now(),
+                threads_cpu(),
+            );
+            std::thread::sleep(slice);
+            let (n1, t1, c1) = (
+                oks[which].load(Ordering::Relaxed),
+                Instant::now(),
+                threads_cpu(),
+            );
+            let n = (n1 - n0).max(1) as f64;
+            per[which] = (n / (t1 - t0).as_secs_f64(), (c1 - c0).as_secs_f64() / n);
+        }
+        rate.push(per[1].0 / per[0].0);
+        cpu.push(per[1].1 / per[0].1);
+    }
+    target.store(usize::MAX, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    (rate, cpu)
+}
+
+/// The `q` quantile (0..=1) of `values`.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 /// Allowed port open and denied port blocked, TCP and UDP, from the client.
@@ -517,7 +711,8 @@ fn main() {
     }
     let secs: f64 = env_or("PALISADE_BENCH_SECONDS", 3.0);
     let rounds: usize = env_or("PALISADE_BENCH_ROUNDS", 5);
-    let lab = Lab::new(SUBNET, &["bench/client", "bench/server"]);
+    let paired_secs: f64 = env_or("PALISADE_BENCH_PAIRED_SECONDS", 20.0);
+    let lab = Lab::new(SUBNET, &["bench/client", "bench/server", "bench/open"]);
     let node = lab.node.name.clone();
     for s in [
         "net.netfilter.nf_conntrack_udp_timeout=1",
@@ -543,6 +738,8 @@ fn main() {
     let empty = node_rules(&lab, false);
     let policy = node_rules(&lab, true);
     let _servers = Servers::start(&server.netns.name, dst);
+    let open = lab.pods[2].ip4;
+    let _open_servers = Servers::start(&lab.pods[2].netns.name, open);
     let client_ns = client.netns.name.clone();
 
     let ipt = iptables::render(&policy.rules, &ifaces);
@@ -560,7 +757,7 @@ fn main() {
     println!(
         "nftables: {} set elements, {} rules; iptables: {} ipset entries, {} rules ({})",
         table.sets.values().map(|s| s.elements.len()).sum::<usize>(),
-        table.chains.values().map(Vec::len).sum::<usize>(),
+        table.chains.values().map(|c| c.len()).sum::<usize>(),
         ipt.set_elements,
         ipt.rules,
         iptables::backend()
@@ -572,18 +769,32 @@ fn main() {
 
     let mut tcp: BTreeMap<Variant, Vec<f64>> = BTreeMap::new();
     let mut udp: BTreeMap<Variant, Vec<f64>> = BTreeMap::new();
+    // CPU µs per successful flow.
+    let mut tcp_cpu: BTreeMap<Variant, Vec<f64>> = BTreeMap::new();
+    let mut udp_cpu: BTreeMap<Variant, Vec<f64>> = BTreeMap::new();
     let mut traversal: BTreeMap<Variant, Vec<f64>> = BTreeMap::new();
     let mut failures: BTreeMap<Variant, u64> = BTreeMap::new();
+    let mut unsettled = 0u64;
     for round in 0..rounds {
-        for variant in Variant::ALL {
+        for variant in Variant::order(round) {
             let loaded = Loaded::load(&node, variant, &empty.rules, &policy.rules, &ifaces);
             check_enforced(&client_ns, src, dst, variant.enforces());
             let before = loaded.allowed_packets(&policy.client_rule);
+            unsettled = unsettled.max(settle(&node));
+            let cpu0 = process_cpu();
             let (tcp_ok, tcp_failed) = run_load(&client_ns, src, dst, false, secs);
+            let cpu1 = process_cpu();
             let mid = loaded.allowed_packets(&policy.client_rule);
+            unsettled = unsettled.max(settle(&node));
+            let cpu2 = process_cpu();
             let (udp_ok, udp_failed) = run_load(&client_ns, src, dst, true, secs);
+            let cpu3 = process_cpu();
             let after = loaded.allowed_packets(&policy.client_rule);
             drop(loaded);
+            let per_flow = |cpu: Duration, ok: u64| cpu.as_secs_f64() * 1e6 / ok.max(1) as f64;
+            let (tcp_us, udp_us) = (per_flow(cpu1 - cpu0, tcp_ok), per_flow(cpu3 - cpu2, udp_ok));
+            tcp_cpu.entry(variant).or_default().push(tcp_us);
+            udp_cpu.entry(variant).or_default().push(udp_us);
             if variant.enforces() {
                 // Every successful connection's first packet must have passed the rule.
                 assert!(
@@ -603,7 +814,7 @@ fn main() {
             tcp.entry(variant).or_default().push(tcp_ok as f64 / secs);
             udp.entry(variant).or_default().push(udp_ok as f64 / secs);
             eprintln!(
-                "round {round} {:<40} tcp {:>8.0}/s  udp {:>8.0}/s  failed {}",
+                "round {round} {:<30} tcp {:>6.0}/s {tcp_us:>5.1} µs CPU  udp {:>6.0}/s {udp_us:>5.1} µs CPU  failed {}",
                 variant.label(),
                 tcp_ok as f64 / secs,
                 udp_ok as f64 / secs,
@@ -612,29 +823,90 @@ fn main() {
         }
     }
 
-    let med = |m: &BTreeMap<Variant, Vec<f64>>, v: Variant| median(&m[&v]);
+    if paired_secs > 0.0 {
+        // The same pod pair's flows with and without the policy, interleaved finely.
+        let loaded = Loaded::load(
+            &node,
+            Variant::Palisade,
+            &empty.rules,
+            &policy.rules,
+            &ifaces,
+        );
+        check_enforced(&client_ns, src, dst, true);
+        check_enforced(&client_ns, src, open, false);
+        for udp in [false, true] {
+            settle(&node);
+            let (rate, cpu) = run_alternating(
+                &client_ns,
+                src,
+                [open, dst],
+                udp,
+                Duration::from_millis(100),
+                paired_secs,
+            );
+            println!(
+                "{} flows to the pod with the policy vs to a pod without, same table, \
+                 alternating every 100 ms for {paired_secs} s ({} cycles): rate {:.1} % \
+                 (IQR {:.1}-{:.1}), CPU per flow {:.1} % (IQR {:.1}-{:.1})",
+                if udp { "UDP" } else { "TCP" },
+                rate.len(),
+                100.0 * median(&rate),
+                100.0 * quantile(&rate, 0.25),
+                100.0 * quantile(&rate, 0.75),
+                100.0 * median(&cpu),
+                100.0 * quantile(&cpu, 0.25),
+                100.0 * quantile(&cpu, 0.75),
+            );
+        }
+        drop(loaded);
+    }
+    if tcp.is_empty() {
+        return;
+    }
+    // NaN for a variant not selected.
+    let med =
+        |m: &BTreeMap<Variant, Vec<f64>>, v: Variant| m.get(&v).map_or(f64::NAN, |x| median(x));
+    // Each round's value relative to Palisade without policy in the same round: slow
+    // changes in the machine's load cancel out.
+    let paired = |m: &BTreeMap<Variant, Vec<f64>>, v: Variant| {
+        let (Some(base), Some(values)) = (m.get(&Variant::PalisadeEmpty), m.get(&v)) else {
+            return "-".to_string();
+        };
+        let r: Vec<f64> = values.iter().zip(base).map(|(x, b)| x / b).collect();
+        format!("{:.1} %", 100.0 * median(&r))
+    };
     let pct = |a: f64, b: f64| format!("{:.1} %", 100.0 * a / b);
     let mut rows = vec![vec![
         "variant".to_string(),
         "TCP conn/s".into(),
         "vs no firewall".into(),
-        "vs Palisade no policy".into(),
+        "vs no policy".into(),
+        "paired".into(),
+        "CPU µs/conn".into(),
+        "paired".into(),
         "UDP req/s".into(),
-        "vs no firewall".into(),
-        "vs Palisade no policy".into(),
-        "rule hits per flow".into(),
+        "vs no policy".into(),
+        "paired".into(),
+        "CPU µs/req".into(),
+        "paired".into(),
+        "rule hits/flow".into(),
         "failed".into(),
     ]];
-    for v in Variant::ALL {
+    for v in Variant::selected() {
         let (t, u) = (med(&tcp, v), med(&udp, v));
         rows.push(vec![
             v.label().to_string(),
             format!("{t:.0}"),
             pct(t, med(&tcp, Variant::None)),
             pct(t, med(&tcp, Variant::PalisadeEmpty)),
+            paired(&tcp, v),
+            format!("{:.1}", med(&tcp_cpu, v)),
+            paired(&tcp_cpu, v),
             format!("{u:.0}"),
-            pct(u, med(&udp, Variant::None)),
             pct(u, med(&udp, Variant::PalisadeEmpty)),
+            paired(&udp, v),
+            format!("{:.1}", med(&udp_cpu, v)),
+            paired(&udp_cpu, v),
             traversal
                 .get(&v)
                 .map_or("-".into(), |x| format!("{:.3}", median(x))),
@@ -642,8 +914,17 @@ fn main() {
         ]);
     }
     println!();
-    println!("Medians of {rounds} interleaved runs of {secs} s (target: Palisade with the policy ≥ 95 % of no policy):");
+    println!(
+        "Medians of {rounds} interleaved runs of {secs} s; \"paired\": median over rounds of the \
+         ratio to Palisade without policy in the same round (target: Palisade with the policy \
+         ≥ 95 % of no policy; \"no policy (again)\" shows the noise floor):"
+    );
     print_table(&rows);
+    if unsettled > 64 {
+        println!(
+            "note: a run started with up to {unsettled} expired conntrack entries not yet reaped"
+        );
+    }
     let p = med(&tcp, Variant::Palisade);
     let i = med(&tcp, Variant::Iptables);
     println!(

@@ -1,30 +1,46 @@
 //! Applying rendered tables to the kernel, one atomic transaction per change, and drift
 //! repair.
 //!
-//! * The first apply (and any apply after a failure or detected drift) replaces the whole
-//!   table in one transaction (`add table; delete table; add table; …`): a restarted agent
-//!   thus adopts whatever its predecessor left without a moment of no enforcement.
-//! * Later applies are incremental ([`crate::diff::plan`]).
-//! * After each successful transaction the kernel's table is read back without set
-//!   contents (`nft -t`) plus the two dispatch maps; [`Applier::reconcile`] compares a new
-//!   read-out with that image and rewrites the table if they differ (deleted table, edited
-//!   chain, dispatch element removed). Edits of the *contents* of address sets are not
-//!   detected (reading 100k-element sets every minute costs more than it is worth); a full
-//!   rewrite at restart repairs them.
-//! * A failed transaction changes nothing in the kernel (nftables batches are atomic); the
-//!   error is counted and the next attempt is a full replacement.
+//! * A full apply when the kernel has no table of ours (the agent's first start on a node,
+//!   or someone deleted the table) is staged, because nft is slow with 150,000 set
+//!   elements: (1) one nft transaction creates the table with everything but the base
+//!   chains and the host sets' elements; (2) one netlink batch loads those elements
+//!   ([`crate::nfnl::setelem`]); (3) one nft transaction adds the base chains, which hook
+//!   the table into the packet path. Before (3) the table sees no packet, so enforcement
+//!   starts atomically, complete; if (2) or (3) fails the table, which never enforced, is
+//!   deleted again.
+//! * A full apply when our table exists (restart adoption, drift repair, a set type
+//!   change, the retry after a failure) replaces it in one nft transaction (`add table;
+//!   delete table; add table; …`): a restarted agent thus adopts whatever its predecessor
+//!   left without a moment of no enforcement, and never a half state.
+//! * Later applies are incremental ([`crate::diff::plan`]); one that only adds or deletes
+//!   host set elements is one netlink batch, anything else one nft transaction.
+//! * After each transaction that changed more than host set elements, the table is read
+//!   back over netlink ([`crate::nfnl::image`]: chains, rules, set declarations, objects
+//!   and the two dispatch maps, without handles and counter values, plus a digest of each
+//!   set's elements ([`crate::nfnl::digest`]); host sets' digests are computed from the
+//!   elements loaded, not read back). After a host-element batch the image's digests are
+//!   updated from the batch's own elements. [`Applier::reconcile`] reads the table again,
+//!   every set's elements included (~80 ms with 150,000), and replaces the table if
+//!   anything differs: deleted table, edited chain or rule, dispatch element removed, a set
+//!   element added, removed or swapped by hand.
+//! * A failed transaction changes nothing in the kernel (nftables and netlink batches are
+//!   atomic); the error is counted and the next attempt is a full replacement.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::{Histogram, HistogramOpts};
-use serde_json::Value;
 
-use crate::diff::{plan, Plan};
-use crate::nft::{objects, Nft, NftError};
-use crate::render::json::replace_all;
-use crate::render::{CounterMeta, Ruleset, EGRESS_DISPATCH, INGRESS_DISPATCH};
+use crate::diff::{carry_sizes, elements_only, plan, to_commands, Plan, Step};
+use crate::nfnl::digest;
+use crate::nfnl::image::{self, TableImage};
+use crate::nfnl::setelem::{self, Change, Op};
+use crate::nfnl::{NfnlError, NfnlSocket};
+use crate::nft::{Nft, NftError};
+use crate::render::json::{self, replace_all};
+use crate::render::{CounterMeta, Ruleset, SetElement, EGRESS_DISPATCH, INGRESS_DISPATCH, TABLE};
 
 /// What the metrics read: shared between the applier and the collector.
 #[derive(Debug)]
@@ -71,9 +87,12 @@ pub enum ApplyKind {
 #[derive(Clone, Debug)]
 pub struct ApplyOutcome {
     pub kind: ApplyKind,
+    /// nft commands and element changes of the transaction(s).
     pub commands: usize,
-    /// Time of the `nft` transaction alone.
+    /// Time of the kernel transactions alone (nft runs and netlink batches).
     pub duration: Duration,
+    /// Each transaction and the read-back, in order: where the time went.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,8 +104,58 @@ pub enum ReconcileOutcome {
 pub struct Applier {
     nft: Nft,
     applied: Option<Ruleset>,
-    image: Option<Value>,
+    image: Option<TableImage>,
     stats: SharedStats,
+    /// Opened on first use, in the namespace `nft` acts in; dropped after an error.
+    socket: Option<NfnlSocket>,
+    digests: HostDigests,
+}
+
+/// Host set name → (the elements last loaded, their digest): a set's digest is computed
+/// again only when its elements change.
+#[derive(Default)]
+struct HostDigests(HashMap<String, (Arc<[SetElement]>, u64)>);
+
+impl HostDigests {
+    fn remember(&mut self, name: &str, elements: &Arc<[SetElement]>, digest: u64) {
+        self.0.insert(name.to_string(), (elements.clone(), digest));
+    }
+
+    fn of(&mut self, name: &str, elements: &Arc<[SetElement]>) -> u64 {
+        match self.0.get(name) {
+            Some((cached, digest)) if Arc::ptr_eq(cached, elements) => *digest,
+            _ => {
+                let d = digest::of_hosts(elements);
+                self.0.insert(name.to_string(), (elements.clone(), d));
+                d
+            }
+        }
+    }
+}
+
+/// Runs `f`, recording its duration under `name`.
+fn timed<T>(
+    phases: &mut Vec<(&'static str, Duration)>,
+    name: &'static str,
+    f: impl FnOnce() -> T,
+) -> T {
+    let start = Instant::now();
+    let out = f();
+    phases.push((name, start.elapsed()));
+    out
+}
+
+fn netlink_error(e: NfnlError) -> NftError {
+    NftError::Netlink(e.to_string())
+}
+
+/// Phase names, as [`ApplyOutcome::phases`] reports them.
+pub mod phase {
+    pub const NFT: &str = "nft transaction";
+    pub const NFT_UNHOOKED: &str = "nft: table without base chains";
+    pub const NETLINK_ELEMENTS: &str = "netlink: host set elements";
+    pub const NFT_HOOK: &str = "nft: base chains";
+    pub const READ_BACK: &str = "read-back (netlink)";
 }
 
 impl Applier {
@@ -96,6 +165,8 @@ impl Applier {
             applied: None,
             image: None,
             stats: SharedStats::default(),
+            socket: None,
+            digests: HostDigests::default(),
         }
     }
 
@@ -112,87 +183,231 @@ impl Applier {
         self.applied.as_ref()
     }
 
-    /// Brings the kernel to `desired` in one transaction.
+    /// Brings the kernel to `desired` in one transaction (a first load: see the module
+    /// docs).
     pub fn apply(&mut self, desired: &Ruleset) -> Result<ApplyOutcome, NftError> {
-        let (kind, cmds) = match &self.applied {
-            None => (ApplyKind::Full, replace_all(desired)),
-            Some(applied) => match plan(applied, desired) {
-                Plan::Unchanged => {
-                    // Labels may still have changed (a rule's origin).
-                    self.lock().counters = desired.counters.clone();
-                    self.applied = Some(desired.clone());
-                    return Ok(ApplyOutcome {
-                        kind: ApplyKind::Unchanged,
-                        commands: 0,
-                        duration: Duration::ZERO,
-                    });
-                }
-                Plan::Incremental(cmds) => (ApplyKind::Incremental, cmds),
-                Plan::Full => (ApplyKind::Full, replace_all(desired)),
-            },
+        let Some(applied) = &self.applied else {
+            return self.apply_full(desired);
         };
-        self.run(kind, &cmds, desired)
+        let steps = match plan(applied, desired) {
+            Plan::Full => return self.apply_full(desired),
+            Plan::Unchanged => {
+                // Labels may still have changed (a rule's origin).
+                self.applied = Some(carry_sizes(applied, desired));
+                let mut stats = self.lock();
+                if stats.counters != desired.counters {
+                    stats.counters = desired.counters.clone();
+                }
+                drop(stats);
+                return Ok(ApplyOutcome {
+                    kind: ApplyKind::Unchanged,
+                    commands: 0,
+                    duration: Duration::ZERO,
+                    phases: Vec::new(),
+                });
+            }
+            Plan::Incremental(steps) => steps,
+        };
+        let next = carry_sizes(applied, desired);
+        let mut phases = Vec::new();
+        let over_netlink = elements_only(&steps);
+        // Host set elements alone: the image's only change is those sets' element counts
+        // and digests, known without reading the table again (the point of this path is
+        // speed). Any other change re-reads the image (a netlink dump, ~20 ms).
+        let keep_image = over_netlink && self.image.is_some();
+        if keep_image {
+            if let Some(image) = &mut self.image {
+                for step in &steps {
+                    let Step::Elements {
+                        set, op, elements, ..
+                    } = step
+                    else {
+                        continue;
+                    };
+                    let Some(def) = desired.sets.get(set) else {
+                        continue;
+                    };
+                    image.set_count(set, def.elements.len());
+                    // A sum of element hashes: the change costs its own elements only.
+                    let delta = digest::of_hosts(elements);
+                    if let Some(old) = image.digest(set) {
+                        let new = match op {
+                            Op::Add => old.wrapping_add(delta),
+                            Op::Delete => old.wrapping_sub(delta),
+                        };
+                        image.set_digest(set, new);
+                        self.digests.remember(set, &def.elements, new);
+                    }
+                }
+            }
+        }
+        let result = if over_netlink {
+            let changes: Vec<Change<'_>> = steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Elements {
+                        set, op, elements, ..
+                    } => Some(Change {
+                        set,
+                        op: *op,
+                        elements,
+                    }),
+                    Step::Nft(_) => None,
+                })
+                .collect();
+            timed(&mut phases, phase::NETLINK_ELEMENTS, || {
+                self.with_socket(|s| setelem::apply(s, TABLE, &changes))
+                    .map_err(netlink_error)
+            })
+        } else {
+            let cmds = to_commands(&steps);
+            timed(&mut phases, phase::NFT, || self.nft.apply(&cmds))
+        };
+        self.finish(
+            ApplyKind::Incremental,
+            result.map(|()| steps.len()),
+            next,
+            phases,
+            keep_image,
+        )
     }
 
-    /// Replaces the whole table, whatever is believed to be there.
+    /// Replaces the whole table, whatever is believed to be there (staged when there is
+    /// no table: see the module docs).
     pub fn apply_full(&mut self, desired: &Ruleset) -> Result<ApplyOutcome, NftError> {
-        self.run(ApplyKind::Full, &replace_all(desired), desired)
+        let mut phases = Vec::new();
+        let absent = matches!(
+            self.with_socket(|s| image::table_exists(s, TABLE)),
+            Ok(false)
+        );
+        let result = if absent {
+            self.staged_load(desired, &mut phases)
+        } else {
+            self.replace(desired, &mut phases)
+        };
+        self.finish(ApplyKind::Full, result, desired.clone(), phases, false)
     }
 
-    fn run(
+    /// The full replacement as one nft transaction, even when no table exists (for
+    /// measuring it; [`Applier::apply_full`] picks the staged load then).
+    pub fn apply_replace(&mut self, desired: &Ruleset) -> Result<ApplyOutcome, NftError> {
+        let mut phases = Vec::new();
+        let result = self.replace(desired, &mut phases);
+        self.finish(ApplyKind::Full, result, desired.clone(), phases, false)
+    }
+
+    fn replace(
         &mut self,
-        kind: ApplyKind,
-        cmds: &[Value],
         desired: &Ruleset,
-    ) -> Result<ApplyOutcome, NftError> {
-        let start = Instant::now();
-        let result = self.nft.apply(cmds);
-        let duration = start.elapsed();
-        if let Err(e) = result {
-            self.lock().errors += 1;
-            // The kernel kept the last good state, but our belief about it may be what
-            // made the transaction fail (drift): the retry rewrites everything.
-            self.applied = None;
-            self.image = None;
+        phases: &mut Vec<(&'static str, Duration)>,
+    ) -> Result<usize, NftError> {
+        let cmds = replace_all(desired);
+        timed(phases, phase::NFT, || self.nft.apply(&cmds))?;
+        Ok(cmds.len())
+    }
+
+    /// The three-step first load (module docs).
+    fn staged_load(
+        &mut self,
+        desired: &Ruleset,
+        phases: &mut Vec<(&'static str, Duration)>,
+    ) -> Result<usize, NftError> {
+        let mut unhooked = vec![json::create_table()];
+        unhooked.extend(json::create_unhooked(desired, |kind| {
+            !setelem::handles(kind)
+        }));
+        timed(phases, phase::NFT_UNHOOKED, || self.nft.apply(&unhooked))?;
+        let changes: Vec<Change<'_>> = desired
+            .sets
+            .iter()
+            .filter(|(_, s)| setelem::handles(s.kind) && !s.elements.is_empty())
+            .map(|(name, s)| Change {
+                set: name,
+                op: Op::Add,
+                elements: &s.elements,
+            })
+            .collect();
+        let hook = json::create_base_chains(desired);
+        let loaded = timed(phases, phase::NETLINK_ELEMENTS, || {
+            self.with_socket(|s| setelem::apply(s, TABLE, &changes))
+                .map_err(netlink_error)
+        })
+        .and_then(|()| timed(phases, phase::NFT_HOOK, || self.nft.apply(&hook)));
+        if let Err(e) = loaded {
+            // Nothing hooked the table into the packet path yet, so it never enforced:
+            // remove it whole rather than leave a half-loaded table behind.
+            if let Err(cleanup) = self.nft.apply(&[json::delete_table()]) {
+                tracing::error!(error = %cleanup, "cannot delete the half-loaded table");
+            }
             return Err(e);
         }
+        Ok(unhooked.len() + changes.len() + hook.len())
+    }
+
+    /// Bookkeeping after a transaction: stats, the table in force, the read-back image.
+    fn finish(
+        &mut self,
+        kind: ApplyKind,
+        result: Result<usize, NftError>,
+        next: Ruleset,
+        mut phases: Vec<(&'static str, Duration)>,
+        keep_image: bool,
+    ) -> Result<ApplyOutcome, NftError> {
+        let duration = phases.iter().map(|(_, d)| *d).sum();
+        let commands = match result {
+            Ok(n) => n,
+            Err(e) => {
+                self.lock().errors += 1;
+                // The kernel kept the last good state, but our belief about it may be
+                // what made the transaction fail (drift): the retry rewrites everything.
+                self.applied = None;
+                self.image = None;
+                return Err(e);
+            }
+        };
         {
             let mut stats = self.lock();
             stats.generation += 1;
             stats.last_success_unix = Some(unix_now());
-            stats.apply_duration.observe(duration.as_secs_f64());
-            stats.counters = desired.counters.clone();
+            stats
+                .apply_duration
+                .observe(Duration::as_secs_f64(&duration));
+            // Compared first: cloning hundreds of labels costs more than comparing them.
+            if stats.counters != next.counters {
+                stats.counters = next.counters.clone();
+            }
         }
-        // The image leaves set contents out, so a change of set elements alone leaves it
-        // as it was; reading it back would cost a dump of every set element (nft fetches
-        // them all even for `-t`), hundreds of milliseconds with 100k-element groups.
-        let keep_image = kind == ApplyKind::Incremental
-            && self.image.is_some()
-            && self
-                .applied
-                .as_ref()
-                .is_some_and(|applied| same_but_set_contents(applied, desired));
-        self.applied = Some(desired.clone());
         if !keep_image {
             // Best effort: without an image the next reconcile rewrites the table.
-            self.image = self.read_image().ok().flatten();
+            self.image = timed(&mut phases, phase::READ_BACK, || {
+                self.read_image(Some(&next))
+            })
+            .ok()
+            .flatten();
         }
+        self.applied = Some(next);
         Ok(ApplyOutcome {
             kind,
-            commands: cmds.len(),
+            commands,
             duration,
+            phases,
         })
     }
 
     /// Compares the kernel's table with what was applied and rewrites it to `desired` if
     /// they differ (or nothing was applied yet).
     pub fn reconcile(&mut self, desired: &Ruleset) -> Result<ReconcileOutcome, NftError> {
-        let current = self.read_image()?;
-        let in_sync =
-            self.applied.as_ref() == Some(desired) && current.is_some() && current == self.image;
+        let current = self.read_image(None)?;
+        let in_sync = self
+            .applied
+            .as_ref()
+            .is_some_and(|a| same_table(a, desired))
+            && current.is_some()
+            && current == self.image;
         if in_sync {
             return Ok(ReconcileOutcome::InSync);
         }
+
         if current.is_some() && current != self.image && self.image.is_some() {
             tracing::warn!(
                 "nftables table inet palisade was changed outside the agent; rewriting it"
@@ -202,30 +417,50 @@ impl Applier {
         Ok(ReconcileOutcome::Repaired)
     }
 
-    /// The table without set contents, plus the dispatch maps, without handles and
-    /// counter values. `None` when the table does not exist.
-    fn read_image(&self) -> Result<Option<Value>, NftError> {
-        let Some(table) = self.nft.list_table_terse()? else {
+    /// The kernel's table without handles and counter values, with a digest of every
+    /// set's elements; `None` when the table does not exist. Host sets' digests come from
+    /// `loaded` (the table just applied) when given: reading 150,000 elements back after
+    /// every apply would cost more than loading them did; a reconcile reads them all.
+    fn read_image(&mut self, loaded: Option<&Ruleset>) -> Result<Option<TableImage>, NftError> {
+        let Some(mut image) = self
+            .with_socket(|s| image::read(s, TABLE, &[EGRESS_DISPATCH, INGRESS_DISPATCH]))
+            .map_err(netlink_error)?
+        else {
             return Ok(None);
         };
-        let mut image = Vec::new();
-        for doc in [
-            Some(table),
-            self.nft.list_map(EGRESS_DISPATCH)?,
-            self.nft.list_map(INGRESS_DISPATCH)?,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            image.extend(
-                objects(&doc)
-                    .filter(|o| o.get("metainfo").is_none())
-                    .cloned(),
-            );
+        for name in image.set_names().to_vec() {
+            let host = loaded
+                .and_then(|r| r.sets.get(&name))
+                .filter(|s| setelem::handles(s.kind));
+            let digest = match host {
+                Some(def) => Some(self.digests.of(&name, &def.elements)),
+                None => self
+                    .with_socket(|s| digest::read(s, TABLE, &name))
+                    .map_err(netlink_error)?,
+            };
+            if let Some(d) = digest {
+                image.set_digest(&name, d);
+            }
         }
-        let mut image = Value::Array(image);
-        strip_volatile(&mut image);
         Ok(Some(image))
+    }
+
+    fn with_socket<T>(
+        &mut self,
+        f: impl FnOnce(&mut NfnlSocket) -> Result<T, NfnlError>,
+    ) -> Result<T, NfnlError> {
+        let socket = match &mut self.socket {
+            Some(socket) => socket,
+            None => self
+                .socket
+                .insert(NfnlSocket::open(self.nft.netns.as_deref())?),
+        };
+        let out = f(socket);
+        if out.is_err() {
+            // Late answers of a failed exchange must not be read as the next one's.
+            self.socket = None;
+        }
+        out
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ApplyStats> {
@@ -233,36 +468,20 @@ impl Applier {
     }
 }
 
-/// Whether two tables differ at most in the elements of their named sets.
-fn same_but_set_contents(a: &Ruleset, b: &Ruleset) -> bool {
-    a.base_chains == b.base_chains
-        && a.chains == b.chains
-        && a.egress_dispatch == b.egress_dispatch
-        && a.ingress_dispatch == b.ingress_dispatch
-        && a.counters.keys().eq(b.counters.keys())
-        && a.sets.len() == b.sets.len()
-        && a.sets
+/// Whether the table applied is the one desired, set sizes aside (an existing set keeps
+/// the size it was created with).
+fn same_table(applied: &Ruleset, desired: &Ruleset) -> bool {
+    applied.base_chains == desired.base_chains
+        && applied.chains == desired.chains
+        && applied.counters == desired.counters
+        && applied.egress_dispatch == desired.egress_dispatch
+        && applied.ingress_dispatch == desired.ingress_dispatch
+        && applied.sets.len() == desired.sets.len()
+        && applied
+            .sets
             .iter()
-            .zip(&b.sets)
-            .all(|((na, sa), (nb, sb))| na == nb && sa.kind == sb.kind)
-}
-
-/// Removes what changes without anyone editing the table: handles and counter values.
-fn strip_volatile(v: &mut Value) {
-    match v {
-        Value::Object(map) => {
-            map.remove("handle");
-            if let Some(Value::Object(counter)) = map.get_mut("counter") {
-                counter.remove("packets");
-                counter.remove("bytes");
-            }
-            for x in map.values_mut() {
-                strip_volatile(x);
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(strip_volatile),
-        _ => {}
-    }
+            .zip(&desired.sets)
+            .all(|((na, a), (nb, b))| na == nb && a.kind == b.kind && a.elements == b.elements)
 }
 
 fn unix_now() -> f64 {
@@ -270,67 +489,4 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_element_changes_keep_the_shape() {
-        use crate::render::{AddrRange, IpFamily, RuleDef, SetDef, SetElement, SetKind, Verdict};
-        let addr = |a: &str| {
-            let ip = a.parse().unwrap();
-            SetElement::Addr(AddrRange { lo: ip, hi: ip })
-        };
-        let mut a = Ruleset::default();
-        a.sets.insert(
-            "g-a_4".into(),
-            SetDef {
-                kind: SetKind::Addresses(IpFamily::V4),
-                elements: vec![addr("10.0.0.1")],
-            },
-        );
-        a.chains.insert("ingress/ns/a".into(), vec![]);
-        let mut b = a.clone();
-        b.sets
-            .get_mut("g-a_4")
-            .unwrap()
-            .elements
-            .push(addr("10.0.0.3"));
-        assert!(same_but_set_contents(&a, &b));
-        let mut c = b.clone();
-        c.chains.get_mut("ingress/ns/a").unwrap().push(RuleDef {
-            matches: vec![],
-            counter: None,
-            verdict: Verdict::Drop,
-        });
-        assert!(!same_but_set_contents(&b, &c), "a chain changed");
-        let mut d = b.clone();
-        d.sets.get_mut("g-a_4").unwrap().kind = SetKind::NamedPorts(IpFamily::V4);
-        assert!(!same_but_set_contents(&b, &d), "a set's type changed");
-        let mut e = b.clone();
-        e.egress_dispatch
-            .insert("veth1".into(), "egress/ns/a".into());
-        assert!(
-            !same_but_set_contents(&b, &e),
-            "a dispatch element was added"
-        );
-    }
-
-    #[test]
-    fn volatile_fields_are_stripped() {
-        let mut v = serde_json::json!([
-            {"counter": {"name": "r-1", "handle": 4, "packets": 9, "bytes": 900}},
-            {"rule": {"chain": "c", "handle": 7, "expr": [{"counter": "r-1"}]}}
-        ]);
-        strip_volatile(&mut v);
-        assert_eq!(
-            v,
-            serde_json::json!([
-                {"counter": {"name": "r-1"}},
-                {"rule": {"chain": "c", "expr": [{"counter": "r-1"}]}}
-            ])
-        );
-    }
 }

@@ -3,11 +3,57 @@
 //! new and gone pods, objects created before and deleted after their users.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use palisade_policy::model::Direction;
 
+use crate::nfnl::setelem::{self, Op};
 use crate::render::json::{self, Command};
-use crate::render::{Ruleset, SetElement};
+use crate::render::{Ruleset, SetElement, SetKind};
+
+/// One step of an incremental transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// An `nft -j` command.
+    Nft(Command),
+    /// Elements added to or deleted from an existing named set: kept as data so that a
+    /// transaction of nothing else can go to the kernel over netlink.
+    Elements {
+        set: String,
+        kind: SetKind,
+        op: Op,
+        elements: Vec<SetElement>,
+    },
+}
+
+impl Step {
+    pub fn to_command(&self) -> Command {
+        match self {
+            Step::Nft(cmd) => cmd.clone(),
+            Step::Elements {
+                set, op, elements, ..
+            } => match op {
+                Op::Add => json::add(json::elements(set, elements)),
+                Op::Delete => json::delete(json::elements(set, elements)),
+            },
+        }
+    }
+}
+
+/// The steps as one nft transaction, in order.
+pub fn to_commands(steps: &[Step]) -> Vec<Command> {
+    steps.iter().map(Step::to_command).collect()
+}
+
+/// Whether every step is an element change that [`setelem`] can send over netlink.
+pub fn elements_only(steps: &[Step]) -> bool {
+    steps.iter().all(|s| match s {
+        Step::Elements { kind, elements, .. } => {
+            setelem::handles(*kind) && elements.iter().all(|e| setelem::key(e).is_some())
+        }
+        Step::Nft(_) => false,
+    })
+}
 
 /// What it takes to go from one table to another.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,9 +61,22 @@ pub enum Plan {
     /// Nothing differs.
     Unchanged,
     /// A transaction that changes only what differs.
-    Incremental(Vec<Command>),
-    /// The change cannot be made in place (the base chains or a set's type differ).
+    Incremental(Vec<Step>),
+    /// The change cannot be made in place (the base chains or a set's type differ, or a
+    /// set outgrew the size it was created with).
     Full,
+}
+
+/// `desired` with the sizes its sets have in the kernel after `applied` was changed into
+/// it incrementally: an existing set keeps the size it was created with.
+pub fn carry_sizes(applied: &Ruleset, desired: &Ruleset) -> Ruleset {
+    let mut out = desired.clone();
+    for (name, set) in out.sets.iter_mut() {
+        if let Some(old) = applied.sets.get(name) {
+            set.size = old.size;
+        }
+    }
+    out
 }
 
 /// Sorted-list difference: (only in `old`, only in `new`).
@@ -65,13 +124,17 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
     }
     for (name, set) in &desired.sets {
         if let Some(old) = applied.sets.get(name) {
-            if old.kind != set.kind {
+            let outgrown = old
+                .size
+                .is_some_and(|size| set.elements.len() > size as usize);
+            if old.kind != set.kind || outgrown {
                 return Plan::Full;
             }
         }
     }
 
-    let mut cmds = Vec::new();
+    let mut steps: Vec<Step> = Vec::new();
+    let mut cmds = Pusher(&mut steps);
     // Creations first: counters, sets and chains that rules and map elements will use.
     for name in keys_only_in(&desired.counters, &applied.counters) {
         cmds.push(json::add(json::counter(name)));
@@ -79,18 +142,24 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
     for (name, set) in &desired.sets {
         match applied.sets.get(name) {
             None => {
-                cmds.push(json::add(json::set(name, set.kind)));
+                cmds.push(json::add(json::sized_set(name, set.kind, set.size)));
                 if !set.elements.is_empty() {
                     cmds.push(json::add(json::elements(name, &set.elements)));
                 }
             }
+            // The same allocation: the group did not change (the usual case).
+            Some(old) if Arc::ptr_eq(&old.elements, &set.elements) => {}
             Some(old) => {
                 let (removed, added) = element_delta(&old.elements, &set.elements);
-                if !removed.is_empty() {
-                    cmds.push(json::delete(json::elements(name, &removed)));
-                }
-                if !added.is_empty() {
-                    cmds.push(json::add(json::elements(name, &added)));
+                for (op, elements) in [(Op::Delete, removed), (Op::Add, added)] {
+                    if !elements.is_empty() {
+                        cmds.0.push(Step::Elements {
+                            set: name.clone(),
+                            kind: set.kind,
+                            op,
+                            elements,
+                        });
+                    }
                 }
             }
         }
@@ -159,17 +228,30 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
     for name in keys_only_in(&applied.counters, &desired.counters) {
         cmds.push(json::delete(json::counter(name)));
     }
-    if cmds.is_empty() {
-        // Only counter labels changed (a rule's origin): nothing for the kernel to do.
+    if steps.is_empty() {
+        // Only counter labels or set sizes changed: nothing for the kernel to do.
         return Plan::Unchanged;
     }
-    Plan::Incremental(cmds)
+    Plan::Incremental(steps)
+}
+
+/// Collects nft commands as [`Step::Nft`] in order with the element steps.
+struct Pusher<'a>(&'a mut Vec<Step>);
+
+impl Pusher<'_> {
+    fn push(&mut self, cmd: Command) {
+        self.0.push(Step::Nft(cmd));
+    }
+
+    fn extend(&mut self, cmds: impl IntoIterator<Item = Command>) {
+        self.0.extend(cmds.into_iter().map(Step::Nft));
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::{AddrRange, CounterMeta, IpFamily, RuleDef, SetDef, SetKind, Verdict};
+    use crate::render::{AddrRange, CounterMeta, IpFamily, RuleDef, SetDef, Verdict};
     use serde_json::Value;
 
     fn addr(a: &str) -> SetElement {
@@ -190,7 +272,8 @@ mod tests {
             "g-a_4".into(),
             SetDef {
                 kind: SetKind::Addresses(IpFamily::V4),
-                elements: vec![addr("10.0.0.1"), addr("10.0.0.3")],
+                elements: vec![addr("10.0.0.1"), addr("10.0.0.3")].into(),
+                size: None,
             },
         );
         rs.chains.insert(
@@ -199,7 +282,8 @@ mod tests {
                 matches: vec![],
                 counter: Some("r-1".into()),
                 verdict: Verdict::Return,
-            }],
+            }]
+            .into(),
         );
         rs.egress_dispatch
             .insert("veth-a".into(), "egress/ns/a".into());
@@ -230,10 +314,12 @@ mod tests {
     #[test]
     fn group_change_is_element_delta_only() {
         let mut new = base();
-        new.sets.get_mut("g-a_4").unwrap().elements = vec![addr("10.0.0.1"), addr("10.0.0.9")];
+        new.sets.get_mut("g-a_4").unwrap().elements =
+            vec![addr("10.0.0.1"), addr("10.0.0.9")].into();
         let Plan::Incremental(cmds) = plan(&base(), &new) else {
             panic!("expected incremental")
         };
+        let cmds = to_commands(&cmds);
         assert_eq!(
             summary(&cmds),
             vec!["delete element g-a_4", "add element g-a_4"]
@@ -263,13 +349,15 @@ mod tests {
                 matches: vec![],
                 counter: Some("spoof/ns/b".into()),
                 verdict: Verdict::Drop,
-            }],
+            }]
+            .into(),
         );
         new.egress_dispatch
             .insert("veth-b".into(), "egress/ns/b".into());
         let Plan::Incremental(cmds) = plan(&base(), &new) else {
             panic!("expected incremental")
         };
+        let cmds = to_commands(&cmds);
         assert_eq!(
             summary(&cmds),
             vec![
@@ -291,6 +379,7 @@ mod tests {
         let Plan::Incremental(cmds) = plan(&base(), &new) else {
             panic!("expected incremental")
         };
+        let cmds = to_commands(&cmds);
         assert_eq!(
             summary(&cmds),
             vec![
@@ -306,10 +395,11 @@ mod tests {
     #[test]
     fn changed_chain_is_flushed_and_refilled() {
         let mut new = base();
-        new.chains.get_mut("egress/ns/a").unwrap()[0].verdict = Verdict::Drop;
+        Arc::make_mut(new.chains.get_mut("egress/ns/a").unwrap())[0].verdict = Verdict::Drop;
         let Plan::Incremental(cmds) = plan(&base(), &new) else {
             panic!("expected incremental")
         };
+        let cmds = to_commands(&cmds);
         assert_eq!(
             summary(&cmds),
             vec!["flush chain egress/ns/a", "add rule egress/ns/a"]
@@ -325,6 +415,7 @@ mod tests {
         let Plan::Incremental(cmds) = plan(&base(), &new) else {
             panic!("expected incremental")
         };
+        let cmds = to_commands(&cmds);
         assert_eq!(
             summary(&cmds),
             vec![
@@ -341,6 +432,52 @@ mod tests {
         let mut new = base();
         new.sets.get_mut("g-a_4").unwrap().kind = SetKind::NamedPorts(IpFamily::V4);
         assert_eq!(plan(&base(), &new), Plan::Full);
+    }
+
+    fn with_hosts(elements: &[&str], size: u32) -> Ruleset {
+        let mut rs = base();
+        rs.sets.insert(
+            "g-h_4".into(),
+            SetDef {
+                kind: SetKind::Hosts(IpFamily::V4),
+                elements: elements.iter().map(|a| addr(a)).collect(),
+                size: Some(size),
+            },
+        );
+        rs
+    }
+
+    #[test]
+    fn host_set_changes_alone_can_go_over_netlink() {
+        let old = with_hosts(&["10.0.0.1", "10.0.0.2"], 4);
+        let new = with_hosts(&["10.0.0.1", "10.0.0.5"], 4);
+        let Plan::Incremental(steps) = plan(&old, &new) else {
+            panic!("expected incremental")
+        };
+        assert!(elements_only(&steps));
+        assert_eq!(
+            summary(&to_commands(&steps)),
+            vec!["delete element g-h_4", "add element g-h_4"]
+        );
+        // With an interval set's change in the same transaction, all of it goes to nft.
+        let mut both = new.clone();
+        both.sets.get_mut("g-a_4").unwrap().elements = vec![addr("10.0.0.1")].into();
+        let Plan::Incremental(steps) = plan(&old, &both) else {
+            panic!("expected incremental")
+        };
+        assert!(!elements_only(&steps));
+    }
+
+    #[test]
+    fn a_set_that_outgrows_its_size_is_recreated() {
+        let old = with_hosts(&["10.0.0.1"], 2);
+        let fits = with_hosts(&["10.0.0.1", "10.0.0.2"], 64);
+        assert!(matches!(plan(&old, &fits), Plan::Incremental(_)));
+        let too_many = with_hosts(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], 64);
+        assert_eq!(plan(&old, &too_many), Plan::Full);
+        // A different wanted size alone changes nothing, and the kernel's size stays.
+        assert_eq!(plan(&old, &with_hosts(&["10.0.0.1"], 64)), Plan::Unchanged);
+        assert_eq!(carry_sizes(&old, &fits).sets["g-h_4"].size, Some(2));
     }
 
     #[test]

@@ -6,7 +6,7 @@ pub mod config;
 pub mod diff;
 pub mod interfaces;
 pub mod metrics;
-pub mod netlink_counters;
+pub mod nfnl;
 pub mod nft;
 pub mod render;
 pub mod run;
@@ -14,7 +14,7 @@ pub mod source;
 
 pub use apply::{Applier, ApplyKind, ApplyOutcome, ReconcileOutcome};
 pub use nft::{Nft, NftError};
-pub use render::{render, Interfaces, RenderError, Ruleset};
+pub use render::{render, Interfaces, RenderError, Renderer, Ruleset};
 
 use palisade_policy::ruleset::NodeRuleSet;
 

@@ -17,7 +17,7 @@ use crate::config::AgentConfig;
 use crate::interfaces::{events, pod_interfaces, Discovery, HostRoutes};
 use crate::metrics;
 use crate::nft::Nft;
-use crate::render::render;
+use crate::render::Renderer;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -37,6 +37,7 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
     let mut source = cfg.source().context("no rule source configured")?;
     let nft = Nft::local();
     let mut applier = Applier::new(nft.clone());
+    let mut renderer = Renderer::default();
     let stats = applier.stats();
     let registry = Arc::new(metrics::registry(nft.clone(), stats.clone()));
     listener.set_nonblocking(true)?;
@@ -89,7 +90,7 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
         if !(dirty || full_check) || Instant::now() < retry_at {
             continue;
         }
-        let desired = match render(current, &pod_interfaces(current, &routes)) {
+        let desired = match renderer.render(current, &pod_interfaces(current, &routes)) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "cannot render the rules; keeping the last table");

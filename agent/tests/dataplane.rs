@@ -9,6 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use palisade_agent::apply::phase;
+use palisade_agent::nfnl::setelem::{self, Change, Op};
+use palisade_agent::nfnl::NfnlSocket;
 use palisade_agent::render::{self, Ruleset};
 use palisade_agent::{Applier, ApplyKind, Nft, ReconcileOutcome};
 use palisade_policy::model::{Action, Direction, PolicyId, PolicyKind, Protocol, RuleOrigin, Tier};
@@ -184,6 +187,27 @@ fn assert_enforced(lab: &Lab) {
     }
 }
 
+/// Runs `nft ARGS` in the node's namespace, as someone tampering with the table would.
+fn nft_in(node: &str, args: &[&str]) {
+    let mut all = vec!["ip", "netns", "exec", node, "nft"];
+    all.extend_from_slice(args);
+    sh(&all);
+}
+
+fn expect_reconcile(applier: &mut Applier, desired: &Ruleset, want: ReconcileOutcome) {
+    assert_eq!(applier.reconcile(desired).unwrap(), want);
+}
+
+/// A node with pods a and b, each serving the ports the rules of [`rules`] talk about.
+fn served_lab(name: &str, subnet: u8) -> (Lab, [Servers; 2]) {
+    let lab = Lab::new(name, subnet, &["default/a", "default/b"]);
+    let servers = [
+        Servers::start(&lab.pod("a").netns, &[8080, 8081], &[]),
+        Servers::start(&lab.pod("b").netns, &[7070, 8080, 9090], &[]),
+    ];
+    (lab, servers)
+}
+
 fn render_for(lab: &Lab) -> Ruleset {
     render::render(&rules(lab), &lab.interfaces()).unwrap()
 }
@@ -265,10 +289,8 @@ fn drift_repair_failed_transaction_and_incremental() {
     if !can_run("drift_repair_failed_transaction_and_incremental") {
         return;
     }
-    let lab = Lab::new("d", 12, &["default/a", "default/b"]);
+    let (lab, _servers) = served_lab("d", 12);
     let (a, b) = (lab.pod("a"), lab.pod("b"));
-    let _sa = Servers::start(&a.netns, &[8080, 8081], &[]);
-    let _sb = Servers::start(&b.netns, &[7070, 8080, 9090], &[]);
     let nft = Nft::in_netns(&lab.node);
     let desired = render_for(&lab);
 
@@ -289,50 +311,69 @@ fn drift_repair_failed_transaction_and_incremental() {
     assert_enforced(&lab);
 
     // In sync: nothing to do.
-    assert_eq!(
-        applier.reconcile(&desired).unwrap(),
-        ReconcileOutcome::InSync
-    );
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
 
     // Someone deletes the table.
-    sh(&[
-        "ip", "netns", "exec", &lab.node, "nft", "delete", "table", "inet", "palisade",
-    ]);
+    nft_in(&lab.node, &["delete", "table", "inet", "palisade"]);
     assert!(tcp_ok(&a.netns, b.ip4, 7070));
-    assert_eq!(
-        applier.reconcile(&desired).unwrap(),
-        ReconcileOutcome::Repaired
-    );
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::Repaired);
     assert_enforced(&lab);
 
     // Someone edits a chain.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
+    nft_in(
         &lab.node,
-        "nft",
-        "flush",
-        "chain",
-        "inet",
-        "palisade",
-        "ingress-rest/default/b",
-    ]);
+        &[
+            "flush",
+            "chain",
+            "inet",
+            "palisade",
+            "ingress-rest/default/b",
+        ],
+    );
     assert!(tcp_ok(&a.netns, b.ip4, 7070));
-    assert_eq!(
-        applier.reconcile(&desired).unwrap(),
-        ReconcileOutcome::Repaired
-    );
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::Repaired);
     assert_enforced(&lab);
-    assert_eq!(
-        applier.reconcile(&desired).unwrap(),
-        ReconcileOutcome::InSync
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
+
+    // Someone removes a dispatch element: b's ingress is no longer checked.
+    let veth_b = format!("{{ \"{}\" }}", b.veth);
+    nft_in(
+        &lab.node,
+        &[
+            "delete",
+            "element",
+            "inet",
+            "palisade",
+            "ingress_dispatch",
+            &veth_b,
+        ],
     );
+    assert!(tcp_ok(&a.netns, b.ip4, 7070));
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::Repaired);
+    assert_enforced(&lab);
+
+    // Someone adds a rule that lets everything into b.
+    nft_in(
+        &lab.node,
+        &[
+            "insert",
+            "rule",
+            "inet",
+            "palisade",
+            "ingress/default/b",
+            "return",
+        ],
+    );
+    assert!(tcp_ok(&a.netns, b.ip4, 7070));
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::Repaired);
+    assert_enforced(&lab);
+    // Traffic moved counters meanwhile; that is not drift.
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
 
     // A transaction that fails (a rule referencing a set that does not exist) leaves the
     // last good table in force and counts the error.
     let mut bad = desired.clone();
-    bad.chains.get_mut("ingress-rest/default/b").unwrap()[0].matches =
+    Arc::make_mut(bad.chains.get_mut("ingress-rest/default/b").unwrap())[0].matches =
         vec![render::Match::AddrInSet {
             family: render::IpFamily::V4,
             end: render::End::Source,
@@ -368,7 +409,69 @@ fn drift_repair_failed_transaction_and_incremental() {
         .apply(&render::render(&rs, &lab.interfaces()).unwrap())
         .unwrap();
     assert_eq!((out.kind, out.commands), (ApplyKind::Incremental, 1));
+    assert_eq!(
+        out.phases.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        vec![phase::NETLINK_ELEMENTS],
+        "host set elements alone go over netlink"
+    );
     assert!(tcp_ok(&a.netns, b.ip4, 8080), "a back in group A");
+    let desired = render::render(&rs, &lab.interfaces()).unwrap();
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
+
+    // Someone adds an address to a host set by hand (the kernel's element count shows
+    // it); the repair takes it out again.
+    let set_a = format!("{G_A}_4");
+    nft_in(
+        &lab.node,
+        &[
+            "add",
+            "element",
+            "inet",
+            "palisade",
+            &set_a,
+            "{ 10.99.0.7 }",
+        ],
+    );
+    assert_eq!(set_len(&lab.node, &set_a), 3);
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::Repaired);
+    assert_eq!(set_len(&lab.node, &set_a), 2);
+    assert!(tcp_ok(&a.netns, b.ip4, 8080));
+
+    // Someone swaps one address for another (the count stays): the digest of the set's
+    // elements shows it. The same for an interval set.
+    let a4 = format!("{{ {} }}", a.ip4);
+    nft_in(
+        &lab.node,
+        &["delete", "element", "inet", "palisade", &set_a, &a4],
+    );
+    nft_in(
+        &lab.node,
+        &[
+            "add",
+            "element",
+            "inet",
+            "palisade",
+            &set_a,
+            "{ 10.99.0.8 }",
+        ],
+    );
+    assert!(!tcp_ok(&a.netns, b.ip4, 8080));
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::Repaired);
+    assert!(tcp_ok(&a.netns, b.ip4, 8080));
+    let set_b = format!("{G_B}_4");
+    nft_in(
+        &lab.node,
+        &[
+            "add",
+            "element",
+            "inet",
+            "palisade",
+            &set_b,
+            "{ 10.98.0.0/16 }",
+        ],
+    );
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::Repaired);
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
 }
 
 #[test]
@@ -420,16 +523,7 @@ fn text_render_loads_into_nft() {
     let text = render::text::to_text(&render_for(&lab));
     let path = std::env::temp_dir().join(format!("palisade-{}.nft", std::process::id()));
     std::fs::write(&path, text).unwrap();
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &lab.node,
-        "nft",
-        "-c",
-        "-f",
-        path.to_str().unwrap(),
-    ]);
+    nft_in(&lab.node, &["-c", "-f", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
 }
 
@@ -487,4 +581,176 @@ fn ports_of_several_protocols_in_one_clause() {
         5,
         "udp 5353 allowed"
     );
+}
+
+/// The number of elements of set `name` in the node's table, as nft lists them.
+fn set_len(node: &str, name: &str) -> usize {
+    let out = sh_out(&[
+        "ip", "netns", "exec", node, "nft", "-j", "list", "set", "inet", "palisade", name,
+    ]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    doc["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["set"]["elem"].as_array())
+        .map(Vec::len)
+        .sum()
+}
+
+fn table_exists(node: &str) -> bool {
+    std::process::Command::new("ip")
+        .args([
+            "netns", "exec", node, "nft", "list", "table", "inet", "palisade",
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+fn hosts(first: u32, n: u32) -> Vec<render::SetElement> {
+    (first..first + n)
+        .map(|a| {
+            let ip = std::net::IpAddr::V4(a.into());
+            render::SetElement::Addr(render::AddrRange { lo: ip, hi: ip })
+        })
+        .collect()
+}
+
+/// Element batches over netlink are one transaction: a message the kernel refuses (a set
+/// that does not exist, a set that is full) leaves every set of the batch as it was, also
+/// when the batch spans several messages, and the error names the set.
+#[test]
+fn netlink_element_batches_are_all_or_nothing() {
+    if !can_run("netlink_element_batches_are_all_or_nothing") {
+        return;
+    }
+    let lab = Lab::new("n", 16, &[]);
+    let mut rules = NodeRuleSet::default();
+    let mut group = AddrSet::default();
+    group.v4.push((0x0a10_0000, 0x0a10_0000 + 5_999));
+    rules.groups.insert(G_A.into(), Group::Hosts(group).into());
+    let desired = render::render(&rules, &Default::default()).unwrap();
+    let set = format!("{G_A}_4");
+    assert_eq!(desired.sets[&set].size, Some(16_384));
+    let mut applier = Applier::new(Nft::in_netns(&lab.node));
+    let out = applier.apply(&desired).unwrap();
+    assert!(
+        out.phases
+            .iter()
+            .any(|(n, _)| *n == phase::NETLINK_ELEMENTS),
+        "first load staged: {:?}",
+        out.phases
+    );
+    assert_eq!(set_len(&lab.node, &set), 6_000);
+
+    let mut socket = NfnlSocket::open(Some(&lab.node)).unwrap();
+    let more = hosts(0x0a20_0000, 6_000);
+    let one = hosts(0x0a30_0000, 1);
+    let err = setelem::apply(
+        &mut socket,
+        "palisade",
+        &[
+            Change {
+                set: &set,
+                op: Op::Add,
+                elements: &more,
+            },
+            Change {
+                set: "g-nope_4",
+                op: Op::Add,
+                elements: &one,
+            },
+        ],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("g-nope_4"), "{err}");
+    assert_eq!(
+        set_len(&lab.node, &set),
+        6_000,
+        "nothing of the batch applied"
+    );
+
+    setelem::apply(
+        &mut socket,
+        "palisade",
+        &[Change {
+            set: &set,
+            op: Op::Add,
+            elements: &more,
+        }],
+    )
+    .unwrap();
+    assert_eq!(set_len(&lab.node, &set), 12_000);
+
+    // Beyond the set's size the kernel refuses, and the deletions in the same batch stay
+    // undone.
+    let too_many = hosts(0x0a40_0000, 5_000);
+    let gone = hosts(0x0a10_0000, 10);
+    let err = setelem::apply(
+        &mut socket,
+        "palisade",
+        &[
+            Change {
+                set: &set,
+                op: Op::Delete,
+                elements: &gone,
+            },
+            Change {
+                set: &set,
+                op: Op::Add,
+                elements: &too_many,
+            },
+        ],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains(&set), "{err}");
+    assert_eq!(set_len(&lab.node, &set), 12_000);
+}
+
+/// A first load that fails leaves no table behind (it never enforced), and packets flow
+/// as before; the next attempt loads normally.
+#[test]
+fn failed_first_load_leaves_no_table() {
+    if !can_run("failed_first_load_leaves_no_table") {
+        return;
+    }
+    let (lab, _servers) = served_lab("f", 17);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let nft = Nft::in_netns(&lab.node);
+    let desired = render_for(&lab);
+
+    // The host set's elements (step 2) do not fit its size: the kernel refuses them.
+    let mut too_small = desired.clone();
+    let set = too_small.sets.get_mut(&format!("{G_A}_4")).unwrap();
+    set.elements = set
+        .elements
+        .iter()
+        .cloned()
+        .chain(hosts(0x0a63_0000, 3))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    set.size = Some(2);
+    let mut applier = Applier::new(nft.clone());
+    let err = applier.apply(&too_small).unwrap_err();
+    assert!(err.to_string().contains(G_A), "{err}");
+    assert!(!table_exists(&lab.node), "the half-loaded table is gone");
+    assert!(tcp_ok(&a.netns, b.ip4, 7070), "nothing enforced");
+
+    // Step 1 refused (a rule naming a set that does not exist): nothing created at all.
+    let mut bad = desired.clone();
+    Arc::make_mut(bad.chains.get_mut("ingress-rest/default/b").unwrap())[0].matches =
+        vec![render::Match::AddrInSet {
+            family: render::IpFamily::V4,
+            end: render::End::Source,
+            set: "g-does-not-exist_4".into(),
+        }];
+    assert!(applier.apply(&bad).is_err());
+    assert!(!table_exists(&lab.node));
+    assert_eq!(applier.stats().lock().unwrap().errors, 2);
+
+    assert_eq!(applier.apply(&desired).unwrap().kind, ApplyKind::Full);
+    assert_enforced(&lab);
 }

@@ -7,6 +7,7 @@
 pub mod addrset;
 pub mod compile;
 pub mod evaluate;
+mod labels;
 pub mod model;
 pub mod ruleset;
 pub mod selector;

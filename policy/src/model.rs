@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::selector::LabelSelector;
 
-pub type Labels = BTreeMap<String, String>;
+pub use crate::labels::Labels;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Protocol {

@@ -1,6 +1,6 @@
 //! Kubernetes label selectors (`matchLabels` AND `matchExpressions`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -39,7 +39,7 @@ impl Requirement {
 /// A label selector. The empty selector matches everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LabelSelector {
-    pub match_labels: BTreeMap<String, String>,
+    pub match_labels: Labels,
     pub match_expressions: Vec<Requirement>,
 }
 

@@ -126,7 +126,13 @@ pub fn namespace(ns: &core::Namespace, object: &ObjectRef) -> Result<Namespace, 
     let name = name_of(&ns.metadata, &mut errs);
     let mut labels = ns.metadata.labels.clone().unwrap_or_default();
     labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-    errs.finish(object, Namespace { name, labels })
+    errs.finish(
+        object,
+        Namespace {
+            name,
+            labels: labels.into(),
+        },
+    )
 }
 
 /// A Node, with the `kubernetes.io/hostname` label the kubelet adds when it is missing;
@@ -163,7 +169,7 @@ pub fn node(n: &core::Node, object: &ObjectRef) -> Result<Node, ObjectError> {
         object,
         Node {
             name,
-            labels,
+            labels: labels.into(),
             addresses,
         },
     )
@@ -256,7 +262,7 @@ pub fn pod(p: &core::Pod, object: &ObjectRef) -> Result<PodObject, ObjectError> 
         PodObject {
             namespace,
             name,
-            labels: p.metadata.labels.clone().unwrap_or_default(),
+            labels: p.metadata.labels.clone().unwrap_or_default().into(),
             node,
             ips,
             host_network,
@@ -305,7 +311,7 @@ pub fn service(s: &core::Service, object: &ObjectRef) -> Result<Service, ObjectE
         Service {
             namespace,
             name,
-            selector: spec.selector.unwrap_or_default(),
+            selector: spec.selector.unwrap_or_default().into(),
             cluster_ip,
             ports,
         },

@@ -60,7 +60,7 @@ pub(crate) fn selector(sel: &meta::LabelSelector, path: &str, errs: &mut Errors)
         });
     }
     LabelSelector {
-        match_labels,
+        match_labels: match_labels.into(),
         match_expressions,
     }
     .canonical()

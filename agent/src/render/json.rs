@@ -55,6 +55,11 @@ pub fn counter(name: &str) -> NfListObject<'_> {
 }
 
 pub fn set(name: &str, kind: SetKind) -> NfListObject<'_> {
+    sized_set(name, kind, None)
+}
+
+/// A set declaration with the kernel's `size` (see [`SetDef::size`]).
+pub fn sized_set(name: &str, kind: SetKind, size: Option<u32>) -> NfListObject<'_> {
     let (set_type, flags) = match kind {
         SetKind::Addresses(f) => (
             SetTypeValue::Single(addr_type(f)),
@@ -81,7 +86,7 @@ pub fn set(name: &str, kind: SetKind) -> NfListObject<'_> {
         elem: None,
         timeout: None,
         gc_interval: None,
-        size: None,
+        size,
         comment: None,
     }))
 }
@@ -395,13 +400,22 @@ pub fn base_rule<'a>(chain: &'a str, s: &BaseStatement) -> NfListObject<'a> {
 
 /// Commands that create the table's whole content in an existing, empty table.
 pub fn create_all(rs: &Ruleset) -> Vec<Command> {
+    let mut cmds = create_unhooked(rs, |_| true);
+    cmds.extend(create_base_chains(rs));
+    cmds
+}
+
+/// Everything but the base chains, in an existing, empty table: nothing of it sees a
+/// packet until the base chains hook it in. The elements of sets for which
+/// `with_elements(kind)` is false are left out (loaded over netlink instead).
+pub fn create_unhooked(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) -> Vec<Command> {
     let mut cmds = Vec::new();
     for name in rs.counters.keys() {
         cmds.push(add(counter(name)));
     }
     for (name, s) in &rs.sets {
-        cmds.push(add(set(name, s.kind)));
-        if !s.elements.is_empty() {
+        cmds.push(add(sized_set(name, s.kind, s.size)));
+        if !s.elements.is_empty() && with_elements(s.kind) {
             cmds.push(add(elements(name, &s.elements)));
         }
     }
@@ -411,7 +425,7 @@ pub fn create_all(rs: &Ruleset) -> Vec<Command> {
         cmds.push(add(chain(name)));
     }
     for (name, rules) in &rs.chains {
-        for r in rules {
+        for r in rules.iter() {
             cmds.push(add(rule(name, r)));
         }
     }
@@ -424,8 +438,12 @@ pub fn create_all(rs: &Ruleset) -> Vec<Command> {
             )));
         }
     }
-    // Base chains last: traffic is only steered into the table once it is complete (it is
-    // one transaction anyway, this only keeps a partial dump readable).
+    cmds
+}
+
+/// The base chains and their rules: what hooks the table into the packet path.
+pub fn create_base_chains(rs: &Ruleset) -> Vec<Command> {
+    let mut cmds = Vec::new();
     for bc in &rs.base_chains {
         cmds.push(add(base_chain(bc)));
         for st in &bc.statements {
@@ -442,6 +460,17 @@ pub fn replace_all(rs: &Ruleset) -> Vec<Command> {
     let mut cmds = vec![add(table()), delete(table()), add(table())];
     cmds.extend(create_all(rs));
     cmds
+}
+
+/// `create table`: fails if the table exists (the staged first load must not merge into
+/// a table that appeared meanwhile).
+pub fn create_table() -> Command {
+    to_value(&NfCmd::Create(table()))
+}
+
+/// `delete table`.
+pub fn delete_table() -> Command {
+    delete(table())
 }
 
 /// The JSON document `nft -j -f -` reads.

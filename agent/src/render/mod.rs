@@ -32,13 +32,14 @@
 //! * A pod without a known interface has no chains and no dispatch elements.
 //! * Peers are named sets, one per address group and family (`g-…_4`, `g-…_6`), shared
 //!   by every rule and pod that uses them: host groups (pods' and nodes' addresses) are
-//!   plain hash sets of single addresses, CIDR groups (`ipBlock`, `networks`) interval
-//!   sets. A group's id never changes kind (ids hash the definition); if a set's type
-//!   differs anyway, the incremental plan gives way to a full replacement. Egress named ports are sets of
-//!   `address . inet_proto . inet_service`. Port lists are anonymous concatenated sets
-//!   `meta l4proto . th dport { tcp . 80, udp . 53-60 }`: one rule per clause whatever the
-//!   protocols, with intervals for ranges. A clause with several groups renders one rule
-//!   per group and family (sharing the group's set instead of making a per-rule union).
+//!   plain hash sets of single addresses with a `size` ([`host_set_size`]), CIDR groups
+//!   (`ipBlock`, `networks`) interval sets. A group's id never changes kind (ids hash the
+//!   definition); if a set's type differs anyway, or a host set outgrows its size, the
+//!   incremental plan gives way to a full replacement. Egress named ports are sets of
+//!   `address . inet_proto . inet_service`. Ports are matched per protocol: a clause with
+//!   TCP and UDP ports renders one rule per protocol (`meta l4proto tcp … th dport { 80,
+//!   8000-8100 }`). A clause with several groups renders one rule per group and family
+//!   (sharing the group's set instead of making a per-rule union).
 //! * Every compiled rule has a named counter (its rule id, shared across pods); isolated
 //!   pods have `deny-ingress/…`/`deny-egress/…` counters.
 
@@ -46,8 +47,9 @@ pub mod json;
 pub mod model;
 pub mod text;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use palisade_policy::model::{Action, Direction, PodKey, Protocol};
 use palisade_policy::ruleset::{
@@ -143,22 +145,201 @@ pub fn group_set(group: &str, family: IpFamily) -> String {
 /// `interfaces`. A pod whose interface is already taken by an earlier pod (a stale entry
 /// while a pod moves) is left out with a warning.
 pub fn render(rules: &NodeRuleSet, interfaces: &Interfaces) -> Result<Ruleset, RenderError> {
-    let mut out = Ruleset {
-        base_chains: base_chains(),
-        ..Ruleset::default()
-    };
-    for (id, group) in &rules.groups {
-        if !valid_id(id) {
-            return Err(RenderError::BadGroupId(id.clone()));
+    Renderer::default().render(rules, interfaces)
+}
+
+/// The sets a group renders to: (kind, elements) per family, empty ones included.
+type GroupSets = Vec<(SetKind, Arc<[SetElement]>)>;
+
+/// Renders repeatedly, keeping each group's rendered sets until the group changes, so a
+/// change of one group costs that group (expanding 150,000 addresses every time cost more
+/// than the whole kernel transaction of a one-address change). The agent keeps one.
+#[derive(Default)]
+pub struct Renderer {
+    /// Group id → (the group it was rendered from, its sets). Holding the `Arc` keeps the
+    /// pointer from being reused by another group while the entry lives.
+    groups: HashMap<String, (Arc<Group>, GroupSets)>,
+    /// Each pod's rendered chains, valid while the sets (names and kinds: what a rule can
+    /// refer to) stay as in `shapes`.
+    pods: HashMap<PodKey, RenderedPod>,
+    shapes: BTreeMap<String, SetKind>,
+}
+
+/// What one pod rendered to, and from what.
+struct RenderedPod {
+    ifname: String,
+    ips: Vec<IpAddr>,
+    ingress: Arc<DirectionRules>,
+    egress: Arc<DirectionRules>,
+    chains: Vec<(String, Arc<Vec<RuleDef>>)>,
+    /// The pod's own counters (anti-spoofing, default deny).
+    counters: Vec<(String, CounterMeta)>,
+    /// Rule ids whose counters rendering the pod creates when the rule set has no origin
+    /// for them.
+    rule_ids: Vec<String>,
+    /// (direction, entry chain) of the dispatch elements.
+    dispatch: Vec<(Direction, String)>,
+}
+
+impl RenderedPod {
+    fn rendered_from(&self, pod: &PodRules, ifname: &str) -> bool {
+        let same = |a: &Arc<DirectionRules>, b: &Arc<DirectionRules>| Arc::ptr_eq(a, b) || a == b;
+        self.ifname == ifname
+            && self.ips == pod.ips
+            && same(&self.ingress, &pod.ingress)
+            && same(&self.egress, &pod.egress)
+    }
+
+    fn copy_into(&self, out: &mut Ruleset) {
+        for (name, rules) in &self.chains {
+            out.chains.insert(name.clone(), rules.clone());
         }
-        let group: &Group = group;
-        for (kind, elements) in group_sets(id, group)? {
-            if !elements.is_empty() {
-                out.sets
-                    .insert(group_set(id, kind.family()), SetDef { kind, elements });
-            }
+        for (name, meta) in &self.counters {
+            out.counters.insert(name.clone(), meta.clone());
+        }
+        for id in &self.rule_ids {
+            out.counters
+                .entry(id.clone())
+                .or_insert_with(|| CounterMeta::Rule {
+                    id: id.clone(),
+                    origin: None,
+                });
+        }
+        for (direction, entry) in &self.dispatch {
+            let dispatch = match direction {
+                Direction::Egress => &mut out.egress_dispatch,
+                Direction::Ingress => &mut out.ingress_dispatch,
+            };
+            dispatch.insert(self.ifname.clone(), entry.clone());
         }
     }
+
+    /// Reads back what [`render_pod`] put into `out` for this pod (its names are fixed
+    /// by the pod's key).
+    fn extract(out: &Ruleset, pod: &PodRules, key: &PodKey, ifname: &str) -> RenderedPod {
+        let mut chains = Vec::new();
+        let mut counters = Vec::new();
+        let mut dispatch = Vec::new();
+        for direction in [Direction::Egress, Direction::Ingress] {
+            for name in [entry_chain(key, direction), rest_chain(key, direction)] {
+                if let Some(rules) = out.chains.get(&name) {
+                    chains.push((name, rules.clone()));
+                }
+            }
+            let entry = entry_chain(key, direction);
+            if out.dispatch(direction).get(ifname) == Some(&entry) {
+                dispatch.push((direction, entry));
+            }
+            let deny = default_deny_counter(key, direction);
+            if let Some(meta) = out.counters.get(&deny) {
+                counters.push((deny, meta.clone()));
+            }
+        }
+        let spoof = spoof_counter(key);
+        if let Some(meta) = out.counters.get(&spoof) {
+            counters.push((spoof, meta.clone()));
+        }
+        let rule_ids = [Direction::Egress, Direction::Ingress]
+            .into_iter()
+            .flat_map(|direction| {
+                let d = pod.direction(direction);
+                // As `render_pod` and `rest_rules` pick them.
+                let rest = if d.isolated_by.is_empty() {
+                    &d.baseline
+                } else {
+                    &d.network_policy
+                };
+                d.admin.iter().chain(rest)
+            })
+            .map(|inst| inst.rule.clone())
+            .collect();
+        RenderedPod {
+            rule_ids,
+            ifname: ifname.to_string(),
+            ips: pod.ips.clone(),
+            ingress: pod.ingress.clone(),
+            egress: pod.egress.clone(),
+            chains,
+            counters,
+            dispatch,
+        }
+    }
+}
+
+impl Renderer {
+    /// As [`render`], reusing the sets of groups that did not change since the last call.
+    pub fn render(
+        &mut self,
+        rules: &NodeRuleSet,
+        interfaces: &Interfaces,
+    ) -> Result<Ruleset, RenderError> {
+        let mut out = Ruleset {
+            base_chains: base_chains(),
+            ..Ruleset::default()
+        };
+        let mut cache = HashMap::with_capacity(rules.groups.len());
+        for (id, group) in &rules.groups {
+            if !valid_id(id) {
+                return Err(RenderError::BadGroupId(id.clone()));
+            }
+            let sets = match self.groups.remove(id.as_str()) {
+                // Same allocation, or an equal group from a reloaded rule set: comparing
+                // ranges is much cheaper than expanding them.
+                Some((old, sets)) if Arc::ptr_eq(&old, group) || *old == **group => sets,
+                _ => group_sets(id, group)?
+                    .into_iter()
+                    .map(|(kind, elements)| (kind, Arc::from(elements)))
+                    .collect(),
+            };
+            for (kind, elements) in &sets {
+                if elements.is_empty() {
+                    continue;
+                }
+                let size = matches!(kind, SetKind::Hosts(_)).then(|| host_set_size(elements.len()));
+                out.sets.insert(
+                    group_set(id, kind.family()),
+                    SetDef {
+                        kind: *kind,
+                        elements: elements.clone(),
+                        size,
+                    },
+                );
+            }
+            cache.insert(id.to_string(), (group.clone(), sets));
+        }
+        self.groups = cache;
+        let shapes: BTreeMap<String, SetKind> =
+            out.sets.iter().map(|(n, s)| (n.clone(), s.kind)).collect();
+        if shapes != self.shapes {
+            // A rule's matches depend on which sets exist: render every pod anew.
+            self.pods.clear();
+            self.shapes = shapes;
+        }
+        let mut pods = HashMap::with_capacity(rules.pods.len());
+        let out = render_rest(out, rules, interfaces, |out, pod, key, ifname| {
+            match self.pods.remove(key) {
+                Some(cached) if cached.rendered_from(pod, ifname) => {
+                    cached.copy_into(out);
+                    pods.insert(key.clone(), cached);
+                }
+                _ => {
+                    render_pod(out, rules, pod, key, ifname)?;
+                    pods.insert(key.clone(), RenderedPod::extract(out, pod, key, ifname));
+                }
+            }
+            Ok(())
+        });
+        self.pods = if out.is_ok() { pods } else { HashMap::new() };
+        out
+    }
+}
+
+fn render_rest(
+    mut out: Ruleset,
+    rules: &NodeRuleSet,
+    interfaces: &Interfaces,
+    mut render_pod: impl FnMut(&mut Ruleset, &PodRules, &PodKey, &str) -> Result<(), RenderError>,
+) -> Result<Ruleset, RenderError> {
     for (id, origin) in &rules.rules {
         if !valid_id(id) {
             return Err(RenderError::BadRuleId(id.clone()));
@@ -185,7 +366,7 @@ pub fn render(rules: &NodeRuleSet, interfaces: &Interfaces) -> Result<Ruleset, R
             tracing::warn!(pod = %key, ifname, "interface already used by another pod; pod not enforced until that clears");
             continue;
         }
-        render_pod(&mut out, rules, pod, &key, ifname)?;
+        render_pod(&mut out, pod, &key, ifname)?;
     }
     Ok(out)
 }
@@ -332,12 +513,12 @@ fn render_pod(
                 counter: None,
                 verdict: Verdict::Goto(chain.clone()),
             });
-            out.chains.insert(rest, rest_rules);
+            out.chains.insert(rest, Arc::new(rest_rules));
         }
         if entry_rules.is_empty() {
             continue;
         }
-        out.chains.insert(entry.clone(), entry_rules);
+        out.chains.insert(entry.clone(), Arc::new(entry_rules));
         let dispatch = match direction {
             Direction::Egress => &mut out.egress_dispatch,
             Direction::Ingress => &mut out.ingress_dispatch,
@@ -590,10 +771,157 @@ mod tests {
         let table = text::to_text(&out);
         assert!(
             table.contains(
-                "set g-1_4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.0.0.1, 10.0.0.2, 10.0.0.3 }"
+                "set g-1_4 {\n\t\ttype ipv4_addr\n\t\tsize 64\n\t\telements = { 10.0.0.1, 10.0.0.2, 10.0.0.3 }"
             ),
             "{table}"
         );
+    }
+
+    #[test]
+    fn host_sets_are_sized_with_room_to_grow() {
+        assert_eq!(host_set_size(0), MIN_HOST_SET_SIZE);
+        assert_eq!(host_set_size(7_500), 16_384);
+        assert_eq!(host_set_size(8_192), 16_384);
+        assert_eq!(host_set_size(8_193), 32_768);
+        assert_eq!(host_set_size(usize::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn unchanged_groups_keep_their_rendered_sets() {
+        let hosts = |n: u32| {
+            let mut set = palisade_policy::AddrSet::default();
+            set.v4.push((0x0a00_0000, 0x0a00_0000 + n));
+            std::sync::Arc::new(Group::Hosts(set))
+        };
+        let mut rules = NodeRuleSet::default();
+        rules.groups.insert("g-1".into(), hosts(10));
+        rules.groups.insert("g-2".into(), hosts(20));
+        let mut renderer = Renderer::default();
+        let first = renderer.render(&rules, &Interfaces::new()).unwrap();
+        rules.groups.insert("g-2".into(), hosts(21));
+        let second = renderer.render(&rules, &Interfaces::new()).unwrap();
+        assert!(Arc::ptr_eq(
+            &first.sets["g-1_4"].elements,
+            &second.sets["g-1_4"].elements
+        ));
+        assert_eq!(second.sets["g-2_4"].elements.len(), 22);
+        // An equal group in a new allocation (a reloaded rule set) is reused too, and the
+        // result is what a fresh render gives.
+        rules.groups.insert("g-1".into(), hosts(10));
+        let third = renderer.render(&rules, &Interfaces::new()).unwrap();
+        assert!(Arc::ptr_eq(
+            &first.sets["g-1_4"].elements,
+            &third.sets["g-1_4"].elements
+        ));
+        assert_eq!(third, render(&rules, &Interfaces::new()).unwrap());
+    }
+
+    #[test]
+    fn unchanged_pods_keep_their_chains_and_changes_render_as_fresh() {
+        let hosts = |addrs: &[&str]| {
+            std::sync::Arc::new(Group::Hosts(palisade_policy::AddrSet::from_addrs(
+                addrs.iter().map(|a| a.parse().unwrap()),
+            )))
+        };
+        let instance = RuleInstance {
+            rule: "r-1".into(),
+            action: Action::Allow,
+            clauses: vec![Clause::PeerPort {
+                peers: Some(vec!["g-1".into()]),
+                ports: None,
+            }],
+        };
+        let pod = |name: &str, isolated: bool| PodRules {
+            namespace: "ns".into(),
+            name: name.into(),
+            ips: vec!["10.0.0.9".parse().unwrap()],
+            ingress: Arc::new(DirectionRules {
+                isolated_by: if isolated {
+                    vec![palisade_policy::model::PolicyId {
+                        kind: palisade_policy::model::PolicyKind::NetworkPolicy,
+                        namespace: Some("ns".into()),
+                        name: "p".into(),
+                    }]
+                } else {
+                    vec![]
+                },
+                network_policy: vec![instance.clone()],
+                ..DirectionRules::default()
+            }),
+            egress: Arc::default(),
+        };
+        let mut rules = NodeRuleSet::default();
+        rules.groups.insert("g-1".into(), hosts(&["10.0.0.1"]));
+        rules.pods = vec![pod("a", true), pod("b", true)];
+        let interfaces: Interfaces = [
+            (PodKey::new("ns", "a"), "veth-a".to_string()),
+            (PodKey::new("ns", "b"), "veth-b".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let mut renderer = Renderer::default();
+        let first = renderer.render(&rules, &interfaces).unwrap();
+        assert_eq!(first, render(&rules, &interfaces).unwrap());
+
+        // A group's addresses change: the pods' chains are the same allocations.
+        rules
+            .groups
+            .insert("g-1".into(), hosts(&["10.0.0.1", "10.0.0.2"]));
+        let second = renderer.render(&rules, &interfaces).unwrap();
+        assert_eq!(second, render(&rules, &interfaces).unwrap());
+        let chain = "ingress-rest/ns/a";
+        assert!(Arc::ptr_eq(&first.chains[chain], &second.chains[chain]));
+
+        // One pod's rules change, another moves to a new interface, and the group gains
+        // an IPv6 set (a new set a rule can refer to): all as a fresh render.
+        rules.pods[0] = pod("a", false);
+        rules
+            .groups
+            .insert("g-1".into(), hosts(&["10.0.0.1", "fd00::1"]));
+        let mut moved = interfaces.clone();
+        moved.insert(PodKey::new("ns", "b"), "veth-c".to_string());
+        let third = renderer.render(&rules, &moved).unwrap();
+        assert_eq!(third, render(&rules, &moved).unwrap());
+        assert!(third.chains.contains_key("ingress-rest/ns/b"));
+        assert_eq!(
+            third.ingress_dispatch.get("veth-c").map(String::as_str),
+            Some("ingress/ns/b")
+        );
+
+        // A pod that loses its interface disappears, and comes back unchanged.
+        let mut gone = moved.clone();
+        gone.remove(&PodKey::new("ns", "b"));
+        assert_eq!(
+            renderer.render(&rules, &gone).unwrap(),
+            render(&rules, &gone).unwrap()
+        );
+        assert_eq!(renderer.render(&rules, &moved).unwrap(), third);
+
+        // The rule gets an origin (labels): the cached pods do not hide it.
+        rules.rules.insert(
+            "r-1".into(),
+            palisade_policy::model::RuleOrigin {
+                policy: palisade_policy::model::PolicyId {
+                    kind: palisade_policy::model::PolicyKind::NetworkPolicy,
+                    namespace: Some("ns".into()),
+                    name: "p".into(),
+                },
+                tier: palisade_policy::model::Tier::NetworkPolicy,
+                priority: 0,
+                direction: Direction::Ingress,
+                index: 0,
+                name: None,
+            },
+        );
+        let labelled = renderer.render(&rules, &moved).unwrap();
+        assert_eq!(labelled, render(&rules, &moved).unwrap());
+        assert!(matches!(
+            &labelled.counters["r-1"],
+            CounterMeta::Rule {
+                origin: Some(_),
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use palisade_policy::model::{Direction, PodKey, Protocol, RuleOrigin};
 
@@ -110,8 +111,29 @@ impl SetKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SetDef {
     pub kind: SetKind,
-    /// Sorted, no duplicates (and, for address sets, no overlaps).
-    pub elements: Vec<SetElement>,
+    /// Sorted, no duplicates (and, for address sets, no overlaps). Shared: a group that did
+    /// not change keeps the same allocation from render to render, so cloning a table is
+    /// cheap and comparing it short-circuits on the pointer (`Arc`'s `Eq` does that).
+    pub elements: Arc<[SetElement]>,
+    /// The kernel's `size` of the set: most elements it will take. `Some` for host sets:
+    /// with a size the kernel picks a fixed-size hash instead of the resizing one, which
+    /// loads about twice as fast. Chosen with room to grow ([`host_set_size`]); a set that
+    /// outgrows it is recreated by a full replacement.
+    pub size: Option<u32>,
+}
+
+/// Fewest slots a host set gets: small groups grow without a replacement.
+pub const MIN_HOST_SET_SIZE: u32 = 64;
+
+/// The size a host set of `n` addresses is created with: twice as many, rounded up to a
+/// power of two (the kernel rounds its bucket count so anyway), at least
+/// [`MIN_HOST_SET_SIZE`].
+pub fn host_set_size(n: usize) -> u32 {
+    let wanted = u32::try_from(n.saturating_mul(2)).unwrap_or(u32::MAX);
+    wanted
+        .checked_next_power_of_two()
+        .unwrap_or(u32::MAX)
+        .max(MIN_HOST_SET_SIZE)
 }
 
 /// Which end of the packet a match looks at.
@@ -229,8 +251,9 @@ pub struct Ruleset {
     /// Interface name → chain, per dispatch map.
     pub egress_dispatch: BTreeMap<String, String>,
     pub ingress_dispatch: BTreeMap<String, String>,
-    /// Regular (non-base) chains.
-    pub chains: BTreeMap<String, Vec<RuleDef>>,
+    /// Regular (non-base) chains. Shared like set elements: a pod whose rules did not
+    /// change keeps its chains' allocations from render to render.
+    pub chains: BTreeMap<String, Arc<Vec<RuleDef>>>,
 }
 
 impl Ruleset {

@@ -159,6 +159,9 @@ pub fn to_text(rs: &Ruleset) -> String {
         if interval {
             let _ = writeln!(s, "\t\tflags interval");
         }
+        if let Some(size) = set.size {
+            let _ = writeln!(s, "\t\tsize {size}");
+        }
         if !set.elements.is_empty() {
             let list: Vec<String> = set.elements.iter().map(element_text).collect();
             let _ = writeln!(s, "\t\telements = {{ {} }}", list.join(", "));
@@ -181,7 +184,7 @@ pub fn to_text(rs: &Ruleset) -> String {
     }
     for (name, rules) in &rs.chains {
         let _ = writeln!(s, "\tchain {name} {{");
-        for r in rules {
+        for r in rules.iter() {
             let _ = writeln!(s, "\t\t{}", rule_text(r));
         }
         let _ = writeln!(s, "\t}}\n");

@@ -1,7 +1,6 @@
 //! Synthetic clusters for the compile benchmark. Deterministic: the same workload always
 //! gives the same objects.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
@@ -411,7 +410,7 @@ pub fn one_namespace() -> Workload {
         ns.clone(),
         Namespace {
             name: ns.clone(),
-            labels: BTreeMap::new(),
+            labels: Labels::new(),
         },
     );
     let s = sel(&[("app-1", "scale-1")]);

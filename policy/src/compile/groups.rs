@@ -14,6 +14,8 @@ use crate::model::{Labels, NamespaceScope, Node, Peer, Pod, Protocol};
 use crate::ruleset::{Group, GroupId, PortEndpoint};
 use crate::selector::LabelSelector;
 
+use super::stable_hash;
+
 /// A group's definition. Equal definitions share one group (and one id) everywhere.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum GroupDef {
@@ -34,27 +36,12 @@ pub(crate) enum GroupDef {
     },
 }
 
-/// FNV-1a over formatted text: stable across runs and platforms, unlike `DefaultHasher`,
-/// and fed by `write!` so no string is built.
-struct Fnv(u64);
+/// A group's identity inside the compiler: the number its [`GroupId`] spells, so that the
+/// index hashes and compares a word instead of a string.
+pub(crate) type GroupKey = u64;
 
-impl std::fmt::Write for Fnv {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        for b in s.as_bytes() {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-        Ok(())
-    }
-}
-
-/// The stable hash of a value's `Debug` form.
-pub(crate) fn stable_hash(value: &impl std::fmt::Debug) -> u64 {
-    use std::fmt::Write;
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
-    // Writing into Fnv cannot fail.
-    let _ = write!(h, "{value:?}");
-    h.0
+pub(crate) fn group_id(key: GroupKey) -> GroupId {
+    stable_hash::hex_id("g-", key)
 }
 
 impl GroupDef {
@@ -82,8 +69,9 @@ impl GroupDef {
         }
     }
 
-    pub(crate) fn id(&self) -> GroupId {
-        format!("g-{:016x}", stable_hash(self))
+    /// The group's key inside the compiler: the hash its public id spells.
+    pub(crate) fn key(&self) -> GroupKey {
+        stable_hash::of_group_def(self)
     }
 
     /// Whether a (non-host-network) pod is a member of a pod-based group.
@@ -154,8 +142,9 @@ pub(crate) enum Member {
 pub(crate) struct GroupState {
     pub def: Arc<GroupDef>,
     pub members: BTreeMap<Member, u32>,
-    /// Node → number of pods on that node whose rules reference the group.
-    pub nodes: HashMap<Arc<str>, u32>,
+    /// Node (by its index in the compiler's node table) → number of pods on that node
+    /// whose rules reference the group.
+    pub nodes: HashMap<u32, u32>,
     built: OnceLock<Arc<Group>>,
 }
 

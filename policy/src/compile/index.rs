@@ -17,14 +17,14 @@ use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::groups::{node_members, GroupDef, GroupState, Member};
+use super::groups::{group_id, node_members, GroupDef, GroupKey, GroupState, Member};
 use super::instances::CompiledPolicy;
 use super::{Change, Touched, Warning};
 use crate::model::{
     Cluster, ContainerPort, Direction, Labels, Namespace, NamespaceScope, Node, Pod, PodKey,
     Policy, PolicyId, RuleOrigin, Subject, Tier,
 };
-use crate::ruleset::{DirectionRules, GroupId, NodeRuleSet, PodRules, RuleId, RuleInstance};
+use crate::ruleset::{DirectionRules, NodeRuleSet, PodRules, RuleId, RuleInstance};
 use crate::selector::LabelSelector;
 
 static NO_LABELS: Labels = Labels::new();
@@ -34,13 +34,16 @@ static NO_LABELS: Labels = Labels::new();
 struct Compiled {
     ingress: Arc<DirectionRules>,
     egress: Arc<DirectionRules>,
-    defs: Vec<(GroupId, Arc<GroupDef>)>,
+    defs: Vec<(GroupKey, Arc<GroupDef>)>,
 }
 
-/// Pods of a namespace with equal labels and ports share one compilation.
-type MemoKey = (Labels, Vec<ContainerPort>);
-/// Per namespace: hash of the key → entries with that hash.
-type Memo = HashMap<String, HashMap<u64, Vec<(MemoKey, Arc<Compiled>)>>>;
+/// Pods of a namespace with equal labels and ports share one compilation. An entry names a
+/// representative pod instead of copying its labels and ports: the pod's current labels
+/// and ports are the key, and an entry is dropped when its pod changes them (see
+/// `forget_representative`).
+/// Per namespace: hash of (labels, ports) → entries with that hash.
+type Memo = HashMap<String, HashMap<u64, Vec<MemoEntry>>>;
+type MemoEntry = (Arc<PodKey>, Arc<Compiled>);
 
 fn memo_hash(labels: &Labels, ports: &[ContainerPort]) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -50,16 +53,25 @@ fn memo_hash(labels: &Labels, ports: &[ContainerPort]) -> u64 {
     h.finish()
 }
 
+/// One namespace's memo, created empty when missing.
+fn memo_namespace<'a>(memo: &'a mut Memo, ns: &str) -> &'a mut HashMap<u64, Vec<MemoEntry>> {
+    memo.entry(ns.to_string()).or_default()
+}
+
+fn same_shape(a: &Pod, b: &Pod) -> bool {
+    a.labels == b.labels && a.ports == b.ports
+}
+
 struct PodEntry {
-    /// Shared with the node table, so references cost a count, not a string.
-    node: Arc<str>,
+    /// Index into the compiler's node table, so references cost a word, not a string.
+    node: u32,
     ips: Vec<IpAddr>,
     compiled: Arc<Compiled>,
 }
 
 impl PodEntry {
-    fn refs(&self) -> impl Iterator<Item = &GroupId> {
-        self.compiled.defs.iter().map(|(id, _)| id)
+    fn refs(&self) -> impl Iterator<Item = &GroupKey> {
+        self.compiled.defs.iter().map(|(key, _)| key)
     }
 }
 
@@ -74,24 +86,29 @@ impl PodEntry {
 /// Cluster state and policies, compiled incrementally into per-node rule sets.
 pub struct Compiler {
     cluster: Cluster,
-    policies: BTreeMap<PolicyId, CompiledPolicy>,
-    rule_origins: HashMap<RuleId, RuleOrigin>,
-    np_by_ns: HashMap<String, BTreeSet<PolicyId>>,
+    policies: BTreeMap<PolicyId, Arc<CompiledPolicy>>,
+    rule_origins: HashMap<RuleId, Arc<RuleOrigin>>,
+    /// NetworkPolicies per namespace, in id order (the order of `isolated_by`).
+    /// (A sorted vector: a namespace has a few, and a map's node would cost more than them.)
+    np_by_ns: HashMap<String, Vec<Arc<CompiledPolicy>>>,
     /// Tiered policies in evaluation order.
     tiered: BTreeSet<(Tier, u32, PolicyId)>,
     /// Per namespace, the tiered policies whose subject's namespace selector matches it.
     tiered_by_ns: HashMap<String, Vec<PolicyId>>,
     /// Pods per namespace (a count: the pods themselves are a range of `cluster.pods`).
     pods_by_ns: HashMap<String, usize>,
-    pods_by_node: BTreeMap<String, BTreeSet<PodKey>>,
-    pod_entries: HashMap<PodKey, PodEntry>,
-    groups: HashMap<GroupId, GroupState>,
-    groups_by_ns: HashMap<String, BTreeSet<GroupId>>,
-    ns_selector_groups: BTreeSet<GroupId>,
-    named_groups_by_port: HashMap<String, BTreeSet<GroupId>>,
-    node_groups: BTreeSet<GroupId>,
+    /// Pod keys are shared between this and `pod_entries`.
+    pods_by_node: BTreeMap<String, BTreeSet<Arc<PodKey>>>,
+    pod_entries: HashMap<Arc<PodKey>, PodEntry>,
+    groups: HashMap<GroupKey, GroupState>,
+    groups_by_ns: HashMap<String, BTreeSet<GroupKey>>,
+    ns_selector_groups: BTreeSet<GroupKey>,
+    named_groups_by_port: HashMap<String, BTreeSet<GroupKey>>,
+    node_groups: BTreeSet<GroupKey>,
     memo: Memo,
-    node_names: HashMap<String, Arc<str>>,
+    /// Node names seen by pod entries and group references, which name them by index.
+    node_index: HashMap<String, u32>,
+    node_names: Vec<String>,
 }
 
 impl Compiler {
@@ -117,48 +134,146 @@ impl Compiler {
             named_groups_by_port: HashMap::default(),
             node_groups: BTreeSet::new(),
             memo: HashMap::default(),
-            node_names: HashMap::default(),
+            node_index: HashMap::default(),
+            node_names: Vec::new(),
         };
-        c.cluster.pods = cluster.pods;
-        let pods = std::mem::take(&mut c.cluster.pods);
+        // The pods stay out of the cluster until the end, so they can be read while the
+        // index grows.
+        let pods = cluster.pods;
         for pod in pods.values() {
-            c.index_pod(pod);
+            c.count_pod_in_namespace(&pod.namespace);
         }
-        c.cluster.pods = pods;
-        for policy in policies {
-            c.index_policy(CompiledPolicy::new(policy));
-        }
+        c.index_policies(policies);
         let namespaces: Vec<String> = c.known_namespaces().cloned().collect();
         for ns in namespaces {
             c.refresh_tiered_for_namespace(&ns);
         }
-        // One pass over the pods, taken out of the cluster so they can be read while the
-        // index grows; groups are created empty and their members computed once, after.
-        let pods = std::mem::take(&mut c.cluster.pods);
-        let mut memo = std::mem::take(&mut c.memo);
-        for (key, pod) in pods.iter().filter(|(_, p)| !p.host_network) {
-            let compiled = c.compiled_for(&mut memo, pod);
-            let node = c.node_name(&pod.node);
-            for (gid, def) in &compiled.defs {
-                c.reference_group(&node, gid, def);
+        // One pass over the pods. Pods sharing a compilation are found in a table of the
+        // current namespace (pods come sorted by namespace) keyed by the pods themselves;
+        // groups are created empty and their members computed once, after.
+        let mut memo = Memo::default();
+        let mut by_node: HashMap<&str, (u32, Vec<Arc<PodKey>>)> = HashMap::default();
+        let mut shapes: HashMap<u64, Vec<(&Pod, Arc<Compiled>)>> = HashMap::default();
+        let mut shapes_ns = "";
+        c.pod_entries.reserve(pods.len());
+        for (key, pod) in &pods {
+            let key = Arc::new(key.clone());
+            let node = match by_node.get_mut(pod.node.as_str()) {
+                Some((node, keys)) => {
+                    keys.push(key.clone());
+                    *node
+                }
+                None => {
+                    let node = c.node_index(&pod.node);
+                    by_node.insert(&pod.node, (node, vec![key.clone()]));
+                    node
+                }
+            };
+            if pod.host_network {
+                continue;
+            }
+            if pod.namespace != shapes_ns {
+                shapes.clear();
+                shapes_ns = &pod.namespace;
+            }
+            let hash = memo_hash(&pod.labels, &pod.ports);
+            let bucket = shapes.entry(hash).or_default();
+            let compiled = match bucket.iter().find(|(rep, _)| same_shape(rep, pod)) {
+                Some((_, compiled)) => compiled.clone(),
+                None => {
+                    let compiled = Arc::new(c.pod_rules(pod));
+                    bucket.push((pod, compiled.clone()));
+                    memo_namespace(&mut memo, &pod.namespace)
+                        .entry(hash)
+                        .or_default()
+                        .push((key.clone(), compiled.clone()));
+                    compiled
+                }
+            };
+            for (gkey, def) in &compiled.defs {
+                c.reference_group(node, *gkey, def);
             }
             let entry = PodEntry {
                 node,
                 ips: pod.ips.clone(),
                 compiled,
             };
-            c.pod_entries.insert(key.clone(), entry);
+            c.pod_entries.insert(key, entry);
         }
+        // Keys arrive sorted, so each set is built in bulk.
+        c.pods_by_node = by_node
+            .into_iter()
+            .map(|(node, (_, keys))| (node.to_string(), keys.into_iter().collect()))
+            .collect();
+        drop(shapes);
         c.memo = memo;
         c.cluster.pods = pods;
-        let ids: Vec<GroupId> = c.groups.keys().cloned().collect();
-        for gid in ids {
-            let members = c.compute_members(&c.groups[&gid].def);
-            if let Some(g) = c.groups.get_mut(&gid) {
+        c.compute_all_members();
+        c
+    }
+
+    /// Every group's members at once, for the full compile: pods are grouped by namespace
+    /// and namespaces by label once, instead of searching all of them for every group.
+    fn compute_all_members(&mut self) {
+        let mut pods_by_ns: HashMap<&str, (&Labels, Vec<&Pod>)> = HashMap::default();
+        pods_by_ns.reserve(self.pods_by_ns.len());
+        for pod in self.cluster.pods.values() {
+            match pods_by_ns.get_mut(pod.namespace.as_str()) {
+                Some((_, pods)) => pods.push(pod),
+                None => {
+                    let labels = self.ns_labels(&pod.namespace);
+                    pods_by_ns.insert(&pod.namespace, (labels, vec![pod]));
+                }
+            }
+        }
+        let mut ns_by_label: HashMap<(&str, &str), Vec<&Namespace>> = HashMap::default();
+        for ns in self.cluster.namespaces.values() {
+            for (k, v) in &ns.labels {
+                ns_by_label.entry((k, v)).or_default().push(ns);
+            }
+        }
+        let members_in = |ns: &str, def: &GroupDef, out: &mut Vec<Member>| {
+            if let Some((labels, pods)) = pods_by_ns.get(ns) {
+                for pod in pods {
+                    def.contribution(pod, labels, out);
+                }
+            }
+        };
+        let computed: Vec<(GroupKey, Vec<Member>)> = self
+            .groups
+            .iter()
+            .map(|(&key, g)| {
+                let mut out = Vec::new();
+                match index_slot(&g.def) {
+                    Slot::Namespace(ns) => members_in(ns, &g.def, &mut out),
+                    // A namespace without labels (or without an object) cannot match a
+                    // selector that requires one: the namespaces carrying any one of its
+                    // labels are all the candidates.
+                    Slot::NamespaceSelector(sel) if !sel.match_labels.is_empty() => {
+                        let candidates = sel
+                            .match_labels
+                            .iter()
+                            .map(|(k, v)| {
+                                ns_by_label
+                                    .get(&(k.as_str(), v.as_str()))
+                                    .map_or(&[][..], Vec::as_slice)
+                            })
+                            .min_by_key(|c| c.len())
+                            .unwrap_or(&[]);
+                        for ns in candidates.iter().filter(|ns| sel.matches(&ns.labels)) {
+                            members_in(&ns.name, &g.def, &mut out);
+                        }
+                    }
+                    _ => out = self.compute_members(&g.def),
+                }
+                (key, out)
+            })
+            .collect();
+        for (key, members) in computed {
+            if let Some(g) = self.groups.get_mut(&key) {
                 g.reset(members);
             }
         }
-        c
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -219,14 +334,15 @@ impl Compiler {
                 .unwrap_or_default(),
             ..NodeRuleSet::default()
         };
+        let mut seen_groups = rustc_hash::FxHashSet::default();
         for key in self.pods_by_node.get(node).into_iter().flatten() {
             let Some(entry) = self.pod_entries.get(key) else {
                 continue;
             };
-            for gid in entry.refs() {
-                if !set.groups.contains_key(gid) {
-                    if let Some(g) = self.groups.get(gid) {
-                        set.groups.insert(gid.clone(), g.group());
+            for gkey in entry.refs() {
+                if seen_groups.insert(*gkey) {
+                    if let Some(g) = self.groups.get(gkey) {
+                        set.groups.insert(group_id(*gkey), g.group());
                     }
                 }
             }
@@ -234,7 +350,8 @@ impl Compiler {
                 for inst in rules.instances() {
                     if !set.rules.contains_key(&inst.rule) {
                         if let Some(origin) = self.rule_origins.get(&inst.rule) {
-                            set.rules.insert(inst.rule.clone(), origin.clone());
+                            set.rules
+                                .insert(inst.rule.clone(), RuleOrigin::clone(origin));
                         }
                     }
                 }
@@ -266,7 +383,7 @@ impl Compiler {
             by_rank
                 .entry((*tier, *priority))
                 .or_default()
-                .push(&self.policies[id]);
+                .push(&*self.policies[id]);
         }
         for ((tier, priority), ps) in by_rank {
             for (i, a) in ps.iter().enumerate() {
@@ -337,14 +454,18 @@ impl Compiler {
         self.cluster.namespaces.keys().chain(extra)
     }
 
-    fn index_pod(&mut self, pod: &Pod) {
-        let key = pod.key();
-        match self.pods_by_ns.get_mut(&pod.namespace) {
+    fn count_pod_in_namespace(&mut self, ns: &str) {
+        match self.pods_by_ns.get_mut(ns) {
             Some(n) => *n += 1,
             None => {
-                self.pods_by_ns.insert(pod.namespace.clone(), 1);
+                self.pods_by_ns.insert(ns.to_string(), 1);
             }
         }
+    }
+
+    fn index_pod(&mut self, pod: &Pod) {
+        self.count_pod_in_namespace(&pod.namespace);
+        let key = Arc::new(pod.key());
         match self.pods_by_node.get_mut(&pod.node) {
             Some(s) => {
                 s.insert(key);
@@ -372,6 +493,20 @@ impl Compiler {
         }
     }
 
+    /// Drops the memo entries `pod` represents: they are keyed by its labels and ports,
+    /// which are about to change or go.
+    fn forget_representative(&mut self, key: &PodKey, pod: &Pod) {
+        let hash = memo_hash(&pod.labels, &pod.ports);
+        if let Some(per_ns) = self.memo.get_mut(&pod.namespace) {
+            if let Some(entries) = per_ns.get_mut(&hash) {
+                entries.retain(|(rep, _)| **rep != *key);
+                if entries.is_empty() {
+                    per_ns.remove(&hash);
+                }
+            }
+        }
+    }
+
     fn set_pod(&mut self, key: PodKey, new: Option<Pod>, t: &mut Touched) {
         let old = self.cluster.pods.get(&key).cloned();
         if old == new {
@@ -385,6 +520,7 @@ impl Compiler {
             .collect();
         let nodes_before: Vec<bool> = pod_nodes.iter().map(|n| self.node_exists(n)).collect();
         if let Some(o) = &old {
+            self.forget_representative(&key, o);
             self.unindex_pod(o);
             self.cluster.pods.remove(&key);
         }
@@ -396,12 +532,12 @@ impl Compiler {
             self.refresh_tiered_for_namespace(&key.namespace);
         }
         let labels = self.ns_labels(&key.namespace).clone();
-        let mut candidates: BTreeSet<GroupId> = self
+        let mut candidates: BTreeSet<GroupKey> = self
             .groups_by_ns
             .get(&key.namespace)
             .cloned()
             .unwrap_or_default();
-        candidates.extend(self.ns_selector_groups.iter().cloned());
+        candidates.extend(self.ns_selector_groups.iter().copied());
         for pod in old.iter().chain(new.iter()) {
             for name in pod.ports.iter().filter_map(|p| p.name.as_ref()) {
                 candidates.extend(
@@ -409,21 +545,21 @@ impl Compiler {
                         .get(name)
                         .into_iter()
                         .flatten()
-                        .cloned(),
+                        .copied(),
                 );
             }
         }
         let mut changed = BTreeSet::new();
-        for gid in candidates {
+        for gkey in candidates {
             let (before, after) = {
-                let g = &self.groups[&gid];
+                let g = &self.groups[&gkey];
                 (
                     contribution(&g.def, old.as_ref(), &labels),
                     contribution(&g.def, new.as_ref(), &labels),
                 )
             };
-            if self.update_members(&gid, &before, &after) {
-                changed.insert(gid);
+            if self.update_members(gkey, &before, &after) {
+                changed.insert(gkey);
             }
         }
         self.refresh_pod(&key, t);
@@ -442,11 +578,11 @@ impl Compiler {
         self.touch_groups(&changed, t);
     }
 
-    fn update_members(&mut self, gid: &GroupId, before: &[Member], after: &[Member]) -> bool {
+    fn update_members(&mut self, gkey: GroupKey, before: &[Member], after: &[Member]) -> bool {
         if before == after {
             return false;
         }
-        let Some(g) = self.groups.get_mut(gid) else {
+        let Some(g) = self.groups.get_mut(&gkey) else {
             return false;
         };
         let mut changed = false;
@@ -459,10 +595,11 @@ impl Compiler {
         changed
     }
 
-    fn touch_groups(&self, changed: &BTreeSet<GroupId>, t: &mut Touched) {
-        for gid in changed {
-            if let Some(g) = self.groups.get(gid) {
-                t.nodes.extend(g.nodes.keys().map(|n| n.to_string()));
+    fn touch_groups(&self, changed: &BTreeSet<GroupKey>, t: &mut Touched) {
+        for gkey in changed {
+            if let Some(g) = self.groups.get(gkey) {
+                t.nodes
+                    .extend(g.nodes.keys().map(|&n| self.node_names[n as usize].clone()));
             }
         }
     }
@@ -473,11 +610,11 @@ impl Compiler {
             Some(pod) if !pod.host_network => {
                 // The memo is taken out so the pod can stay borrowed from the cluster.
                 let mut memo = std::mem::take(&mut self.memo);
-                let compiled = self.compiled_for(&mut memo, pod);
+                let compiled = self.compiled_for(&mut memo, key, pod);
                 self.memo = memo;
                 let (node, ips) = (pod.node.clone(), pod.ips.clone());
                 Some(PodEntry {
-                    node: self.node_name(&node),
+                    node: self.node_index(&node),
                     ips,
                     compiled,
                 })
@@ -487,36 +624,52 @@ impl Compiler {
         let old = self.pod_entries.remove(key);
         match (old, fresh) {
             (Some(o), Some(f)) if o.same_as(&f) => {
-                self.pod_entries.insert(key.clone(), o);
+                let shared = self.shared_key(key);
+                self.pod_entries.insert(shared, o);
             }
             (old, fresh) => {
                 if let Some(f) = &fresh {
-                    t.nodes.insert(f.node.to_string());
-                    for (gid, def) in &f.compiled.defs {
-                        self.acquire_ref(&f.node, gid, def);
+                    t.nodes.insert(self.node_names[f.node as usize].clone());
+                    for (gkey, def) in &f.compiled.defs {
+                        self.acquire_ref(f.node, *gkey, def);
                     }
                 }
                 if let Some(o) = old {
-                    t.nodes.insert(o.node.to_string());
-                    self.release_refs(&o.node, o.refs());
+                    t.nodes.insert(self.node_names[o.node as usize].clone());
+                    self.release_refs(o.node, o.refs());
                 }
                 if let Some(f) = fresh {
-                    self.pod_entries.insert(key.clone(), f);
+                    let shared = self.shared_key(key);
+                    self.pod_entries.insert(shared, f);
                 }
             }
         }
     }
 
-    fn node_name(&mut self, node: &str) -> Arc<str> {
-        if let Some(n) = self.node_names.get(node) {
-            return n.clone();
-        }
-        let n: Arc<str> = Arc::from(node);
-        self.node_names.insert(node.to_string(), n.clone());
-        n
+    /// The pod's key as the node index holds it, so the entry shares it.
+    fn shared_key(&self, key: &PodKey) -> Arc<PodKey> {
+        self.cluster
+            .pods
+            .get(key)
+            .and_then(|pod| self.pods_by_node.get(&pod.node))
+            .and_then(|keys| keys.get(key))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(key.clone()))
     }
 
-    fn compiled_for(&self, memo: &mut Memo, pod: &Pod) -> Arc<Compiled> {
+    fn node_index(&mut self, node: &str) -> u32 {
+        if let Some(&i) = self.node_index.get(node) {
+            return i;
+        }
+        let i = u32::try_from(self.node_names.len()).expect("fewer than 2^32 nodes");
+        self.node_names.push(node.to_string());
+        self.node_index.insert(node.to_string(), i);
+        i
+    }
+
+    /// The pod's compilation, shared with the pods of its namespace that have the same
+    /// labels and ports.
+    fn compiled_for(&self, memo: &mut Memo, key: &PodKey, pod: &Pod) -> Arc<Compiled> {
         let hash = memo_hash(&pod.labels, &pod.ports);
         let found = memo
             .get(&pod.namespace)
@@ -524,7 +677,12 @@ impl Compiler {
             .and_then(|entries| {
                 entries
                     .iter()
-                    .find(|((l, p), _)| l == &pod.labels && p == &pod.ports)
+                    .find(|(rep, _)| {
+                        self.cluster
+                            .pods
+                            .get(&**rep)
+                            .is_some_and(|r| same_shape(r, pod))
+                    })
                     .map(|(_, c)| c.clone())
             });
         if let Some(c) = found {
@@ -532,7 +690,7 @@ impl Compiler {
         }
         let c = Arc::new(self.pod_rules(pod));
         let pods_here = self.pods_by_ns.get(&pod.namespace).copied().unwrap_or(0);
-        let per_ns = memo.entry(pod.namespace.clone()).or_default();
+        let per_ns = memo_namespace(memo, &pod.namespace);
         // Label churn leaves entries no pod uses; a bound relative to the namespace's size
         // keeps the cache from growing without limit.
         if per_ns.len() > 2 * pods_here + 16 {
@@ -541,7 +699,7 @@ impl Compiler {
         per_ns
             .entry(hash)
             .or_default()
-            .push(((pod.labels.clone(), pod.ports.clone()), c.clone()));
+            .push((self.shared_key(key), c.clone()));
         c
     }
 
@@ -552,7 +710,7 @@ impl Compiler {
             .get(&pod.namespace)
             .into_iter()
             .flatten()
-            .map(|id| &self.policies[id])
+            .map(|id| &*self.policies[id])
             .filter(|cp| cp.selects(pod, labels))
             .collect();
         let nps: Vec<&CompiledPolicy> = self
@@ -560,7 +718,7 @@ impl Compiler {
             .get(&pod.namespace)
             .into_iter()
             .flatten()
-            .map(|id| &self.policies[id])
+            .map(|cp| &**cp)
             .filter(|cp| cp.selects(pod, labels))
             .collect();
         let mut defs = Vec::new();
@@ -593,8 +751,8 @@ impl Compiler {
         };
         let ingress = build(Direction::Ingress);
         let egress = build(Direction::Egress);
-        let mut seen = BTreeSet::new();
-        defs.retain(|(id, _)| seen.insert(id.clone()));
+        let mut seen = rustc_hash::FxHashSet::default();
+        defs.retain(|(key, _)| seen.insert(*key));
         Compiled {
             ingress: Arc::new(ingress),
             egress: Arc::new(egress),
@@ -604,95 +762,91 @@ impl Compiler {
 
     // ----- groups -----
 
-    fn acquire_ref(&mut self, node: &Arc<str>, gid: &GroupId, def: &Arc<GroupDef>) {
-        if !self.groups.contains_key(gid) {
+    fn acquire_ref(&mut self, node: u32, gkey: GroupKey, def: &Arc<GroupDef>) {
+        if !self.groups.contains_key(&gkey) {
             let mut state = GroupState::new(def.clone());
             state.reset(self.compute_members(&state.def));
-            self.index_group(gid, &state.def);
-            self.groups.insert(gid.clone(), state);
+            self.index_group(gkey, &state.def);
+            self.groups.insert(gkey, state);
         }
-        self.reference_group(node, gid, def);
+        self.reference_group(node, gkey, def);
     }
 
     /// Counts a reference from `node`, creating the group without members if it is new (the
     /// full compile computes all members at the end).
-    fn reference_group(&mut self, node: &Arc<str>, gid: &GroupId, def: &Arc<GroupDef>) {
-        let g = match self.groups.get_mut(gid) {
+    fn reference_group(&mut self, node: u32, gkey: GroupKey, def: &Arc<GroupDef>) {
+        let g = match self.groups.get_mut(&gkey) {
             Some(g) => g,
             None => {
-                self.index_group(gid, def);
+                self.index_group(gkey, def);
                 self.groups
-                    .entry(gid.clone())
+                    .entry(gkey)
                     .or_insert_with(|| GroupState::new(def.clone()))
             }
         };
-        match g.nodes.get_mut(node) {
-            Some(c) => *c += 1,
-            None => {
-                g.nodes.insert(node.clone(), 1);
-            }
-        }
+        *g.nodes.entry(node).or_insert(0) += 1;
     }
 
-    fn release_refs<'a>(&mut self, node: &str, refs: impl Iterator<Item = &'a GroupId>) {
-        for gid in refs {
-            let Some(g) = self.groups.get_mut(gid) else {
+    fn release_refs<'a>(&mut self, node: u32, refs: impl Iterator<Item = &'a GroupKey>) {
+        for gkey in refs {
+            let Some(g) = self.groups.get_mut(gkey) else {
                 continue;
             };
-            if let Some(c) = g.nodes.get_mut(node) {
+            if let Some(c) = g.nodes.get_mut(&node) {
                 *c -= 1;
                 if *c == 0 {
-                    g.nodes.remove(node);
+                    g.nodes.remove(&node);
                 }
             }
             if g.nodes.is_empty() {
-                let g = self.groups.remove(gid).expect("present");
-                self.unindex_group(gid, &g.def);
+                if let Some(g) = self.groups.remove(gkey) {
+                    self.unindex_group(*gkey, &g.def);
+                }
             }
         }
     }
 
-    fn index_group(&mut self, gid: &GroupId, def: &GroupDef) {
+    fn index_group(&mut self, gkey: GroupKey, def: &GroupDef) {
         match index_slot(def) {
             Slot::Namespace(ns) => {
                 self.groups_by_ns
                     .entry(ns.to_string())
                     .or_default()
-                    .insert(gid.clone());
+                    .insert(gkey);
             }
             Slot::NamespaceSelector(_) => {
-                self.ns_selector_groups.insert(gid.clone());
+                self.ns_selector_groups.insert(gkey);
             }
             Slot::PortName(name) => {
                 self.named_groups_by_port
                     .entry(name.to_string())
                     .or_default()
-                    .insert(gid.clone());
+                    .insert(gkey);
             }
             Slot::Nodes => {
-                self.node_groups.insert(gid.clone());
+                self.node_groups.insert(gkey);
             }
             Slot::Static => {}
         }
     }
 
-    fn unindex_group(&mut self, gid: &GroupId, def: &GroupDef) {
-        fn take(map: &mut HashMap<String, BTreeSet<GroupId>>, key: &str, gid: &GroupId) {
+    fn unindex_group(&mut self, gkey: GroupKey, def: &GroupDef) {
+        fn take(map: &mut HashMap<String, BTreeSet<GroupKey>>, key: &str, gkey: GroupKey) {
             if let Some(s) = map.get_mut(key) {
-                s.remove(gid);
+                s.remove(&gkey);
                 if s.is_empty() {
                     map.remove(key);
                 }
             }
         }
         match index_slot(def) {
-            Slot::Namespace(ns) => take(&mut self.groups_by_ns, ns, gid),
+            Slot::Namespace(ns) => take(&mut self.groups_by_ns, ns, gkey),
             Slot::NamespaceSelector(_) => {
-                self.ns_selector_groups.remove(gid);
+                self.ns_selector_groups.remove(&gkey);
             }
-            Slot::PortName(name) => take(&mut self.named_groups_by_port, name, gid),
+            Slot::PortName(name) => take(&mut self.named_groups_by_port, name, gkey),
             Slot::Nodes => {
-                self.node_groups.remove(gid);
+                self.node_groups.remove(&gkey);
             }
             Slot::Static => {}
         }
@@ -771,22 +925,22 @@ impl Compiler {
             self.tiered_by_ns.remove(&name);
         }
         let pods: Vec<PodKey> = self.pods_in(&name).map(|(k, _)| k.clone()).collect();
-        let dependent: Vec<GroupId> = self.ns_selector_groups.iter().cloned().collect();
+        let dependent: Vec<GroupKey> = self.ns_selector_groups.iter().copied().collect();
         let mut changed = BTreeSet::new();
         for key in &pods {
             let Some(pod) = self.cluster.pods.get(key).cloned() else {
                 continue;
             };
-            for gid in &dependent {
+            for &gkey in &dependent {
                 let (before, after) = {
-                    let def = &self.groups[gid].def;
+                    let def = &self.groups[&gkey].def;
                     (
                         contribution_with(def, &pod, &old_labels),
                         contribution_with(def, &pod, &new_labels),
                     )
                 };
-                if self.update_members(gid, &before, &after) {
-                    changed.insert(gid.clone());
+                if self.update_members(gkey, &before, &after) {
+                    changed.insert(gkey);
                 }
             }
         }
@@ -815,10 +969,10 @@ impl Compiler {
             t.nodes.insert(name.clone());
         }
         let mut changed = BTreeSet::new();
-        for gid in self.node_groups.clone() {
-            let members = self.compute_members(&self.groups[&gid].def);
-            if self.groups.get_mut(&gid).is_some_and(|g| g.reset(members)) {
-                changed.insert(gid);
+        for gkey in self.node_groups.clone() {
+            let members = self.compute_members(&self.groups[&gkey].def);
+            if self.groups.get_mut(&gkey).is_some_and(|g| g.reset(members)) {
+                changed.insert(gkey);
             }
         }
         self.touch_groups(&changed, t);
@@ -826,7 +980,58 @@ impl Compiler {
 
     // ----- policies -----
 
+    /// The full compile's `index_policy` for all policies at once: sorted first, so that
+    /// the maps are built in bulk.
+    fn index_policies(&mut self, policies: Vec<Policy>) {
+        let mut defs: HashMap<GroupKey, Arc<GroupDef>> = HashMap::default();
+        let mut compiled: Vec<Arc<CompiledPolicy>> = policies
+            .into_iter()
+            .map(|policy| {
+                Arc::new(CompiledPolicy::new(policy, &mut |key, def| {
+                    defs.entry(key).or_insert_with(|| Arc::new(def)).clone()
+                }))
+            })
+            .collect();
+        drop(defs);
+        // Stable, and the later of two policies with one id wins, as with upserts in turn.
+        compiled.sort_by(|a, b| a.policy.id.cmp(&b.policy.id));
+        compiled.dedup_by(|later, earlier| {
+            let same = later.policy.id == earlier.policy.id;
+            if same {
+                std::mem::swap(later, earlier);
+            }
+            same
+        });
+        let mut np_by_ns: HashMap<&str, Vec<Arc<CompiledPolicy>>> = HashMap::default();
+        self.rule_origins
+            .reserve(compiled.iter().map(|cp| cp.all_rules().count()).sum());
+        for cp in &compiled {
+            for rule in cp.all_rules() {
+                self.rule_origins
+                    .insert(rule.id.clone(), rule.origin.clone());
+            }
+            match (&cp.policy.tier, &cp.policy.subject) {
+                (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) => {
+                    np_by_ns.entry(namespace).or_default().push(cp.clone());
+                }
+                _ => {
+                    self.tiered
+                        .insert((cp.policy.tier, cp.policy.priority, cp.policy.id.clone()));
+                }
+            }
+        }
+        self.np_by_ns = np_by_ns
+            .into_iter()
+            .map(|(ns, list)| (ns.to_string(), list))
+            .collect();
+        self.policies = compiled
+            .into_iter()
+            .map(|cp| (cp.policy.id.clone(), cp))
+            .collect();
+    }
+
     fn index_policy(&mut self, cp: CompiledPolicy) {
+        let cp = Arc::new(cp);
         let id = cp.policy.id.clone();
         for rule in cp.all_rules() {
             self.rule_origins
@@ -834,10 +1039,11 @@ impl Compiler {
         }
         match (&cp.policy.tier, &cp.policy.subject) {
             (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) => {
-                self.np_by_ns
-                    .entry(namespace.clone())
-                    .or_default()
-                    .insert(id.clone());
+                let list = self.np_by_ns.entry(namespace.clone()).or_default();
+                match list.binary_search_by(|p| p.policy.id.cmp(&id)) {
+                    Ok(at) => list[at] = cp.clone(),
+                    Err(at) => list.insert(at, cp.clone()),
+                }
             }
             _ => {
                 self.tiered
@@ -847,7 +1053,7 @@ impl Compiler {
         self.policies.insert(id, cp);
     }
 
-    fn unindex_policy(&mut self, id: &PolicyId) -> Option<CompiledPolicy> {
+    fn unindex_policy(&mut self, id: &PolicyId) -> Option<Arc<CompiledPolicy>> {
         let cp = self.policies.remove(id)?;
         for rule in cp.all_rules() {
             self.rule_origins.remove(&rule.id);
@@ -856,7 +1062,7 @@ impl Compiler {
             (&cp.policy.tier, &cp.policy.subject)
         {
             if let Some(s) = self.np_by_ns.get_mut(namespace) {
-                s.remove(id);
+                s.retain(|p| p.policy.id != *id);
                 if s.is_empty() {
                     self.np_by_ns.remove(namespace);
                 }
@@ -898,7 +1104,12 @@ impl Compiler {
             tiered_changed |= old.policy.tier != Tier::NetworkPolicy;
         }
         if let Some(policy) = new {
-            let cp = CompiledPolicy::new(policy);
+            let groups = &self.groups;
+            let cp = CompiledPolicy::new(policy, &mut |key, def| {
+                groups
+                    .get(&key)
+                    .map_or_else(|| Arc::new(def), |g| g.def.clone())
+            });
             affected.extend(self.subjects(&cp));
             tiered_changed |= cp.policy.tier != Tier::NetworkPolicy;
             self.index_policy(cp);
@@ -982,8 +1193,17 @@ fn index_slot(def: &GroupDef) -> Slot<'_> {
 /// the same clauses as an earlier one. Verdicts and hit attribution are unchanged, and a
 /// pod selected by thousands of identical policies gets one rule, not thousands.
 fn drop_unreachable(list: &mut Vec<RuleInstance>) {
-    let mut seen = BTreeSet::new();
-    list.retain(|inst| seen.insert(inst.clauses.clone()));
+    if list.len() < 2 {
+        return;
+    }
+    let keep: Vec<bool> = {
+        let mut seen = rustc_hash::FxHashSet::default();
+        list.iter()
+            .map(|inst| seen.insert(&inst.clauses[..]))
+            .collect()
+    };
+    let mut keep = keep.into_iter();
+    list.retain(|_| keep.next().unwrap_or(true));
 }
 
 fn namespace_may_match(policy: &Policy, ns: &str, labels: &Labels) -> bool {

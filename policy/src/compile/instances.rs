@@ -7,7 +7,8 @@ use std::sync::Arc;
 use crate::model::{Direction, Labels, Pod, Policy, PortSpec, RuleOrigin, Subject};
 use crate::ruleset::{Clause, GroupId, PortRange, RuleId, RuleInstance};
 
-use super::groups::{stable_hash, GroupDef};
+use super::groups::{group_id, GroupDef, GroupKey};
+use super::stable_hash;
 
 /// A policy with what can be worked out once, independent of any pod.
 pub(crate) struct CompiledPolicy {
@@ -18,18 +19,31 @@ pub(crate) struct CompiledPolicy {
 
 pub(crate) struct CompiledRule {
     pub id: RuleId,
-    pub origin: RuleOrigin,
-    /// `None`: any peer; otherwise the groups of the peers that can match something.
-    pub peers: Option<Vec<(Arc<GroupDef>, GroupId)>>,
+    /// Shared with the compiler's table of origins.
+    pub origin: Arc<RuleOrigin>,
+    /// `None`: any peer; otherwise the groups of the peers that can match something, in
+    /// id order.
+    pub peers: Option<Vec<PeerGroup>>,
+}
+
+pub(crate) struct PeerGroup {
+    pub def: Arc<GroupDef>,
+    pub key: GroupKey,
+    pub id: GroupId,
 }
 
 pub(crate) fn rule_id(origin: &RuleOrigin) -> RuleId {
-    format!("r-{:016x}", stable_hash(origin))
+    stable_hash::hex_id("r-", stable_hash::of_rule_origin(origin))
 }
 
 impl CompiledPolicy {
-    pub(crate) fn new(policy: Policy) -> Self {
-        let compile_dir = |direction: Direction| {
+    /// `shared` gives the one instance of a group definition the compiler keeps for a key,
+    /// so that equal peers of many policies cost one copy.
+    pub(crate) fn new(
+        policy: Policy,
+        shared: &mut impl FnMut(GroupKey, GroupDef) -> Arc<GroupDef>,
+    ) -> Self {
+        let mut compile_dir = |direction: Direction| {
             policy
                 .rules(direction)
                 .iter()
@@ -44,21 +58,26 @@ impl CompiledPolicy {
                         name: rule.name.clone(),
                     };
                     let peers = rule.peers.as_ref().map(|peers| {
-                        let mut defs: Vec<(Arc<GroupDef>, GroupId)> = peers
+                        let mut defs: Vec<PeerGroup> = peers
                             .iter()
                             .filter_map(GroupDef::of_peer)
                             .map(|d| {
-                                let id = d.id();
-                                (Arc::new(d), id)
+                                let key = d.key();
+                                PeerGroup {
+                                    def: shared(key, d),
+                                    key,
+                                    id: group_id(key),
+                                }
                             })
                             .collect();
-                        defs.sort_by(|a, b| a.1.cmp(&b.1));
-                        defs.dedup_by(|a, b| a.1 == b.1);
+                        // The fixed-width hex ids sort as their keys do.
+                        defs.sort_by_key(|p| p.key);
+                        defs.dedup_by_key(|p| p.key);
                         defs
                     });
                     CompiledRule {
                         id: rule_id(&origin),
-                        origin,
+                        origin: Arc::new(origin),
                         peers,
                     }
                 })
@@ -104,14 +123,14 @@ impl CompiledPolicy {
         direction: Direction,
         index: usize,
         pod: &Pod,
-        defs: &mut Vec<(GroupId, Arc<GroupDef>)>,
+        defs: &mut Vec<(GroupKey, Arc<GroupDef>)>,
     ) -> Option<RuleInstance> {
         let compiled = &self.rules(direction)[index];
         let rule = &self.policy.rules(direction)[index];
         let peer_ids: Option<Vec<GroupId>> = compiled
             .peers
             .as_ref()
-            .map(|p| p.iter().map(|(_, id)| id.clone()).collect());
+            .map(|p| p.iter().map(|g| g.id.clone()).collect());
         let no_peer = peer_ids.as_ref().is_some_and(|p| p.is_empty());
         let mut clauses = Vec::new();
         match &rule.ports {
@@ -169,7 +188,7 @@ impl CompiledPolicy {
                         None => vec![None],
                         Some(p) => p
                             .iter()
-                            .map(|(d, _)| Some(Box::new(GroupDef::clone(d))))
+                            .map(|g| Some(Box::new(GroupDef::clone(&g.def))))
                             .collect(),
                     };
                     for peer in peers {
@@ -178,9 +197,11 @@ impl CompiledPolicy {
                             name: name.clone(),
                             protocol,
                         };
-                        let id = def.id();
-                        clauses.push(Clause::NamedPort { group: id.clone() });
-                        defs.push((id, Arc::new(def)));
+                        let key = def.key();
+                        clauses.push(Clause::NamedPort {
+                            group: group_id(key),
+                        });
+                        defs.push((key, Arc::new(def)));
                     }
                 }
             }
@@ -190,8 +211,8 @@ impl CompiledPolicy {
         }
         for clause in &clauses {
             if let Clause::PeerPort { peers: Some(_), .. } = clause {
-                for (def, id) in compiled.peers.iter().flatten() {
-                    defs.push((id.clone(), def.clone()));
+                for g in compiled.peers.iter().flatten() {
+                    defs.push((g.key, g.def.clone()));
                 }
             }
         }

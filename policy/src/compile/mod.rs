@@ -7,6 +7,7 @@
 mod groups;
 mod index;
 mod instances;
+mod stable_hash;
 #[cfg(test)]
 mod tests;
 

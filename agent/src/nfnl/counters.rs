@@ -1,0 +1,106 @@
+//! The table's named counters in one `NFT_MSG_GETOBJ` dump, filtered to the table and to
+//! counters. `nft list counters` fetches every set element first (~0.45 s per scrape with
+//! 150,000 addresses); this reads only the counters.
+
+use super::{attr_text, attrs, msg, Message, NfnlError, NfnlSocket, NLM_F_DUMP, NLM_F_REQUEST};
+
+const NFTA_OBJ_TABLE: u16 = 1;
+const NFTA_OBJ_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+
+fn be64(payload: &[u8]) -> Result<u64, NfnlError> {
+    let bytes: [u8; 8] = payload
+        .try_into()
+        .map_err(|_| NfnlError::Malformed("counter value is not 8 bytes"))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// One `NEWOBJ` message body (after `nfgenmsg`): (name, packets, bytes).
+fn parse_counter(body: &[u8]) -> Result<Option<(String, u64, u64)>, NfnlError> {
+    let (mut name, mut packets, mut bytes) = (None, None, None);
+    for attr in attrs(body) {
+        let (kind, payload) = attr?;
+        match kind {
+            NFTA_OBJ_NAME => name = Some(String::from_utf8_lossy(attr_text(payload)).into_owned()),
+            NFTA_OBJ_DATA => {
+                for inner in attrs(payload) {
+                    let (kind, payload) = inner?;
+                    match kind {
+                        NFTA_COUNTER_PACKETS => packets = Some(be64(payload)?),
+                        NFTA_COUNTER_BYTES => bytes = Some(be64(payload)?),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(match (name, packets, bytes) {
+        (Some(n), Some(p), Some(b)) => Some((n, p, b)),
+        _ => None,
+    })
+}
+
+/// Every named counter of `inet TABLE`: name → (packets, bytes). An absent table reads as
+/// no counters.
+pub fn read_with(
+    socket: &mut NfnlSocket,
+    table: &str,
+) -> Result<Vec<(String, u64, u64)>, NfnlError> {
+    let mut req = Message::nftables(msg::GETOBJ, NLM_F_REQUEST | NLM_F_DUMP);
+    req.attr_str(NFTA_OBJ_TABLE, table)
+        .attr(NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
+    let mut out = Vec::new();
+    for reply in socket.request(req)?.unwrap_or_default() {
+        if reply.kind == msg::NEWOBJ {
+            out.extend(parse_counter(&reply.body)?);
+        }
+    }
+    Ok(out)
+}
+
+/// [`read_with`] on a fresh socket in the current network namespace (or `netns`).
+pub fn read(netns: Option<&str>, table: &str) -> Result<Vec<(String, u64, u64)>, NfnlError> {
+    read_with(&mut NfnlSocket::open(netns)?, table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nfnl::{push_attr, NLA_F_NESTED};
+
+    fn counter_body(name: &str, packets: u64, bytes: u64) -> Vec<u8> {
+        let mut body = Vec::new();
+        push_attr(&mut body, NFTA_OBJ_TABLE, b"palisade\0");
+        let mut n = name.as_bytes().to_vec();
+        n.push(0);
+        push_attr(&mut body, NFTA_OBJ_NAME, &n);
+        let mut data = Vec::new();
+        push_attr(&mut data, NFTA_COUNTER_BYTES, &bytes.to_be_bytes());
+        push_attr(&mut data, NFTA_COUNTER_PACKETS, &packets.to_be_bytes());
+        push_attr(&mut body, NFTA_OBJ_DATA | NLA_F_NESTED, &data);
+        body
+    }
+
+    #[test]
+    fn counter_objects_parse() {
+        assert_eq!(
+            parse_counter(&counter_body("deny-ingress/ns/a", 1 << 40, 9)).unwrap(),
+            Some(("deny-ingress/ns/a".to_string(), 1 << 40, 9))
+        );
+    }
+
+    #[test]
+    fn short_counter_values_are_errors() {
+        let mut body = Vec::new();
+        push_attr(&mut body, NFTA_OBJ_NAME, b"r-1\0");
+        let mut data = Vec::new();
+        push_attr(&mut data, NFTA_COUNTER_BYTES, &[1, 2, 3]);
+        push_attr(&mut body, NFTA_OBJ_DATA, &data);
+        assert!(parse_counter(&body).is_err());
+    }
+}

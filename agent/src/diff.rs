@@ -251,7 +251,7 @@ impl Pusher<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::{AddrRange, CounterMeta, IpFamily, RuleDef, SetDef, Verdict};
+    use crate::render::{AddrRange, CounterMeta, End, IpFamily, Match, RuleDef, SetDef, Verdict};
     use serde_json::Value;
 
     fn addr(a: &str) -> SetElement {
@@ -309,6 +309,65 @@ mod tests {
     #[test]
     fn identical_is_unchanged() {
         assert_eq!(plan(&base(), &base()), Plan::Unchanged);
+    }
+
+    /// `base` with group `g-a` as one prefix set of length `len` (network `net`), which
+    /// the chain's rule matches through the mask.
+    fn with_prefixes(len: u8, net: &str) -> Ruleset {
+        let mut rs = base();
+        rs.sets.clear();
+        let name = format!("g-a_4/{len}");
+        rs.sets.insert(
+            name.clone(),
+            SetDef {
+                kind: SetKind::Prefixes(IpFamily::V4, len),
+                elements: vec![addr(net)].into(),
+                size: Some(64),
+            },
+        );
+        rs.chains.insert(
+            "egress/ns/a".into(),
+            vec![RuleDef {
+                matches: vec![Match::MaskedAddrInSet {
+                    family: IpFamily::V4,
+                    end: End::Destination,
+                    len,
+                    set: name,
+                }],
+                counter: Some("r-1".into()),
+                verdict: Verdict::Return,
+            }]
+            .into(),
+        );
+        rs
+    }
+
+    #[test]
+    fn prefix_length_change_creates_before_and_deletes_after_use() {
+        let Plan::Incremental(steps) = plan(
+            &with_prefixes(24, "10.0.1.0"),
+            &with_prefixes(16, "10.0.0.0"),
+        ) else {
+            panic!("expected incremental")
+        };
+        assert_eq!(
+            summary(&to_commands(&steps)),
+            vec![
+                "add set g-a_4/16",
+                "add element g-a_4/16",
+                "flush chain egress/ns/a",
+                "add rule egress/ns/a",
+                "delete set g-a_4/24",
+            ]
+        );
+        // Networks of the same length change elements only, which netlink can carry.
+        let Plan::Incremental(steps) = plan(
+            &with_prefixes(24, "10.0.1.0"),
+            &with_prefixes(24, "10.0.2.0"),
+        ) else {
+            panic!("expected incremental")
+        };
+        assert!(elements_only(&steps));
     }
 
     #[test]

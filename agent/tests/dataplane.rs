@@ -65,6 +65,18 @@ fn origin(kind: PolicyKind, name: &str, tier: Tier, direction: Direction) -> Rul
     }
 }
 
+/// `pod`'s addresses and an unaligned range per family whose prefixes have too many
+/// lengths for masked hash sets, so that the group renders as interval sets.
+fn interval_block(pod: &LabPod) -> AddrSet {
+    let mut set = AddrSet::from_addrs([pod.ip4, pod.ip6]);
+    // 10.96.0.1-10.96.0.62 and fd00:96::1-fd00:96::3e: six prefix lengths each.
+    set.v4.push((0x0a60_0001, 0x0a60_003e));
+    set.v6
+        .push((0xfd00_0096_u128 << 96 | 1, 0xfd00_0096_u128 << 96 | 0x3e));
+    set.normalize();
+    set
+}
+
 /// b accepts TCP 8080 and 9090 from a and may only send to a's 8081; an admin rule denies
 /// a's egress to b's 9090.
 fn rules(lab: &Lab) -> NodeRuleSet {
@@ -109,14 +121,12 @@ fn rules(lab: &Lab) -> NodeRuleSet {
         groups: [
             (
                 G_A.to_string(),
-                // Pod addresses: a host group (hash sets); G_B stays a CIDR group (interval
-                // sets), so both kinds see real packets.
+                // Pod addresses: a host group (hash sets); G_B stays a CIDR group of
+                // interval sets, so both kinds see real packets (masked prefix sets: see
+                // `masked_cidr_groups_match_exactly`).
                 Group::Hosts(AddrSet::from_addrs([a.ip4, a.ip6])).into(),
             ),
-            (
-                G_B.to_string(),
-                Group::Addresses(AddrSet::from_addrs([b.ip4, b.ip6])).into(),
-            ),
+            (G_B.to_string(), Group::Addresses(interval_block(b)).into()),
         ]
         .into_iter()
         .collect(),
@@ -753,4 +763,108 @@ fn failed_first_load_leaves_no_table() {
 
     assert_eq!(applier.apply(&desired).unwrap().kind, ApplyKind::Full);
     assert_enforced(&lab);
+}
+
+/// `cidr except holes` as a CIDR group.
+fn block(cidr: &str, except: &[&str]) -> Group {
+    let except: Vec<_> = except.iter().map(|e| e.parse().unwrap()).collect();
+    Group::Addresses(AddrSet::from_block(&cidr.parse().unwrap(), &except))
+}
+
+/// CIDR groups of few prefix lengths are hash sets matched through masks: a peer inside
+/// the block is allowed, outside it or in an `except` hole denied, in both families; a
+/// change of the group's prefix lengths (sets created and deleted, chains refilled) and
+/// of its networks alone (elements over netlink) both apply incrementally.
+#[test]
+fn masked_cidr_groups_match_exactly() {
+    if !can_run("masked_cidr_groups_match_exactly") {
+        return;
+    }
+    let lab = Lab::new("m", 17, &["default/a", "default/b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sb = Servers::start(&b.netns, &[8080], &[]);
+    let mut rs = rules(&lab);
+    let mut applier = Applier::new(Nft::in_netns(&lab.node));
+    let mut first = true;
+    // (group G_A, whether a's addresses are in it). a is 10.77.17.2 and fd00:77:17::2.
+    let cases = [
+        (block("10.77.0.0/16", &[]), true, false),
+        (block("10.77.17.0/30", &["10.77.17.2/32"]), false, false),
+        (block("10.77.17.0/30", &["10.77.17.3/32"]), true, false),
+        (block("10.77.17.0/30", &["10.77.17.0/31"]), true, false),
+        (block("10.77.17.0/24", &["10.77.17.0/25"]), false, false),
+        (block("fd00:77:17::/64", &[]), false, true),
+        (
+            block("fd00:77:17::/126", &["fd00:77:17::2/128"]),
+            false,
+            false,
+        ),
+        (
+            block("fd00:77:17::/126", &["fd00:77:17::3/128"]),
+            false,
+            true,
+        ),
+        (block("fd00:77:17:1::/64", &[]), false, false),
+    ];
+    for (group, in4, in6) in cases {
+        let text = format!("{group:?}");
+        rs.groups.insert(G_A.into(), group.into());
+        let desired = render::render(&rs, &lab.interfaces()).unwrap();
+        assert!(
+            desired
+                .sets
+                .iter()
+                .filter(|(n, _)| n.starts_with(G_A))
+                .all(|(_, s)| matches!(s.kind, render::SetKind::Prefixes(..))),
+            "{text} renders as masked hash sets"
+        );
+        assert_eq!(
+            desired.sets[&format!("{G_B}_4")].kind,
+            render::SetKind::Addresses(render::IpFamily::V4),
+            "G_B stays an interval set beside them"
+        );
+        let out = applier.apply(&desired).unwrap();
+        let want = if first {
+            ApplyKind::Full
+        } else {
+            ApplyKind::Incremental
+        };
+        first = false;
+        assert_eq!(out.kind, want, "{text}");
+        assert_eq!(tcp_ok(&a.netns, b.ip4, 8080), in4, "{text}: IPv4 peer");
+        assert_eq!(tcp_ok(&a.netns, b.ip6, 8080), in6, "{text}: IPv6 peer");
+        expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
+    }
+
+    // Another network of a length the group already has: elements alone, over netlink.
+    rs.groups.insert(
+        G_A.into(),
+        Group::Addresses(AddrSet {
+            v4: vec![(0x0a4d_1000, 0x0a4d_10ff)],
+            v6: vec![],
+        })
+        .into(),
+    );
+    applier
+        .apply(&render::render(&rs, &lab.interfaces()).unwrap())
+        .unwrap();
+    assert!(!tcp_ok(&a.netns, b.ip4, 8080), "10.77.16.0/24 leaves a out");
+    rs.groups.insert(
+        G_A.into(),
+        Group::Addresses(AddrSet {
+            v4: vec![(0x0a4d_1100, 0x0a4d_11ff)],
+            v6: vec![],
+        })
+        .into(),
+    );
+    let desired = render::render(&rs, &lab.interfaces()).unwrap();
+    let out = applier.apply(&desired).unwrap();
+    assert_eq!(
+        out.phases.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        vec![phase::NETLINK_ELEMENTS],
+        "prefix set elements alone go over netlink"
+    );
+    assert!(tcp_ok(&a.netns, b.ip4, 8080), "10.77.17.0/24 takes a in");
+    assert_eq!(set_len(&lab.node, &format!("{G_A}_4/24")), 1);
+    expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
 }

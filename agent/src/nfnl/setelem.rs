@@ -1,6 +1,7 @@
-//! Adding and deleting elements of the plain address hash sets (`SetKind::Hosts`) with
-//! `NFT_MSG_NEWSETELEM` / `NFT_MSG_DELSETELEM` in one nf_tables batch: one transaction,
-//! all or nothing, like an nft transaction, without nft parsing 150,000 elements.
+//! Adding and deleting elements of the plain address hash sets (`SetKind::Hosts`,
+//! `SetKind::Prefixes`) with `NFT_MSG_NEWSETELEM` / `NFT_MSG_DELSETELEM` in one nf_tables
+//! batch: one transaction, all or nothing, like an nft transaction, without nft parsing
+//! 150,000 elements.
 //!
 //! Only single addresses in sets without flags are encoded here (the key is the address in
 //! network byte order); interval, concatenated and map elements stay with nft.
@@ -35,7 +36,7 @@ pub struct Change<'a> {
 
 /// Whether a set of this kind has its elements loaded here rather than through nft.
 pub fn handles(kind: SetKind) -> bool {
-    matches!(kind, SetKind::Hosts(_))
+    matches!(kind, SetKind::Hosts(_) | SetKind::Prefixes(..))
 }
 
 /// The kernel's key of a host set element: the address in network byte order (kept on

@@ -8,7 +8,8 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 
 use nftables::expr::{
-    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem, CT,
+    BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix,
+    Range, SetItem, CT,
 };
 use nftables::schema::{self, NfCmd, NfListObject, SetFlag, SetType, SetTypeValue};
 use nftables::stmt::{self, Counter, JumpTarget, Operator, Statement};
@@ -17,7 +18,7 @@ use palisade_policy::model::Direction;
 use serde_json::{json, Value};
 
 use super::model::*;
-use super::text::{prefix_len, protocol_name};
+use super::text::{mask_text, prefix_len, protocol_name};
 
 /// One `nft -j` command (`{"add": {...}}`, `{"delete": {...}}`, `{"flush": {...}}`).
 pub type Command = Value;
@@ -65,7 +66,7 @@ pub fn sized_set(name: &str, kind: SetKind, size: Option<u32>) -> NfListObject<'
             SetTypeValue::Single(addr_type(f)),
             Some(HashSet::from([SetFlag::Interval])),
         ),
-        SetKind::Hosts(f) => (SetTypeValue::Single(addr_type(f)), None),
+        SetKind::Hosts(f) | SetKind::Prefixes(f, _) => (SetTypeValue::Single(addr_type(f)), None),
         SetKind::NamedPorts(f) => (
             SetTypeValue::Concatenated(Cow::Owned(vec![
                 addr_type(f),
@@ -287,6 +288,19 @@ pub fn match_statement(m: &Match) -> Statement<'static> {
         }
         Match::AddrInSet { family, end, set } => matches(
             payload(family.payload(), end.field()),
+            Operator::EQ,
+            set_ref(set),
+        ),
+        Match::MaskedAddrInSet {
+            family,
+            end,
+            len,
+            set,
+        } => matches(
+            Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                payload(family.payload(), end.field()),
+                Expression::String(mask_text(*family, *len).into()),
+            ))),
             Operator::EQ,
             set_ref(set),
         ),

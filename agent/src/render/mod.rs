@@ -32,9 +32,11 @@
 //! * A pod without a known interface has no chains and no dispatch elements.
 //! * Peers are named sets, one per address group and family (`g-…_4`, `g-…_6`), shared
 //!   by every rule and pod that uses them: host groups (pods' and nodes' addresses) are
-//!   plain hash sets of single addresses with a `size` ([`host_set_size`]), CIDR groups
-//!   (`ipBlock`, `networks`) interval sets. A group's id never changes kind (ids hash the
-//!   definition); if a set's type differs anyway, or a host set outgrows its size, the
+//!   plain hash sets of single addresses with a `size` ([`host_set_size`]). CIDR groups
+//!   (`ipBlock`, `networks`) whose prefix cover has few lengths are one sized hash set of
+//!   network addresses per length (`g-…_4/24`), matched through the length's mask, one
+//!   rule per length ([`prefixes`]); other CIDR groups are interval sets. A set's name
+//!   fixes its kind; if a set's type differs anyway, or a hash set outgrows its size, the
 //!   incremental plan gives way to a full replacement. Egress named ports are sets of
 //!   `address . inet_proto . inet_service`. Ports are matched per protocol: a clause with
 //!   TCP and UDP ports renders one rule per protocol (`meta l4proto tcp … th dport { 80,
@@ -45,6 +47,7 @@
 
 pub mod json;
 pub mod model;
+pub mod prefixes;
 pub mod text;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -139,6 +142,20 @@ pub fn spoof_counter(pod: &PodKey) -> String {
 
 pub fn group_set(group: &str, family: IpFamily) -> String {
     format!("{group}{}", family.suffix())
+}
+
+/// The set of a CIDR group's prefixes of one length: `g-…_4/24`. A `/` cannot occur in a
+/// group id, so these names never collide with another group's sets.
+pub fn prefix_set(group: &str, family: IpFamily, len: u8) -> String {
+    format!("{}/{len}", group_set(group, family))
+}
+
+/// The name of a group's set of this kind.
+fn set_name(group: &str, kind: SetKind) -> String {
+    match kind {
+        SetKind::Prefixes(family, len) => prefix_set(group, family, len),
+        _ => group_set(group, kind.family()),
+    }
 }
 
 /// Renders the table for `rules`, enforcing the pods that have an interface in
@@ -295,9 +312,10 @@ impl Renderer {
                 if elements.is_empty() {
                     continue;
                 }
-                let size = matches!(kind, SetKind::Hosts(_)).then(|| host_set_size(elements.len()));
+                let size = matches!(kind, SetKind::Hosts(_) | SetKind::Prefixes(..))
+                    .then(|| host_set_size(elements.len()));
                 out.sets.insert(
-                    group_set(id, kind.family()),
+                    set_name(id, *kind),
                     SetDef {
                         kind: *kind,
                         elements: elements.clone(),
@@ -398,16 +416,16 @@ fn base_chains() -> Vec<BaseChain> {
 
 fn group_sets(id: &str, group: &Group) -> Result<Vec<(SetKind, Vec<SetElement>)>, RenderError> {
     match group {
-        Group::Addresses(set) => Ok(vec![
-            (
-                SetKind::Addresses(IpFamily::V4),
-                set.v4.iter().map(|&(lo, hi)| v4_range(lo, hi)).collect(),
-            ),
-            (
-                SetKind::Addresses(IpFamily::V6),
-                set.v6.iter().map(|&(lo, hi)| v6_range(lo, hi)).collect(),
-            ),
-        ]),
+        Group::Addresses(set) => {
+            let v4: Vec<(u128, u128)> = set
+                .v4
+                .iter()
+                .map(|&(lo, hi)| (u128::from(lo), u128::from(hi)))
+                .collect();
+            let mut sets = cidr_sets(IpFamily::V4, &v4);
+            sets.extend(cidr_sets(IpFamily::V6, &set.v6));
+            Ok(sets)
+        }
         Group::Hosts(set) => {
             // Counted before expanding: a bogus range must fail, not exhaust memory.
             let count = host_count(set);
@@ -449,6 +467,29 @@ fn group_sets(id: &str, group: &Group) -> Result<Vec<(SetKind, Vec<SetElement>)>
                 (SetKind::NamedPorts(family), elements)
             })
             .collect()),
+    }
+}
+
+/// A CIDR group's sets of one family: one hash set per prefix length when the ranges
+/// split into few lengths ([`prefixes::by_length`]), else one interval set.
+fn cidr_sets(family: IpFamily, ranges: &[(u128, u128)]) -> Vec<(SetKind, Vec<SetElement>)> {
+    let element = |lo: u128, hi: u128| match family {
+        // V4 ranges came from u32s.
+        IpFamily::V4 => v4_range(lo as u32, hi as u32),
+        IpFamily::V6 => v6_range(lo, hi),
+    };
+    match prefixes::by_length(ranges, family.bits()) {
+        Some(buckets) => buckets
+            .into_iter()
+            .map(|(len, nets)| {
+                let elements = nets.into_iter().map(|a| element(a, a)).collect();
+                (SetKind::Prefixes(family, len), elements)
+            })
+            .collect(),
+        None => vec![(
+            SetKind::Addresses(family),
+            ranges.iter().map(|&(lo, hi)| element(lo, hi)).collect(),
+        )],
     }
 }
 
@@ -668,11 +709,32 @@ fn instance_rules(
                         let set = group_set(id, family);
                         let is_addresses =
                             out.sets.get(&set).is_some_and(|s| s.kind.is_addresses());
-                        if is_addresses && rules.groups.contains_key(id.as_str()) {
+                        if !rules.groups.contains_key(id.as_str()) {
+                            continue;
+                        }
+                        if is_addresses {
                             with_ports(Some(Match::AddrInSet {
                                 family,
                                 end: peer_end,
                                 set,
+                            }));
+                        }
+                        // One rule per prefix length, alike but for the mask: any of
+                        // them matching means the peer is in the group.
+                        for (set, len) in prefix_sets(out, id, family) {
+                            with_ports(Some(if u32::from(len) == family.bits() {
+                                Match::AddrInSet {
+                                    family,
+                                    end: peer_end,
+                                    set,
+                                }
+                            } else {
+                                Match::MaskedAddrInSet {
+                                    family,
+                                    end: peer_end,
+                                    len,
+                                    set,
+                                }
                             }));
                         }
                     }
@@ -699,6 +761,23 @@ fn instance_rules(
         }
     }
     Ok(list)
+}
+
+/// The group's per-length prefix sets of one family in `out`: (name, length), shortest
+/// length first.
+fn prefix_sets(out: &Ruleset, group: &str, family: IpFamily) -> Vec<(String, u8)> {
+    let start = format!("{}/", group_set(group, family));
+    let mut found: Vec<(String, u8)> = out
+        .sets
+        .range(start.clone()..)
+        .take_while(|(name, _)| name.starts_with(&start))
+        .filter_map(|(name, def)| match def.kind {
+            SetKind::Prefixes(f, len) if f == family => Some((name.clone(), len)),
+            _ => None,
+        })
+        .collect();
+    found.sort_by_key(|&(_, len)| len);
+    found
 }
 
 /// The clause's ports per protocol: sorted, overlapping and adjacent ranges merged.
@@ -924,16 +1003,97 @@ mod tests {
         ));
     }
 
+    /// A pod `ns/a` whose ingress allows TCP 80 from group `g-1`.
+    fn ingress_from(group: Group) -> (NodeRuleSet, Interfaces) {
+        let mut rules = one_group(group);
+        rules.pods = vec![PodRules {
+            namespace: "ns".into(),
+            name: "a".into(),
+            ips: vec!["10.0.0.9".parse().unwrap()],
+            ingress: Arc::new(DirectionRules {
+                isolated_by: vec![palisade_policy::model::PolicyId {
+                    kind: palisade_policy::model::PolicyKind::NetworkPolicy,
+                    namespace: Some("ns".into()),
+                    name: "p".into(),
+                }],
+                network_policy: vec![RuleInstance {
+                    rule: "r-1".into(),
+                    action: Action::Allow,
+                    clauses: vec![Clause::PeerPort {
+                        peers: Some(vec!["g-1".into()]),
+                        ports: Some(vec![PortRange {
+                            protocol: Protocol::Tcp,
+                            start: 80,
+                            end: 80,
+                        }]),
+                    }],
+                }],
+                ..DirectionRules::default()
+            }),
+            egress: Arc::default(),
+        }];
+        let interfaces = [(PodKey::new("ns", "a"), "veth-a".to_string())].into();
+        (rules, interfaces)
+    }
+
     #[test]
-    fn address_groups_stay_interval_sets() {
-        let block = palisade_policy::AddrSet::from_block(&"10.0.0.0/30".parse().unwrap(), &[]);
-        let out = render(&one_group(Group::Addresses(block)), &Interfaces::new()).unwrap();
+    fn cidr_groups_of_few_lengths_are_masked_hash_sets() {
+        // Two /24s, a /32 and an IPv6 /64: three hash sets, one rule each.
+        let mut block = palisade_policy::AddrSet::from_block(&"10.1.0.0/24".parse().unwrap(), &[]);
+        for other in ["10.3.0.0/24", "10.9.9.9/32", "fd00::/64"] {
+            block.union_with(&palisade_policy::AddrSet::from_block(
+                &other.parse().unwrap(),
+                &[],
+            ));
+        }
+        let (rules, interfaces) = ingress_from(Group::Addresses(block));
+        let out = render(&rules, &interfaces).unwrap();
+        let names: Vec<&str> = out.sets.keys().map(String::as_str).collect();
+        assert_eq!(names, ["g-1_4/24", "g-1_4/32", "g-1_6/64"]);
+        let v4 = &out.sets["g-1_4/24"];
+        assert_eq!(v4.kind, SetKind::Prefixes(IpFamily::V4, 24));
+        assert_eq!(v4.size, Some(MIN_HOST_SET_SIZE));
+        let text = text::to_text(&out);
+        assert!(!text.contains("flags interval"), "{text}");
+        assert!(text.contains("elements = { 10.1.0.0, 10.3.0.0 }"), "{text}");
+        let rules: Vec<String> = out.chains["ingress-rest/ns/a"]
+            .iter()
+            .map(text::rule_text)
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "meta l4proto tcp ip saddr & 255.255.255.0 @g-1_4/24 th dport 80 counter name \"r-1\" return",
+                "meta l4proto tcp ip saddr @g-1_4/32 th dport 80 counter name \"r-1\" return",
+                "meta l4proto tcp ip6 saddr & ffff:ffff:ffff:ffff:: @g-1_6/64 th dport 80 counter name \"r-1\" return",
+                "counter name \"deny-ingress/ns/a\" drop",
+            ]
+        );
+    }
+
+    #[test]
+    fn cidr_groups_of_many_lengths_stay_interval_sets() {
+        let block = palisade_policy::AddrSet::from_block(
+            &"0.0.0.0/0".parse().unwrap(),
+            &["10.0.0.0/8".parse().unwrap()],
+        );
+        let (rules, interfaces) = ingress_from(Group::Addresses(block));
+        let out = render(&rules, &interfaces).unwrap();
         assert_eq!(out.sets["g-1_4"].kind, SetKind::Addresses(IpFamily::V4));
+        assert_eq!(out.sets["g-1_4"].size, None);
         assert_eq!(
             text::element_text(&out.sets["g-1_4"].elements[0]),
-            "10.0.0.0/30"
+            "0.0.0.0-9.255.255.255"
         );
         assert!(text::to_text(&out).contains("flags interval"));
+        assert_eq!(
+            text::rule_text(&out.chains["ingress-rest/ns/a"][0]),
+            "meta l4proto tcp ip saddr @g-1_4 th dport 80 counter name \"r-1\" return"
+        );
+        // The whole family is one interval too, not a /0 mask.
+        let all = palisade_policy::AddrSet::from_block(&"::/0".parse().unwrap(), &[]);
+        let out = render(&one_group(Group::Addresses(all)), &Interfaces::new()).unwrap();
+        assert_eq!(out.sets["g-1_6"].kind, SetKind::Addresses(IpFamily::V6));
     }
 
     #[test]

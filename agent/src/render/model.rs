@@ -53,6 +53,14 @@ impl IpFamily {
         }
     }
 
+    /// Address width in bits.
+    pub fn bits(self) -> u32 {
+        match self {
+            IpFamily::V4 => 32,
+            IpFamily::V6 => 128,
+        }
+    }
+
     pub fn suffix(self) -> &'static str {
         match self {
             IpFamily::V4 => "_4",
@@ -91,6 +99,12 @@ pub enum SetKind {
     /// nft 1.0.x adds an element to them without first fetching every element of every
     /// interval set of the table (it does that for interval sets, to check overlaps).
     Hosts(IpFamily),
+    /// `type ipv4_addr` / `ipv6_addr`, a plain hash set of the network addresses of a CIDR
+    /// group's prefixes of one length, matched through that length's mask
+    /// (`ip saddr & 255.255.255.0 @set`): a hash lookup per length instead of the interval
+    /// set's binary search ([`super::prefixes`]). Elements are single addresses, as in
+    /// [`SetKind::Hosts`].
+    Prefixes(IpFamily, u8),
     /// `type ipv4_addr . inet_proto . inet_service`.
     NamedPorts(IpFamily),
 }
@@ -98,11 +112,14 @@ pub enum SetKind {
 impl SetKind {
     pub fn family(self) -> IpFamily {
         match self {
-            SetKind::Addresses(f) | SetKind::Hosts(f) | SetKind::NamedPorts(f) => f,
+            SetKind::Addresses(f)
+            | SetKind::Hosts(f)
+            | SetKind::Prefixes(f, _)
+            | SetKind::NamedPorts(f) => f,
         }
     }
 
-    /// Whether the set holds peer addresses (matched with `ip saddr @set`).
+    /// Whether the set holds peer addresses matched whole (`ip saddr @set`).
     pub fn is_addresses(self) -> bool {
         matches!(self, SetKind::Addresses(_) | SetKind::Hosts(_))
     }
@@ -115,8 +132,8 @@ pub struct SetDef {
     /// not change keeps the same allocation from render to render, so cloning a table is
     /// cheap and comparing it short-circuits on the pointer (`Arc`'s `Eq` does that).
     pub elements: Arc<[SetElement]>,
-    /// The kernel's `size` of the set: most elements it will take. `Some` for host sets:
-    /// with a size the kernel picks a fixed-size hash instead of the resizing one, which
+    /// The kernel's `size` of the set: most elements it will take. `Some` for hash sets
+    /// (hosts, prefixes): with a size the kernel picks a fixed-size hash instead of the resizing one, which
     /// loads about twice as fast. Chosen with room to grow ([`host_set_size`]); a set that
     /// outgrows it is recreated by a full replacement.
     pub size: Option<u32>,
@@ -174,6 +191,14 @@ pub enum Match {
     AddrInSet {
         family: IpFamily,
         end: End,
+        set: String,
+    },
+    /// `ip daddr & 255.255.255.0 @set`: the peer's network of prefix length `len` (less
+    /// than the family's full length) in a [`SetKind::Prefixes`] set.
+    MaskedAddrInSet {
+        family: IpFamily,
+        end: End,
+        len: u8,
         set: String,
     },
     /// `meta l4proto tcp`: first in a rule, the cheapest test rejects other protocols

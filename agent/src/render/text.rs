@@ -49,6 +49,16 @@ pub fn prefix_len(r: &AddrRange) -> Option<u8> {
     Some((bits - host_bits) as u8)
 }
 
+/// A prefix length's network mask as an address (`255.255.255.0`, `ffff:ffff::`).
+pub fn mask_text(family: IpFamily, len: u8) -> String {
+    let m = super::prefixes::mask(len, family.bits());
+    match family {
+        // The mask of a 32-bit space fits in 32 bits.
+        IpFamily::V4 => std::net::Ipv4Addr::from(m as u32).to_string(),
+        IpFamily::V6 => std::net::Ipv6Addr::from(m).to_string(),
+    }
+}
+
 pub fn element_text(e: &SetElement) -> String {
     match e {
         SetElement::Addr(r) => range_text(r),
@@ -85,6 +95,18 @@ pub fn match_text(m: &Match) -> String {
         Match::AddrInSet { family, end, set } => {
             format!("{} {} @{}", family.payload(), end.field(), set)
         }
+        Match::MaskedAddrInSet {
+            family,
+            end,
+            len,
+            set,
+        } => format!(
+            "{} {} & {} @{}",
+            family.payload(),
+            end.field(),
+            mask_text(*family, *len),
+            set
+        ),
         Match::Protocol(p) => format!("meta l4proto {}", protocol_name(*p)),
         Match::Dports(ranges) => match ranges.as_slice() {
             [one] => format!("th dport {}", port_range_text(one)),
@@ -138,7 +160,7 @@ pub fn base_statement_text(s: &BaseStatement) -> String {
 fn set_type_text(kind: SetKind) -> (String, bool) {
     match kind {
         SetKind::Addresses(f) => (f.addr_type().to_string(), true),
-        SetKind::Hosts(f) => (f.addr_type().to_string(), false),
+        SetKind::Hosts(f) | SetKind::Prefixes(f, _) => (f.addr_type().to_string(), false),
         SetKind::NamedPorts(f) => (
             format!("{} . inet_proto . inet_service", f.addr_type()),
             false,

@@ -369,9 +369,13 @@ pub fn network_policy(namespaces: usize) -> impl Strategy<Value = Policy> {
 }
 
 fn tiered_rule(tier: Tier) -> impl Strategy<Value = Rule> {
+    // Pass is legal in both tiers (v1alpha2/v1beta1); in Baseline it ends the tier, leaving
+    // the flow to the default allow.
     let action = match tier {
-        Tier::Admin => select(&[Action::Allow, Action::Deny, Action::Pass][..]).boxed(),
-        _ => select(&[Action::Allow, Action::Deny][..]).boxed(),
+        Tier::Admin | Tier::Baseline => {
+            select(&[Action::Allow, Action::Deny, Action::Pass][..]).boxed()
+        }
+        Tier::NetworkPolicy => select(&[Action::Allow, Action::Deny][..]).boxed(),
     };
     (
         action,

@@ -1,0 +1,181 @@
+//! Policies: compiled once, indexed by the namespaces they can select, tiered ones kept
+//! in evaluation order per namespace.
+
+use super::*;
+
+impl Compiler {
+    /// The full compile's `index_policy` for all policies at once: sorted first, so that
+    /// the maps are built in bulk.
+    pub(super) fn index_policies(&mut self, policies: Vec<Policy>) {
+        let mut defs: HashMap<GroupKey, Arc<GroupDef>> = HashMap::default();
+        let mut compiled: Vec<Arc<CompiledPolicy>> = policies
+            .into_iter()
+            .map(|policy| {
+                Arc::new(CompiledPolicy::new(policy, &mut |key, def| {
+                    defs.entry(key).or_insert_with(|| Arc::new(def)).clone()
+                }))
+            })
+            .collect();
+        drop(defs);
+        // Stable, and the later of two policies with one id wins, as with upserts in turn.
+        compiled.sort_by(|a, b| a.policy.id.cmp(&b.policy.id));
+        compiled.dedup_by(|later, earlier| {
+            let same = later.policy.id == earlier.policy.id;
+            if same {
+                std::mem::swap(later, earlier);
+            }
+            same
+        });
+        let mut np_by_ns: HashMap<&str, Vec<Arc<CompiledPolicy>>> = HashMap::default();
+        self.rule_origins
+            .reserve(compiled.iter().map(|cp| cp.all_rules().count()).sum());
+        for cp in &compiled {
+            for rule in cp.all_rules() {
+                self.rule_origins
+                    .insert(rule.id.clone(), rule.origin.clone());
+            }
+            match (&cp.policy.tier, &cp.policy.subject) {
+                (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) => {
+                    np_by_ns.entry(namespace).or_default().push(cp.clone());
+                }
+                _ => {
+                    self.tiered
+                        .insert((cp.policy.tier, cp.policy.priority, cp.policy.id.clone()));
+                }
+            }
+        }
+        self.np_by_ns = np_by_ns
+            .into_iter()
+            .map(|(ns, list)| (ns.to_string(), list))
+            .collect();
+        self.policies = compiled
+            .into_iter()
+            .map(|cp| (cp.policy.id.clone(), cp))
+            .collect();
+    }
+
+    pub(super) fn index_policy(&mut self, cp: CompiledPolicy) {
+        let cp = Arc::new(cp);
+        let id = cp.policy.id.clone();
+        for rule in cp.all_rules() {
+            self.rule_origins
+                .insert(rule.id.clone(), rule.origin.clone());
+        }
+        match (&cp.policy.tier, &cp.policy.subject) {
+            (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) => {
+                let list = self.np_by_ns.entry(namespace.clone()).or_default();
+                match list.binary_search_by(|p| p.policy.id.cmp(&id)) {
+                    Ok(at) => list[at] = cp.clone(),
+                    Err(at) => list.insert(at, cp.clone()),
+                }
+            }
+            _ => {
+                self.tiered
+                    .insert((cp.policy.tier, cp.policy.priority, id.clone()));
+            }
+        }
+        self.policies.insert(id, cp);
+    }
+
+    pub(super) fn unindex_policy(&mut self, id: &PolicyId) -> Option<Arc<CompiledPolicy>> {
+        let cp = self.policies.remove(id)?;
+        for rule in cp.all_rules() {
+            self.rule_origins.remove(&rule.id);
+        }
+        if let (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) =
+            (&cp.policy.tier, &cp.policy.subject)
+        {
+            if let Some(s) = self.np_by_ns.get_mut(namespace) {
+                s.retain(|p| p.policy.id != *id);
+                if s.is_empty() {
+                    self.np_by_ns.remove(namespace);
+                }
+            }
+        } else {
+            self.tiered
+                .remove(&(cp.policy.tier, cp.policy.priority, id.clone()));
+        }
+        Some(cp)
+    }
+
+    /// The pods a policy selects now.
+    pub(super) fn subjects(&self, cp: &CompiledPolicy) -> BTreeSet<PodKey> {
+        let namespaces: Vec<(&str, &Labels)> = match &cp.policy.subject {
+            Subject::Namespace { namespace, .. } => {
+                vec![(namespace.as_str(), self.ns_labels(namespace))]
+            }
+            Subject::Cluster { namespaces, .. } => self.namespaces_matching(namespaces),
+        };
+        let mut out = BTreeSet::new();
+        for (ns, labels) in namespaces {
+            for (key, pod) in self.pods_in(ns) {
+                if cp.selects(pod, labels) {
+                    out.insert(key.clone());
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn set_policy(&mut self, id: PolicyId, new: Option<Policy>, t: &mut Touched) {
+        if self.policies.get(&id).map(|cp| &cp.policy) == new.as_ref() {
+            return;
+        }
+        let mut affected = BTreeSet::new();
+        let mut tiered_changed = false;
+        if let Some(old) = self.unindex_policy(&id) {
+            affected.extend(self.subjects(&old));
+            tiered_changed |= old.policy.tier != Tier::NetworkPolicy;
+        }
+        if let Some(policy) = new {
+            let groups = &self.groups;
+            let cp = CompiledPolicy::new(policy, &mut |key, def| {
+                groups
+                    .get(&key)
+                    .map_or_else(|| Arc::new(def), |g| g.def.clone())
+            });
+            affected.extend(self.subjects(&cp));
+            tiered_changed |= cp.policy.tier != Tier::NetworkPolicy;
+            self.index_policy(cp);
+        }
+        if tiered_changed {
+            self.reorder_tiered(&id);
+            self.memo.clear();
+        } else if let Some(ns) = &id.namespace {
+            self.memo.remove(ns);
+        }
+        for key in affected {
+            self.refresh_pod(&key, t);
+        }
+    }
+
+    /// Puts one tiered policy into (or takes it out of) every namespace's ordered list.
+    pub(super) fn reorder_tiered(&mut self, id: &PolicyId) {
+        let namespaces: Vec<String> = self.tiered_by_ns.keys().cloned().collect();
+        for ns in namespaces {
+            let keep = self
+                .policies
+                .get(id)
+                .is_some_and(|cp| namespace_may_match(&cp.policy, &ns, self.ns_labels(&ns)));
+            let rank = |pid: &PolicyId| {
+                let p = &self.policies[pid].policy;
+                (p.tier, p.priority, pid.clone())
+            };
+            let mut list = self.tiered_by_ns.remove(&ns).unwrap_or_default();
+            list.retain(|p| p != id);
+            if keep {
+                let r = rank(id);
+                let at = list.partition_point(|p| rank(p) < r);
+                list.insert(at, id.clone());
+            }
+            self.tiered_by_ns.insert(ns, list);
+        }
+    }
+}
+
+pub(super) fn namespace_may_match(policy: &Policy, ns: &str, labels: &Labels) -> bool {
+    match &policy.subject {
+        Subject::Namespace { namespace, .. } => namespace == ns,
+        Subject::Cluster { namespaces, .. } => namespaces.matches(labels),
+    }
+}

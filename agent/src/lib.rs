@@ -6,6 +6,7 @@ pub mod config;
 pub mod diff;
 pub mod interfaces;
 pub mod metrics;
+pub mod netns;
 pub mod nfnl;
 pub mod nft;
 pub mod render;

@@ -2,13 +2,11 @@
 //! reconcile at start and every `reconcile_interval_secs`, exponential back-off after a
 //! failed transaction (the last good table stays in force meanwhile).
 
-use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
-use nix::sched::{setns, CloneFlags};
 use palisade_policy::ruleset::NodeRuleSet;
 use tokio::time::{sleep_until, Instant};
 
@@ -24,11 +22,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Enters `/var/run/netns/NAME` with the calling thread. Call before starting any other
 /// thread (tokio's workers, nft children inherit it).
 pub fn enter_netns(name: &str) -> anyhow::Result<()> {
-    let path = format!("/var/run/netns/{name}");
-    let file =
-        File::open(&path).with_context(|| format!("cannot open network namespace {path}"))?;
-    setns(file, CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("cannot enter network namespace {path}"))?;
+    crate::netns::enter(name).context("cannot enter the network namespace")?;
     Ok(())
 }
 

@@ -6,13 +6,10 @@
 pub mod iptables;
 pub mod lab;
 
-use std::fs::File;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-use nix::sched::{setns, CloneFlags};
 
 /// Whether the benches can run here; prints why not.
 pub fn can_run(bench: &str) -> bool {
@@ -113,10 +110,9 @@ pub fn in_netns<T: Send + 'static>(
     netns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> JoinHandle<T> {
-    let path = format!("/var/run/netns/{netns}");
+    let netns = netns.to_string();
     std::thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+        palisade_agent::netns::enter(&netns).unwrap_or_else(|e| panic!("{e}"));
         f()
     })
 }

@@ -13,7 +13,6 @@ pub mod digest;
 pub mod image;
 pub mod setelem;
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
@@ -170,19 +169,10 @@ impl NfnlSocket {
     pub fn open(netns: Option<&str>) -> Result<NfnlSocket, NfnlError> {
         let socket = match netns {
             None => new_socket()?,
-            Some(name) => {
-                let name = name.to_string();
-                std::thread::spawn(move || {
-                    let path = format!("/var/run/netns/{name}");
-                    let file = File::open(&path)
-                        .map_err(|e| NfnlError::Netns(path.clone(), e.to_string()))?;
-                    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| NfnlError::Netns(path, e.to_string()))?;
-                    new_socket()
-                })
+            Some(name) => crate::netns::spawn_in(name, new_socket)
                 .join()
-                .map_err(|_| NfnlError::Malformed("namespace thread panicked"))??
-            }
+                .map_err(|_| NfnlError::Malformed("namespace thread panicked"))?
+                .map_err(|e| NfnlError::Netns(e.path, e.reason))??,
         };
         Ok(NfnlSocket { socket, seq: 0 })
     }

@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
@@ -14,7 +13,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nix::sched::{setns, CloneFlags};
 use palisade_agent::Interfaces;
 use palisade_policy::model::PodKey;
 
@@ -264,10 +262,9 @@ pub fn in_netns<T: Send + 'static>(
     netns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> JoinHandle<T> {
-    let path = format!("/var/run/netns/{netns}");
+    let netns = netns.to_string();
     std::thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+        palisade_agent::netns::enter(&netns).unwrap_or_else(|e| panic!("{e}"));
         f()
     })
 }

@@ -18,6 +18,13 @@ pub struct AgentConfig {
     pub cluster: Option<PathBuf>,
     pub policies: Option<PathBuf>,
     pub node: Option<String>,
+    /// palisade-controller replicas to stream the node's rules from (`https://HOST:PORT`,
+    /// tried in turn), with `token_file`, `ca_file` and `node`, instead of files.
+    pub controller: Vec<String>,
+    /// The ServiceAccount token presented to the controller (re-read at every connection).
+    pub token_file: Option<PathBuf>,
+    /// The CA that signed the controller's certificate.
+    pub ca_file: Option<PathBuf>,
     /// Network namespace (a name under /var/run/netns) to program instead of our own.
     pub netns: Option<String>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (bound before entering
@@ -36,6 +43,9 @@ impl Default for AgentConfig {
             cluster: None,
             policies: None,
             node: None,
+            controller: Vec::new(),
+            token_file: None,
+            ca_file: None,
             netns: None,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9469)),
             reconcile_interval_secs: 60,
@@ -68,10 +78,23 @@ pub struct Flags {
     #[arg(long, requires = "cluster")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policies: Option<PathBuf>,
-    /// This node's name, with --cluster.
-    #[arg(long, requires = "cluster")]
+    /// This node's name, with --cluster or --controller.
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// A palisade-controller replica (`https://HOST:PORT`; repeat or separate with commas
+    /// for several), with --token-file, --ca-file and --node.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["rules", "cluster"], requires_all = ["token_file", "ca_file", "node"])]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub controller: Vec<String>,
+    /// The token presented to the controller, with --controller.
+    #[arg(long, requires = "controller")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) the controller's certificate must chain to.
+    #[arg(long, requires = "controller")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Program the named network namespace (/var/run/netns/NAME).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -97,18 +120,36 @@ pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
     #[error(
-        "no rule source: give --rules FILE, or --cluster FILE --policies FILE --node NAME (or the same keys in the config file, or PALISADE_RULES / PALISADE_CLUSTER ...)"
+        "no rule source: give --rules FILE, or --cluster FILE --policies FILE --node NAME, or --controller URL --token-file FILE --ca-file FILE --node NAME (or the same keys in the config file, or PALISADE_RULES / PALISADE_CLUSTER / PALISADE_CONTROLLER ...)"
     )]
     NoSource,
-    #[error("give either rules or cluster + policies + node, not both")]
+    #[error(
+        "give one of rules, cluster + policies + node, or controller + token_file + ca_file + node"
+    )]
     TwoSources,
 }
 
 impl AgentConfig {
+    /// The controller stream the configuration names, if any.
+    pub fn stream(&self) -> Option<crate::stream::StreamConfig> {
+        if self.controller.is_empty() {
+            return None;
+        }
+        Some(crate::stream::StreamConfig {
+            controllers: self.controller.clone(),
+            token_file: self.token_file.clone()?,
+            ca_file: self.ca_file.clone()?,
+            node: self.node.clone()?,
+        })
+    }
+
     /// The rule source the configuration names ([`Flags::resolve`] has checked there is
     /// exactly one).
     pub fn source(&self) -> Option<crate::source::RuleSource> {
         use crate::source::{FileWatch, RuleSource};
+        if !self.controller.is_empty() {
+            return None;
+        }
         if let Some(rules) = &self.rules {
             return Some(RuleSource::File(FileWatch::new(rules)));
         }
@@ -134,11 +175,30 @@ impl Flags {
             .merge(Serialized::defaults(self))
             .extract()
             .map_err(Box::new)?;
-        let compiled = (&cfg.cluster, &cfg.policies, &cfg.node);
-        match (&cfg.rules, compiled) {
-            (Some(_), (None, None, None)) | (None, (Some(_), Some(_), Some(_))) => Ok(cfg),
-            (Some(_), _) => Err(ConfigError::TwoSources),
-            (None, _) => Err(ConfigError::NoSource),
+        let files = cfg.rules.is_some();
+        let compiled = cfg.cluster.is_some() || cfg.policies.is_some();
+        let streamed =
+            !cfg.controller.is_empty() || cfg.token_file.is_some() || cfg.ca_file.is_some();
+        match (files, compiled, streamed) {
+            (true, false, false) if cfg.node.is_none() => Ok(cfg),
+            (false, true, false)
+                if cfg.cluster.is_some() && cfg.policies.is_some() && cfg.node.is_some() =>
+            {
+                Ok(cfg)
+            }
+            (false, false, true)
+                if !cfg.controller.is_empty()
+                    && cfg.token_file.is_some()
+                    && cfg.ca_file.is_some()
+                    && cfg.node.is_some() =>
+            {
+                Ok(cfg)
+            }
+            (false, false, false) => Err(ConfigError::NoSource),
+            (a, b, c) if [a, b, c].iter().filter(|x| **x).count() > 1 => {
+                Err(ConfigError::TwoSources)
+            }
+            _ => Err(ConfigError::NoSource),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod nft;
 pub mod render;
 pub mod run;
 pub mod source;
+pub mod stream;
 
 pub use apply::{Applier, ApplyKind, ApplyOutcome, ReconcileOutcome};
 pub use nft::{Nft, NftError};

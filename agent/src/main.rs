@@ -11,11 +11,15 @@ fn main() -> anyhow::Result<()> {
     // Bound in our own namespace, before entering the node's (threads spawned later, and
     // nft children, inherit the namespace of this thread).
     let listener = std::net::TcpListener::bind(cfg.metrics_addr)?;
+    let home = match cfg.netns {
+        Some(_) => palisade_agent::stream::DialNamespace::current()?.0,
+        None => None,
+    };
     if let Some(ns) = &cfg.netns {
         palisade_agent::run::enter_netns(ns)?;
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(palisade_agent::run::run(cfg, listener))
+        .block_on(palisade_agent::run::run(cfg, listener, home))
 }

@@ -16,6 +16,8 @@ use crate::interfaces::{events, pod_interfaces, Discovery, HostRoutes};
 use crate::metrics;
 use crate::nft::Nft;
 use crate::render::Renderer;
+use crate::stream::{Delivered, Enforced, StreamMetrics};
+use tokio::sync::{mpsc, watch};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -26,14 +28,37 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs until Ctrl-C / SIGTERM. `listener` was bound before entering the namespace.
-pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::Result<()> {
-    let mut source = cfg.source().context("no rule source configured")?;
+/// Runs until Ctrl-C / SIGTERM. `listener` was bound, and `home` (the namespace to dial
+/// the controller from) opened, before entering the namespace.
+pub async fn run(
+    cfg: AgentConfig,
+    listener: std::net::TcpListener,
+    home: Option<std::fs::File>,
+) -> anyhow::Result<()> {
+    let mut source = cfg.source();
     let nft = Nft::local();
     let mut applier = Applier::new(nft.clone());
     let mut renderer = Renderer::default();
     let stats = applier.stats();
-    let registry = Arc::new(metrics::registry(nft.clone(), stats.clone()));
+    let registry = metrics::registry(nft.clone(), stats.clone());
+    let (streamed_tx, mut streamed) = watch::channel::<Option<Delivered>>(None);
+    let (enforced_tx, enforced_rx) = mpsc::unbounded_channel::<Enforced>();
+    if let Some(stream) = cfg.stream() {
+        let stream_metrics = StreamMetrics::new();
+        stream_metrics.register(&registry);
+        tokio::spawn(crate::stream::run(
+            stream,
+            home,
+            streamed_tx,
+            enforced_rx,
+            stream_metrics,
+        ));
+    } else if source.is_none() {
+        anyhow::bail!("no rule source configured");
+    }
+    // The generation of the streamed state in `rules`, acknowledged once it is in force.
+    let mut pending_ack: Option<(u64, u64)> = None;
+    let registry = Arc::new(registry);
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
@@ -53,8 +78,16 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
 
     loop {
         tokio::select! {
-            _ = poll.tick() => {
-                if let Some(loaded) = source.poll() {
+            Ok(()) = streamed.changed() => {
+                if let Some(d) = streamed.borrow_and_update().clone() {
+                    tracing::info!(node = %d.rules.node, pods = d.rules.pods.len(), groups = d.rules.groups.len(), generation = d.generation, "rules received");
+                    rules = Some((*d.rules).clone());
+                    pending_ack = Some((d.epoch, d.generation));
+                    dirty = true;
+                }
+            }
+            _ = poll.tick(), if source.is_some() => {
+                if let Some(loaded) = source.as_mut().and_then(|s| s.poll()) {
                     match loaded {
                         Ok(r) => {
                             tracing::info!(node = %r.node, pods = r.pods.len(), groups = r.groups.len(), "rules loaded");
@@ -88,6 +121,13 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "cannot render the rules; keeping the last table");
+                if let Some((epoch, generation)) = pending_ack.take() {
+                    let _ = enforced_tx.send(Enforced {
+                        epoch,
+                        generation,
+                        error: Some(e.to_string()),
+                    });
+                }
                 dirty = false;
                 continue;
             }
@@ -106,6 +146,13 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
         match result {
             Ok(what) => {
                 tracing::info!(%what, "applied");
+                if let Some((epoch, generation)) = pending_ack.take() {
+                    let _ = enforced_tx.send(Enforced {
+                        epoch,
+                        generation,
+                        error: None,
+                    });
+                }
                 dirty = false;
                 full_check = false;
                 backoff = Duration::ZERO;
@@ -114,6 +161,13 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
                 backoff = (backoff * 2).clamp(Duration::from_millis(250), MAX_BACKOFF);
                 retry_at = Instant::now() + backoff;
                 tracing::error!(error = %e, retry_in = ?backoff, "transaction failed; the last good table stays in force");
+                if let Some((epoch, generation)) = pending_ack {
+                    let _ = enforced_tx.send(Enforced {
+                        epoch,
+                        generation,
+                        error: Some(e.to_string()),
+                    });
+                }
             }
         }
     }

@@ -1,0 +1,159 @@
+//! The one writer: source events into the input store, changes into the incremental
+//! compiler, and the nodes they touched into the hub, at most once per `min_interval`.
+//!
+//! Nothing is published before every source has listed everything once (`Synced`): an
+//! agent served from half a cluster would enforce too little.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_policy::{Change, Compiler};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+
+use crate::hub::Hub;
+use crate::inputs::Inputs;
+use crate::objects::{ObjectKey, SourceEvent};
+
+/// A note for whoever reports on objects (the status writer).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Note {
+    /// The object's current version is rejected (`Some`) or accepted again (`None`).
+    Validity(ObjectKey, Option<String>),
+}
+
+pub struct CompileLoop {
+    inputs: Inputs,
+    compiler: Option<Compiler>,
+    pending: Vec<Change>,
+    hub: Arc<Hub>,
+    notes: Option<mpsc::UnboundedSender<Note>>,
+    /// Publish rounds so far (for tests and the bench: bursts must coalesce).
+    pub rounds: u64,
+}
+
+impl CompileLoop {
+    pub fn new(hub: Arc<Hub>, notes: Option<mpsc::UnboundedSender<Note>>) -> Self {
+        CompileLoop {
+            inputs: Inputs::default(),
+            compiler: None,
+            pending: Vec::new(),
+            hub,
+            notes,
+            rounds: 0,
+        }
+    }
+
+    pub fn inputs(&self) -> &Inputs {
+        &self.inputs
+    }
+
+    fn handle(&mut self, event: SourceEvent) {
+        let metrics = &self.hub.metrics;
+        match &event {
+            SourceEvent::Upsert(o) => metrics
+                .watch_events
+                .with_label_values(&[o.key().kind().as_str()])
+                .inc(),
+            SourceEvent::Delete(k) => metrics
+                .watch_events
+                .with_label_values(&[k.kind().as_str()])
+                .inc(),
+            SourceEvent::Invalid { key, error } => {
+                metrics
+                    .watch_events
+                    .with_label_values(&[key.kind().as_str()])
+                    .inc();
+                metrics
+                    .invalid_objects
+                    .with_label_values(&[key.kind().as_str()])
+                    .inc();
+                tracing::warn!(object = %key, %error, "rejected; its last good version stays in force");
+            }
+            SourceEvent::Relisted { .. } | SourceEvent::Synced => {}
+        }
+        let synced = matches!(event, SourceEvent::Synced);
+        let applied = self.inputs.apply(event);
+        if let Some(tx) = &self.notes {
+            for (key, v) in applied.validity {
+                let _ = tx.send(Note::Validity(key, v));
+            }
+        }
+        if self.compiler.is_some() {
+            self.pending.extend(applied.changes);
+        } else if synced {
+            let compiler = Compiler::new(self.inputs.cluster(), self.inputs.policies());
+            self.log_warnings(&compiler);
+            let all: BTreeMap<_, _> = compiler
+                .node_rule_sets()
+                .into_iter()
+                .map(|(n, r)| (n, Some(r)))
+                .collect();
+            tracing::info!(nodes = all.len(), "first compile done");
+            self.compiler = Some(compiler);
+            self.hub.publish(all);
+            self.rounds += 1;
+        }
+    }
+
+    fn log_warnings(&self, compiler: &Compiler) {
+        for w in compiler.warnings() {
+            tracing::warn!(warning = %w, "policy warning");
+        }
+    }
+
+    /// Applies what is pending and publishes the nodes it touched.
+    pub fn flush(&mut self) {
+        let Some(compiler) = &mut self.compiler else {
+            return;
+        };
+        if self.pending.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let mut touched = BTreeSet::new();
+        for change in self.pending.drain(..) {
+            touched.extend(compiler.apply(change).nodes);
+        }
+        let changed: BTreeMap<String, _> = touched
+            .into_iter()
+            .map(|n| {
+                let rules = compiler.node_rule_set(&n);
+                (n, rules)
+            })
+            .collect();
+        let nodes = changed.len();
+        let generation = self.hub.publish(changed);
+        self.rounds += 1;
+        self.hub
+            .metrics
+            .compile_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(generation, nodes, took = ?started.elapsed(), "published");
+    }
+
+    /// Runs until every sender of `events` is gone.
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>, min_interval: Duration) {
+        let mut last = Instant::now() - min_interval;
+        while let Some(event) = events.recv().await {
+            self.handle(event);
+            // Take the whole burst, for at least the rest of the interval.
+            let deadline = (last + min_interval).max(Instant::now());
+            loop {
+                tokio::select! {
+                    biased;
+                    e = events.recv() => match e {
+                        Some(e) => self.handle(e),
+                        None => break,
+                    },
+                    _ = sleep_until(deadline) => break,
+                }
+            }
+            if !self.pending.is_empty() {
+                self.flush();
+                last = Instant::now();
+            }
+        }
+    }
+}

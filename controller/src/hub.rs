@@ -1,0 +1,190 @@
+//! Where compiled node states wait for the streams that serve them: one watch channel per
+//! node, written by the compile loop only (one writer), read by every stream of that node.
+//! A slow agent skips intermediate states and gets one delta to the newest.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use palisade_policy::NodeRuleSet;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// One node's state at one generation.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub generation: u64,
+    pub rules: Arc<NodeRuleSet>,
+}
+
+/// What a node's agent last said about what it enforces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub connected: usize,
+    pub published: u64,
+    pub acked: Option<u64>,
+    pub error: Option<String>,
+}
+
+pub struct Hub {
+    nodes: Mutex<BTreeMap<String, watch::Sender<Option<Published>>>>,
+    status: Mutex<BTreeMap<String, NodeStatus>>,
+    ready: watch::Sender<bool>,
+    generation: Mutex<u64>,
+    /// The compiled state of every node (compile loop's copy), to serve new subscribers.
+    states: Mutex<BTreeMap<String, Arc<NodeRuleSet>>>,
+    pub metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Hub {
+            nodes: Mutex::default(),
+            status: Mutex::default(),
+            ready: watch::channel(false).0,
+            generation: Mutex::new(0),
+            states: Mutex::default(),
+            metrics,
+            started: Instant::now(),
+        })
+    }
+
+    /// Publishes a new generation: `changed` nodes get their new state (`None`: the node
+    /// has nothing to enforce). Marks the hub ready.
+    pub fn publish(&self, changed: BTreeMap<String, Option<NodeRuleSet>>) -> u64 {
+        let generation = {
+            let mut g = self.generation.lock().unwrap();
+            *g += 1;
+            *g
+        };
+        let mut states = self.states.lock().unwrap();
+        let nodes = self.nodes.lock().unwrap();
+        let mut status = self.status.lock().unwrap();
+        for (node, rules) in changed {
+            let rules = Arc::new(rules.unwrap_or_else(|| NodeRuleSet {
+                node: node.clone(),
+                ..Default::default()
+            }));
+            if rules.pods.is_empty() && rules.node_addresses.is_empty() {
+                states.remove(&node);
+            } else {
+                states.insert(node.clone(), rules.clone());
+            }
+            if let Some(tx) = nodes.get(&node) {
+                tx.send_replace(Some(Published { generation, rules }));
+            }
+            if let Some(s) = status.get_mut(&node) {
+                s.published = generation;
+            }
+        }
+        self.metrics.generation.set(generation as i64);
+        self.ready.send_replace(true);
+        self.refresh_lag(&status);
+        generation
+    }
+
+    pub fn generation(&self) -> u64 {
+        *self.generation.lock().unwrap()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// A receiver of one node's states, already holding the current one.
+    pub fn subscribe(&self, node: &str) -> watch::Receiver<Option<Published>> {
+        let mut nodes = self.nodes.lock().unwrap();
+        let tx = nodes.entry(node.to_string()).or_insert_with(|| {
+            let current = self.current(node);
+            watch::channel(Some(current)).0
+        });
+        let mut rx = tx.subscribe();
+        rx.mark_changed();
+        rx
+    }
+
+    fn current(&self, node: &str) -> Published {
+        let rules = self
+            .states
+            .lock()
+            .unwrap()
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(NodeRuleSet {
+                    node: node.to_string(),
+                    ..Default::default()
+                })
+            });
+        Published {
+            generation: self.generation(),
+            rules,
+        }
+    }
+
+    pub fn connected(&self, node: &str) {
+        let mut status = self.status.lock().unwrap();
+        let s = status.entry(node.to_string()).or_default();
+        s.connected += 1;
+        s.published = self.generation();
+        self.metrics
+            .nodes_connected
+            .set(status.values().filter(|s| s.connected > 0).count() as i64);
+    }
+
+    pub fn disconnected(&self, node: &str) {
+        let mut status = self.status.lock().unwrap();
+        if let Some(s) = status.get_mut(node) {
+            s.connected = s.connected.saturating_sub(1);
+        }
+        self.metrics
+            .nodes_connected
+            .set(status.values().filter(|s| s.connected > 0).count() as i64);
+        self.refresh_lag(&status);
+    }
+
+    pub fn acked(&self, node: &str, generation: u64, error: Option<String>) {
+        let mut status = self.status.lock().unwrap();
+        let s = status.entry(node.to_string()).or_default();
+        if error.is_none() {
+            s.acked = Some(s.acked.map_or(generation, |a| a.max(generation)));
+        }
+        s.error = error;
+        self.refresh_lag(&status);
+    }
+
+    /// Generations between what was published for a node and what its agent enforces;
+    /// nodes without an agent are not reported.
+    fn refresh_lag(&self, status: &BTreeMap<String, NodeStatus>) {
+        for (node, s) in status {
+            let lag = if s.connected == 0 {
+                self.metrics
+                    .generation_lag
+                    .remove_label_values(&[node])
+                    .ok();
+                continue;
+            } else {
+                s.published.saturating_sub(s.acked.unwrap_or(0))
+            };
+            self.metrics
+                .generation_lag
+                .with_label_values(&[node])
+                .set(lag as i64);
+        }
+    }
+
+    pub fn node_status(&self) -> BTreeMap<String, NodeStatus> {
+        self.status.lock().unwrap().clone()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+}

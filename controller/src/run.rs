@@ -1,0 +1,102 @@
+//! Wiring: source → compile loop → hub → gRPC streams, and the health server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use palisade_wire::pb::rule_stream_server::RuleStreamServer;
+use tokio::sync::mpsc;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::auth::{Authenticator, StaticTokens, TokenReviewer};
+use crate::compile_loop::CompileLoop;
+use crate::config::ControllerConfig;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::serve::RuleService;
+
+/// The largest update an agent accepts and the controller sends; a snapshot of a very
+/// large node is one message.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+async fn kube_client(cfg: &ControllerConfig) -> anyhow::Result<kube::Client> {
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let hub = Hub::new(metrics);
+    let (tx, rx) = mpsc::channel(4096);
+
+    let auth = if let Some((cluster, policies, tokens)) = cfg.files() {
+        tokio::spawn(crate::source::files::run(
+            cluster.clone(),
+            policies.clone(),
+            Duration::from_millis(cfg.poll_interval_ms.max(50)),
+            tx,
+        ));
+        Authenticator::Static(StaticTokens::load(tokens)?)
+    } else {
+        let client = kube_client(&cfg).await?;
+        let source_client = client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::source::kube::run(source_client, tx).await {
+                tracing::error!(error = %e, "the Kubernetes source stopped");
+                std::process::exit(1);
+            }
+        });
+        Authenticator::TokenReview(TokenReviewer::new(
+            client,
+            &cfg.token_audience,
+            cfg.service_account(),
+        ))
+    };
+    let compile = CompileLoop::new(hub.clone(), None);
+    tokio::spawn(compile.run(rx, Duration::from_millis(cfg.min_interval_ms)));
+
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.metrics_addr))?;
+    tracing::info!(addr = %metrics_listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(crate::http::serve(metrics_listener, hub.clone()));
+
+    let (cert, key) = (
+        cfg.tls_cert.as_ref().context("no TLS certificate")?,
+        cfg.tls_key.as_ref().context("no TLS key")?,
+    );
+    let identity = Identity::from_pem(
+        std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?,
+        std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?,
+    );
+    let service = RuleStreamServer::new(RuleService::new(hub.clone(), Arc::new(auth)))
+        .max_decoding_message_size(1 << 20)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving the agents' stream (TLS)");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(identity))?
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = sigterm.recv() => {}
+            }
+        })
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! Deltas between two states of one node, and the digest both ends compute.
+//!
+//! The digest is SHA-256 over the protobuf encoding of the state as a snapshot. Every map of
+//! the compiled form is ordered and prost encodes fields in a fixed order, so equal states
+//! encode to equal bytes on both ends, whatever version of either wrote them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use palisade_policy::ruleset::{Clause, Group, PodRules};
+use palisade_policy::NodeRuleSet;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::convert::{
+    addr_from_bytes, addr_to_bytes, err, group_from, group_to, pod_from, pod_to, rule_from,
+    rule_to, WireError,
+};
+use crate::pb;
+
+/// The whole state as one update (generation and digest left for the caller).
+pub fn snapshot(state: &NodeRuleSet) -> pb::NodeUpdate {
+    pb::NodeUpdate {
+        generation: 0,
+        snapshot: true,
+        node_addresses: Some(addresses_to(state)),
+        upsert_groups: state.groups.iter().map(|(id, g)| group_to(id, g)).collect(),
+        remove_groups: Vec::new(),
+        upsert_pods: state.pods.iter().map(pod_to).collect(),
+        remove_pods: Vec::new(),
+        upsert_rules: state.rules.iter().map(|(id, o)| rule_to(id, o)).collect(),
+        remove_rules: Vec::new(),
+        digest: Vec::new(),
+    }
+}
+
+fn addresses_to(state: &NodeRuleSet) -> pb::NodeAddresses {
+    pb::NodeAddresses {
+        addresses: state.node_addresses.iter().map(addr_to_bytes).collect(),
+    }
+}
+
+pub fn digest(state: &NodeRuleSet) -> Vec<u8> {
+    Sha256::digest(snapshot(state).encode_to_vec()).to_vec()
+}
+
+/// The update that turns `old` (`None`: nothing, send a snapshot) into `new`, with `new`'s
+/// digest. Groups, pods and rules that did not change are not in it.
+pub fn diff(old: Option<&NodeRuleSet>, new: &NodeRuleSet) -> pb::NodeUpdate {
+    let digest = digest(new);
+    let Some(old) = old else {
+        return pb::NodeUpdate {
+            digest,
+            ..snapshot(new)
+        };
+    };
+    let mut update = pb::NodeUpdate {
+        digest,
+        ..Default::default()
+    };
+    if old.node_addresses != new.node_addresses {
+        update.node_addresses = Some(addresses_to(new));
+    }
+    for (id, g) in &new.groups {
+        match old.groups.get(id) {
+            Some(o) if Arc::ptr_eq(o, g) || o == g => {}
+            _ => update.upsert_groups.push(group_to(id, g)),
+        }
+    }
+    update.remove_groups = old
+        .groups
+        .keys()
+        .filter(|id| !new.groups.contains_key(*id))
+        .cloned()
+        .collect();
+    let old_pods: BTreeMap<(&str, &str), &PodRules> = old
+        .pods
+        .iter()
+        .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
+        .collect();
+    let new_pods: BTreeMap<(&str, &str), &PodRules> = new
+        .pods
+        .iter()
+        .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
+        .collect();
+    for (key, p) in &new_pods {
+        if old_pods.get(key) != Some(p) {
+            update.upsert_pods.push(pod_to(p));
+        }
+    }
+    for (ns, name) in old_pods.keys().filter(|k| !new_pods.contains_key(*k)) {
+        update.remove_pods.push(pb::PodRef {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        });
+    }
+    for (id, o) in &new.rules {
+        if old.rules.get(id) != Some(o) {
+            update.upsert_rules.push(rule_to(id, o));
+        }
+    }
+    update.remove_rules = old
+        .rules
+        .keys()
+        .filter(|id| !new.rules.contains_key(*id))
+        .cloned()
+        .collect();
+    update
+}
+
+/// True when the update changes nothing (same digest before and after is the caller's test;
+/// this one is about the message).
+pub fn is_empty(update: &pb::NodeUpdate) -> bool {
+    !update.snapshot
+        && update.node_addresses.is_none()
+        && update.upsert_groups.is_empty()
+        && update.remove_groups.is_empty()
+        && update.upsert_pods.is_empty()
+        && update.remove_pods.is_empty()
+        && update.upsert_rules.is_empty()
+        && update.remove_rules.is_empty()
+}
+
+/// Applies an update to `old` (ignored for a snapshot) and returns the new state, or an
+/// error and no state at all: the caller keeps enforcing `old`. The result must reference
+/// only groups and rules it holds and must have the update's digest.
+pub fn apply(
+    node: &str,
+    old: Option<&NodeRuleSet>,
+    update: &pb::NodeUpdate,
+) -> Result<NodeRuleSet, WireError> {
+    let mut state = match (update.snapshot, old) {
+        (true, _) => NodeRuleSet {
+            node: node.to_string(),
+            ..Default::default()
+        },
+        (false, Some(old)) => old.clone(),
+        (false, None) => return Err(err("snapshot", "the first update must be a snapshot")),
+    };
+    if update.snapshot && update.node_addresses.is_none() {
+        return Err(err(
+            "nodeAddresses",
+            "a snapshot carries the node's addresses",
+        ));
+    }
+    if let Some(a) = &update.node_addresses {
+        state.node_addresses = a
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(i, b)| addr_from_bytes(b, &format!("nodeAddresses[{i}]")))
+            .collect::<Result<_, _>>()?;
+    }
+    for id in &update.remove_groups {
+        state.groups.remove(id);
+    }
+    for (i, g) in update.upsert_groups.iter().enumerate() {
+        let (id, group) = group_from(g, &format!("upsertGroups[{i}]"))?;
+        state.groups.insert(id, Arc::new(group));
+    }
+    let mut pods: BTreeMap<(String, String), PodRules> = std::mem::take(&mut state.pods)
+        .into_iter()
+        .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+        .collect();
+    for p in &update.remove_pods {
+        pods.remove(&(p.namespace.clone(), p.name.clone()));
+    }
+    for (i, p) in update.upsert_pods.iter().enumerate() {
+        let pod = pod_from(p, &format!("upsertPods[{i}]"))?;
+        pods.insert((pod.namespace.clone(), pod.name.clone()), pod);
+    }
+    state.pods = pods.into_values().collect();
+    for id in &update.remove_rules {
+        state.rules.remove(id);
+    }
+    for (i, r) in update.upsert_rules.iter().enumerate() {
+        let (id, origin) = rule_from(r, &format!("upsertRules[{i}]"))?;
+        state.rules.insert(id, origin);
+    }
+    check_references(&state)?;
+    if digest(&state) != update.digest {
+        return Err(err(
+            "digest",
+            "the state after this update differs from the controller's",
+        ));
+    }
+    Ok(state)
+}
+
+fn check_references(state: &NodeRuleSet) -> Result<(), WireError> {
+    for pod in &state.pods {
+        for rule in pod.ingress.instances().chain(pod.egress.instances()) {
+            let at = || format!("pod {}/{} rule {}", pod.namespace, pod.name, rule.rule);
+            if !state.rules.contains_key(&rule.rule) {
+                return Err(err(at(), "names a rule the node does not have"));
+            }
+            for clause in &rule.clauses {
+                let ids: Vec<&String> = match clause {
+                    Clause::PeerPort { peers, .. } => peers.iter().flatten().collect(),
+                    Clause::NamedPort { group } => vec![group],
+                };
+                for id in ids {
+                    match (state.groups.get(id), clause) {
+                        (None, _) => {
+                            return Err(err(at(), format!("names group {id}, which is missing")))
+                        }
+                        (Some(g), Clause::NamedPort { .. })
+                            if !matches!(**g, Group::NamedPorts(_)) =>
+                        {
+                            return Err(err(at(), format!("group {id} is not a named-port group")))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! Every node of every conformance scenario through the wire: a snapshot rebuilds the
+//! state exactly, a delta from any node's state to any other's rebuilds the other, and a
+//! delta applied to the wrong base, or with a wrong digest, is refused whole.
+
+use std::path::Path;
+
+use palisade_policy::{Compiler, NodeRuleSet};
+use palisade_wire::{apply, diff, pb};
+
+fn states() -> Vec<NodeRuleSet> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut dirs = Vec::new();
+    for base in [
+        root.join("tests/conformance"),
+        root.join("../shared/conformance/examples"),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+    }
+    dirs.sort();
+    assert!(
+        dirs.len() > 50,
+        "the conformance scenarios are where they were"
+    );
+    let mut out = Vec::new();
+    for dir in dirs {
+        let Ok(s) = palisade_resources::load_scenario(&dir) else {
+            continue;
+        };
+        out.extend(
+            Compiler::new(s.cluster, s.policies)
+                .node_rule_sets()
+                .into_values(),
+        );
+    }
+    out
+}
+
+#[test]
+fn snapshots_and_deltas_rebuild_every_state() {
+    let states = states();
+    assert!(states.len() > 100, "{} states", states.len());
+    let mut deltas = 0;
+    for (i, new) in states.iter().enumerate() {
+        let snap = diff(None, new);
+        assert!(snap.snapshot);
+        let rebuilt = apply(&new.node, None, &snap).expect("a snapshot applies");
+        assert_eq!(&rebuilt, new);
+        // Deltas from a few other states, including ones of other scenarios.
+        for old in states.iter().skip(i % 7).step_by(17).take(8) {
+            let mut old = old.clone();
+            old.node = new.node.clone();
+            let delta = diff(Some(&old), new);
+            assert!(!delta.snapshot);
+            let rebuilt = apply(&new.node, Some(&old), &delta).expect("a delta applies");
+            assert_eq!(&rebuilt, new);
+            deltas += 1;
+        }
+    }
+    assert!(deltas > 500, "{deltas}");
+}
+
+#[test]
+fn a_delta_on_the_wrong_base_or_with_a_wrong_digest_is_refused() {
+    let states = states();
+    let with_pods: Vec<&NodeRuleSet> = states.iter().filter(|s| s.pods.len() >= 2).collect();
+    let (a, b) = (with_pods[0], with_pods[with_pods.len() - 1]);
+    let delta = diff(Some(a), b);
+    // A base holding something neither side has: the delta cannot know to remove it.
+    let mut wrong_base = a.clone();
+    let (id, origin) = a.rules.iter().next().expect("a rule");
+    wrong_base.rules.insert(format!("{id}0"), origin.clone());
+    assert!(!b.rules.contains_key(&format!("{id}0")));
+    let err = apply(&b.node, Some(&wrong_base), &delta).unwrap_err();
+    assert_eq!(err.field, "digest", "{err}");
+
+    let mut tampered = diff(None, b);
+    tampered.digest[0] ^= 1;
+    assert_eq!(apply(&b.node, None, &tampered).unwrap_err().field, "digest");
+
+    let mut first_delta = diff(Some(a), b);
+    first_delta.snapshot = false;
+    assert_eq!(
+        apply(&b.node, None, &first_delta).unwrap_err().field,
+        "snapshot"
+    );
+}
+
+#[test]
+fn malformed_messages_name_the_field() {
+    let states = states();
+    let s = states
+        .iter()
+        .find(|s| !s.groups.is_empty() && !s.pods.is_empty())
+        .unwrap();
+    let snap = diff(None, s);
+
+    let mut bad_addr = snap.clone();
+    bad_addr.upsert_pods[0].ips[0] = vec![1, 2, 3];
+    let e = apply(&s.node, None, &bad_addr).unwrap_err();
+    assert_eq!(e.field, "upsertPods[0].ips[0]", "{e}");
+
+    let mut unsorted = snap.clone();
+    let g = &mut unsorted.upsert_groups[0];
+    g.body = Some(pb::address_group::Body::Addresses(pb::AddrSet {
+        v4: vec![
+            pb::Range4 {
+                first: 10,
+                last: 20,
+            },
+            pb::Range4 { first: 1, last: 2 },
+        ],
+        v6: vec![],
+    }));
+    let e = apply(&s.node, None, &unsorted).unwrap_err();
+    assert_eq!(e.field, "upsertGroups[0].addresses", "{e}");
+
+    let mut dangling = snap.clone();
+    dangling.upsert_groups.clear();
+    let e = apply(&s.node, None, &dangling).unwrap_err();
+    assert!(e.message.contains("missing"), "{e}");
+
+    let mut bad_id = snap;
+    bad_id.upsert_groups[0].id = "g-x; flush ruleset".into();
+    let e = apply(&s.node, None, &bad_id).unwrap_err();
+    assert_eq!(e.field, "upsertGroups[0].id", "{e}");
+}

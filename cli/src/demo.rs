@@ -16,6 +16,7 @@ use palisade_policy::{
     Cluster, Compiler, Family, Flow, NodeRuleSet, PodKey, Policy, Protocol, Verdict,
 };
 
+use crate::controller::controller_binary;
 use crate::running::{agent_binary, check_prerequisites, http_get, RunningCluster};
 
 const CLUSTER: &str = include_str!("../demo/cluster.yaml");
@@ -30,6 +31,9 @@ pub struct Args {
     /// The palisade-agent binary (default: beside palisadectl, else on PATH).
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// The palisade-controller binary (default: beside palisadectl, else on PATH).
+    #[arg(long, value_name = "PATH")]
+    controller: Option<PathBuf>,
 }
 
 /// A column of the matrix: a destination pod and the port it serves.
@@ -152,17 +156,23 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         palisade_resources::parse_cluster_text("demo/cluster.yaml", CLUSTER)?;
     let policies = palisade_resources::parse_policies("demo/policies.yaml", POLICIES)?.policies;
     let bin = agent_binary(args.agent.as_deref());
+    let controller_bin = controller_binary(args.controller.as_deref());
 
     println!(
         "Building a two-node cluster of network namespaces with {} pods…",
         cluster.pods.len()
     );
     let open = compile(&cluster, &[]);
-    let mut running = RunningCluster::start(&cluster, &open, &bin)?;
+    let mut running =
+        RunningCluster::start_with_controller(&cluster, CLUSTER, "", &bin, &controller_bin)?;
+    let controller = running.controller.as_ref().context("the demo runs a controller")?;
     println!(
-        "Lab {}: one agent per node, each programming its node's namespace.",
+        "Lab {}: a palisade-controller reading the demo's files, and one agent per node \
+         streaming its node's rules from it (TLS, a token per node).",
         running.lab.prefix()
     );
+    let (policies_file, controller_metrics) =
+        (controller.policies_file.clone(), controller.metrics);
     let served: BTreeSet<_> = targets(&cluster)
         .into_iter()
         .map(|t| (t.pod, t.protocol, t.port))
@@ -179,7 +189,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
     println!("\nApplying the sample policies (demo/policies.yaml: an Admin-tier DNS rule, the shop's NetworkPolicies)…");
     let enforced = compile(&cluster, &policies);
-    running.update(&enforced)?;
+    running.update_policies(POLICIES)?;
     matrix(
         &running,
         &cluster,
@@ -192,18 +202,63 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     for (node, addr) in running.metrics_addresses() {
         println!("  {node}: http://{addr}/metrics  http://{addr}/healthz  http://{addr}/readyz");
     }
+    println!("Controller: http://{controller_metrics}/metrics");
     println!("Try: palisadectl explain --from shop/web --to shop/db --port 5432 (with the demo's files in cli/demo/).");
     if !args.no_wait {
-        println!("\nRunning until Ctrl-C; everything is removed then.");
+        println!(
+            "\nEdit {} to change the policies: the controller streams the change to the agents \
+             and the matrix is shown again. Running until Ctrl-C; everything is removed then.",
+            policies_file.display()
+        );
         let (tx, rx) = mpsc::channel();
         ctrlc::set_handler(move || {
             let _ = tx.send(());
         })
         .context("installing the Ctrl-C handler")?;
-        let _ = rx.recv();
+        follow_edits(&mut running, &cluster, &policies_file, &rx)?;
     }
     println!("Removing the lab…");
     drop(running);
     println!("Done.");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Shows the matrix again after every edit of the policies file, until Ctrl-C.
+fn follow_edits(
+    running: &mut RunningCluster,
+    cluster: &Cluster,
+    path: &std::path::Path,
+    stop: &mpsc::Receiver<()>,
+) -> Result<()> {
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = stamp(path);
+    loop {
+        if stop.recv_timeout(Duration::from_millis(500)).is_ok() {
+            return Ok(());
+        }
+        let now = stamp(path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let policies = match palisade_resources::parse_policies(&path.display().to_string(), &text) {
+            Ok(p) => p.policies,
+            Err(e) => {
+                println!("\n{e}\nThe controller keeps the last good policies in force.");
+                continue;
+            }
+        };
+        let sets = compile(cluster, &policies);
+        let nodes = running.metrics_addresses().len();
+        if let Some(c) = running.controller.as_mut() {
+            let before = c.generation().unwrap_or(0.0);
+            // An edit that changes no node's rules publishes nothing: then the wait ends
+            // without a new generation, and the matrix is the same as before.
+            if c.wait_enforced(before, nodes, Duration::from_secs(3)).is_err() {
+                c.wait_enforced(before - 1.0, nodes, Duration::from_secs(30))?;
+            }
+        }
+        matrix(running, cluster, &sets, "Connectivity with the edited policies:")?;
+    }
 }

@@ -2,6 +2,7 @@
 
 mod cli;
 mod compile;
+mod controller;
 mod dataplane;
 mod demo;
 mod explain;

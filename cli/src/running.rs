@@ -13,6 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use palisade_netlab::{Lab, LabOptions};
 use palisade_policy::{Cluster, NodeRuleSet};
 
+use crate::controller::ControllerProcess;
+
 /// Where the agent binary is: `--agent`, else beside this executable, else on `PATH`.
 pub fn agent_binary(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = explicit {
@@ -48,7 +50,6 @@ struct Agent {
     node: String,
     child: Child,
     metrics: SocketAddr,
-    rules_file: PathBuf,
     log_file: PathBuf,
 }
 
@@ -56,22 +57,27 @@ struct Agent {
 pub struct RunningCluster {
     agents: Vec<Agent>,
     dir: PathBuf,
+    /// Stopped after the agents, before the lab goes.
+    pub controller: Option<ControllerProcess>,
     // Dropped last (fields drop in order): agents must be gone before their namespaces.
     pub lab: Lab,
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(l.local_addr()?.port())
 }
 
-fn write_rules(path: &Path, set: &NodeRuleSet) -> Result<()> {
+/// Writes through a rename, so that no reader ever sees half a file.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, serde_json::to_vec(set)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    // A rename, so the agent never reads half a file.
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+fn write_rules(path: &Path, set: &NodeRuleSet) -> Result<()> {
+    write_atomic(path, &serde_json::to_vec(set)?)
 }
 
 /// A plain HTTP/1.0 GET on loopback: status code and body.
@@ -94,7 +100,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 }
 
 /// The value of an unlabelled metric in Prometheus text format.
-fn metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
@@ -114,6 +120,7 @@ impl RunningCluster {
         let mut running = RunningCluster {
             agents: Vec::new(),
             dir,
+            controller: None,
             lab,
         };
         let nodes: Vec<String> = running.lab.nodes().map(str::to_string).collect();
@@ -125,7 +132,11 @@ impl RunningCluster {
                     node: node.clone(),
                     ..Default::default()
                 });
-            running.start_agent(&node, &set, agent_bin)?;
+            let rules_file = running.dir.join(format!("{node}.json"));
+            write_rules(&rules_file, &set)?;
+            let mut args = vec!["--rules".to_string(), rules_file.display().to_string()];
+            args.extend(["--poll-interval-ms".to_string(), "200".to_string()]);
+            running.start_agent(&node, args, agent_bin)?;
         }
         running.wait(|_, text| {
             metric(text, "palisade_ruleset_generation").is_some_and(|g| g >= 1.0)
@@ -133,22 +144,75 @@ impl RunningCluster {
         Ok(running)
     }
 
-    fn start_agent(&mut self, node: &str, set: &NodeRuleSet, bin: &Path) -> Result<()> {
-        let rules_file = self.dir.join(format!("{node}.json"));
-        write_rules(&rules_file, set)?;
+    /// Builds the lab, starts a controller fed from `cluster_text` and `policies_text`, and
+    /// one agent per node streaming from it; returns once every agent enforces its rules.
+    pub fn start_with_controller(
+        cluster: &Cluster,
+        cluster_text: &str,
+        policies_text: &str,
+        agent_bin: &Path,
+        controller_bin: &Path,
+    ) -> Result<Self> {
+        let lab = Lab::build(cluster, LabOptions::default()).context("building the lab")?;
+        let dir = std::env::temp_dir().join(format!("palisade-{}", lab.prefix()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let nodes: Vec<String> = lab.nodes().map(str::to_string).collect();
+        let mut running = RunningCluster {
+            agents: Vec::new(),
+            dir,
+            controller: None,
+            lab,
+        };
+        let controller = ControllerProcess::start(
+            &running.dir,
+            controller_bin,
+            &nodes,
+            cluster_text,
+            policies_text,
+        )?;
+        let before = controller.generation()?;
+        for node in &nodes {
+            let args = controller.agent_args(node)?;
+            running.start_agent(node, args, agent_bin)?;
+        }
+        running.controller = Some(controller);
+        running.wait(|_, text| {
+            metric(text, "palisade_ruleset_generation").is_some_and(|g| g >= 1.0)
+        })?;
+        let n = nodes.len();
+        if let Some(c) = &mut running.controller {
+            c.wait_enforced(before - 1.0, n, Duration::from_secs(30))?;
+        }
+        Ok(running)
+    }
+
+    /// With a controller: writes a new policies file and waits until every agent has
+    /// acknowledged the generation that carries it.
+    pub fn update_policies(&mut self, text: &str) -> Result<()> {
+        let n = self.agents.len();
+        let c = self
+            .controller
+            .as_mut()
+            .context("this lab has no controller")?;
+        let before = c.generation()?;
+        c.write_policies(text)?;
+        c.wait_enforced(before, n, Duration::from_secs(30))
+    }
+
+    fn start_agent(
+        &mut self,
+        node: &str,
+        source_args: Vec<String>,
+        bin: &Path,
+    ) -> Result<()> {
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let log_file = self.dir.join(format!("{node}.log"));
         let log = fs::File::create(&log_file)?;
         let netns = self.lab.node_netns(node)?.to_string();
         let child = Command::new(bin)
-            .args(["--netns", &netns, "--rules"])
-            .arg(&rules_file)
-            .args([
-                "--metrics-addr",
-                &metrics.to_string(),
-                "--poll-interval-ms",
-                "200",
-            ])
+            .args(["--netns", &netns])
+            .args(&source_args)
+            .args(["--metrics-addr", &metrics.to_string()])
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -167,7 +231,6 @@ impl RunningCluster {
             node: node.to_string(),
             child,
             metrics,
-            rules_file,
             log_file,
         });
         Ok(())
@@ -204,27 +267,6 @@ impl RunningCluster {
         Ok(())
     }
 
-    /// Hands every agent its new rule set and waits until each has applied it.
-    pub fn update(&mut self, rule_sets: &BTreeMap<String, NodeRuleSet>) -> Result<()> {
-        let mut before = BTreeMap::new();
-        for a in &self.agents {
-            let (_, text) = http_get(a.metrics, "/metrics")?;
-            let generation = metric(&text, "palisade_ruleset_generation").unwrap_or(0.0);
-            before.insert(a.node.clone(), generation);
-            let set = rule_sets
-                .get(&a.node)
-                .cloned()
-                .unwrap_or_else(|| NodeRuleSet {
-                    node: a.node.clone(),
-                    ..Default::default()
-                });
-            write_rules(&a.rules_file, &set)?;
-        }
-        self.wait(|node, text| {
-            metric(text, "palisade_ruleset_generation").is_some_and(|g| g > before[node])
-        })
-    }
-
     /// Each node's metrics address.
     pub fn metrics_addresses(&self) -> Vec<(String, SocketAddr)> {
         self.agents
@@ -234,7 +276,7 @@ impl RunningCluster {
     }
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -255,6 +297,7 @@ impl Drop for RunningCluster {
             let _ = a.child.kill();
             let _ = a.child.wait();
         }
+        self.controller = None;
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -29,6 +29,20 @@ fn agent() -> PathBuf {
     agent
 }
 
+/// The controller binary, built beside palisadectl for the demo.
+fn controller() -> String {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_palisadectl"));
+    let controller = bin.with_file_name("palisade-controller");
+    if !controller.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "palisade-controller"])
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building palisade-controller");
+    }
+    controller.display().to_string()
+}
+
 /// Runs palisadectl and checks that it left none of its labs' namespaces behind (labs are
 /// named after the process that built them).
 fn run(args: &[&str]) -> Output {
@@ -133,7 +147,8 @@ fn demo_shows_the_policies_at_work_and_cleans_up() {
         eprintln!("SKIPPED: needs root for network namespaces and nftables");
         return;
     }
-    let out = run(&["demo", "--no-wait"]);
+    let controller = controller();
+    let out = run(&["demo", "--no-wait", "--controller", &controller]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -179,4 +194,8 @@ fn demo_shows_the_policies_at_work_and_cleans_up() {
         "rule hits are shown: {text}"
     );
     assert!(text.contains("/metrics"), "{text}");
+    assert!(
+        text.contains("Controller: http://127.0.0.1:"),
+        "the agents stream from a controller: {text}"
+    );
 }

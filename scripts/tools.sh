@@ -93,7 +93,12 @@ if ((${#kube_todo[@]})); then
   done
   # One build for all four, so they share the compiled packages.
   (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$BIN/" "${pkgs[@]}")
-  for b in "${kube_todo[@]}"; do write_stamp "$b" "$kube_recipe"; done
+  for b in "${kube_todo[@]}"; do
+    # Clients refuse a server without a proper version, so check the ldflags took.
+    got="$("$BIN/$b" --version 2>/dev/null || "$BIN/$b" version --client 2>/dev/null || true)"
+    [[ "$got" == *"$KUBE_VERSION"* ]] || { log "$b reports '$got', not $KUBE_VERSION"; exit 1; }
+    write_stamp "$b" "$kube_recipe"
+  done
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +126,8 @@ EOF
       go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" && go mod tidy)
   fi
   (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" .)
+  "$BIN/etcd" --version | grep -q "etcd Version: ${ETCD_VERSION#v}$" ||
+    { log "etcd is not $ETCD_VERSION"; exit 1; }
   write_stamp etcd "$etcd_recipe"
 fi
 
@@ -141,6 +148,8 @@ if ! stamp_ok helm "$helm_recipe"; then
     ldflags+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$cgo"
   done
   GOBIN="$BIN" GOFLAGS=-buildvcs=false go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  [[ "$("$BIN/helm" version --template '{{.Version}}')" == "$HELM_VERSION" ]] ||
+    { log "helm is not $HELM_VERSION"; exit 1; }
   write_stamp helm "$helm_recipe"
 fi
 

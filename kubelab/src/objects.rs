@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Api, Resource};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -218,8 +218,14 @@ impl KubeLab {
             .await?)
     }
 
-    /// Deletes a namespace and waits until it is gone (the namespace controller empties it).
+    /// Deletes a namespace and waits until it is gone. Its pods are deleted first with grace
+    /// period 0: the namespace controller deletes them gracefully, and with no kubelet to
+    /// confirm, a running pod would stay Terminating and the namespace with it.
     pub async fn delete_namespace(&self, name: &str) -> Result<()> {
+        let pods: Api<Pod> = self.api(name).await?;
+        for pod in pods.list(&Default::default()).await? {
+            self.delete_pod(name, &pod.name_any()).await?;
+        }
         let api: Api<Namespace> = Api::all(self.client().await?);
         api.delete(name, &DeleteParams::default()).await?;
         self.wait_until(&format!("namespace {name} to disappear"), || async {

@@ -17,7 +17,7 @@ extern "C" fn stop_shared_lab() {
 /// skip policy: printed, or a panic under `PALISADE_NO_SKIP=1`) when the binaries are absent.
 /// Panics if it is there but fails to start. Statics are never dropped, so the lab stops at
 /// process exit (`atexit`); if the process is killed, its children die with it
-/// (`PR_SET_PDEATHSIG`) and only the temp dir stays behind.
+/// (`PR_SET_PDEATHSIG`) and the next lab to start removes the temp dir left behind.
 pub fn shared() -> Option<&'static KubeLab> {
     if !crate::tools::control_plane_available() {
         return None;

@@ -217,8 +217,12 @@ async fn a_namespace_gets_its_default_service_account_and_deletion_completes() {
     lab.create_pod(&LabPod::new("lab-ns-life", "p", "nowhere").ip(ip("10.244.9.9")))
         .await
         .unwrap();
+    lab.create_service_account("lab-ns-life", "extra")
+        .await
+        .unwrap();
 
-    // Deleting a namespace with a pod in it finishes only if the namespace controller runs.
+    // The namespace controller must empty it (the ServiceAccounts) and remove its finalizer;
+    // without kube-controller-manager it would stay Terminating.
     lab.delete_namespace("lab-ns-life").await.unwrap();
     assert!(namespaces.get_opt("lab-ns-life").await.unwrap().is_none());
 }
@@ -291,8 +295,18 @@ async fn a_pod_bound_token_review_names_the_pod_and_its_node() {
     let status = lab.token_review(&other, &[&audience]).await.unwrap();
     assert_ne!(status.authenticated, Some(true), "{status:?}");
 
-    // Bound tokens die with their pod.
+    // Bound tokens die with their pod, once the apiserver's 10 s cache of successful token
+    // authentications has expired.
     lab.delete_pod("lab-tokens", "agent-x").await.unwrap();
-    let status = lab.token_review(&token, &[&audience]).await.unwrap();
-    assert_ne!(status.authenticated, Some(true), "{status:?}");
+    let deleted = std::time::Instant::now();
+    lab.wait_until("the deleted pod's token to be rejected", || async {
+        let status = lab.token_review(&token, &[&audience]).await?;
+        Ok(status.authenticated != Some(true))
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "token rejected {:?} after its pod was deleted",
+        deleted.elapsed()
+    );
 }

@@ -1,0 +1,37 @@
+//! A real Kubernetes control plane on loopback, for tests and `palisadectl`.
+//!
+//! [`KubeLab::start`] runs etcd, kube-apiserver (TLS, client-certificate admin in
+//! `system:masters`, RBAC, ServiceAccount token signing with audience `palisade`) and
+//! kube-controller-manager (namespace, serviceaccount and garbage-collector controllers only),
+//! then installs the network-policy-api CRDs that users install, so the apiserver admits and
+//! rejects exactly what a real cluster would. The binaries come from `scripts/tools.sh`
+//! (`target/tools/bin`, or `$PALISADE_KUBE_BIN`).
+//!
+//! Limits: there is no kubelet, scheduler or kube-proxy. Pods are never run: tests set their
+//! addresses through the status subresource ([`KubeLab::set_pod_status`]) and delete them
+//! with grace period 0. There are no Endpoints for the `kubernetes` Service
+//! (`--endpoint-reconciler-type=none`), no admission webhooks, and one etcd member without
+//! fsync. Everything listens on 127.0.0.1 only; all state lives in a temp dir that the lab
+//! removes when it stops (on drop, or at exit for [`shared`]).
+
+mod apply;
+mod crds;
+mod error;
+mod lab;
+mod objects;
+mod pki;
+mod process;
+mod shared;
+mod tools;
+
+pub use apply::parse_objects;
+pub use crds::{crd_files, CrdChannel, FIELD_MANAGER};
+pub use error::{Error, Result};
+pub use lab::{KubeLab, Options, SERVICE_ACCOUNT_ISSUER};
+pub use objects::{container_port, LabPod, POD_IMAGE};
+pub use pki::{Ca, CertPair};
+pub use shared::shared;
+pub use tools::{
+    control_plane_available, crd_dir_for, default_bin_dir, default_tools_dir, missing, skip,
+    BIN_ENV, CONTROL_PLANE_BINARIES,
+};

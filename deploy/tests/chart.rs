@@ -330,6 +330,7 @@ fn agent_runs_with_net_admin_only_and_no_api_access() {
     // The only credential: a token for the audience "palisade", and the CA, nothing else.
     let volumes = pod["volumes"].as_sequence().expect("volumes");
     assert_eq!(volumes.len(), 1, "{volumes:?}");
+    assert_eq!(volumes[0]["projected"]["defaultMode"].as_u64(), Some(0o400));
     let sources = volumes[0]["projected"]["sources"]
         .as_sequence()
         .expect("projected");

@@ -5,6 +5,8 @@
 pub mod golden;
 pub mod manifests;
 pub mod metric_names;
+pub mod monitoring;
+pub mod promql;
 pub mod tools;
 
 use std::path::PathBuf;

@@ -5,52 +5,13 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use palisade_deploy_tests::manifests::{self, find};
-use palisade_deploy_tests::{metric_names, repo_root, tools};
+use palisade_deploy_tests::monitoring::{
+    alert_rules, dashboard, dashboard_queries, read, ALERTS, ALERT_TESTS,
+};
+use palisade_deploy_tests::{metric_names, promql, repo_root, tools};
 use serde_yaml::Value;
 
 const PROMTOOL_HINT: &str = "apt-get install prometheus";
-const ALERTS: &str = "charts/palisade/files/alerts.yaml";
-const ALERT_TESTS: &str = "charts/palisade/tests/alerts.test.yaml";
-
-fn read(path: &str) -> String {
-    std::fs::read_to_string(repo_root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn alert_rules() -> Vec<Value> {
-    let file: Value = serde_yaml::from_str(&read(ALERTS)).expect("alerts.yaml is YAML");
-    file["groups"]
-        .as_sequence()
-        .expect("groups")
-        .iter()
-        .flat_map(|g| g["rules"].as_sequence().expect("rules").iter().cloned())
-        .collect()
-}
-
-fn dashboard() -> serde_json::Value {
-    serde_json::from_str(&read("charts/palisade/files/dashboard.json")).expect("dashboard JSON")
-}
-
-/// Every query of the dashboard's panels (panel title, expression).
-fn dashboard_queries(d: &serde_json::Value) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for panel in d["panels"].as_array().expect("panels") {
-        if panel["type"] == "row" {
-            continue;
-        }
-        let title = panel["title"].as_str().expect("panel title").to_string();
-        let targets = panel["targets"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{title}: no targets"));
-        assert!(!targets.is_empty(), "{title}: no queries");
-        for t in targets {
-            let expr = t["expr"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{title}: query without expr"));
-            out.push((title.clone(), expr.to_string()));
-        }
-    }
-    out
-}
 
 #[test]
 fn promtool_checks_the_alert_rules() {
@@ -155,13 +116,6 @@ fn prometheus_rule_is_the_rules_file_verbatim() {
     find(&plain, "ConfigMap", "palisade-dashboard");
 }
 
-/// Grafana's variables replaced by values Prometheus parses.
-fn substitute_grafana_variables(expr: &str) -> String {
-    expr.replace("$__rate_interval", "2m")
-        .replace("$__range", "1h")
-        .replace("$node", ".*")
-}
-
 #[test]
 fn dashboard_queries_are_valid_promql() {
     let d = dashboard();
@@ -180,8 +134,8 @@ fn dashboard_queries_are_valid_promql() {
     let rules: Vec<serde_json::Value> = queries
         .iter()
         .enumerate()
-        .map(|(i, (_, expr))| {
-            serde_json::json!({"record": format!("dashboard:query_{i}"), "expr": substitute_grafana_variables(expr)})
+        .map(|(i, q)| {
+            serde_json::json!({"record": format!("dashboard:query_{i}"), "expr": promql::substitute_grafana_variables(&q.expr, "2m")})
         })
         .collect();
     let file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-queries.rules.yaml");
@@ -190,9 +144,10 @@ fn dashboard_queries_are_valid_promql() {
     let out = tools::run(&promtool, &["check", "rules", &file.to_string_lossy()]);
     assert!(
         out.status.success(),
-        "a dashboard query does not parse:\n{}{}\nqueries: {queries:#?}",
+        "a dashboard query does not parse:\n{}{}\nqueries: {:#?}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        queries.iter().map(|q| &q.expr).collect::<Vec<_>>()
     );
 }
 
@@ -209,7 +164,7 @@ fn dashboard_and_alerts_use_only_metrics_the_code_exports() {
     let mut unknown = Vec::new();
     let exprs = dashboard_queries(&dashboard())
         .into_iter()
-        .map(|(title, expr)| (format!("dashboard panel {title:?}"), expr))
+        .map(|q| (format!("dashboard panel {:?}", q.panel), q.expr))
         .chain(alert_rules().into_iter().map(|r| {
             (
                 format!("alert {}", r["alert"].as_str().unwrap_or("?")),

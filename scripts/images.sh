@@ -143,6 +143,10 @@ for c in "${components[@]}"; do
             done
             user=0:0 ;;
         controller)
+            # In a pod the apiserver's CA comes with the ServiceAccount; the system roots
+            # (package ca-certificates) serve a kubeconfig naming a publicly signed server.
+            f=/etc/ssl/certs/ca-certificates.crt
+            if [ -f "$f" ]; then add_file "$f" "$f" "$root" 0644; fi
             user=65532:65532 ;;
     esac
     add_package_records "$root"

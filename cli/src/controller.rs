@@ -151,7 +151,10 @@ impl ControllerProcess {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("the controller exited ({status}):\n{}", tail(&self.log_file));
+                bail!(
+                    "the controller exited ({status}):\n{}",
+                    tail(&self.log_file)
+                );
             }
             if let Ok((200, text)) = http_get(self.metrics, "/metrics") {
                 if done(&text) {
@@ -173,18 +176,18 @@ impl ControllerProcess {
     pub fn wait_enforced(&mut self, after: f64, nodes: usize, within: Duration) -> Result<()> {
         self.wait(
             |text| {
-            let generation = metric(text, "palisade_controller_generation").unwrap_or(0.0);
-            let connected = metric(text, "palisade_controller_nodes_connected").unwrap_or(0.0);
-            let lagging = text
-                .lines()
-                .filter(|l| l.starts_with("palisade_controller_node_generation_lag{"))
-                .filter(|l| !l.ends_with(" 0"))
-                .count();
-            let lags = text
-                .lines()
-                .filter(|l| l.starts_with("palisade_controller_node_generation_lag{"))
-                .count();
-            generation > after && connected as usize == nodes && lags == nodes && lagging == 0
+                let generation = metric(text, "palisade_controller_generation").unwrap_or(0.0);
+                let connected = metric(text, "palisade_controller_nodes_connected").unwrap_or(0.0);
+                let lagging = text
+                    .lines()
+                    .filter(|l| l.starts_with("palisade_controller_node_generation_lag{"))
+                    .filter(|l| !l.ends_with(" 0"))
+                    .count();
+                let lags = text
+                    .lines()
+                    .filter(|l| l.starts_with("palisade_controller_node_generation_lag{"))
+                    .count();
+                generation > after && connected as usize == nodes && lags == nodes && lagging == 0
             },
             within,
         )

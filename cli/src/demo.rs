@@ -165,7 +165,10 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let open = compile(&cluster, &[]);
     let mut running =
         RunningCluster::start_with_controller(&cluster, CLUSTER, "", &bin, &controller_bin)?;
-    let controller = running.controller.as_ref().context("the demo runs a controller")?;
+    let controller = running
+        .controller
+        .as_ref()
+        .context("the demo runs a controller")?;
     println!(
         "Lab {}: a palisade-controller reading the demo's files, and one agent per node \
          streaming its node's rules from it (TLS, a token per node).",
@@ -242,7 +245,8 @@ fn follow_edits(
         }
         seen = now;
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let policies = match palisade_resources::parse_policies(&path.display().to_string(), &text) {
+        let policies = match palisade_resources::parse_policies(&path.display().to_string(), &text)
+        {
             Ok(p) => p.policies,
             Err(e) => {
                 println!("\n{e}\nThe controller keeps the last good policies in force.");
@@ -255,10 +259,17 @@ fn follow_edits(
             let before = c.generation().unwrap_or(0.0);
             // An edit that changes no node's rules publishes nothing: then the wait ends
             // without a new generation, and the matrix is the same as before.
-            if c.wait_enforced(before, nodes, Duration::from_secs(3)).is_err() {
+            if c.wait_enforced(before, nodes, Duration::from_secs(3))
+                .is_err()
+            {
                 c.wait_enforced(before - 1.0, nodes, Duration::from_secs(30))?;
             }
         }
-        matrix(running, cluster, &sets, "Connectivity with the edited policies:")?;
+        matrix(
+            running,
+            cluster,
+            &sets,
+            "Connectivity with the edited policies:",
+        )?;
     }
 }

@@ -199,12 +199,7 @@ impl RunningCluster {
         c.wait_enforced(before, n, Duration::from_secs(30))
     }
 
-    fn start_agent(
-        &mut self,
-        node: &str,
-        source_args: Vec<String>,
-        bin: &Path,
-    ) -> Result<()> {
+    fn start_agent(&mut self, node: &str, source_args: Vec<String>, bin: &Path) -> Result<()> {
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let log_file = self.dir.join(format!("{node}.log"));
         let log = fs::File::create(&log_file)?;

@@ -407,3 +407,70 @@ async fn conformance_policies_are_admitted_by_the_apiserver() {
         failures.join("\n")
     );
 }
+
+/// Removes the network namespace it names, also when the test fails.
+struct NetnsGuard(String);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn ip_cmd(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn the_apiserver_is_reachable_from_inside_a_network_namespace() {
+    let Some(lab) = lab() else { return };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        palisade_kubelab::skip("network namespaces need root");
+        return;
+    }
+    let name = format!("kubelab-fwd-{}", std::process::id());
+    if !ip_cmd(&["netns", "add", &name]) {
+        palisade_kubelab::skip("`ip netns add` failed");
+        return;
+    }
+    let _guard = NetnsGuard(name.clone());
+    assert!(ip_cmd(&["-n", &name, "link", "set", "lo", "up"]));
+    let forward = lab
+        .forward_into_netns(Path::new(&format!("/var/run/netns/{name}")))
+        .unwrap();
+    let kubectl = lab.bin_dir().join("kubectl");
+    let kubeconfig = forward.kubeconfig().to_path_buf();
+    let run_inside = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &name])
+            .arg(&kubectl)
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(["get", "--raw", "/readyz", "--request-timeout=5s"])
+            .output()
+            .unwrap()
+    };
+    let out = run_inside();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    // After drop the relay is gone (the kubeconfig is put back to show it is the port).
+    let saved = std::fs::read(&kubeconfig).unwrap();
+    let port = forward.port();
+    drop(forward);
+    std::fs::write(&kubeconfig, saved).unwrap();
+    let out = run_inside();
+    let _ = std::fs::remove_file(&kubeconfig);
+    assert!(
+        !out.status.success(),
+        "still reachable on port {port} after drop"
+    );
+}

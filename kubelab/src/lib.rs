@@ -20,6 +20,8 @@
 mod apply;
 mod crds;
 mod error;
+mod files;
+mod flags;
 mod forward;
 mod lab;
 mod objects;

@@ -2,19 +2,19 @@
 
 use std::fs;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
 use crate::crds::{self, CrdChannel};
 use crate::error::{io, Error, Result};
-use crate::pki::{self, Ca, CertPair, SigningKey};
+use crate::files::{kubeconfig_yaml, remove_stale_dirs, write, DIR_PREFIX};
+use crate::flags::{self, Ports};
+use crate::pki::{self, Ca, SigningKey};
 use crate::process::{free_ports, log_tail, Proc};
 use crate::tools;
 
@@ -85,55 +85,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn write(path: &Path, contents: &str) -> Result<()> {
-    fs::write(path, contents).map_err(io(format!("write {}", path.display())))
-}
-
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// A kubeconfig with the CA and a client certificate inline.
-fn kubeconfig_yaml(url: &str, ca_pem: &str, user: &str, client: &CertPair) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: kubelab\n  cluster:\n    server: {url}\n    \
-         certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n    \
-         client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: kubelab\n  \
-         context:\n    cluster: kubelab\n    user: {user}\ncurrent-context: kubelab\n",
-        ca = b64(ca_pem),
-        cert = b64(&client.cert_pem),
-        key = b64(&client.key_pem),
-    )
-}
-
-const DIR_PREFIX: &str = "palisade-kubelab-";
-
-/// Removes the temp dirs of labs whose process is gone: a killed test process takes its
-/// children with it (`PR_SET_PDEATHSIG`) but cannot remove its files.
-fn remove_stale_dirs() {
-    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// The first address of a CIDR: the `kubernetes` Service's ClusterIP.
-fn first_service_ip(cidr: &str) -> Option<IpAddr> {
-    let net: Ipv4Addr = cidr.split('/').next()?.parse().ok()?;
-    Some(IpAddr::V4(Ipv4Addr::from(u32::from(net) + 1)))
-}
-
 impl KubeLab {
     /// Starts etcd, kube-apiserver, kube-controller-manager and installs the CRDs; returns when
     /// all are ready. Takes several seconds.
@@ -162,7 +113,7 @@ impl KubeLab {
         let ca = Ca::new("palisade-kubelab-ca")?;
         let ca_pem = ca.cert_pem();
         let (names, mut ips) = pki::apiserver_names();
-        ips.extend(first_service_ip(&opts.service_cidr));
+        ips.extend(flags::first_service_ip(&opts.service_cidr));
         let serving = ca.issue_server(&names, &ips)?;
         let admin = ca.issue_client("palisade-admin", &["system:masters"])?;
         let sa_key = SigningKey::generate()?;
@@ -179,43 +130,14 @@ impl KubeLab {
             &kubeconfig_yaml(&url, &ca_pem, "palisade-admin", &admin),
         )?;
 
-        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
-        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
-        let etcd_args = vec![
-            "--name=kubelab".to_string(),
-            format!("--data-dir={}", root.join("etcd").display()),
-            format!("--listen-client-urls={etcd_url}"),
-            format!("--advertise-client-urls={etcd_url}"),
-            format!("--listen-peer-urls={peer_url}"),
-            format!("--initial-advertise-peer-urls={peer_url}"),
-            format!("--initial-cluster=kubelab={peer_url}"),
-            // A test cluster's data dies with it; fsync only slows every write.
-            "--unsafe-no-fsync=true".to_string(),
-        ];
-        let p = |f: &str| path(f).display().to_string();
-        let apiserver_args = vec![
-            format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".to_string(),
-            "--advertise-address=127.0.0.1".to_string(),
-            format!("--secure-port={apiserver_port}"),
-            format!("--cert-dir={}", root.join("apiserver-certs").display()),
-            format!("--tls-cert-file={}", p("apiserver.crt")),
-            format!("--tls-private-key-file={}", p("apiserver.key")),
-            format!("--client-ca-file={}", p("ca.crt")),
-            "--authorization-mode=RBAC".to_string(),
-            format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-            format!("--service-account-signing-key-file={}", p("sa.key")),
-            format!("--service-account-key-file={}", p("sa.pub")),
-            format!(
-                "--api-audiences={SERVICE_ACCOUNT_ISSUER},{}",
-                opts.token_audience
-            ),
-            format!("--service-cluster-ip-range={}", opts.service_cidr),
-            // With the default reconciler the 1.37 apiserver fails its readiness on loopback.
-            "--endpoint-reconciler-type=none".to_string(),
-            "--allow-privileged=true".to_string(),
-            "--profiling=false".to_string(),
-        ];
+        let ports = Ports {
+            etcd_client,
+            etcd_peer,
+            apiserver: apiserver_port,
+            controller_manager: kcm_port,
+        };
+        let etcd_args = flags::etcd(&root, &ports);
+        let apiserver_args = flags::apiserver(&root, &ports, &opts);
 
         let lab = Self {
             bin_dir,
@@ -243,19 +165,7 @@ impl KubeLab {
         lab.wait_apiserver_ready().await?;
 
         if lab.opts.controller_manager {
-            let kcm_args = vec![
-                format!("--kubeconfig={}", lab.kubeconfig.display()),
-                format!("--authentication-kubeconfig={}", lab.kubeconfig.display()),
-                format!("--authorization-kubeconfig={}", lab.kubeconfig.display()),
-                // Its own listener needs no front-proxy CA; looking one up only logs errors.
-                "--authentication-skip-lookup=true".to_string(),
-                "--controllers=namespace,serviceaccount,garbagecollector".to_string(),
-                "--leader-elect=false".to_string(),
-                "--bind-address=127.0.0.1".to_string(),
-                format!("--secure-port={kcm_port}"),
-                format!("--cert-dir={}", lab.root.join("kcm-certs").display()),
-                "--profiling=false".to_string(),
-            ];
+            let kcm_args = flags::controller_manager(&lab.root, &ports, &lab.kubeconfig);
             let kcm = lab.spawn("kube-controller-manager", &kcm_args)?;
             let kcm_log = kcm.log.clone();
             lock(&lab.procs).controller_manager = Some(kcm);

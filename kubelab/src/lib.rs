@@ -7,6 +7,9 @@
 //! rejects exactly what a real cluster would. The binaries come from `scripts/tools.sh`
 //! (`target/tools/bin`, or `$PALISADE_KUBE_BIN`).
 //!
+//! Processes in a lab node's network namespace (kube-proxy) reach the apiserver through
+//! [`KubeLab::forward_into_netns`], a relay from that namespace's own loopback.
+//!
 //! Limits: there is no kubelet, scheduler or kube-proxy. Pods are never run: tests set their
 //! addresses through the status subresource ([`KubeLab::set_pod_status`]) and delete them
 //! with grace period 0. There are no Endpoints for the `kubernetes` Service
@@ -17,6 +20,9 @@
 mod apply;
 mod crds;
 mod error;
+mod files;
+mod flags;
+mod forward;
 mod lab;
 mod objects;
 mod pki;
@@ -27,6 +33,7 @@ mod tools;
 pub use apply::parse_objects;
 pub use crds::{crd_files, CrdChannel, FIELD_MANAGER};
 pub use error::{Error, Result};
+pub use forward::NetnsForward;
 pub use lab::{KubeLab, Options, SERVICE_ACCOUNT_ISSUER};
 pub use objects::{container_port, LabPod, POD_IMAGE};
 pub use pki::{Ca, CertPair};

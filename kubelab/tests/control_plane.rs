@@ -1,16 +1,19 @@
 //! The shared lab against the real binaries: CRDs validate for real, pods get addresses,
 //! namespaces get their ServiceAccount and finish deleting, pod-bound tokens name the node.
-//! Each test uses its own namespace and object names, since they share one lab.
+//! The project's conformance policies are all admitted by the real apiserver. Each test uses
+//! its own namespace and object names, since they share one lab.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PostParams;
-use kube::Api;
-use palisade_kubelab::{shared, KubeLab, LabPod};
+use kube::{Api, ResourceExt};
+use palisade_kubelab::{parse_objects, shared, KubeLab, LabPod};
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -295,6 +298,43 @@ async fn a_pod_bound_token_review_names_the_pod_and_its_node() {
     let status = lab.token_review(&other, &[&audience]).await.unwrap();
     assert_ne!(status.authenticated, Some(true), "{status:?}");
 
+    // The apiserver itself accepts the `palisade` audience (it is in --api-audiences), and
+    // RBAC gives the account nothing: authenticated (not 401) but forbidden.
+    let out = std::process::Command::new(lab.bin_dir().join("kubectl"))
+        .arg("--kubeconfig=/dev/null")
+        .arg(format!("--server={}", lab.url()))
+        .arg(format!(
+            "--certificate-authority={}",
+            lab.dir().join("pki/ca.crt").display()
+        ))
+        .arg(format!("--token={token}"))
+        .args(["get", "pods", "-n", "lab-tokens"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("Forbidden") && stderr.contains("system:serviceaccount:lab-tokens:agent"),
+        "{stderr}"
+    );
+
+    // A token bound to the pod can only be for the pod's own ServiceAccount.
+    let err = lab
+        .pod_bound_token(
+            "lab-tokens",
+            "default",
+            "agent-x",
+            &audience,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap_err();
+    eprintln!("TokenRequest for another account: {err}");
+    assert!(
+        matches!(err, palisade_kubelab::Error::Kube(kube::Error::Api(_))),
+        "{err}"
+    );
+
     // Bound tokens die with their pod, once the apiserver's 10 s cache of successful token
     // authentications has expired.
     lab.delete_pod("lab-tokens", "agent-x").await.unwrap();
@@ -308,5 +348,129 @@ async fn a_pod_bound_token_review_names_the_pod_and_its_node() {
     eprintln!(
         "token rejected {:?} after its pod was deleted",
         deleted.elapsed()
+    );
+}
+
+fn scenario_policy_files() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut files = Vec::new();
+    for dir in [
+        root.join("tests/conformance"),
+        root.join("../shared/conformance/examples"),
+    ] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let file = entry.path().join("policies.yaml");
+            if file.is_file() {
+                files.push(file);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Every policy in the conformance scenarios (and the shared examples) is admitted with the
+/// experimental CRDs: the scenarios only test inputs that a real cluster could send. (With the
+/// standard channel, the scenarios that use named ports, nodes peers and domain names are
+/// rejected: those fields are experimental.)
+#[tokio::test]
+async fn conformance_policies_are_admitted_by_the_apiserver() {
+    let Some(lab) = shared() else { return };
+    let files = scenario_policy_files();
+    assert!(files.len() > 10, "found only {files:?}");
+    let namespaces: Api<Namespace> = Api::all(lab.client().await.unwrap());
+    let mut created = BTreeSet::new();
+    let mut failures = Vec::new();
+    let mut applied = 0;
+    for file in &files {
+        let yaml = std::fs::read_to_string(file).unwrap();
+        let objects = parse_objects(&file.display().to_string(), &yaml).unwrap();
+        for ns in objects.iter().filter_map(|o| o.namespace()) {
+            if created.insert(ns.clone()) {
+                let mut obj = Namespace::default();
+                obj.metadata.name = Some(ns);
+                let _ = namespaces.create(&PostParams::default(), &obj).await;
+            }
+        }
+        match lab.apply_yaml(&yaml).await {
+            Ok(objects) => applied += objects.len(),
+            Err(e) => failures.push(format!("{}: {e}", file.display())),
+        }
+    }
+    eprintln!("{applied} objects from {} files admitted", files.len());
+    assert!(
+        failures.is_empty(),
+        "rejected by the apiserver:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Removes the network namespace it names, also when the test fails.
+struct NetnsGuard(String);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn ip_cmd(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn the_apiserver_is_reachable_from_inside_a_network_namespace() {
+    let Some(lab) = lab() else { return };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        palisade_kubelab::skip("network namespaces need root");
+        return;
+    }
+    let name = format!("kubelab-fwd-{}", std::process::id());
+    if !ip_cmd(&["netns", "add", &name]) {
+        palisade_kubelab::skip("`ip netns add` failed");
+        return;
+    }
+    let _guard = NetnsGuard(name.clone());
+    assert!(ip_cmd(&["-n", &name, "link", "set", "lo", "up"]));
+    let forward = lab
+        .forward_into_netns(Path::new(&format!("/var/run/netns/{name}")))
+        .unwrap();
+    let kubectl = lab.bin_dir().join("kubectl");
+    let kubeconfig = forward.kubeconfig().to_path_buf();
+    let run_inside = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &name])
+            .arg(&kubectl)
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(["get", "--raw", "/readyz", "--request-timeout=5s"])
+            .output()
+            .unwrap()
+    };
+    let out = run_inside();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    // After drop the relay is gone (the kubeconfig is put back to show it is the port).
+    let saved = std::fs::read(&kubeconfig).unwrap();
+    let port = forward.port();
+    drop(forward);
+    std::fs::write(&kubeconfig, saved).unwrap();
+    let out = run_inside();
+    let _ = std::fs::remove_file(&kubeconfig);
+    assert!(
+        !out.status.success(),
+        "still reachable on port {port} after drop"
     );
 }

@@ -14,6 +14,28 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Every TCP and UDP socket that the lab's processes listen on is on 127.0.0.1.
+fn assert_listens_on_loopback_only(pids: &[(&str, u32)]) {
+    let out = std::process::Command::new("ss")
+        .args(["-ltunpH"])
+        .output()
+        .expect("ss (iproute2) is needed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut seen = 0;
+    for (name, pid) in pids {
+        for line in text.lines().filter(|l| l.contains(&format!("pid={pid},"))) {
+            let local = line.split_whitespace().nth(4).unwrap_or_default();
+            assert!(
+                local.starts_with("127.0.0.1:"),
+                "{name} listens on {local}: {line}"
+            );
+            seen += 1;
+        }
+    }
+    // etcd (client, peer), apiserver, controller-manager.
+    assert!(seen >= 4, "only {seen} listeners found in:\n{text}");
+}
+
 #[tokio::test]
 async fn apiserver_restart_keeps_objects_and_drop_cleans_up() {
     if !control_plane_available() {
@@ -36,6 +58,7 @@ async fn apiserver_restart_keeps_objects_and_drop_cleans_up() {
     .await
     .unwrap();
     let before: Vec<(&str, u32)> = lab.pids();
+    assert_listens_on_loopback_only(&before);
     let old_apiserver = before
         .iter()
         .find(|(n, _)| *n == "kube-apiserver")

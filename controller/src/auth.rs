@@ -20,7 +20,9 @@ use sha2::{Digest, Sha256};
 /// The extra field a pod-bound ServiceAccount token's review carries with the pod's node.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
-const CACHE_OK: Duration = Duration::from_secs(60);
+// Short: a deleted agent pod's token must stop working soon (the apiserver itself caches
+// successful reviews for 10 s), and open streams are checked again anyway (serve::REAUTH).
+const CACHE_OK: Duration = Duration::from_secs(10);
 const CACHE_REFUSED: Duration = Duration::from_secs(5);
 const CACHE_MAX: usize = 10_000;
 

@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use palisade_policy::NodeRuleSet;
@@ -54,6 +55,10 @@ fn bearer<T>(req: &Request<T>) -> String {
         .to_string()
 }
 
+/// How often an open stream's token is reviewed again: a deleted agent pod, an expired or
+/// revoked token ends its stream within this time.
+pub const REAUTH: Duration = Duration::from_secs(60);
+
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<NodeUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -94,7 +99,14 @@ impl RuleStream for RuleService {
         }
         tracing::info!(%node, agent = %hello.agent_version, "agent connected");
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(feed(self.hub.clone(), node, inbound, tx));
+        tokio::spawn(feed(
+            self.hub.clone(),
+            self.auth.clone(),
+            token,
+            node,
+            inbound,
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -102,6 +114,8 @@ impl RuleStream for RuleService {
 /// Sends one node's states until the agent goes away, and records its acknowledgements.
 async fn feed(
     hub: Arc<Hub>,
+    auth: Arc<Authenticator>,
+    token: String,
     node: String,
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<NodeUpdate, Status>>,
@@ -109,8 +123,22 @@ async fn feed(
     hub.connected(&node);
     let mut states = hub.subscribe(&node);
     let mut sent: Option<Arc<NodeRuleSet>> = None;
+    let mut reauth = tokio::time::interval(REAUTH);
+    reauth.tick().await;
     loop {
         tokio::select! {
+            _ = reauth.tick() => match auth.node_of(&token).await {
+                Ok(n) if n == node => {}
+                // The API server being away is no reason to cut a node off.
+                Err(AuthError::Review(_)) => {}
+                other => {
+                    let why = match other { Err(e) => e.to_string(), Ok(n) => format!("the token now names node {n:?}") };
+                    tracing::warn!(%node, reason = %why, "closing the stream: its token is no longer good");
+                    hub.metrics.auth_failures.with_label_values(&["revoked"]).inc();
+                    let _ = tx.send(Err(Status::unauthenticated(why))).await;
+                    break;
+                }
+            },
             changed = states.changed() => {
                 if changed.is_err() {
                     break;

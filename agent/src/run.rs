@@ -37,11 +37,13 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
-    tokio::spawn(metrics::serve(listener, registry, stats));
+    tokio::spawn(metrics::serve(listener, registry, stats, cfg.http_limits()));
 
     let discovery = Discovery::new()?;
     let mut link_events = events()?.boxed();
     let mut routes: HostRoutes = discovery.host_routes().await?;
+    // A route dump that failed (too many open files, say) is tried again at each poll.
+    let mut routes_stale = false;
     let mut rules: Option<NodeRuleSet> = None;
     let mut poll = tokio::time::interval(Duration::from_millis(cfg.poll_interval_ms.max(50)));
     let mut reconcile =
@@ -54,6 +56,12 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
     loop {
         tokio::select! {
             _ = poll.tick() => {
+                if routes_stale {
+                    if let Ok(r) = discovery.host_routes().await {
+                        routes_stale = false;
+                        if r != routes { routes = r; dirty = true; }
+                    }
+                }
                 if let Some(loaded) = source.poll() {
                     match loaded {
                         Ok(r) => {
@@ -61,7 +69,7 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
                             rules = Some(r);
                             dirty = true;
                         }
-                        Err(e) => tracing::error!(error = %e, "keeping the last rules"),
+                        Err(e) => tracing::error!(error = %e, retry_in = ?source.retry_in(), "keeping the last rules"),
                     }
                 }
             }
@@ -72,7 +80,10 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
                 match discovery.host_routes().await {
                     Ok(r) if r != routes => { routes = r; dirty = true; }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot dump routes"),
+                    Err(e) => {
+                        routes_stale = true;
+                        tracing::warn!(error = %e, "cannot dump routes; trying again at the next poll");
+                    }
                 }
             }
             _ = reconcile.tick() => full_check = true,

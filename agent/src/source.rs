@@ -3,7 +3,9 @@
 //! is re-read when a file's modification time changes.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use palisade_policy::ruleset::NodeRuleSet;
 
@@ -33,20 +35,117 @@ pub enum RuleSource {
     },
 }
 
-impl RuleSource {
-    /// New rules when an input changed since the last call (always on the first call);
-    /// `None` when nothing changed. An error leaves the caller's last rules in force.
+/// First wait before loading again inputs that failed to load; doubled per failure.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// The last failed load: of which inputs, and when to try them again.
+#[derive(Debug)]
+struct Failure {
+    stamps: Vec<Option<Stamp>>,
+    backoff: Duration,
+    retry_at: Instant,
+}
+
+/// A [`RuleSource`] with its retry state: a load that fails stays due, and is tried again
+/// with exponential back-off (250 ms doubling to 30 s) until one succeeds, whatever the
+/// error. A failure caused by the moment (too many open files, memory) then heals by
+/// itself, and one caused by the content costs a log line per back-off step; a new write
+/// of an input is tried at once.
+pub struct Source {
+    inputs: RuleSource,
+    failure: Option<Failure>,
+}
+
+impl From<RuleSource> for Source {
+    fn from(inputs: RuleSource) -> Self {
+        Source {
+            inputs,
+            failure: None,
+        }
+    }
+}
+
+impl Source {
+    /// New rules when an input changed since the last successful load (always on the first
+    /// call), or a failed load's retry is due; `None` otherwise, and while an input is in
+    /// the middle of being written. An error leaves the caller's last rules in force.
     pub fn poll(&mut self) -> Option<Result<NodeRuleSet, SourceError>> {
+        let watches: Vec<&mut FileWatch> = match &mut self.inputs {
+            RuleSource::File(w) => vec![w],
+            RuleSource::Compile {
+                cluster, policies, ..
+            } => vec![cluster, policies],
+        };
+        let mut stamps = Vec::new();
+        let mut due = false;
+        for w in watches {
+            // Every watch observes on every call, so none misses a write's events.
+            match w.observe() {
+                Observed::Writing => return None,
+                Observed::Missing => stamps.push(None),
+                Observed::Stamp(s) => {
+                    due |= w.loaded != Some(s);
+                    stamps.push(Some(s));
+                }
+            }
+        }
+        if !due {
+            return None;
+        }
+        let now = Instant::now();
+        let repeat = self.failure.as_ref().filter(|f| f.stamps == stamps);
+        if repeat.is_some_and(|f| now < f.retry_at) {
+            return None;
+        }
+        let backoff = repeat.map_or(FIRST_RETRY, |f| (f.backoff * 2).min(MAX_RETRY));
+        let result = self.inputs.load();
+        match &result {
+            Ok(_) => {
+                self.failure = None;
+                self.inputs.loaded(&stamps);
+            }
+            Err(_) => {
+                self.failure = Some(Failure {
+                    stamps,
+                    backoff,
+                    retry_at: now + backoff,
+                })
+            }
+        }
+        Some(result)
+    }
+
+    /// How long until the next retry of a failed load, if one is waiting.
+    pub fn retry_in(&self) -> Option<Duration> {
+        self.failure
+            .as_ref()
+            .map(|f| f.retry_at.saturating_duration_since(Instant::now()))
+    }
+}
+
+impl RuleSource {
+    fn load(&self) -> Result<NodeRuleSet, SourceError> {
         match self {
-            RuleSource::File(watch) => watch.changed().then(|| load_rules(watch.path())),
+            RuleSource::File(watch) => load_rules(watch.path()),
             RuleSource::Compile {
                 cluster,
                 policies,
                 node,
-            } => {
-                // Both watches must see every change, so neither call may be skipped.
-                let (a, b) = (cluster.changed(), policies.changed());
-                (a || b).then(|| compile_for_node(cluster.path(), policies.path(), node))
+            } => compile_for_node(cluster.path(), policies.path(), node),
+        }
+    }
+
+    fn loaded(&mut self, stamps: &[Option<Stamp>]) {
+        let watches: Vec<&mut FileWatch> = match self {
+            RuleSource::File(w) => vec![w],
+            RuleSource::Compile {
+                cluster, policies, ..
+            } => vec![cluster, policies],
+        };
+        for (w, s) in watches.into_iter().zip(stamps) {
+            if s.is_some() {
+                w.loaded = *s;
             }
         }
     }
@@ -96,17 +195,49 @@ pub fn load_rules(path: &Path) -> Result<NodeRuleSet, SourceError> {
     parse_rules(&text, path)
 }
 
-/// Polls a file's modification time (and size, for writers within one mtime tick).
+/// What identifies one version of a file: modification time, size, inode and change time
+/// (a rename into place changes the inode; a rewrite within one mtime tick the ctime or the
+/// size).
+pub type Stamp = (SystemTime, u64, u64, i64, i64);
+
+/// What a [`FileWatch`] sees of its file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// Not there (the last rules stay in force).
+    Missing,
+    /// Being written: modified and not yet closed.
+    Writing,
+    Stamp(Stamp),
+}
+
+/// Follows one input file. A file is acted on only once a write is complete: it was
+/// renamed into place (`IN_MOVED_TO`, and the symlink swap of a ConfigMap volume, which
+/// never touches the file's own name), or the process writing it closed it
+/// (`IN_CLOSE_WRITE` after `IN_MODIFY`), as inotify on the file's directory reports. A
+/// file modified and not yet closed is [`Observed::Writing`], however long that lasts, so
+/// a writer stalled half-way is never read. Without inotify (no directory, out of
+/// watches) only the stamp is compared, with a warning. The file's stamp is compared with
+/// the one last loaded successfully, so a failed load stays due.
 pub struct FileWatch {
     path: PathBuf,
-    seen: Option<(SystemTime, u64)>,
+    /// The stamp of the version last loaded successfully.
+    loaded: Option<Stamp>,
+    writes: Option<WriteTracker>,
 }
 
 impl FileWatch {
     pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let writes = WriteTracker::new(&path)
+            .map_err(|e| {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot watch the file's directory for complete writes; a file read in the middle of a write may be refused or, in a format that cannot tell, taken as written so far");
+            })
+            .ok();
         FileWatch {
-            path: path.into(),
-            seen: None,
+            path,
+            loaded: None,
+            writes,
         }
     }
 
@@ -114,21 +245,114 @@ impl FileWatch {
         &self.path
     }
 
-    /// True the first time and whenever the file changed since the last call that
-    /// returned true. A missing file counts as unchanged (the last rules stay in force).
-    pub fn changed(&mut self) -> bool {
-        let Ok(meta) = std::fs::metadata(&self.path) else {
-            return false;
-        };
-        let stamp = (
-            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            meta.len(),
-        );
-        if self.seen == Some(stamp) {
-            return false;
+    /// The file's state now.
+    pub fn observe(&mut self) -> Observed {
+        if let Some(w) = &mut self.writes {
+            if w.writing() {
+                return Observed::Writing;
+            }
         }
-        self.seen = Some(stamp);
-        true
+        match std::fs::metadata(&self.path) {
+            Ok(meta) => {
+                use std::os::unix::fs::MetadataExt;
+                Observed::Stamp((
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    meta.len(),
+                    meta.ino(),
+                    meta.ctime(),
+                    meta.ctime_nsec(),
+                ))
+            }
+            Err(_) => Observed::Missing,
+        }
+    }
+
+    /// True the first time and whenever the file changed since the last call that
+    /// returned true (records the new version as loaded).
+    pub fn changed(&mut self) -> bool {
+        match self.observe() {
+            Observed::Stamp(s) if self.loaded != Some(s) => {
+                self.loaded = Some(s);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// inotify on a file's directory: whether a write to the file is in progress.
+struct WriteTracker {
+    inotify: Inotify,
+    dir: PathBuf,
+    name: std::ffi::OsString,
+    writing: bool,
+}
+
+impl WriteTracker {
+    fn new(path: &Path) -> nix::Result<WriteTracker> {
+        let name = path.file_name().ok_or(nix::Error::EINVAL)?.to_os_string();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        inotify.add_watch(
+            dir,
+            AddWatchFlags::IN_MODIFY
+                | AddWatchFlags::IN_CLOSE_WRITE
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_MOVED_FROM
+                | AddWatchFlags::IN_DELETE
+                | AddWatchFlags::IN_CREATE,
+        )?;
+        Ok(WriteTracker {
+            inotify,
+            dir: dir.to_path_buf(),
+            name,
+            writing: false,
+        })
+    }
+
+    /// Takes the events queued so far and says whether a write is in progress.
+    fn writing(&mut self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            let events = match self.inotify.read_events() {
+                Ok(events) if !events.is_empty() => events,
+                Ok(_) | Err(nix::Error::EAGAIN) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read inotify events");
+                    break;
+                }
+            };
+            for ev in events {
+                if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    // Events lost: the stamp alone decides from here on.
+                    self.writing = false;
+                    continue;
+                }
+                if ev.name.as_deref() != Some(self.name.as_os_str()) {
+                    continue;
+                }
+                // A regular file created under the name is being written until closed; a
+                // symlink or hard link made there is complete at once.
+                let created_file = ev.mask.contains(AddWatchFlags::IN_CREATE)
+                    && std::fs::symlink_metadata(self.dir.join(&self.name))
+                        .is_ok_and(|m| m.is_file() && m.nlink() == 1);
+                if ev.mask.contains(AddWatchFlags::IN_MODIFY) || created_file {
+                    self.writing = true;
+                }
+                if ev.mask.intersects(
+                    AddWatchFlags::IN_CLOSE_WRITE
+                        | AddWatchFlags::IN_MOVED_TO
+                        | AddWatchFlags::IN_MOVED_FROM
+                        | AddWatchFlags::IN_DELETE,
+                ) {
+                    self.writing = false;
+                }
+            }
+        }
+        self.writing
     }
 }
 
@@ -184,11 +408,11 @@ mod compile_source_tests {
         let (cluster, policies) = (d.join("cluster.yaml"), d.join("policies.yaml"));
         std::fs::write(&cluster, CLUSTER).unwrap();
         std::fs::write(&policies, POLICY).unwrap();
-        let mut source = RuleSource::Compile {
+        let mut source = Source::from(RuleSource::Compile {
             cluster: FileWatch::new(&cluster),
             policies: FileWatch::new(&policies),
             node: "n1".into(),
-        };
+        });
         let rules = source
             .poll()
             .expect("first poll loads")
@@ -211,11 +435,11 @@ mod compile_source_tests {
         let err = source.poll().expect("changed").expect_err("bad operator");
         assert!(err.to_string().contains("operator"), "{err}");
 
-        let mut other = RuleSource::Compile {
+        let mut other = Source::from(RuleSource::Compile {
             cluster: FileWatch::new(&cluster),
             policies: FileWatch::new(d.join("missing.yaml")),
             node: "n9".into(),
-        };
+        });
         let err = other
             .poll()
             .expect("first poll")

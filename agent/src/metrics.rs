@@ -78,6 +78,10 @@ impl KernelCollector {
                 "palisade_last_apply_success_timestamp_seconds",
                 "Unix time of the last successful transaction.",
             ),
+            (
+                "palisade_pod_interfaces_refused",
+                "Pods whose host route leads to an interface that is not a pod veth (not bound).",
+            ),
         ] {
             descs.push(
                 Desc::new(name.into(), help.into(), vec![], Default::default())
@@ -165,6 +169,13 @@ impl Collector for KernelCollector {
         .expect("constant");
         last_g.set(last.unwrap_or(0.0));
         out.extend(last_g.collect());
+        let refused = Gauge::new(
+            "palisade_pod_interfaces_refused",
+            "Pods whose host route leads to an interface that is not a pod veth (not bound).",
+        )
+        .expect("constant");
+        refused.set(crate::interfaces::REFUSED.load(std::sync::atomic::Ordering::Relaxed) as f64);
+        out.extend(refused.collect());
         out
     }
 }

@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::agent::runnable;
 use common::*;
 use palisade_agent::render;
 use palisade_agent::{Applier, Nft};
@@ -29,15 +30,6 @@ const ECHO: u16 = 6000;
 /// Source port of c's flow to b, and of b's flow to c.
 const C_SPORT: u16 = 4000;
 const B_SPORT: u16 = 4001;
-
-/// Whether this root test can run; with `PALISADE_NO_SKIP=1` a skip is a failure.
-fn runnable(test: &str) -> bool {
-    let ok = can_run(test);
-    if !ok && std::env::var("PALISADE_NO_SKIP").as_deref() == Ok("1") {
-        panic!("{test} cannot run here (see SKIPPED above) and PALISADE_NO_SKIP=1");
-    }
-    ok
-}
 
 /// b is isolated for ingress and accepts only UDP SERVICE from c; a and c are free.
 fn rules(lab: &Lab) -> NodeRuleSet {

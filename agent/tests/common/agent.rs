@@ -51,3 +51,13 @@ pub fn eventually_within(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 pub fn eventually(what: &str, f: impl FnMut() -> bool) {
     eventually_within(10, what, f)
 }
+
+/// Whether a root test can run ([`super::can_run`]); with `PALISADE_NO_SKIP=1` a skip is a
+/// failure.
+pub fn runnable(test: &str) -> bool {
+    let ok = super::can_run(test);
+    if !ok && std::env::var("PALISADE_NO_SKIP").as_deref() == Ok("1") {
+        panic!("{test} cannot run here (see SKIPPED above) and PALISADE_NO_SKIP=1");
+    }
+    ok
+}

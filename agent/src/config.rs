@@ -34,6 +34,10 @@ pub struct AgentConfig {
     pub metrics_header_timeout_ms: u64,
     /// Seconds a metrics connection may stay open at most.
     pub metrics_connection_timeout_secs: u64,
+    /// Largest input file read (bytes); a bigger one is refused before parsing.
+    pub max_input_bytes: u64,
+    /// Deepest nesting of YAML flow collections (`[`, `{`) in an input.
+    pub max_nesting_depth: usize,
 }
 
 impl Default for AgentConfig {
@@ -50,6 +54,8 @@ impl Default for AgentConfig {
             metrics_max_connections: 64,
             metrics_header_timeout_ms: 5000,
             metrics_connection_timeout_secs: 30,
+            max_input_bytes: 64 << 20,
+            max_nesting_depth: 64,
         }
     }
 }
@@ -129,18 +135,20 @@ impl AgentConfig {
     /// The rule source the configuration names ([`Flags::resolve`] has checked there is
     /// exactly one).
     pub fn source(&self) -> Option<crate::source::Source> {
-        use crate::source::{FileWatch, RuleSource};
-        if let Some(rules) = &self.rules {
-            return Some(RuleSource::File(FileWatch::new(rules)).into());
-        }
-        Some(
-            RuleSource::Compile {
+        use crate::source::{FileWatch, Limits, RuleSource, Source};
+        let limits = Limits {
+            max_bytes: self.max_input_bytes,
+            max_depth: self.max_nesting_depth,
+        };
+        let inputs = match &self.rules {
+            Some(rules) => RuleSource::File(FileWatch::new(rules)),
+            None => RuleSource::Compile {
                 cluster: FileWatch::new(self.cluster.as_ref()?),
                 policies: FileWatch::new(self.policies.as_ref()?),
                 node: self.node.clone()?,
-            }
-            .into(),
-        )
+            },
+        };
+        Some(Source::from(inputs).with_limits(limits))
     }
 }
 

@@ -28,7 +28,7 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
 
 /// Runs until Ctrl-C / SIGTERM. `listener` was bound before entering the namespace.
 pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::Result<()> {
-    let mut source = cfg.source().context("no rule source configured")?;
+    let source = cfg.source().context("no rule source configured")?;
     let nft = Nft::local();
     let mut applier = Applier::new(nft.clone());
     let mut renderer = Renderer::default();
@@ -45,7 +45,10 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
     // A route dump that failed (too many open files, say) is tried again at each poll.
     let mut routes_stale = false;
     let mut rules: Option<NodeRuleSet> = None;
-    let mut poll = tokio::time::interval(Duration::from_millis(cfg.poll_interval_ms.max(50)));
+    let poll_interval = Duration::from_millis(cfg.poll_interval_ms.max(50));
+    let mut poll = tokio::time::interval(poll_interval);
+    // Inputs load on a thread of their own: a hostile file never stalls this loop.
+    let mut loads = source.spawn(poll_interval);
     let mut reconcile =
         tokio::time::interval(Duration::from_secs(cfg.reconcile_interval_secs.max(1)));
     let (mut dirty, mut full_check) = (false, true);
@@ -62,15 +65,15 @@ pub async fn run(cfg: AgentConfig, listener: std::net::TcpListener) -> anyhow::R
                         if r != routes { routes = r; dirty = true; }
                     }
                 }
-                if let Some(loaded) = source.poll() {
-                    match loaded {
-                        Ok(r) => {
-                            tracing::info!(node = %r.node, pods = r.pods.len(), groups = r.groups.len(), "rules loaded");
-                            rules = Some(r);
-                            dirty = true;
-                        }
-                        Err(e) => tracing::error!(error = %e, retry_in = ?source.retry_in(), "keeping the last rules"),
+            }
+            Some((loaded, retry_in)) = loads.recv() => {
+                match loaded {
+                    Ok(r) => {
+                        tracing::info!(node = %r.node, pods = r.pods.len(), groups = r.groups.len(), "rules loaded");
+                        rules = Some(r);
+                        dirty = true;
                     }
+                    Err(e) => tracing::error!(error = %e, ?retry_in, "keeping the last rules"),
                 }
             }
             Some(()) = link_events.next() => {

@@ -63,13 +63,13 @@ pub fn read_input(path: &Path, limits: &Limits) -> Result<String, SourceError> {
         source,
     };
     let file = std::fs::File::open(path).map_err(read_err)?;
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     // One byte more than allowed tells a file at the limit from a longer one, whatever
     // its size said a moment ago.
     file.take(limits.max_bytes.saturating_add(1))
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(read_err)?;
-    let size = text.len() as u64;
+    let size = bytes.len() as u64;
     if size > limits.max_bytes {
         return Err(SourceError::TooLarge {
             path: path.to_path_buf(),
@@ -77,6 +77,12 @@ pub fn read_input(path: &Path, limits: &Limits) -> Result<String, SourceError> {
             limit: limits.max_bytes,
         });
     }
+    let text = palisade_resources::strict::text_of(bytes).map_err(|message| {
+        read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            message,
+        ))
+    })?;
     let (depth, line) = palisade_resources::strict::flow_depth(&text);
     if depth > limits.max_depth {
         return Err(SourceError::TooDeep {

@@ -240,6 +240,32 @@ pub fn flow_depth(text: &str) -> (usize, usize) {
     (max, max_line)
 }
 
+/// An input file's bytes as text: UTF-8, with a leading byte-order mark dropped (editors on
+/// some systems write one, and YAML allows it). Anything else is an error that says where:
+/// the byte offset and line of the first invalid byte, or that the file is UTF-16.
+pub fn text_of(bytes: Vec<u8>) -> Result<String, String> {
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        return Err(
+            "UTF-16 text (it starts with a UTF-16 byte-order mark); write it as UTF-8".into(),
+        );
+    }
+    let body = bytes
+        .strip_prefix(&[0xef, 0xbb, 0xbf][..])
+        .unwrap_or(&bytes);
+    match std::str::from_utf8(body) {
+        Ok(text) => Ok(text.to_string()),
+        Err(e) => {
+            let at = e.valid_up_to();
+            let line = body[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+            let offset = at + (bytes.len() - body.len());
+            Err(format!(
+                "not UTF-8: byte 0x{:02x} at byte offset {offset} (line {line})",
+                body[at]
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +284,18 @@ mod tests {
     #[serde(rename_all = "camelCase")]
     struct Selector {
         match_labels: Option<std::collections::BTreeMap<String, String>>,
+    }
+
+    #[test]
+    fn text_drops_a_bom_and_names_the_first_bad_byte() {
+        assert_eq!(text_of(b"\xef\xbb\xbfa: 1\n".to_vec()).unwrap(), "a: 1\n");
+        assert_eq!(
+            text_of(b"a: 1\nb: \xff\n".to_vec()).unwrap_err(),
+            "not UTF-8: byte 0xff at byte offset 8 (line 2)"
+        );
+        assert!(text_of(b"\xff\xfea\x00".to_vec())
+            .unwrap_err()
+            .contains("UTF-16"));
     }
 
     #[test]

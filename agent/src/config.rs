@@ -34,6 +34,17 @@ pub struct AgentConfig {
     pub reconcile_interval_secs: u64,
     /// Milliseconds between checks of the rules file's modification time.
     pub poll_interval_ms: u64,
+    /// Connections the metrics server serves at once (more wait unaccepted).
+    pub metrics_max_connections: usize,
+    /// Milliseconds a metrics client has for a request's headers (and an idle keep-alive
+    /// connection for its next request) before it is closed.
+    pub metrics_header_timeout_ms: u64,
+    /// Seconds a metrics connection may stay open at most.
+    pub metrics_connection_timeout_secs: u64,
+    /// Largest input file read (bytes); a bigger one is refused before parsing.
+    pub max_input_bytes: u64,
+    /// Deepest nesting of YAML flow collections (`[`, `{`) in an input.
+    pub max_nesting_depth: usize,
 }
 
 impl Default for AgentConfig {
@@ -50,6 +61,11 @@ impl Default for AgentConfig {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9469)),
             reconcile_interval_secs: 60,
             poll_interval_ms: 1000,
+            metrics_max_connections: 64,
+            metrics_header_timeout_ms: 5000,
+            metrics_connection_timeout_secs: 30,
+            max_input_bytes: 64 << 20,
+            max_nesting_depth: 64,
         }
     }
 }
@@ -143,21 +159,37 @@ impl AgentConfig {
         })
     }
 
+    /// The metrics server's limits.
+    pub fn http_limits(&self) -> crate::metrics::HttpLimits {
+        crate::metrics::HttpLimits {
+            max_connections: self.metrics_max_connections.max(1),
+            header_timeout: std::time::Duration::from_millis(self.metrics_header_timeout_ms.max(1)),
+            connection_timeout: std::time::Duration::from_secs(
+                self.metrics_connection_timeout_secs.max(1),
+            ),
+        }
+    }
+
     /// The rule source the configuration names ([`Flags::resolve`] has checked there is
     /// exactly one).
-    pub fn source(&self) -> Option<crate::source::RuleSource> {
-        use crate::source::{FileWatch, RuleSource};
+    pub fn source(&self) -> Option<crate::source::Source> {
+        use crate::source::{FileWatch, Limits, RuleSource, Source};
         if !self.controller.is_empty() {
             return None;
         }
-        if let Some(rules) = &self.rules {
-            return Some(RuleSource::File(FileWatch::new(rules)));
-        }
-        Some(RuleSource::Compile {
-            cluster: FileWatch::new(self.cluster.as_ref()?),
-            policies: FileWatch::new(self.policies.as_ref()?),
-            node: self.node.clone()?,
-        })
+        let limits = Limits {
+            max_bytes: self.max_input_bytes,
+            max_depth: self.max_nesting_depth,
+        };
+        let inputs = match &self.rules {
+            Some(rules) => RuleSource::File(FileWatch::new(rules)),
+            None => RuleSource::Compile {
+                cluster: FileWatch::new(self.cluster.as_ref()?),
+                policies: FileWatch::new(self.policies.as_ref()?),
+                node: self.node.clone()?,
+            },
+        };
+        Some(Source::from(inputs).with_limits(limits))
     }
 }
 

@@ -6,14 +6,16 @@
 //! On every event the routes and links are dumped again (small tables, and no partial
 //! state to keep right); [`pod_interfaces`] then maps pods to interfaces, purely.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::stream::{Stream, StreamExt, TryStreamExt};
 use palisade_policy::model::PodKey;
 use palisade_policy::ruleset::NodeRuleSet;
 use rtnetlink::constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK};
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::address::AddressScope;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
 use rtnetlink::sys::{AsyncSocket, SocketAddr};
 use rtnetlink::{new_connection, Handle, RouteMessageBuilder};
@@ -29,18 +31,44 @@ pub enum InterfaceError {
 }
 
 /// Host routes (`/32`, `/128`, unicast) to the interface they leave by.
-pub type HostRoutes = BTreeMap<IpAddr, String>;
+pub type HostRoutes = BTreeMap<IpAddr, Route>;
 
-/// The pods' interfaces: the first of a pod's addresses with a host route decides.
+/// Where a host route leads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub ifname: String,
+    /// Whether the interface can be a pod's: a veth whose peer is in another network
+    /// namespace, with no address beyond link scope, that no default route leaves by. A
+    /// stale route to the node's uplink or underlay must never bind it as a pod's
+    /// interface: every packet from off the node would then be dropped as spoofed.
+    pub pod_veth: bool,
+}
+
+/// Pods whose host route led to an interface that is not a pod veth, at the last mapping
+/// (`palisade_pod_interfaces_refused`).
+pub static REFUSED: AtomicUsize = AtomicUsize::new(0);
+
+/// The pods' interfaces: the first of a pod's addresses with a host route decides. A route
+/// to an interface that is not a pod veth binds nothing (the pod stays unenforced until
+/// its route is right), with a warning, and is counted in [`REFUSED`].
 pub fn pod_interfaces(rules: &NodeRuleSet, routes: &HostRoutes) -> Interfaces {
-    rules
+    let mut refused = 0;
+    let map = rules
         .pods
         .iter()
         .filter_map(|pod| {
-            let ifname = pod.ips.iter().find_map(|ip| routes.get(ip))?;
-            Some((PodKey::new(&pod.namespace, &pod.name), ifname.clone()))
+            let route = pod.ips.iter().find_map(|ip| routes.get(ip))?;
+            if !route.pod_veth {
+                refused += 1;
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), ifname = %route.ifname,
+                    "the pod's host route leads to an interface that is not a pod veth (uplink, underlay, default route); not binding it");
+                return None;
+            }
+            Some((PodKey::new(&pod.namespace, &pod.name), route.ifname.clone()))
         })
-        .collect()
+        .collect();
+    REFUSED.store(refused, Ordering::Relaxed);
+    map
 }
 
 /// A netlink handle for dumps in the current network namespace. Must be created inside a
@@ -56,18 +84,41 @@ impl Discovery {
         Ok(Discovery { handle })
     }
 
-    /// Every host route of the namespace with its interface name.
+    /// Every host route of the namespace with its interface and whether that can be a
+    /// pod's ([`Route::pod_veth`]).
     pub async fn host_routes(&self) -> Result<HostRoutes, InterfaceError> {
-        let mut names = BTreeMap::new();
+        // Interface index → (name, veth with its peer in another namespace).
+        let mut names: BTreeMap<u32, (String, bool)> = BTreeMap::new();
         let mut links = self.handle.link().get().execute();
         while let Some(link) = links.try_next().await? {
+            let (mut name, mut veth, mut peer_elsewhere) = (None, false, false);
             for attr in &link.attributes {
-                if let LinkAttribute::IfName(name) = attr {
-                    names.insert(link.header.index, name.clone());
+                match attr {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::LinkInfo(infos) => {
+                        veth |= infos
+                            .iter()
+                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
+                    }
+                    LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
+                    _ => {}
                 }
             }
+            if let Some(name) = name {
+                names.insert(link.header.index, (name, veth && peer_elsewhere));
+            }
         }
-        let mut routes = HostRoutes::new();
+        // Interfaces that carry an address beyond link scope (the node's own: uplink,
+        // underlay) or a default route cannot be pods'.
+        let mut not_pods: BTreeSet<u32> = BTreeSet::new();
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(addr) = addrs.try_next().await? {
+            if !matches!(addr.header.scope, AddressScope::Link | AddressScope::Host) {
+                not_pods.insert(addr.header.index);
+            }
+        }
+        // Default routes come in the same dump, after some host routes: decide at the end.
+        let mut host: BTreeMap<IpAddr, u32> = BTreeMap::new();
         let requests = [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
@@ -80,9 +131,18 @@ impl Discovery {
                     rtnetlink::packet_route::AddressFamily::Inet6 => 128,
                     _ => continue,
                 };
-                if route.header.kind != RouteType::Unicast
-                    || route.header.destination_prefix_length != full
-                {
+                if route.header.kind != RouteType::Unicast {
+                    continue;
+                }
+                if route.header.destination_prefix_length == 0 {
+                    for attr in &route.attributes {
+                        if let RouteAttribute::Oif(i) = attr {
+                            not_pods.insert(*i);
+                        }
+                    }
+                    continue;
+                }
+                if route.header.destination_prefix_length != full {
                     continue;
                 }
                 let (mut dst, mut oif) = (None, None);
@@ -98,12 +158,22 @@ impl Discovery {
                         _ => {}
                     }
                 }
-                if let (Some(dst), Some(name)) = (dst, oif.and_then(|i| names.get(&i))) {
-                    routes.entry(dst).or_insert_with(|| name.clone());
+                if let (Some(dst), Some(oif)) = (dst, oif) {
+                    host.entry(dst).or_insert(oif);
                 }
             }
         }
-        Ok(routes)
+        Ok(host
+            .into_iter()
+            .filter_map(|(dst, oif)| {
+                let (ifname, veth) = names.get(&oif)?;
+                let route = Route {
+                    ifname: ifname.clone(),
+                    pod_veth: *veth && !not_pods.contains(&oif),
+                };
+                Some((dst, route))
+            })
+            .collect())
     }
 }
 
@@ -139,6 +209,7 @@ mod tests {
                 pod("a", &["10.0.0.2", "fd00::2"]),
                 pod("b", &["10.0.0.3"]),
                 pod("v6only", &["fd00::4"]),
+                pod("stale", &["10.0.0.9"]),
             ],
             ..NodeRuleSet::default()
         };
@@ -146,9 +217,16 @@ mod tests {
             ("10.0.0.2", "veth-a"),
             ("fd00::2", "veth-a"),
             ("fd00::4", "veth-c"),
+            ("10.0.0.9", "uplink"),
         ]
         .into_iter()
-        .map(|(a, n)| (a.parse().unwrap(), n.to_string()))
+        .map(|(a, n)| {
+            let route = Route {
+                ifname: n.to_string(),
+                pod_veth: n != "uplink",
+            };
+            (a.parse().unwrap(), route)
+        })
         .collect();
         let m = pod_interfaces(&rules, &routes);
         assert_eq!(
@@ -164,5 +242,11 @@ mod tests {
             m.get(&PodKey::new("ns", "v6only")).map(String::as_str),
             Some("veth-c")
         );
+        assert_eq!(
+            m.get(&PodKey::new("ns", "stale")),
+            None,
+            "a route to the uplink binds nothing"
+        );
+        assert_eq!(REFUSED.load(Ordering::Relaxed), 1);
     }
 }

@@ -35,7 +35,7 @@ pub async fn run(
     listener: std::net::TcpListener,
     home: Option<std::fs::File>,
 ) -> anyhow::Result<()> {
-    let mut source = cfg.source();
+    let source = cfg.source();
     let nft = Nft::local();
     let mut applier = Applier::new(nft.clone());
     let mut renderer = Renderer::default();
@@ -56,19 +56,27 @@ pub async fn run(
     } else if source.is_none() {
         anyhow::bail!("no rule source configured");
     }
-    // The generation of the streamed state in `rules`, acknowledged once it is in force.
+    // The stream generation of the state in `rules`, acknowledged once it is in force.
     let mut pending_ack: Option<(u64, u64)> = None;
     let registry = Arc::new(registry);
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
-    tokio::spawn(metrics::serve(listener, registry, stats));
+    tokio::spawn(metrics::serve(listener, registry, stats, cfg.http_limits()));
 
     let discovery = Discovery::new()?;
     let mut link_events = events()?.boxed();
     let mut routes: HostRoutes = discovery.host_routes().await?;
+    // A route dump that failed (too many open files, say) is tried again at each poll.
+    let mut routes_stale = false;
     let mut rules: Option<NodeRuleSet> = None;
-    let mut poll = tokio::time::interval(Duration::from_millis(cfg.poll_interval_ms.max(50)));
+    let poll_interval = Duration::from_millis(cfg.poll_interval_ms.max(50));
+    let mut poll = tokio::time::interval(poll_interval);
+    // Inputs load on a thread of their own: a hostile file never stalls this loop.
+    let (_no_files, mut loads) = mpsc::channel(1);
+    if let Some(source) = source {
+        loads = source.spawn(poll_interval);
+    }
     let mut reconcile =
         tokio::time::interval(Duration::from_secs(cfg.reconcile_interval_secs.max(1)));
     let (mut dirty, mut full_check) = (false, true);
@@ -86,16 +94,22 @@ pub async fn run(
                     dirty = true;
                 }
             }
-            _ = poll.tick(), if source.is_some() => {
-                if let Some(loaded) = source.as_mut().and_then(|s| s.poll()) {
-                    match loaded {
-                        Ok(r) => {
-                            tracing::info!(node = %r.node, pods = r.pods.len(), groups = r.groups.len(), "rules loaded");
-                            rules = Some(r);
-                            dirty = true;
-                        }
-                        Err(e) => tracing::error!(error = %e, "keeping the last rules"),
+            _ = poll.tick() => {
+                if routes_stale {
+                    if let Ok(r) = discovery.host_routes().await {
+                        routes_stale = false;
+                        if r != routes { routes = r; dirty = true; }
                     }
+                }
+            }
+            Some((loaded, retry_in)) = loads.recv() => {
+                match loaded {
+                    Ok(r) => {
+                        tracing::info!(node = %r.node, pods = r.pods.len(), groups = r.groups.len(), "rules loaded");
+                        rules = Some(r);
+                        dirty = true;
+                    }
+                    Err(e) => tracing::error!(error = %e, ?retry_in, "keeping the last rules"),
                 }
             }
             Some(()) = link_events.next() => {
@@ -105,7 +119,10 @@ pub async fn run(
                 match discovery.host_routes().await {
                     Ok(r) if r != routes => { routes = r; dirty = true; }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot dump routes"),
+                    Err(e) => {
+                        routes_stale = true;
+                        tracing::warn!(error = %e, "cannot dump routes; trying again at the next poll");
+                    }
                 }
             }
             _ = reconcile.tick() => full_check = true,

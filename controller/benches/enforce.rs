@@ -134,11 +134,17 @@ async fn main() {
                 (0, false)
             }
             1 => {
-                s.kube.relabel_pod("shop", "web", &label("api")).await.unwrap();
+                s.kube
+                    .relabel_pod("shop", "web", &label("api"))
+                    .await
+                    .unwrap();
                 (1, true)
             }
             2 => {
-                s.kube.relabel_pod("shop", "web", &label("web")).await.unwrap();
+                s.kube
+                    .relabel_pod("shop", "web", &label("web"))
+                    .await
+                    .unwrap();
                 (1, false)
             }
             _ => {
@@ -151,7 +157,10 @@ async fn main() {
         let seen = flipped(&s, db, allowed).await;
         policy[kind].push((acked - written, seen.saturating_duration_since(written)));
     }
-    for (name, runs) in [("policy created/deleted", &policy[0]), ("pod relabelled", &policy[1])] {
+    for (name, runs) in [
+        ("policy created/deleted", &policy[0]),
+        ("pod relabelled", &policy[1]),
+    ] {
         let mut acks: Vec<Duration> = runs.iter().map(|r| r.0).collect();
         let mut flips: Vec<Duration> = runs.iter().map(|r| r.1).collect();
         acks.sort();

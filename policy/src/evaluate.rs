@@ -246,11 +246,11 @@ fn port_matches(rule: &PortRule, view: &DirectionView<'_>) -> bool {
             // Ingress: the subject is the destination.
             Direction::Ingress => {
                 !view.subject.host_network
-                    && view.subject.named_port(name, view.protocol) == Some(view.port)
+                    && view.subject.has_named_port(name, view.protocol, view.port)
             }
             // Egress: whichever pod holds the destination address; never a host-network one.
             Direction::Egress => pods_at(view.cluster, view.dst_addr)
-                .any(|pod| pod.named_port(name, view.protocol) == Some(view.port)),
+                .any(|pod| pod.has_named_port(name, view.protocol, view.port)),
         },
     }
 }

@@ -147,12 +147,29 @@ impl Pod {
         PodKey::new(&self.namespace, &self.name)
     }
 
-    /// The port numbers a named port means on this pod, for one protocol.
-    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+    /// The port numbers a named port means on this pod, for one protocol: port names are
+    /// unique within a container, not within a pod, so two containers may give one name
+    /// two numbers, and the name means all of them.
+    pub fn named_ports<'a>(
+        &'a self,
+        name: &'a str,
+        protocol: Protocol,
+    ) -> impl Iterator<Item = u16> + 'a {
         self.ports
             .iter()
-            .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
+            .filter(move |p| p.protocol == protocol && p.name.as_deref() == Some(name))
             .map(|p| p.port)
+    }
+
+    /// The first number the named port means on this pod (what a probe or `explain` naming
+    /// the port tries).
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.named_ports(name, protocol).next()
+    }
+
+    /// Whether `port` is one of the numbers the named port means on this pod.
+    pub fn has_named_port(&self, name: &str, protocol: Protocol, port: u16) -> bool {
+        self.named_ports(name, protocol).any(|p| p == port)
     }
 
     pub fn ip_of(&self, family: Family) -> Option<IpAddr> {

@@ -193,6 +193,7 @@ pub fn pod(p: &core::Pod, object: &ObjectRef) -> Result<PodObject, ObjectError> 
         .iter()
         .enumerate()
     {
+        let container_start = ports.len();
         for (i, port) in container.ports.iter().flatten().enumerate() {
             let at = format!("spec.containers[{c}].ports[{i}]");
             let number = fields::port_number(
@@ -207,13 +208,15 @@ pub fn pod(p: &core::Pod, object: &ObjectRef) -> Result<PodObject, ObjectError> 
             );
             if let Some(n) = &port.name {
                 fields::port_name(n, &format!("{at}.name"), &mut errs);
-                if ports
+                // Unique within a container, as the apiserver checks; two containers may
+                // share a name (the name then means each of its numbers).
+                if ports[container_start..]
                     .iter()
                     .any(|p: &ContainerPort| p.name.as_ref() == Some(n))
                 {
                     errs.add(
                         format!("{at}.name"),
-                        format!("port name {n:?} is used twice"),
+                        format!("port name {n:?} is used twice in this container"),
                     );
                 }
             }
@@ -409,7 +412,7 @@ mod tests {
             lines,
             vec![
                 "cluster.yaml: Pod default/p: spec.containers[0].ports[0].protocol: unknown protocol \"QUIC\" (expected TCP, UDP or SCTP)",
-                "cluster.yaml: Pod default/p: spec.containers[0].ports[1].name: port name \"web\" is used twice",
+                "cluster.yaml: Pod default/p: spec.containers[0].ports[1].name: port name \"web\" is used twice in this container",
                 "cluster.yaml: Pod default/p: status.podIPs[1].ip: a second IPv4 address; a pod has at most one per family",
                 "cluster.yaml: Pod default/p: status.podIP: 10.0.0.1 differs from status.podIPs[0] 10.0.0.2",
                 "cluster.yaml: Deployment d: kind: unexpected kind \"Deployment\" of apiVersion \"apps/v1\"; a cluster file holds v1 Namespace, Pod, Node and Service objects",

@@ -1,10 +1,10 @@
 //! Multi-document YAML into individual objects, each remembering where it was in the file.
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{ObjectError, ObjectRef};
+use crate::strict;
 
 /// One Kubernetes object of a file.
 #[derive(Clone, Debug)]
@@ -60,8 +60,16 @@ pub fn split(text: &str) -> (Vec<Document>, Vec<ObjectError>) {
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
         let position = ObjectRef::Document { index, item: None };
-        let value = match Value::deserialize(de) {
-            Ok(v) => v,
+        let value = match strict::yaml_value(de) {
+            Ok((v, duplicates)) if !duplicates.is_empty() => {
+                // A second key replaces the first: refuse the object, as the apiserver does.
+                let object = object_ref(&v, None).unwrap_or_else(|| position.clone());
+                for path in duplicates {
+                    errors.push(ObjectError::new(object.clone(), path, "duplicate key"));
+                }
+                continue;
+            }
+            Ok((v, _)) => v,
             Err(e) => {
                 errors.push(ObjectError::new(
                     position,
@@ -113,18 +121,16 @@ pub fn split(text: &str) -> (Vec<Document>, Vec<ObjectError>) {
     (docs, errors)
 }
 
-/// Deserializes an object value into a typed struct; a type error names the field's path.
+/// Deserializes an object value into a typed struct, strictly ([`strict::decode`]): a type
+/// error or an unknown field names the field's path.
 pub fn typed<T: DeserializeOwned>(value: &Value, object: &ObjectRef) -> Result<T, ObjectError> {
-    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        ObjectError::new(object.clone(), path, e.into_inner().to_string())
-    })
+    strict::decode(value).map_err(|e| ObjectError::new(object.clone(), e.path, e.message))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
 
     #[test]
     fn splits_documents_and_skips_empty_ones() {

@@ -131,9 +131,16 @@ impl LoadError {
         parse: impl FnOnce(&str, &str) -> Result<T, LoadError>,
     ) -> Result<T, LoadError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        let read_err = |source| LoadError::Read {
             file: file.clone(),
             source,
+        };
+        let bytes = std::fs::read(path).map_err(read_err)?;
+        let text = crate::strict::text_of(bytes).map_err(|message| {
+            read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                message,
+            ))
         })?;
         parse(&file, &text)
     }

@@ -19,6 +19,7 @@ mod placement;
 mod policies;
 pub mod probes;
 pub mod scenario;
+pub mod strict;
 mod tiered;
 
 pub use error::{FieldError, LoadError, ObjectError, ObjectRef};

@@ -82,13 +82,22 @@ pub fn parse_probes(file: &str, text: &str, cluster: &Cluster) -> Result<Vec<Pro
         index: 1,
         item: None,
     };
-    let value: Value = serde_yaml::from_str(text).map_err(|e| {
+    let (value, duplicates) = crate::strict::yaml_value(serde_yaml::Deserializer::from_str(text))
+        .map_err(|e| {
         invalid(vec![ObjectError::new(
             whole.clone(),
             "",
             format!("unparsable YAML: {e}"),
         )])
     })?;
+    if !duplicates.is_empty() {
+        return Err(invalid(
+            duplicates
+                .into_iter()
+                .map(|path| ObjectError::new(whole.clone(), path, "duplicate key"))
+                .collect(),
+        ));
+    }
     if value.is_null() {
         return Ok(Vec::new());
     }

@@ -326,7 +326,24 @@ pub fn match_statement(m: &Match) -> Statement<'static> {
             Operator::EQ,
             set_ref(set),
         ),
+        Match::Established => established(),
     }
+}
+
+/// `ct state established,related`.
+fn established() -> Statement<'static> {
+    matches(
+        Expression::Named(NamedExpression::CT(CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        })),
+        Operator::IN,
+        Expression::List(vec![
+            Expression::String("established".into()),
+            Expression::String("related".into()),
+        ]),
+    )
 }
 
 pub fn verdict_statement(v: &Verdict) -> Statement<'static> {
@@ -366,21 +383,7 @@ pub fn rule<'a>(chain: &'a str, r: &RuleDef) -> NfListObject<'a> {
 
 pub fn base_rule<'a>(chain: &'a str, s: &BaseStatement) -> NfListObject<'a> {
     let expr = match s {
-        BaseStatement::Established => vec![
-            matches(
-                Expression::Named(NamedExpression::CT(CT {
-                    key: "state".into(),
-                    family: None,
-                    dir: None,
-                })),
-                Operator::IN,
-                Expression::List(vec![
-                    Expression::String("established".into()),
-                    Expression::String("related".into()),
-                ]),
-            ),
-            Statement::Accept(None),
-        ],
+        BaseStatement::Established => vec![established(), Statement::Accept(None)],
         BaseStatement::NeighbourDiscovery => vec![
             matches(
                 payload("icmpv6", "type"),

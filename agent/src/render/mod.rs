@@ -8,17 +8,28 @@
 //!   Service's traffic is seen with the real pod as destination. Other tables' filter chains
 //!   at the same priority do not matter for correctness: an `accept` here never overrides a
 //!   `drop` elsewhere, and a `drop` here is final.
-//! * Both start with `ct state established,related accept`, so rules only cost the first
-//!   packet of a connection. There is no `ct state invalid drop`: invalid packets are simply
-//!   not "established" and are judged by the policy like new ones, so the agent never drops
-//!   traffic its policy allows.
-//! * `forward` dispatches by interface: `iifname vmap @egress_dispatch` jumps to the
-//!   egress chain of the pod behind the incoming veth, then `oifname vmap
-//!   @ingress_dispatch` to the ingress chain of the pod behind the outgoing one. Pod chains
-//!   *return* to allow, so same-node traffic passes both checks; they `drop` to deny.
+//! * Anti-spoofing comes before anything established: `forward` first dispatches by the
+//!   incoming interface (`iifname vmap @egress_dispatch`) to the egress entry chain of the
+//!   pod behind that veth, which starts with the source check (a source address that is
+//!   not one of the pod's is counted, `spoof/NS/NAME`, and dropped; a pod without an
+//!   address of a family sends nothing of that family), then `ct state
+//!   established,related accept`, then the pod's egress policy. Conntrack keys on the
+//!   5-tuple, not the interface, so an established check before the source check would let
+//!   a pod (with the default `CAP_NET_RAW`) forge another pod's address into that pod's
+//!   live flow, or forge the reply of a flow, past the destination's ingress policy. The
+//!   check costs every packet from a pod one verdict-map lookup (a hash on the interface
+//!   name) and at most two address comparisons: O(1) in the number of pods and rules.
+//!   Packets not from a pod miss the map and meet `ct state established,related accept`
+//!   next, so rules only cost the first packet of a connection. There is no `ct state
+//!   invalid drop`: invalid packets are simply not "established" and are judged by the
+//!   policy like new ones, so the agent never drops traffic its policy allows.
+//! * `forward` then dispatches by the outgoing interface (`oifname vmap
+//!   @ingress_dispatch`) to the ingress chain of the pod behind it. Pod chains *return* to
+//!   allow, so same-node traffic passes both checks; they `drop` to deny.
 //! * `input` (a pod talking to its own node) accepts IPv6 neighbour discovery first (the
-//!   pods' default IPv6 route is via the node's link-local address), then runs the pod's
-//!   egress check.
+//!   pods' default IPv6 route is via the node's link-local address; its source is often the
+//!   pod's link-local address, and it is never forwarded), then runs the pod's egress
+//!   chain: source check, established, policy.
 //! * There is no `output` chain: traffic the node itself (kubelet probes, host-network pods)
 //!   sends to its local pods is always allowed, as docs/design.md specifies. Replies of pods
 //!   to it are `established`.
@@ -26,9 +37,8 @@
 //!   Admin tier (Allow → counter + return, Deny → counter + drop, Pass → counter + goto the
 //!   rest chain) and ends with `goto` the rest chain (`egress-rest/NS/NAME`): the
 //!   NetworkPolicy allow rules and, if the pod is isolated, a default-deny counter + drop;
-//!   otherwise the Baseline tier. The egress entry chain starts with anti-spoofing: a source
-//!   address that is not one of the pod's is counted (`spoof/NS/NAME`) and dropped, and a
-//!   pod without an address of a family sends nothing of that family.
+//!   otherwise the Baseline tier. The egress entry chain starts with the source check and
+//!   `ct state established,related accept` (above).
 //! * A pod without a known interface has no chains and no dispatch elements.
 //! * Peers are named sets, one per address group and family (`g-…_4`, `g-…_6`), shared
 //!   by every rule and pod that uses them: host groups (pods' and nodes' addresses) are
@@ -396,8 +406,8 @@ fn base_chains() -> Vec<BaseChain> {
             hook: "forward",
             priority: 0,
             statements: vec![
-                BaseStatement::Established,
                 BaseStatement::Dispatch(Direction::Egress),
+                BaseStatement::Established,
                 BaseStatement::Dispatch(Direction::Ingress),
             ],
         },
@@ -406,7 +416,6 @@ fn base_chains() -> Vec<BaseChain> {
             hook: "input",
             priority: 0,
             statements: vec![
-                BaseStatement::Established,
                 BaseStatement::NeighbourDiscovery,
                 BaseStatement::Dispatch(Direction::Egress),
             ],
@@ -534,6 +543,11 @@ fn render_pod(
         let mut entry_rules = Vec::new();
         if direction == Direction::Egress {
             entry_rules.extend(anti_spoofing(out, key, &pod.ips));
+            entry_rules.push(RuleDef {
+                matches: vec![Match::Established],
+                counter: None,
+                verdict: Verdict::Accept,
+            });
         }
         let rest_rules = rest_rules(out, rules, dir_rules, key, direction)?;
         let rest_target = (!rest_rules.is_empty()).then(|| rest.clone());

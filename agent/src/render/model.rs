@@ -213,6 +213,10 @@ pub enum Match {
         end: End,
         set: String,
     },
+    /// `ct state established,related`: in a pod's egress entry chain, right after the
+    /// anti-spoofing rules, so established traffic skips the policy but never the
+    /// source check.
+    Established,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

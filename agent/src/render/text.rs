@@ -121,6 +121,7 @@ pub fn match_text(m: &Match) -> String {
             end.field(),
             set
         ),
+        Match::Established => "ct state established,related".into(),
     }
 }
 

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};

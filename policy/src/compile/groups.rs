@@ -105,9 +105,7 @@ impl GroupDef {
                 name,
                 protocol,
             } => {
-                let Some(port) = pod.named_port(name, *protocol) else {
-                    return;
-                };
+                let ports: Vec<u16> = pod.named_ports(name, *protocol).collect();
                 for addr in &pod.ips {
                     let in_peer = match peer.as_deref() {
                         None => true,
@@ -118,10 +116,12 @@ impl GroupDef {
                         Some(GroupDef::Nodes(_)) | Some(GroupDef::NamedPorts { .. }) => false,
                     };
                     if in_peer {
-                        out.push(Member::Endpoint(PortEndpoint {
-                            addr: *addr,
-                            protocol: *protocol,
-                            port,
+                        out.extend(ports.iter().map(|&port| {
+                            Member::Endpoint(PortEndpoint {
+                                addr: *addr,
+                                protocol: *protocol,
+                                port,
+                            })
                         }));
                     }
                 }

@@ -163,7 +163,7 @@ impl CompiledPolicy {
                         }
                         PortSpec::Named(name) => match direction {
                             Direction::Ingress => {
-                                if let Some(port) = pod.named_port(name, p.protocol) {
+                                for port in pod.named_ports(name, p.protocol) {
                                     ranges.insert(PortRange {
                                         protocol: p.protocol,
                                         start: port,

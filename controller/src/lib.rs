@@ -19,3 +19,4 @@ pub mod objects;
 pub mod run;
 pub mod serve;
 pub mod source;
+pub mod status;

@@ -14,6 +14,13 @@ use crate::config::ControllerConfig;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::serve::RuleService;
+use crate::status::StatusWriter;
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "palisade-controller".into())
+}
 
 /// The largest update an agent accepts and the controller sends; a snapshot of a very
 /// large node is one message.
@@ -35,6 +42,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let hub = Hub::new(metrics);
     let (tx, rx) = mpsc::channel(4096);
+    let (notes_tx, notes_rx) = mpsc::unbounded_channel();
+    let mut notes = Some(notes_tx);
 
     let auth = if let Some((cluster, policies, tokens)) = cfg.files() {
         tokio::spawn(crate::source::files::run(
@@ -53,13 +62,28 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         });
+        let identity = cfg.identity.clone().unwrap_or_else(hostname);
+        tokio::spawn(
+            StatusWriter {
+                client: client.clone(),
+                namespace: cfg.lease_namespace.clone(),
+                lease: cfg.lease_name.clone(),
+                identity,
+                metrics: hub.metrics.clone(),
+            }
+            .run(notes_rx),
+        );
         Authenticator::TokenReview(TokenReviewer::new(
             client,
             &cfg.token_audience,
             cfg.service_account(),
         ))
     };
-    let compile = CompileLoop::new(hub.clone(), None);
+    // Without an API server there is nobody to tell: log lines are the report.
+    if cfg.files().is_some() {
+        notes = None;
+    }
+    let compile = CompileLoop::new(hub.clone(), notes);
     tokio::spawn(compile.run(rx, Duration::from_millis(cfg.min_interval_ms)));
 
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_addr)

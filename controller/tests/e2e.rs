@@ -266,6 +266,11 @@ async fn tokens_of_other_nodes_and_no_token_are_refused() {
         .await
         .unwrap()
         .1;
+    assert_eq!(
+        support::metric(&text, "palisade_controller_is_leader"),
+        Some(1.0),
+        "the only replica holds the status Lease"
+    );
     for reason in ["other_node", "no_token"] {
         assert!(
             text.lines().any(
@@ -275,4 +280,65 @@ async fn tokens_of_other_nodes_and_no_token_are_refused() {
             "{reason} not counted:\n{text}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_object_the_apiserver_accepts_and_palisade_rejects_gets_a_warning_event() {
+    if !can_run() {
+        return;
+    }
+    let s = System::start("events", CLUSTER, 2).await;
+    // Two IPv4 InternalIPs: valid for the apiserver, more than Palisade models.
+    s.kube
+        .create_node(
+            "node-z",
+            &["10.99.0.1".parse().unwrap(), "10.99.0.2".parse().unwrap()],
+            &BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let api: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(s.kube.client().await.unwrap(), "default");
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = api
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("node-z")
+                    && e.reason.as_deref() == Some("Rejected")
+            })
+            .collect();
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "one Warning Event, written by the Lease holder only; controllers:\n{}\n--\n{}",
+        s.replicas[0].process.tail(),
+        s.replicas[1].process.tail()
+    );
+    let e = &found[0];
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    assert!(
+        e.note
+            .as_deref()
+            .unwrap_or("")
+            .contains("status.addresses[1]"),
+        "the Event names the field: {:?}",
+        e.note
+    );
+    // Exactly one replica leads; when it goes, the other takes the Lease.
+    let mut leaders = Vec::new();
+    for r in &s.replicas {
+        let text = support::http_get(r.metrics, "/metrics").await.unwrap().1;
+        leaders.push(support::metric(&text, "palisade_controller_is_leader") == Some(1.0));
+    }
+    assert_eq!(leaders.iter().filter(|l| **l).count(), 1, "{leaders:?}");
 }

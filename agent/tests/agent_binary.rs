@@ -75,7 +75,7 @@ fn isolated_ingress(pod: &str, ips: Vec<std::net::IpAddr>, allow: Vec<RuleInstan
 
 #[test]
 fn agent_binary_enforces_follows_files_and_interfaces_and_serves_metrics() {
-    if !can_run("agent_binary_enforces_follows_files_and_interfaces_and_serves_metrics") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let mut lab = Lab::new("b", 15, &["default/a", "default/b"]);

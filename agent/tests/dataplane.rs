@@ -224,7 +224,7 @@ fn render_for(lab: &Lab) -> Ruleset {
 
 #[test]
 fn enforcement_counters_and_spoofing() {
-    if !can_run("enforcement_counters_and_spoofing") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("e", 11, &["default/a", "default/b"]);
@@ -296,7 +296,7 @@ fn enforcement_counters_and_spoofing() {
 
 #[test]
 fn drift_repair_failed_transaction_and_incremental() {
-    if !can_run("drift_repair_failed_transaction_and_incremental") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let (lab, _servers) = served_lab("d", 12);
@@ -486,7 +486,7 @@ fn drift_repair_failed_transaction_and_incremental() {
 
 #[test]
 fn restart_adopts_without_gap() {
-    if !can_run("restart_adopts_without_gap") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("r", 13, &["default/a", "default/b"]);
@@ -526,7 +526,7 @@ fn restart_adopts_without_gap() {
 
 #[test]
 fn text_render_loads_into_nft() {
-    if !can_run("text_render_loads_into_nft") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("t", 14, &["default/a", "default/b"]);
@@ -541,7 +541,7 @@ fn text_render_loads_into_nft() {
 /// its own protocol's ports (a TCP port must not open the same number for UDP).
 #[test]
 fn ports_of_several_protocols_in_one_clause() {
-    if !can_run("ports_of_several_protocols_in_one_clause") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("p", 15, &["default/a", "default/b"]);
@@ -633,7 +633,7 @@ fn hosts(first: u32, n: u32) -> Vec<render::SetElement> {
 /// when the batch spans several messages, and the error names the set.
 #[test]
 fn netlink_element_batches_are_all_or_nothing() {
-    if !can_run("netlink_element_batches_are_all_or_nothing") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("n", 16, &[]);
@@ -723,7 +723,7 @@ fn netlink_element_batches_are_all_or_nothing() {
 /// as before; the next attempt loads normally.
 #[test]
 fn failed_first_load_leaves_no_table() {
-    if !can_run("failed_first_load_leaves_no_table") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let (lab, _servers) = served_lab("f", 17);
@@ -777,7 +777,7 @@ fn block(cidr: &str, except: &[&str]) -> Group {
 /// of its networks alone (elements over netlink) both apply incrementally.
 #[test]
 fn masked_cidr_groups_match_exactly() {
-    if !can_run("masked_cidr_groups_match_exactly") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("m", 17, &["default/a", "default/b"]);

@@ -10,9 +10,10 @@ const EXAMPLES: &str = concat!(
 );
 const SUITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/conformance");
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+/// Root, iproute2 and nft, under the project's skip policy (`PALISADE_NO_SKIP=1` fails).
+fn can_run() -> bool {
+    use palisade_testkit::{IP, NFT, ROOT};
+    palisade_testkit::can_run(&[ROOT, IP, NFT])
 }
 
 /// The agent binary cargo built beside palisadectl for this test run.
@@ -66,8 +67,7 @@ fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
 
 #[test]
 fn verify_dataplane_passes_the_shared_examples_and_fails_a_wrong_expectation() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root for network namespaces and nftables");
+    if !can_run() {
         return;
     }
     let out = run(&[
@@ -108,8 +108,7 @@ fn verify_dataplane_passes_the_shared_examples_and_fails_a_wrong_expectation() {
 
 #[test]
 fn verify_dataplane_reports_sctp_as_skipped_when_the_kernel_lacks_it() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root for network namespaces and nftables");
+    if !can_run() {
         return;
     }
     if palisade_netlab::kernel_supports_sctp() {
@@ -129,8 +128,7 @@ fn verify_dataplane_reports_sctp_as_skipped_when_the_kernel_lacks_it() {
 
 #[test]
 fn demo_shows_the_policies_at_work_and_cleans_up() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root for network namespaces and nftables");
+    if !can_run() {
         return;
     }
     let out = run(&["demo", "--no-wait"]);

@@ -15,7 +15,7 @@ use palisade_policy::{
     compile, Change, Cluster, Compiler, Family, Flow, NodeRuleSet, Policy, PolicyId,
 };
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, FileFailurePersistence};
 use support::*;
 
 /// Every pod pair, both families where both ends have one, every probe port.
@@ -65,8 +65,11 @@ fn config() -> Config {
     // compiles, so it is bounded in time rather than left to run for many minutes in CI.
     Config {
         max_shrink_time: 120_000,
-        // Failures found here become regular #[test]s at the end of this file instead.
-        failure_persistence: None,
+        // Seeds of past failures (`agreement.proptest-regressions`, beside this file) are
+        // replayed before new cases; minimal reproductions also become #[test]s below.
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
         ..Config::default()
     }
 }

@@ -16,19 +16,7 @@ use std::time::Duration;
 use palisade_agent::Interfaces;
 use palisade_policy::model::PodKey;
 
-/// Whether root integration tests can run here; prints SKIPPED with the reason if not.
-pub fn can_run(test: &str) -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED {test}: not root");
-        return false;
-    }
-    let nft = Command::new("nft").arg("--version").output();
-    if !matches!(nft, Ok(o) if o.status.success()) {
-        println!("SKIPPED {test}: nft not installed");
-        return false;
-    }
-    true
-}
+pub use palisade_testkit::{can_run, IP, NFT, ROOT};
 
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0])

@@ -46,6 +46,8 @@ pub fn check_prerequisites() -> Result<()> {
 
 struct Agent {
     node: String,
+    /// The rule set last handed to it.
+    set: NodeRuleSet,
     child: Child,
     metrics: SocketAddr,
     rules_file: PathBuf,
@@ -165,6 +167,7 @@ impl RunningCluster {
             })?;
         self.agents.push(Agent {
             node: node.to_string(),
+            set: set.clone(),
             child,
             metrics,
             rules_file,
@@ -204,13 +207,12 @@ impl RunningCluster {
         Ok(())
     }
 
-    /// Hands every agent its new rule set and waits until each has applied it.
+    /// Hands every agent its new rule set and waits until each has applied it. An agent
+    /// whose rule set is unchanged has nothing to apply (its generation stays), so it is
+    /// neither handed the file again nor waited for.
     pub fn update(&mut self, rule_sets: &BTreeMap<String, NodeRuleSet>) -> Result<()> {
         let mut before = BTreeMap::new();
-        for a in &self.agents {
-            let (_, text) = http_get(a.metrics, "/metrics")?;
-            let generation = metric(&text, "palisade_ruleset_generation").unwrap_or(0.0);
-            before.insert(a.node.clone(), generation);
+        for a in &mut self.agents {
             let set = rule_sets
                 .get(&a.node)
                 .cloned()
@@ -218,10 +220,19 @@ impl RunningCluster {
                     node: a.node.clone(),
                     ..Default::default()
                 });
+            if set == a.set {
+                continue;
+            }
+            let (_, text) = http_get(a.metrics, "/metrics")?;
+            let generation = metric(&text, "palisade_ruleset_generation").unwrap_or(0.0);
+            before.insert(a.node.clone(), generation);
             write_rules(&a.rules_file, &set)?;
+            a.set = set;
         }
         self.wait(|node, text| {
-            metric(text, "palisade_ruleset_generation").is_some_and(|g| g > before[node])
+            before.get(node).is_none_or(|&g| {
+                metric(text, "palisade_ruleset_generation").is_some_and(|now| now > g)
+            })
         })
     }
 

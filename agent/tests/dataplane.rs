@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -496,32 +496,57 @@ fn restart_adopts_without_gap() {
     let desired = render_for(&lab);
     Applier::new(nft.clone()).apply(&desired).unwrap();
 
+    // Probers run throughout the restarts, each counting the probes that began and ended
+    // while restarts were going on: an allowed flow must always connect, a denied one never
+    // (a denied handshake in a gap would complete in well under the 50 ms time-out).
     let stop = Arc::new(AtomicBool::new(false));
-    let (probes, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let prober = {
-        let (stop, probes, failures) = (stop.clone(), probes.clone(), failures.clone());
+    let restarting = Arc::new(AtomicBool::new(false));
+    let prober = |port: u16, allowed: bool| {
+        let (stop, restarting) = (stop.clone(), restarting.clone());
         let (netns, dst) = (a.netns.clone(), b.ip4);
         std::thread::spawn(move || {
+            let (mut during, mut wrong) = (0usize, 0usize);
             while !stop.load(Ordering::Relaxed) {
-                // Allowed must connect, denied must not: either failing is a gap.
-                if !tcp_ok(&netns, dst, 8080) || tcp_ok(&netns, dst, 7070) {
-                    failures.fetch_add(1, Ordering::Relaxed);
+                let began = restarting.load(Ordering::Relaxed);
+                let connected = tcp_ok_within(&netns, dst, port, Duration::from_millis(50));
+                if connected != allowed {
+                    wrong += 1;
                 }
-                probes.fetch_add(1, Ordering::Relaxed);
+                if began && restarting.load(Ordering::Relaxed) {
+                    during += 1;
+                }
             }
+            (during, wrong)
         })
     };
+    let allowed = prober(8080, true);
+    let denied = prober(7070, false);
+    std::thread::sleep(Duration::from_millis(200));
+    restarting.store(true, Ordering::Relaxed);
     // Restarts: each new applier replaces the table in one transaction.
     for _ in 0..25 {
         let mut fresh = Applier::new(nft.clone());
         assert_eq!(fresh.apply(&desired).unwrap().kind, ApplyKind::Full);
         std::thread::sleep(Duration::from_millis(40));
     }
+    restarting.store(false, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
-    prober.join().unwrap();
-    // Denied probes take their whole time-out, so a handful of probes is what fits.
-    assert!(probes.load(Ordering::Relaxed) > 0);
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "a probe saw a gap");
+    let (allowed_during, allowed_wrong) = allowed.join().unwrap();
+    let (denied_during, denied_wrong) = denied.join().unwrap();
+    assert_eq!(
+        allowed_wrong, 0,
+        "an allowed probe failed: a gap in the table"
+    );
+    assert_eq!(
+        denied_wrong, 0,
+        "a denied probe connected: a gap in the table"
+    );
+    // 25 restarts take over a second: both probers must have been at work throughout.
+    assert!(
+        allowed_during >= 20 && denied_during >= 10,
+        "too few probes overlapped the restarts: {allowed_during} allowed, {denied_during} denied"
+    );
 }
 
 #[test]

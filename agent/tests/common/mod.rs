@@ -326,8 +326,14 @@ impl Drop for Servers {
 
 /// A TCP connection attempt from `netns` to `dst:port`: true if the handshake completed.
 pub fn tcp_ok(netns: &str, dst: IpAddr, port: u16) -> bool {
+    tcp_ok_within(netns, dst, port, Duration::from_millis(400))
+}
+
+/// [`tcp_ok`] with its own time-out (a lab handshake takes well under a millisecond, so a
+/// short one suits probes that must be frequent).
+pub fn tcp_ok_within(netns: &str, dst: IpAddr, port: u16, timeout: Duration) -> bool {
     in_netns(netns, move || {
-        TcpStream::connect_timeout(&SocketAddr::new(dst, port), Duration::from_millis(400)).is_ok()
+        TcpStream::connect_timeout(&SocketAddr::new(dst, port), timeout).is_ok()
     })
     .join()
     .unwrap()

@@ -5,11 +5,11 @@ use std::net::IpAddr;
 
 use palisade_policy::model::{Cluster, ContainerPort, Namespace, Node, Pod, Protocol};
 
-/// Whether the lab tests can run here (root, iproute2); see the skip policy in
+/// Whether the lab tests can run here (root, iproute2, nft); see the skip policy in
 /// `palisade-testkit`.
 pub fn can_run() -> bool {
-    use palisade_testkit::{IP, ROOT};
-    palisade_testkit::can_run(&[ROOT, IP])
+    use palisade_testkit::{IP, NFT, ROOT};
+    palisade_testkit::can_run(&[ROOT, IP, NFT])
 }
 
 pub fn ips(addrs: &[&str]) -> Vec<IpAddr> {

@@ -549,17 +549,98 @@ fn restart_adopts_without_gap() {
     );
 }
 
+/// The text rendering (for people and `nft -f`) and the JSON one (what the agent applies,
+/// with host set elements over netlink) must say the same thing: each is loaded for real,
+/// into its own namespace, and the kernel's listings of the two tables are compared.
 #[test]
-fn text_render_loads_into_nft() {
+fn text_and_json_renderings_load_the_same_table() {
     if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("t", 14, &["default/a", "default/b"]);
-    let text = render::text::to_text(&render_for(&lab));
+    let desired = render_for(&lab);
+    Applier::new(Nft::in_netns(&lab.node))
+        .apply(&desired)
+        .unwrap();
+
+    let other = Netns::add(&format!("pt-{}", std::process::id()));
     let path = std::env::temp_dir().join(format!("palisade-{}.nft", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    nft_in(&lab.node, &["-c", "-f", path.to_str().unwrap()]);
+    std::fs::write(&path, render::text::to_text(&desired)).unwrap();
+    nft_in(&other.0, &["-f", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
+
+    let listing = |netns: &str| {
+        let doc = Nft::in_netns(netns).list_table().unwrap().expect("a table");
+        canonical(doc)
+    };
+    let (by_json, by_text) = (listing(&lab.node), listing(&other.0));
+    assert!(by_json.len() > 10, "{by_json:#?}");
+    assert_eq!(by_json, by_text);
+}
+
+/// A namespace of its own, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn add(name: &str) -> Netns {
+        sh(&["ip", "netns", "add", name]);
+        Netns(name.to_string())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+/// A listing's objects without what differs between two loads of one table (handles, the
+/// kernel's order of hash set elements), sorted.
+fn canonical(doc: serde_json::Value) -> Vec<String> {
+    fn scrub(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.remove("handle");
+                for (key, inner) in map.iter_mut() {
+                    scrub(inner);
+                    if key == "elem" {
+                        if let serde_json::Value::Array(items) = inner {
+                            items.sort_by_key(|i| i.to_string());
+                        }
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(scrub),
+            _ => {}
+        }
+    }
+    // Objects sorted, but the rules of each chain kept in their order, which is meaning.
+    let mut out = Vec::new();
+    let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for object in palisade_agent::nft::objects(&doc).filter(|o| o.get("metainfo").is_none()) {
+        let mut object = object.clone();
+        scrub(&mut object);
+        match object
+            .get("rule")
+            .and_then(|r| r.get("chain"))
+            .and_then(|c| c.as_str())
+        {
+            Some(chain) => rules
+                .entry(chain.to_string())
+                .or_default()
+                .push(object.to_string()),
+            None => out.push(object.to_string()),
+        }
+    }
+    out.sort();
+    out.extend(
+        rules
+            .into_iter()
+            .map(|(chain, rules)| format!("{chain}: {}", rules.join("\n"))),
+    );
+    out
 }
 
 /// A clause with TCP and UDP ports renders one rule per protocol; each must admit exactly

@@ -50,12 +50,28 @@ pub struct Lab {
     id: String,
     tag: String,
     subnet: u8,
+    /// The host part of the first pod's addresses.
+    first_host: u8,
+    /// IPv6 addresses as numbers (fd00:77:S::H with S and H in hex) rather than spelled
+    /// like the IPv4 ones (fd00:77:17::2 for 10.77.17.2).
+    numeric_v6: bool,
 }
 
 impl Lab {
     /// `tag` keeps names of concurrently running tests apart (with the pid). `subnet` is the
     /// third octet of the pod addresses (10.77.SUBNET.x).
     pub fn new(tag: &str, subnet: u8, pods: &[&str]) -> Lab {
+        Lab::build(tag, subnet, 2, false, pods)
+    }
+
+    /// [`Lab::new`] with the `i`-th pod at 10.77.SUBNET.(first_host + i) and at the IPv6
+    /// address whose last 16 bits are the number first_host + i (and the third group the
+    /// number SUBNET), so that prefixes cover the same pods in both families.
+    pub fn with_first_host(tag: &str, subnet: u8, first_host: u8, pods: &[&str]) -> Lab {
+        Lab::build(tag, subnet, first_host, true, pods)
+    }
+
+    fn build(tag: &str, subnet: u8, first_host: u8, numeric_v6: bool, pods: &[&str]) -> Lab {
         let id = format!("{}{}", tag, std::process::id() % 100000);
         let node = format!("pn-{id}");
         let mut lab = Lab {
@@ -65,6 +81,8 @@ impl Lab {
             id: id.clone(),
             tag: tag.to_string(),
             subnet,
+            first_host,
+            numeric_v6,
         };
         sh(&["ip", "netns", "add", &node]);
         lab.namespaces.push(node.clone());
@@ -104,12 +122,16 @@ impl Lab {
             self.subnet,
             self.tag.clone(),
         );
-        let host = i as u8 + 2;
+        let host = i as u8 + self.first_host;
         let netns = format!("pp-{id}-{i}");
         let veth = format!("v{tag}{i}");
         assert!(veth.len() <= 15);
         let ip4: IpAddr = format!("10.77.{subnet}.{host}").parse().unwrap();
-        let ip6: IpAddr = format!("fd00:77:{subnet}::{host}").parse().unwrap();
+        let ip6: IpAddr = if self.numeric_v6 {
+            std::net::Ipv6Addr::new(0xfd00, 0x77, subnet.into(), 0, 0, 0, 0, host.into()).into()
+        } else {
+            format!("fd00:77:{subnet}::{host}").parse().unwrap()
+        };
         sh(&["ip", "netns", "add", &netns]);
         self.namespaces.push(netns.clone());
         sh(&[
@@ -219,7 +241,9 @@ impl Lab {
 
     /// The IPv4 address the `i`-th pod gets (for rules written before it exists).
     pub fn planned_ip4(&self, i: usize) -> IpAddr {
-        format!("10.77.{}.{}", self.subnet, i + 2).parse().unwrap()
+        format!("10.77.{}.{}", self.subnet, i + usize::from(self.first_host))
+            .parse()
+            .unwrap()
     }
 
     pub fn pod(&self, name: &str) -> &LabPod {

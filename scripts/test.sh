@@ -16,6 +16,10 @@ echo "== cargo test"
 # the two-core machines from timing out probes.
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 
+echo "== mutation check of the agreement property"
+# Planted bugs in the compiled side must each make the property fail (a few minutes).
+scripts/mutants.sh
+
 echo "== conformance (offline)"
 cargo build --release --locked -p palisadectl -p palisade-agent
 bin=target/release

@@ -974,3 +974,49 @@ fn masked_cidr_groups_match_exactly() {
     assert_eq!(set_len(&lab.node, &format!("{G_A}_4/24")), 1);
     expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
 }
+
+/// IPv6 anti-spoofing: a pod's datagrams from an IPv6 source that is not its own are
+/// counted and dropped, while the same datagrams from its own address reach an open pod
+/// (so it is the spoofing check, not policy, that drops them).
+#[test]
+fn ipv6_anti_spoofing() {
+    if !can_run(&[ROOT, IP, NFT]) {
+        return;
+    }
+    // c has no rules: anything that reaches the node for it passes.
+    let lab = Lab::new("s", 18, &["default/a", "default/b", "default/c"]);
+    let (a, c) = (lab.pod("a"), lab.pod("c"));
+    let sc = Servers::start(&c.netns, &[], &[5353]);
+    let nft = Nft::in_netns(&lab.node);
+    Applier::new(nft.clone()).apply(&render_for(&lab)).unwrap();
+
+    udp_send_from(&a.netns, a.ip6, c.ip6, 5353, 3);
+    let arrived = || sc.udp_received.load(Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while arrived() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(arrived(), 3, "a's own IPv6 datagrams reach c");
+
+    let spoofed: std::net::IpAddr = "fd00:99::1".parse().unwrap();
+    sh(&[
+        "ip",
+        "-n",
+        &a.netns,
+        "addr",
+        "add",
+        "fd00:99::1/128",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let before = packets(&nft, "spoof/default/a");
+    udp_send_from(&a.netns, spoofed, c.ip6, 5353, 5);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(arrived(), 3, "spoofed IPv6 datagrams must not arrive");
+    assert_eq!(
+        packets(&nft, "spoof/default/a") - before,
+        5,
+        "exactly the spoofed ones counted"
+    );
+}

@@ -105,9 +105,10 @@ struct Pass {
     retried: Vec<bool>,
 }
 
-/// Probes everything; probes that timed out and for which `may_retry` holds are probed
-/// again with a longer time-out (on a loaded machine a first packet can be late). A real
-/// drop times out again; a connection is never retried, so a deny that leaks is caught.
+/// Probes everything; probes that timed out or failed and for which `may_retry` holds are
+/// probed again with a longer time-out (on a loaded machine a first packet, or a busy echo
+/// server's reply, can be late). A real drop times out again and a real error fails again;
+/// a connection is never retried, so a deny that leaks is caught.
 fn probe_pass(
     running: &RunningCluster,
     probes: &[LabProbe],
@@ -117,7 +118,9 @@ fn probe_pass(
         .lab
         .probe_all(probes, PROBE_TIMEOUT, PARALLEL_PROBES)?;
     let late: Vec<usize> = (0..results.len())
-        .filter(|&i| may_retry(i) && results[i].is_dropped())
+        .filter(|&i| {
+            may_retry(i) && matches!(results[i], ProbeResult::TimedOut | ProbeResult::Error(_))
+        })
         .collect();
     let mut retried = vec![false; results.len()];
     if !late.is_empty() {
@@ -159,6 +162,8 @@ fn verify_scenario(scenario: &Scenario, bin: &Path, tally: &mut Tally) -> Result
     running
         .update(&rule_sets)
         .with_context(|| format!("enforcing the policies of {}", scenario.name))?;
+    // Only probes expected to connect get a second chance: for an expected deny, an error
+    // such as a handshake without its echo is itself a leak.
     let enforced = probe_pass(&running, &probes, |i| {
         scenario.probes[i].expect == Verdict::Allow
     })?;

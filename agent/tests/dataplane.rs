@@ -1020,3 +1020,82 @@ fn ipv6_anti_spoofing() {
         "exactly the spoofed ones counted"
     );
 }
+
+/// By design a policy that tightens applies to new connections only: packets of a
+/// connection the old rules allowed are `established` and pass the first rule of the base
+/// chains (no conntrack flush), so it keeps working, while a new connection to the same
+/// port is dropped.
+#[test]
+fn an_established_connection_survives_a_policy_that_tightens() {
+    if !can_run(&[ROOT, IP, NFT]) {
+        return;
+    }
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    let lab = Lab::new("w", 20, &["default/a", "default/b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let nft = Nft::in_netns(&lab.node);
+    let mut applier = Applier::new(nft.clone());
+    applier.apply(&render_for(&lab)).unwrap();
+
+    // An echo server on b's allowed port 8080, for one long connection.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = in_netns(&b.netns, move || {
+        let listener = TcpListener::bind(("::", 8080)).unwrap();
+        ready_tx.send(()).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    ready_rx.recv().unwrap();
+    let (tighten_tx, tighten_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let dst = SocketAddr::new(b.ip4, 8080);
+    let client = in_netns(&a.netns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).expect("allowed");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut echo = |byte: u8| {
+            let mut buf = [0u8; 1];
+            s.write_all(&[byte]).is_ok() && s.read_exact(&mut buf).is_ok() && buf[0] == byte
+        };
+        let before = echo(1);
+        done_tx.send(()).unwrap();
+        tighten_rx.recv().unwrap();
+        (before, echo(2))
+    });
+    done_rx.recv().unwrap();
+
+    // b's ingress loses its allow rule: isolated, nothing allowed.
+    let mut tight = rules(&lab);
+    let pod_b = tight.pods.iter_mut().find(|p| p.name == "b").unwrap();
+    let mut ingress = (*pod_b.ingress).clone();
+    ingress.network_policy.clear();
+    pod_b.ingress = ingress.into();
+    applier
+        .apply(&render::render(&tight, &lab.interfaces()).unwrap())
+        .unwrap();
+    let deny_before = packets(&nft, "deny-ingress/default/b");
+    tighten_tx.send(()).unwrap();
+    let (before, after) = client.join().unwrap();
+    assert!(before, "the connection worked under the old rules");
+    assert!(
+        after,
+        "the established connection survives the tighter rules"
+    );
+    server.join().unwrap();
+
+    // The listener is gone, so only the default-deny counter tells a drop from a refusal.
+    assert!(
+        !tcp_ok(&a.netns, b.ip4, 8080),
+        "a new connection to the same port fails"
+    );
+    assert!(
+        packets(&nft, "deny-ingress/default/b") > deny_before,
+        "and it is b's default deny that dropped it"
+    );
+}

@@ -6,7 +6,8 @@
 # the generators never reach it): the property could not have caught it.
 #
 # Usage: scripts/mutants.sh [NAME...]   (default: every mutant)
-# Env:   PROPTEST_CASES (default 4000; a caught mutant stops at its first failure),
+# Env:   MUTANTS_CASES (default 4000; a caught mutant stops at its first failure; the
+#        PROPTEST_CASES of other tests is not used, so CI's setting cannot weaken this),
 #        PROPTEST_RNG_SEED (default 1: runs are repeatable),
 #        MUTANTS_TARGET_DIR (default target/mutants; kept between runs to build faster).
 set -euo pipefail
@@ -56,7 +57,7 @@ m 'tie-order-kind-swapped' policy/src/model.rs \
   '    ClusterNetworkPolicy,\n    AdminNetworkPolicy,\n' \
   '    AdminNetworkPolicy,\n    ClusterNetworkPolicy,\n'
 
-export PROPTEST_CASES="${PROPTEST_CASES:-4000}"
+export PROPTEST_CASES="${MUTANTS_CASES:-4000}"
 export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-1}"
 # A failure is all this script needs; shrinking it would only cost time.
 export PROPTEST_MAX_SHRINK_ITERS=0

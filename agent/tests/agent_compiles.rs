@@ -1,8 +1,8 @@
 //! The agent's `--cluster/--policies/--node` mode with packets: the agent compiles its own
 //! node's rule set from Kubernetes YAML, enforces it, and a change to the policies file
 //! reaches the running agent (a compiler change, applied without a restart). Its
-//! spoofed-packets metric moves when a pod sends from an address that is not its own.
-//! Root only.
+//! spoofed-packets metric moves when a pod sends from an address that is not its own. Its
+//! own loop repairs a table someone tampered with. Root only.
 
 mod common;
 
@@ -45,6 +45,33 @@ fn write(path: &std::path::Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// The agent in `--cluster` mode on the lab's node, reconciling every `reconcile` seconds.
+fn start_agent(
+    lab: &Lab,
+    cluster: &std::path::Path,
+    policies: &std::path::Path,
+    port: u16,
+    reconcile: &str,
+) -> Agent {
+    Agent(
+        Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+            .args(["--netns", &lab.node, "--node", "node-1"])
+            .arg("--cluster")
+            .arg(cluster)
+            .arg("--policies")
+            .arg(policies)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args([
+                "--poll-interval-ms",
+                "200",
+                "--reconcile-interval-secs",
+                reconcile,
+            ])
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn agent_compiles_its_node_from_yaml_and_follows_policy_changes() {
     if !can_run(&[ROOT, IP, NFT]) {
@@ -62,18 +89,7 @@ fn agent_compiles_its_node_from_yaml_and_follows_policy_changes() {
     write(&cluster, &cluster_yaml(a, b));
     write(&policies, &policy_yaml(8080));
     let port = 20000 + (std::process::id() % 20000) as u16 + 7;
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
-            .args(["--netns", &lab.node, "--node", "node-1"])
-            .arg("--cluster")
-            .arg(&cluster)
-            .arg("--policies")
-            .arg(&policies)
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--poll-interval-ms", "200"])
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = start_agent(&lab, &cluster, &policies, port, "60");
     eventually("b's ingress enforced as compiled from the YAML", || {
         tcp_ok(&a.netns, b.ip4, 8080) && !tcp_ok(&a.netns, b.ip4, 7070)
     });
@@ -110,5 +126,41 @@ fn agent_compiles_its_node_from_yaml_and_follows_policy_changes() {
         "palisade_spoofed_packets_total moved by the 4 spoofed datagrams",
         || spoof_count() - before >= 4.0,
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The agent's periodic reconcile: someone flushes the base chain (all traffic would pass);
+/// with nothing else changing, the agent's own loop puts it back within its interval.
+#[test]
+fn agent_repairs_a_tampered_table_on_its_own() {
+    if !can_run(&[ROOT, IP, NFT]) {
+        return;
+    }
+    let lab = Lab::new("d", 21, &["default/a", "default/b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sb = Servers::start(&b.netns, &[7070, 8080], &[]);
+    let dir = std::env::temp_dir().join(format!("palisade-agent-drift-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cluster, policies) = (dir.join("cluster.yaml"), dir.join("policies.yaml"));
+    write(&cluster, &cluster_yaml(a, b));
+    write(&policies, &policy_yaml(8080));
+    let port = 20000 + (std::process::id() % 20000) as u16 + 9;
+    // Every 3 s: the tampered table below is probed within milliseconds of the flush, so
+    // a reconcile in between is unlikely, and the repair comes well within `eventually`.
+    let _agent = start_agent(&lab, &cluster, &policies, port, "3");
+    eventually("enforced", || {
+        tcp_ok(&a.netns, b.ip4, 8080) && !tcp_ok(&a.netns, b.ip4, 7070)
+    });
+
+    sh(&[
+        "ip", "netns", "exec", &lab.node, "nft", "flush", "chain", "inet", "palisade", "forward",
+    ]);
+    assert!(
+        tcp_ok(&a.netns, b.ip4, 7070),
+        "the tampered table lets the denied flow through"
+    );
+    eventually("the agent's reconcile repaired the table", || {
+        !tcp_ok(&a.netns, b.ip4, 7070) && tcp_ok(&a.netns, b.ip4, 8080)
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -293,39 +293,46 @@ fn np_ports(r: &mut Rand) -> String {
     format!("[{}]", items.join(", "))
 }
 
-fn network_policy(r: &mut Rand, index: usize) -> String {
-    let ns = format!("ns{}", r.below(3));
-    let types = r.pick(&["[Ingress]", "[Egress]", "[Ingress, Egress]"]);
+/// `ingress:` and `egress:` sections of 0-2 rules each (`rule(r, field, peers field)`).
+fn rule_sections(r: &mut Rand, mut rule: impl FnMut(&mut Rand, &str, &str) -> String) -> String {
     let mut rules = String::new();
     for (field, peers) in [("ingress", "from"), ("egress", "to")] {
         let n = r.below(3);
-        if n == 0 {
-            continue;
+        if n > 0 {
+            rules.push_str(&format!("  {field}:\n"));
         }
-        rules.push_str(&format!("  {field}:\n"));
         for _ in 0..n {
-            let mut parts = Vec::new();
-            if !r.one_in(3) {
-                let m = 1 + r.below(2);
-                let list: Vec<String> = (0..m)
-                    .map(|_| match r.below(3) {
-                        0 => format!("{{podSelector: {}}}", selector(r)),
-                        1 => format!(
-                            "{{namespaceSelector: {}, podSelector: {}}}",
-                            selector(r),
-                            selector(r)
-                        ),
-                        _ => format!("{{ipBlock: {}}}", ip_block(r)),
-                    })
-                    .collect();
-                parts.push(format!("{peers}: [{}]", list.join(", ")));
-            }
-            if !r.one_in(3) {
-                parts.push(format!("ports: {}", np_ports(r)));
-            }
-            rules.push_str(&format!("    - {{{}}}\n", parts.join(", ")));
+            rules.push_str(&format!("    - {}\n", rule(r, field, peers)));
         }
     }
+    rules
+}
+
+fn network_policy(r: &mut Rand, index: usize) -> String {
+    let ns = format!("ns{}", r.below(3));
+    let types = r.pick(&["[Ingress]", "[Egress]", "[Ingress, Egress]"]);
+    let rules = rule_sections(r, |r, _, peers| {
+        let mut parts = Vec::new();
+        if !r.one_in(3) {
+            let m = 1 + r.below(2);
+            let list: Vec<String> = (0..m)
+                .map(|_| match r.below(3) {
+                    0 => format!("{{podSelector: {}}}", selector(r)),
+                    1 => format!(
+                        "{{namespaceSelector: {}, podSelector: {}}}",
+                        selector(r),
+                        selector(r)
+                    ),
+                    _ => format!("{{ipBlock: {}}}", ip_block(r)),
+                })
+                .collect();
+            parts.push(format!("{peers}: [{}]", list.join(", ")));
+        }
+        if !r.one_in(3) {
+            parts.push(format!("ports: {}", np_ports(r)));
+        }
+        format!("{{{}}}", parts.join(", "))
+    });
     format!(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{namespace: {ns}, name: np{index}}}\n\
          spec:\n  podSelector: {}\n  policyTypes: {types}\n{rules}",
@@ -364,46 +371,38 @@ fn cluster_network_policy(r: &mut Rand, index: usize) -> String {
             selector(r)
         )
     };
-    let mut rules = String::new();
-    for (field, peers) in [("ingress", "from"), ("egress", "to")] {
-        let n = r.below(3);
-        if n == 0 {
-            continue;
-        }
-        rules.push_str(&format!("  {field}:\n"));
-        for _ in 0..n {
-            let action = r.pick(&["Accept", "Deny", "Pass"]);
-            let protocols = if r.one_in(2) {
-                format!(", protocols: {}", cnp_protocols(r))
-            } else {
-                String::new()
-            };
-            // The API refuses named ports with nodes or networks peers (they have none).
-            let address_peers = field == "egress" && !protocols.contains("NamedPort");
-            let m = 1 + r.below(2);
-            let list: Vec<String> = (0..m)
-                .map(|_| match (address_peers, r.below(4)) {
-                    (_, 0) => format!("{{namespaces: {}}}", selector(r)),
-                    (true, 2) => format!("{{nodes: {}}}", selector(r)),
-                    (true, 3) => {
-                        let len = [24u32, 28, 30, 32][r.below(4)];
-                        let size = 1u32 << (32 - len);
-                        let base = (r.below(32) as u32) / size * size;
-                        format!("{{networks: [10.60.0.{base}/{len}]}}")
-                    }
-                    _ => format!(
-                        "{{pods: {{namespaceSelector: {}, podSelector: {}}}}}",
-                        selector(r),
-                        selector(r)
-                    ),
-                })
-                .collect();
-            rules.push_str(&format!(
-                "    - {{action: {action}, {peers}: [{}]{protocols}}}\n",
-                list.join(", ")
-            ));
-        }
-    }
+    let rules = rule_sections(r, |r, field, peers| {
+        let action = r.pick(&["Accept", "Deny", "Pass"]);
+        let protocols = if r.one_in(2) {
+            format!(", protocols: {}", cnp_protocols(r))
+        } else {
+            String::new()
+        };
+        // The API refuses named ports with nodes or networks peers (they have none).
+        let address_peers = field == "egress" && !protocols.contains("NamedPort");
+        let m = 1 + r.below(2);
+        let list: Vec<String> = (0..m)
+            .map(|_| match (address_peers, r.below(4)) {
+                (_, 0) => format!("{{namespaces: {}}}", selector(r)),
+                (true, 2) => format!("{{nodes: {}}}", selector(r)),
+                (true, 3) => {
+                    let len = [24u32, 28, 30, 32][r.below(4)];
+                    let size = 1u32 << (32 - len);
+                    let base = (r.below(32) as u32) / size * size;
+                    format!("{{networks: [10.60.0.{base}/{len}]}}")
+                }
+                _ => format!(
+                    "{{pods: {{namespaceSelector: {}, podSelector: {}}}}}",
+                    selector(r),
+                    selector(r)
+                ),
+            })
+            .collect();
+        format!(
+            "{{action: {action}, {peers}: [{}]{protocols}}}",
+            list.join(", ")
+        )
+    });
     format!(
         "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: cnp{index}}}\n\
          spec:\n  tier: {tier}\n  priority: {}\n  subject: {subject}\n{rules}",

@@ -39,7 +39,7 @@ fn isolated_ingress(pod: &str, ips: Vec<std::net::IpAddr>, allow: Vec<RuleInstan
 
 #[test]
 fn agent_binary_enforces_follows_files_and_interfaces_and_serves_metrics() {
-    if !can_run("agent_binary_enforces_follows_files_and_interfaces_and_serves_metrics") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let mut lab = Lab::new("b", 15, &["default/a", "default/b"]);
@@ -145,11 +145,26 @@ fn agent_binary_enforces_follows_files_and_interfaces_and_serves_metrics() {
     );
 
     // Pod c's interface appears while the agent runs: it is enforced without a restart.
+    // Unreachable alone would prove nothing (c's network may not be up yet), so c must
+    // reach a (its egress is open) while a's connections to it are dropped by c's default
+    // deny, whose counter is what moves.
     let c_ns = lab.add_pod("default/c").netns.clone();
     let _sc = Servers::start(&c_ns, &[7070], &[]);
+    let _sa = Servers::start(&a_ns, &[7070], &[]);
+    let c_denied = |metrics: &str| {
+        metric_value(
+            metrics,
+            r#"palisade_default_deny_packets_total{direction="ingress",namespace="default",pod="c"}"#,
+        )
+    };
     eventually("c enforced once its interface exists", || {
-        !tcp_ok(&a_ns, c_ip, 7070)
+        let refused = !tcp_ok(&a_ns, c_ip, 7070);
+        let counted = http_get(port, "/metrics")
+            .and_then(|(_, m)| c_denied(&m))
+            .is_some_and(|n| n > 0.0);
+        refused && counted
     });
+    assert!(tcp_ok(&c_ns, a_ip, 7070), "c's own network works");
 
     // The rules file changes: b is no longer isolated.
     rules.pods.retain(|p| p.name != "b");

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -224,7 +224,7 @@ fn render_for(lab: &Lab) -> Ruleset {
 
 #[test]
 fn enforcement_counters_and_spoofing() {
-    if !can_run("enforcement_counters_and_spoofing") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("e", 11, &["default/a", "default/b"]);
@@ -296,7 +296,7 @@ fn enforcement_counters_and_spoofing() {
 
 #[test]
 fn drift_repair_failed_transaction_and_incremental() {
-    if !can_run("drift_repair_failed_transaction_and_incremental") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let (lab, _servers) = served_lab("d", 12);
@@ -486,7 +486,7 @@ fn drift_repair_failed_transaction_and_incremental() {
 
 #[test]
 fn restart_adopts_without_gap() {
-    if !can_run("restart_adopts_without_gap") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("r", 13, &["default/a", "default/b"]);
@@ -496,52 +496,158 @@ fn restart_adopts_without_gap() {
     let desired = render_for(&lab);
     Applier::new(nft.clone()).apply(&desired).unwrap();
 
+    // Probers run throughout the restarts, each counting the probes that began and ended
+    // while restarts were going on: an allowed flow must always connect, a denied one never
+    // (a denied handshake in a gap would complete in well under the 50 ms time-out).
     let stop = Arc::new(AtomicBool::new(false));
-    let (probes, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let prober = {
-        let (stop, probes, failures) = (stop.clone(), probes.clone(), failures.clone());
+    let restarting = Arc::new(AtomicBool::new(false));
+    let prober = |port: u16, allowed: bool| {
+        let (stop, restarting) = (stop.clone(), restarting.clone());
         let (netns, dst) = (a.netns.clone(), b.ip4);
         std::thread::spawn(move || {
+            let (mut during, mut wrong) = (0usize, 0usize);
             while !stop.load(Ordering::Relaxed) {
-                // Allowed must connect, denied must not: either failing is a gap.
-                if !tcp_ok(&netns, dst, 8080) || tcp_ok(&netns, dst, 7070) {
-                    failures.fetch_add(1, Ordering::Relaxed);
+                let began = restarting.load(Ordering::Relaxed);
+                let connected = tcp_ok_within(&netns, dst, port, Duration::from_millis(50));
+                if connected != allowed {
+                    wrong += 1;
                 }
-                probes.fetch_add(1, Ordering::Relaxed);
+                if began && restarting.load(Ordering::Relaxed) {
+                    during += 1;
+                }
             }
+            (during, wrong)
         })
     };
+    let allowed = prober(8080, true);
+    let denied = prober(7070, false);
+    std::thread::sleep(Duration::from_millis(200));
+    restarting.store(true, Ordering::Relaxed);
     // Restarts: each new applier replaces the table in one transaction.
     for _ in 0..25 {
         let mut fresh = Applier::new(nft.clone());
         assert_eq!(fresh.apply(&desired).unwrap().kind, ApplyKind::Full);
         std::thread::sleep(Duration::from_millis(40));
     }
+    restarting.store(false, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
-    prober.join().unwrap();
-    // Denied probes take their whole time-out, so a handful of probes is what fits.
-    assert!(probes.load(Ordering::Relaxed) > 0);
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "a probe saw a gap");
+    let (allowed_during, allowed_wrong) = allowed.join().unwrap();
+    let (denied_during, denied_wrong) = denied.join().unwrap();
+    assert_eq!(
+        allowed_wrong, 0,
+        "an allowed probe failed: a gap in the table"
+    );
+    assert_eq!(
+        denied_wrong, 0,
+        "a denied probe connected: a gap in the table"
+    );
+    // 25 restarts take over a second: both probers must have been at work throughout.
+    assert!(
+        allowed_during >= 20 && denied_during >= 10,
+        "too few probes overlapped the restarts: {allowed_during} allowed, {denied_during} denied"
+    );
 }
 
+/// The text rendering (for people and `nft -f`) and the JSON one (what the agent applies,
+/// with host set elements over netlink) must say the same thing: each is loaded for real,
+/// into its own namespace, and the kernel's listings of the two tables are compared.
 #[test]
-fn text_render_loads_into_nft() {
-    if !can_run("text_render_loads_into_nft") {
+fn text_and_json_renderings_load_the_same_table() {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("t", 14, &["default/a", "default/b"]);
-    let text = render::text::to_text(&render_for(&lab));
+    let desired = render_for(&lab);
+    Applier::new(Nft::in_netns(&lab.node))
+        .apply(&desired)
+        .unwrap();
+
+    let other = Netns::add(&format!("pt-{}", std::process::id()));
     let path = std::env::temp_dir().join(format!("palisade-{}.nft", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    nft_in(&lab.node, &["-c", "-f", path.to_str().unwrap()]);
+    std::fs::write(&path, render::text::to_text(&desired)).unwrap();
+    nft_in(&other.0, &["-f", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
+
+    let listing = |netns: &str| {
+        let doc = Nft::in_netns(netns).list_table().unwrap().expect("a table");
+        canonical(doc)
+    };
+    let (by_json, by_text) = (listing(&lab.node), listing(&other.0));
+    assert!(by_json.len() > 10, "{by_json:#?}");
+    assert_eq!(by_json, by_text);
+}
+
+/// A namespace of its own, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn add(name: &str) -> Netns {
+        sh(&["ip", "netns", "add", name]);
+        Netns(name.to_string())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+/// A listing's objects without what differs between two loads of one table (handles, the
+/// kernel's order of hash set elements), sorted.
+fn canonical(doc: serde_json::Value) -> Vec<String> {
+    fn scrub(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.remove("handle");
+                for (key, inner) in map.iter_mut() {
+                    scrub(inner);
+                    if key == "elem" {
+                        if let serde_json::Value::Array(items) = inner {
+                            items.sort_by_key(|i| i.to_string());
+                        }
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(scrub),
+            _ => {}
+        }
+    }
+    // Objects sorted, but the rules of each chain kept in their order, which is meaning.
+    let mut out = Vec::new();
+    let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for object in palisade_agent::nft::objects(&doc).filter(|o| o.get("metainfo").is_none()) {
+        let mut object = object.clone();
+        scrub(&mut object);
+        match object
+            .get("rule")
+            .and_then(|r| r.get("chain"))
+            .and_then(|c| c.as_str())
+        {
+            Some(chain) => rules
+                .entry(chain.to_string())
+                .or_default()
+                .push(object.to_string()),
+            None => out.push(object.to_string()),
+        }
+    }
+    out.sort();
+    out.extend(
+        rules
+            .into_iter()
+            .map(|(chain, rules)| format!("{chain}: {}", rules.join("\n"))),
+    );
+    out
 }
 
 /// A clause with TCP and UDP ports renders one rule per protocol; each must admit exactly
 /// its own protocol's ports (a TCP port must not open the same number for UDP).
 #[test]
 fn ports_of_several_protocols_in_one_clause() {
-    if !can_run("ports_of_several_protocols_in_one_clause") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("p", 15, &["default/a", "default/b"]);
@@ -633,7 +739,7 @@ fn hosts(first: u32, n: u32) -> Vec<render::SetElement> {
 /// when the batch spans several messages, and the error names the set.
 #[test]
 fn netlink_element_batches_are_all_or_nothing() {
-    if !can_run("netlink_element_batches_are_all_or_nothing") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("n", 16, &[]);
@@ -723,7 +829,7 @@ fn netlink_element_batches_are_all_or_nothing() {
 /// as before; the next attempt loads normally.
 #[test]
 fn failed_first_load_leaves_no_table() {
-    if !can_run("failed_first_load_leaves_no_table") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let (lab, _servers) = served_lab("f", 17);
@@ -777,7 +883,7 @@ fn block(cidr: &str, except: &[&str]) -> Group {
 /// of its networks alone (elements over netlink) both apply incrementally.
 #[test]
 fn masked_cidr_groups_match_exactly() {
-    if !can_run("masked_cidr_groups_match_exactly") {
+    if !can_run(&[ROOT, IP, NFT]) {
         return;
     }
     let lab = Lab::new("m", 17, &["default/a", "default/b"]);
@@ -867,4 +973,129 @@ fn masked_cidr_groups_match_exactly() {
     assert!(tcp_ok(&a.netns, b.ip4, 8080), "10.77.17.0/24 takes a in");
     assert_eq!(set_len(&lab.node, &format!("{G_A}_4/24")), 1);
     expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
+}
+
+/// IPv6 anti-spoofing: a pod's datagrams from an IPv6 source that is not its own are
+/// counted and dropped, while the same datagrams from its own address reach an open pod
+/// (so it is the spoofing check, not policy, that drops them).
+#[test]
+fn ipv6_anti_spoofing() {
+    if !can_run(&[ROOT, IP, NFT]) {
+        return;
+    }
+    // c has no rules: anything that reaches the node for it passes.
+    let lab = Lab::new("s", 18, &["default/a", "default/b", "default/c"]);
+    let (a, c) = (lab.pod("a"), lab.pod("c"));
+    let sc = Servers::start(&c.netns, &[], &[5353]);
+    let nft = Nft::in_netns(&lab.node);
+    Applier::new(nft.clone()).apply(&render_for(&lab)).unwrap();
+
+    udp_send_from(&a.netns, a.ip6, c.ip6, 5353, 3);
+    let arrived = || sc.udp_received.load(Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while arrived() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(arrived(), 3, "a's own IPv6 datagrams reach c");
+
+    let spoofed: std::net::IpAddr = "fd00:99::1".parse().unwrap();
+    sh(&[
+        "ip",
+        "-n",
+        &a.netns,
+        "addr",
+        "add",
+        "fd00:99::1/128",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let before = packets(&nft, "spoof/default/a");
+    udp_send_from(&a.netns, spoofed, c.ip6, 5353, 5);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(arrived(), 3, "spoofed IPv6 datagrams must not arrive");
+    assert_eq!(
+        packets(&nft, "spoof/default/a") - before,
+        5,
+        "exactly the spoofed ones counted"
+    );
+}
+
+/// By design a policy that tightens applies to new connections only: packets of a
+/// connection the old rules allowed are `established` and pass the first rule of the base
+/// chains (no conntrack flush), so it keeps working, while a new connection to the same
+/// port is dropped.
+#[test]
+fn an_established_connection_survives_a_policy_that_tightens() {
+    if !can_run(&[ROOT, IP, NFT]) {
+        return;
+    }
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    let lab = Lab::new("w", 20, &["default/a", "default/b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let nft = Nft::in_netns(&lab.node);
+    let mut applier = Applier::new(nft.clone());
+    applier.apply(&render_for(&lab)).unwrap();
+
+    // An echo server on b's allowed port 8080, for one long connection.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = in_netns(&b.netns, move || {
+        let listener = TcpListener::bind(("::", 8080)).unwrap();
+        ready_tx.send(()).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    ready_rx.recv().unwrap();
+    let (tighten_tx, tighten_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let dst = SocketAddr::new(b.ip4, 8080);
+    let client = in_netns(&a.netns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).expect("allowed");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut echo = |byte: u8| {
+            let mut buf = [0u8; 1];
+            s.write_all(&[byte]).is_ok() && s.read_exact(&mut buf).is_ok() && buf[0] == byte
+        };
+        let before = echo(1);
+        done_tx.send(()).unwrap();
+        tighten_rx.recv().unwrap();
+        (before, echo(2))
+    });
+    done_rx.recv().unwrap();
+
+    // b's ingress loses its allow rule: isolated, nothing allowed.
+    let mut tight = rules(&lab);
+    let pod_b = tight.pods.iter_mut().find(|p| p.name == "b").unwrap();
+    let mut ingress = (*pod_b.ingress).clone();
+    ingress.network_policy.clear();
+    pod_b.ingress = ingress.into();
+    applier
+        .apply(&render::render(&tight, &lab.interfaces()).unwrap())
+        .unwrap();
+    let deny_before = packets(&nft, "deny-ingress/default/b");
+    tighten_tx.send(()).unwrap();
+    let (before, after) = client.join().unwrap();
+    assert!(before, "the connection worked under the old rules");
+    assert!(
+        after,
+        "the established connection survives the tighter rules"
+    );
+    server.join().unwrap();
+
+    // The listener is gone, so only the default-deny counter tells a drop from a refusal.
+    assert!(
+        !tcp_ok(&a.netns, b.ip4, 8080),
+        "a new connection to the same port fails"
+    );
+    assert!(
+        packets(&nft, "deny-ingress/default/b") > deny_before,
+        "and it is b's default deny that dropped it"
+    );
 }

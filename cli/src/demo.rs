@@ -112,9 +112,15 @@ fn matrix(
                 family: Family::IPv4,
             };
             let expected = decide_flow(cluster, sets, &flow).map(|d| d.verdict).ok();
-            let got = matches!(result, ProbeResult::Connected);
-            let mark = if got { "allow" } else { "deny" };
-            let agrees = expected == Some(if got { Verdict::Allow } else { Verdict::Deny });
+            // Only a silent drop is a deny: a refusal means the demo's server is missing and
+            // an error is breakage; both are flagged, never shown as policy at work.
+            let (mark, got) = match result {
+                ProbeResult::Connected => ("allow", Some(Verdict::Allow)),
+                ProbeResult::TimedOut => ("deny", Some(Verdict::Deny)),
+                ProbeResult::Refused => ("refused", None),
+                ProbeResult::Error(_) | ProbeResult::Unsupported(_) => ("error", None),
+            };
+            let agrees = got.is_some() && expected == got;
             if !agrees {
                 mismatches += 1;
             }

@@ -48,8 +48,12 @@ pub fn check_prerequisites() -> Result<()> {
 
 struct Agent {
     node: String,
+    /// The rule set last handed to it.
+    set: NodeRuleSet,
     child: Child,
     metrics: SocketAddr,
+    /// `None` when the agent streams its rules from the controller.
+    rules_file: Option<PathBuf>,
     log_file: PathBuf,
 }
 
@@ -136,7 +140,7 @@ impl RunningCluster {
             write_rules(&rules_file, &set)?;
             let mut args = vec!["--rules".to_string(), rules_file.display().to_string()];
             args.extend(["--poll-interval-ms".to_string(), "200".to_string()]);
-            running.start_agent(&node, args, agent_bin)?;
+            running.start_agent(&node, &set, args, Some(rules_file), agent_bin)?;
         }
         running.wait(|_, text| {
             metric(text, "palisade_ruleset_generation").is_some_and(|g| g >= 1.0)
@@ -173,7 +177,11 @@ impl RunningCluster {
         let before = controller.generation()?;
         for node in &nodes {
             let args = controller.agent_args(node)?;
-            running.start_agent(node, args, agent_bin)?;
+            let empty = NodeRuleSet {
+                node: node.clone(),
+                ..Default::default()
+            };
+            running.start_agent(node, &empty, args, None, agent_bin)?;
         }
         running.controller = Some(controller);
         running.wait(|_, text| {
@@ -199,7 +207,14 @@ impl RunningCluster {
         c.wait_enforced(before, n, Duration::from_secs(30))
     }
 
-    fn start_agent(&mut self, node: &str, source_args: Vec<String>, bin: &Path) -> Result<()> {
+    fn start_agent(
+        &mut self,
+        node: &str,
+        set: &NodeRuleSet,
+        source_args: Vec<String>,
+        rules_file: Option<PathBuf>,
+        bin: &Path,
+    ) -> Result<()> {
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let log_file = self.dir.join(format!("{node}.log"));
         let log = fs::File::create(&log_file)?;
@@ -224,8 +239,10 @@ impl RunningCluster {
             })?;
         self.agents.push(Agent {
             node: node.to_string(),
+            set: set.clone(),
             child,
             metrics,
+            rules_file,
             log_file,
         });
         Ok(())
@@ -260,6 +277,39 @@ impl RunningCluster {
             }
         }
         Ok(())
+    }
+
+    /// Hands every agent its new rule set and waits until each has applied it. An agent
+    /// whose rule set is unchanged has nothing to apply (its generation stays), so it is
+    /// neither handed the file again nor waited for.
+    pub fn update(&mut self, rule_sets: &BTreeMap<String, NodeRuleSet>) -> Result<()> {
+        let mut before = BTreeMap::new();
+        for a in &mut self.agents {
+            let set = rule_sets
+                .get(&a.node)
+                .cloned()
+                .unwrap_or_else(|| NodeRuleSet {
+                    node: a.node.clone(),
+                    ..Default::default()
+                });
+            if set == a.set {
+                continue;
+            }
+            let (_, text) = http_get(a.metrics, "/metrics")?;
+            let generation = metric(&text, "palisade_ruleset_generation").unwrap_or(0.0);
+            before.insert(a.node.clone(), generation);
+            let file = a
+                .rules_file
+                .as_ref()
+                .context("these agents stream from a controller: use update_policies")?;
+            write_rules(file, &set)?;
+            a.set = set;
+        }
+        self.wait(|node, text| {
+            before.get(node).is_none_or(|&g| {
+                metric(text, "palisade_ruleset_generation").is_some_and(|now| now > g)
+            })
+        })
     }
 
     /// Each node's metrics address.

@@ -395,9 +395,11 @@ impl Lab {
             }
             let mut results = Vec::with_capacity(handles.len());
             for handle in handles {
-                results.push(handle.await.unwrap_or_else(|e| {
-                    ProbeResult::Unreachable(format!("probe task failed: {e}"))
-                }));
+                results.push(
+                    handle
+                        .await
+                        .unwrap_or_else(|e| ProbeResult::Error(format!("probe task failed: {e}"))),
+                );
             }
             let _ = tx.send(results);
         });

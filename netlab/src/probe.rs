@@ -31,17 +31,22 @@ impl fmt::Display for Probe {
     }
 }
 
-/// What a probe saw.
+/// What a probe saw: allowed (`Connected`), dropped (`TimedOut`), refused by the peer, or
+/// an error. Only a silent drop is what policy does to a denied packet (the agent drops,
+/// never rejects); everything else that is not a connection is breakage and must not be
+/// mistaken for a deny.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ProbeResult {
-    /// TCP/SCTP: connected and one byte came back; UDP: the echo came back.
+    /// Allowed. TCP/SCTP: connected and one byte came back; UDP: the echo came back.
     Connected,
-    /// No answer within the time-out (a drop on the way, either direction).
+    /// Dropped: no answer at all within the time-out (a drop on the way, either direction).
     TimedOut,
-    /// The destination answered that nothing listens there (RST, ICMP port unreachable).
+    /// Refused by the peer: the destination answered that nothing listens there (RST, ICMP
+    /// port unreachable).
     Refused,
-    /// Any other failure: ICMP unreachable, no route, a local reject (`EPERM`).
-    Unreachable(String),
+    /// Anything else, with its cause: ICMP unreachable, no route, a local reject (`EPERM`),
+    /// a handshake that completed but never echoed, a probe task that failed.
+    Error(String),
     /// The probe cannot be carried at all: the kernel lacks the protocol (SCTP), or the
     /// source pod has no address of the destination's family.
     Unsupported(String),
@@ -51,15 +56,20 @@ impl ProbeResult {
     pub fn is_connected(&self) -> bool {
         matches!(self, ProbeResult::Connected)
     }
+
+    /// Whether this is what a dropped (denied) packet looks like.
+    pub fn is_dropped(&self) -> bool {
+        matches!(self, ProbeResult::TimedOut)
+    }
 }
 
 impl fmt::Display for ProbeResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProbeResult::Connected => f.write_str("connected"),
-            ProbeResult::TimedOut => f.write_str("timed out"),
-            ProbeResult::Refused => f.write_str("refused"),
-            ProbeResult::Unreachable(why) => write!(f, "unreachable ({why})"),
+            ProbeResult::TimedOut => f.write_str("timed out (dropped)"),
+            ProbeResult::Refused => f.write_str("was refused by the peer"),
+            ProbeResult::Error(why) => write!(f, "failed: {why}"),
             ProbeResult::Unsupported(why) => write!(f, "unsupported ({why})"),
         }
     }
@@ -117,13 +127,13 @@ async fn stream(socket: socket2::Socket, target: SocketAddr, deadline: Instant) 
         Ok::<_, io::Error>(buf[0])
     };
     match timeout_at(deadline, exchange).await {
-        Err(_) => ProbeResult::TimedOut,
+        // The handshake went through both ways, so no policy dropped this flow: a missing
+        // echo is a broken server or path, not a deny.
+        Err(_) => ProbeResult::Error("connected, but the echo did not come back in time".into()),
         Ok(Ok(BYTE)) => ProbeResult::Connected,
-        Ok(Ok(other)) => {
-            ProbeResult::Unreachable(format!("echo returned {other:#x}, not {BYTE:#x}"))
-        }
+        Ok(Ok(other)) => ProbeResult::Error(format!("echo returned {other:#x}, not {BYTE:#x}")),
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            ProbeResult::Unreachable("connection closed before the echo".into())
+            ProbeResult::Error("connection closed before the echo".into())
         }
         Ok(Err(e)) => classify(&e),
     }
@@ -170,6 +180,6 @@ fn classify(err: &io::Error) -> ProbeResult {
     match err.kind() {
         io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => ProbeResult::Refused,
         io::ErrorKind::TimedOut => ProbeResult::TimedOut,
-        _ => ProbeResult::Unreachable(err.to_string()),
+        _ => ProbeResult::Error(err.to_string()),
     }
 }

@@ -299,23 +299,91 @@ mod tests {
         assert_eq!(back, s);
     }
 
+    /// Addresses worth probing around a block: both ends of the block and of each except,
+    /// their outside neighbours, and a few drawn inside the block and anywhere.
+    fn probes_around(
+        cidr: &ipnet::Ipv4Net,
+        ex: &[ipnet::Ipv4Net],
+        inside: &[u32],
+        anywhere: &[u32],
+    ) -> Vec<u32> {
+        let mut out = Vec::new();
+        for net in std::iter::once(cidr).chain(ex) {
+            let (lo, hi) = v4_bounds(net);
+            out.extend([lo, hi]);
+            out.extend(lo.checked_sub(1));
+            out.extend(hi.checked_add(1));
+        }
+        let (lo, hi) = v4_bounds(cidr);
+        out.extend(
+            inside
+                .iter()
+                .map(|x| lo + x % (hi - lo).saturating_add(1).max(1)),
+        );
+        out.extend(anywhere);
+        out
+    }
+
     proptest! {
         #[test]
         fn block_membership_matches_definition(
-            base in any::<u32>(), len in 16u8..=32, excepts in proptest::collection::vec((any::<u32>(), 16u8..=32), 0..4),
-            probe in any::<u32>(),
+            base in any::<u32>(),
+            len in 8u8..=32,
+            // Excepts mostly inside the block (offset and a longer prefix), sometimes anywhere.
+            excepts in proptest::collection::vec((any::<bool>(), any::<u32>(), 0u8..=24), 0..4),
+            inside in proptest::collection::vec(any::<u32>(), 4),
+            anywhere in proptest::collection::vec(any::<u32>(), 2),
         ) {
-            let cidr = IpNet::new(IpAddr::V4(Ipv4Addr::from(base)), len).unwrap().trunc();
-            let ex: Vec<IpNet> = excepts.iter().map(|&(b, l)| IpNet::new(IpAddr::V4(Ipv4Addr::from(b)), l).unwrap().trunc()).collect();
-            let set = AddrSet::from_block(&cidr, &ex);
-            let addr = IpAddr::V4(Ipv4Addr::from(probe));
-            let expected = cidr.contains(&addr) && !ex.iter().any(|e| e.contains(&addr));
-            prop_assert_eq!(set.contains(addr), expected);
-            // Probing at the edges of each range too.
-            for &(lo, hi) in &set.v4 {
-                prop_assert!(cidr.contains(&IpAddr::V4(Ipv4Addr::from(lo))));
-                prop_assert!(!ex.iter().any(|e| e.contains(&IpAddr::V4(Ipv4Addr::from(hi)))));
+            let cidr = ipnet::Ipv4Net::new(Ipv4Addr::from(base), len).unwrap().trunc();
+            let (lo, hi) = v4_bounds(&cidr);
+            let ex: Vec<ipnet::Ipv4Net> = excepts
+                .iter()
+                .map(|&(within, b, extra)| {
+                    let (addr, l) = if within {
+                        (lo + b % (hi - lo).saturating_add(1).max(1), (len + extra).min(32))
+                    } else {
+                        (b, 16 + extra % 17)
+                    };
+                    ipnet::Ipv4Net::new(Ipv4Addr::from(addr), l).unwrap().trunc()
+                })
+                .collect();
+            let set = AddrSet::from_block(&IpNet::V4(cidr), &ex.iter().copied().map(IpNet::V4).collect::<Vec<_>>());
+            let (mut saw_in, mut saw_out) = (false, false);
+            for probe in probes_around(&cidr, &ex, &inside, &anywhere) {
+                let addr = Ipv4Addr::from(probe);
+                let expected = cidr.contains(&addr) && !ex.iter().any(|e| e.contains(&addr));
+                prop_assert_eq!(set.contains(IpAddr::V4(addr)), expected, "{}", addr);
+                saw_in |= expected;
+                saw_out |= !expected;
             }
+            // The block's first address is inside unless excepted, and a neighbour of the
+            // block is outside unless the block is the whole space.
+            prop_assert!(saw_out);
+            prop_assert!(saw_in || ex.iter().any(|e| e.contains(&Ipv4Addr::from(lo))));
+        }
+    }
+
+    /// The probes of the property really hit inside, edge and outside addresses.
+    #[test]
+    fn probes_around_reach_inside_edges_and_outside() {
+        let cidr: ipnet::Ipv4Net = "10.1.0.0/16".parse().unwrap();
+        let ex: ipnet::Ipv4Net = "10.1.2.0/24".parse().unwrap();
+        let probes: Vec<Ipv4Addr> = probes_around(&cidr, &[ex], &[5], &[])
+            .into_iter()
+            .map(Ipv4Addr::from)
+            .collect();
+        for a in [
+            "10.1.0.0",
+            "10.1.255.255",
+            "10.0.255.255",
+            "10.2.0.0",
+            "10.1.2.0",
+            "10.1.2.255",
+            "10.1.1.255",
+            "10.1.3.0",
+            "10.1.0.5",
+        ] {
+            assert!(probes.contains(&a.parse().unwrap()), "{a} in {probes:?}");
         }
     }
 }

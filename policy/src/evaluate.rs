@@ -1,25 +1,32 @@
-//! The reference evaluator: a deliberately simple, direct reading of the specifications
+//! The reference evaluator: a deliberately plain, direct reading of the specifications
 //! (Kubernetes NetworkPolicy v1, and the Admin / Baseline tiers of ClusterNetworkPolicy,
 //! AdminNetworkPolicy and BaselineAdminNetworkPolicy) and of the decisions in
 //! `docs/design.md`.
 //!
-//! It shares nothing with the compiler but the model: it walks the policies for every flow,
-//! so it is slow and obviously right, and the property tests hold the compiled rule sets to
-//! it. Peers are matched by the address the dataplane sees (the source address for ingress,
-//! the destination address for egress), never by pod identity, because that is all a packet
-//! carries.
+//! It shares nothing with the compiler but the model's plain data types: selector matching
+//! (`selectors`), named ports and address blocks (`peers`), the exemptions (`ends`) and the
+//! order of policies (`order`) are all written here, from the API documents, so that a bug
+//! in the compiler's versions makes the agreement property fail instead of hiding on both
+//! sides of it (`scripts/mutants.sh` checks this). It walks the policies for every flow, so
+//! it is slow and obviously right. Peers are matched by the address the dataplane sees (the
+//! source address for ingress, the destination address for egress), never by pod identity,
+//! because that is all a packet carries.
+
+mod ends;
+mod order;
+mod peers;
+mod selectors;
 
 use std::net::IpAddr;
 
 use crate::model::{
-    Cluster, Direction, Labels, NamespaceScope, Peer, Pod, Policy, PortRule, PortSpec, Protocol,
-    Rule, RuleOrigin, Subject, Tier,
+    Action, Cluster, Direction, Pod, Policy, Protocol, Rule, RuleOrigin, Subject, Tier,
 };
-use crate::selector::LabelSelector;
-use crate::verdict::{
-    exemption, verdict_of, DirectionDecision, Endpoints, Flow, FlowDecision, FlowError, Reason,
-    Verdict,
-};
+use crate::verdict::{DirectionDecision, Flow, FlowDecision, FlowError, Reason, Verdict};
+use ends::{ends, exempt, Ends};
+use order::{evaluation_order, identity_order};
+use peers::rule_matches;
+use selectors::{namespace_selected, selector_selects};
 
 /// The decision about `flow` under `policies` in `cluster`: egress at the source AND ingress
 /// at the destination.
@@ -28,21 +35,23 @@ pub fn evaluate(
     policies: &[Policy],
     flow: &Flow,
 ) -> Result<FlowDecision, FlowError> {
-    let ends = flow.endpoints(cluster)?;
+    let ends = ends(cluster, flow)?;
     let side = |direction| {
-        exemption(&ends, direction).unwrap_or_else(|| {
-            let view = DirectionView::new(cluster, flow, &ends, direction);
-            decide_direction(policies, &view)
-        })
+        exempt(&ends, direction)
+            .unwrap_or_else(|| decide(policies, &View::new(cluster, flow, &ends, direction)))
     };
-    Ok(FlowDecision::new(
-        side(Direction::Egress),
-        side(Direction::Ingress),
-    ))
+    let egress = side(Direction::Egress);
+    let ingress = side(Direction::Ingress);
+    let both = egress.verdict == Verdict::Allow && ingress.verdict == Verdict::Allow;
+    Ok(FlowDecision {
+        verdict: if both { Verdict::Allow } else { Verdict::Deny },
+        egress,
+        ingress,
+    })
 }
 
 /// One direction of a flow as the subject pod's enforcement point sees it.
-struct DirectionView<'a> {
+struct View<'a> {
     cluster: &'a Cluster,
     direction: Direction,
     /// The pod whose policies decide this direction.
@@ -55,13 +64,13 @@ struct DirectionView<'a> {
     port: u16,
 }
 
-impl<'a> DirectionView<'a> {
-    fn new(cluster: &'a Cluster, flow: &Flow, ends: &Endpoints<'a>, direction: Direction) -> Self {
+impl<'a> View<'a> {
+    fn new(cluster: &'a Cluster, flow: &Flow, ends: &Ends<'a>, direction: Direction) -> Self {
         let (subject, peer_addr) = match direction {
             Direction::Ingress => (ends.dst, ends.src_addr),
             Direction::Egress => (ends.src, ends.dst_addr),
         };
-        DirectionView {
+        View {
             cluster,
             direction,
             subject,
@@ -85,79 +94,98 @@ impl<'a> DirectionView<'a> {
             passed,
         }
     }
+
+    fn rules_of<'p>(&self, policy: &'p Policy) -> &'p [Rule] {
+        match self.direction {
+            Direction::Ingress => &policy.ingress,
+            Direction::Egress => &policy.egress,
+        }
+    }
 }
 
-fn decide_direction(policies: &[Policy], view: &DirectionView<'_>) -> DirectionDecision {
+/// What the first matching rule of a tier did.
+enum TierOutcome {
+    Decided(Verdict, RuleOrigin),
+    /// A `Pass` rule matched: the rest of the tier is skipped.
+    Passed(RuleOrigin),
+    NoMatch,
+}
+
+fn decide(policies: &[Policy], view: &View<'_>) -> DirectionDecision {
     let mut passed = Vec::new();
 
-    // Admin tier: first matching rule decides; Pass skips the rest of the tier.
-    if let Some((verdict, origin)) = first_tiered_match(policies, Tier::Admin, view, &mut passed) {
-        return view.decided(verdict, Reason::Rule(origin), passed);
+    // Admin tier: the first matching rule decides, unless it passes.
+    match tier_outcome(policies, Tier::Admin, view) {
+        TierOutcome::Decided(verdict, origin) => {
+            return view.decided(verdict, Reason::Rule(origin), passed)
+        }
+        TierOutcome::Passed(origin) => passed.push(origin),
+        TierOutcome::NoMatch => {}
     }
 
-    // NetworkPolicy tier: the union of the isolating policies' allow rules.
+    // NetworkPolicy tier: a pod selected by a policy of this direction's policyType is
+    // isolated; then it is allowed exactly what some rule of those policies allows.
+    let isolates = |p: &Policy| match view.direction {
+        Direction::Ingress => p.isolates.ingress,
+        Direction::Egress => p.isolates.egress,
+    };
     let mut isolating: Vec<&Policy> = policies
         .iter()
-        .filter(|p| p.tier == Tier::NetworkPolicy)
-        .filter(|p| p.isolates.get(view.direction) && selects(p, view.cluster, view.subject))
+        .filter(|p| p.tier == Tier::NetworkPolicy && isolates(p) && subject_of(p, view))
         .collect();
     if !isolating.is_empty() {
-        isolating.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+        isolating.sort_by(|a, b| evaluation_order(a, b));
         for policy in &isolating {
-            for (index, rule) in policy.rules(view.direction).iter().enumerate() {
+            for (index, rule) in view.rules_of(policy).iter().enumerate() {
                 if rule_matches(rule, view) {
-                    let origin = origin_of(policy, view.direction, index, rule);
+                    let origin = origin(policy, view.direction, index, rule);
                     return view.decided(Verdict::Allow, Reason::Rule(origin), passed);
                 }
             }
         }
         let mut isolated_by: Vec<_> = isolating.iter().map(|p| p.id.clone()).collect();
-        isolated_by.sort();
+        isolated_by.sort_by(identity_order);
         isolated_by.dedup();
         return view.decided(Verdict::Deny, Reason::DefaultDeny { isolated_by }, passed);
     }
 
-    // Baseline tier, only for pods no NetworkPolicy isolates.
-    if let Some((verdict, origin)) = first_tiered_match(policies, Tier::Baseline, view, &mut passed)
-    {
-        return view.decided(verdict, Reason::Rule(origin), passed);
+    // Baseline tier, for pods no NetworkPolicy isolates in this direction.
+    match tier_outcome(policies, Tier::Baseline, view) {
+        TierOutcome::Decided(verdict, origin) => {
+            view.decided(verdict, Reason::Rule(origin), passed)
+        }
+        TierOutcome::Passed(origin) => {
+            passed.push(origin);
+            view.decided(Verdict::Allow, Reason::NotIsolated, passed)
+        }
+        TierOutcome::NoMatch => view.decided(Verdict::Allow, Reason::NotIsolated, passed),
     }
-    view.decided(Verdict::Allow, Reason::NotIsolated, passed)
 }
 
-/// The first rule of `tier` (policies by `order_key`, rules in written order) that matches
-/// with a final action, unless a matching `Pass` rule ends the tier first (it is recorded in
-/// `passed`).
-fn first_tiered_match(
-    policies: &[Policy],
-    tier: Tier,
-    view: &DirectionView<'_>,
-    passed: &mut Vec<RuleOrigin>,
-) -> Option<(Verdict, RuleOrigin)> {
+/// The first rule of `tier`, in evaluation order of the policies selecting the subject and
+/// written order of their rules, that matches.
+fn tier_outcome(policies: &[Policy], tier: Tier, view: &View<'_>) -> TierOutcome {
     let mut in_tier: Vec<&Policy> = policies
         .iter()
-        .filter(|p| p.tier == tier && selects(p, view.cluster, view.subject))
+        .filter(|p| p.tier == tier && subject_of(p, view))
         .collect();
-    in_tier.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+    in_tier.sort_by(|a, b| evaluation_order(a, b));
     for policy in in_tier {
-        for (index, rule) in policy.rules(view.direction).iter().enumerate() {
-            if !rule_matches(rule, view) {
-                continue;
+        for (index, rule) in view.rules_of(policy).iter().enumerate() {
+            if rule_matches(rule, view) {
+                let origin = origin(policy, view.direction, index, rule);
+                return match rule.action {
+                    Action::Allow => TierOutcome::Decided(Verdict::Allow, origin),
+                    Action::Deny => TierOutcome::Decided(Verdict::Deny, origin),
+                    Action::Pass => TierOutcome::Passed(origin),
+                };
             }
-            let origin = origin_of(policy, view.direction, index, rule);
-            return match verdict_of(rule.action) {
-                Some(verdict) => Some((verdict, origin)),
-                None => {
-                    passed.push(origin);
-                    None
-                }
-            };
         }
     }
-    None
+    TierOutcome::NoMatch
 }
 
-fn origin_of(policy: &Policy, direction: Direction, index: usize, rule: &Rule) -> RuleOrigin {
+fn origin(policy: &Policy, direction: Direction, index: usize, rule: &Rule) -> RuleOrigin {
     RuleOrigin {
         policy: policy.id.clone(),
         tier: policy.tier,
@@ -168,90 +196,21 @@ fn origin_of(policy: &Policy, direction: Direction, index: usize, rule: &Rule) -
     }
 }
 
-/// Whether the namespace's labels match; a namespace without an object has no labels.
-fn namespace_selected(cluster: &Cluster, namespace: &str, selector: &LabelSelector) -> bool {
-    match cluster.namespace_labels(namespace) {
-        Some(labels) => selector.matches(labels),
-        None => selector.matches(&Labels::new()),
-    }
-}
-
-/// Whether `policy` applies to `pod`. Host-network pods are never subjects.
-fn selects(policy: &Policy, cluster: &Cluster, pod: &Pod) -> bool {
+/// Whether `policy` applies to the view's subject pod. Host-network pods are never
+/// subjects (the exemptions already took them out; this is the specification's rule too).
+fn subject_of(policy: &Policy, view: &View<'_>) -> bool {
+    let pod = view.subject;
     if pod.host_network {
         return false;
     }
     match &policy.subject {
         Subject::Namespace { namespace, pods } => {
-            pod.namespace == *namespace && pods.matches(&pod.labels)
+            pod.namespace == *namespace && selector_selects(pods, &pod.labels)
         }
         Subject::Cluster { namespaces, pods } => {
-            namespace_selected(cluster, &pod.namespace, namespaces) && pods.matches(&pod.labels)
+            namespace_selected(view.cluster, &pod.namespace, namespaces)
+                && selector_selects(pods, &pod.labels)
         }
-    }
-}
-
-fn rule_matches(rule: &Rule, view: &DirectionView<'_>) -> bool {
-    let peer_ok = match &rule.peers {
-        None => true,
-        Some(peers) => peers.iter().any(|p| peer_matches(p, view)),
-    };
-    let port_ok = match &rule.ports {
-        None => true,
-        Some(ports) => ports.iter().any(|p| port_matches(p, view)),
-    };
-    peer_ok && port_ok
-}
-
-/// The non-host-network pods holding `addr`: what a pod peer can be, seen from a packet.
-fn pods_at(cluster: &Cluster, addr: IpAddr) -> impl Iterator<Item = &Pod> {
-    cluster
-        .pods
-        .values()
-        .filter(move |p| !p.host_network && p.ips.contains(&addr))
-}
-
-fn peer_matches(peer: &Peer, view: &DirectionView<'_>) -> bool {
-    let addr = view.peer_addr;
-    match peer {
-        Peer::Pods { namespaces, pods } => pods_at(view.cluster, addr).any(|pod| {
-            let in_scope = match namespaces {
-                NamespaceScope::Named(name) => pod.namespace == *name,
-                NamespaceScope::Selector(selector) => {
-                    namespace_selected(view.cluster, &pod.namespace, selector)
-                }
-            };
-            in_scope && pods.matches(&pod.labels)
-        }),
-        Peer::IpBlock { cidr, except } => {
-            cidr.contains(&addr) && !except.iter().any(|e| e.contains(&addr))
-        }
-        Peer::Nodes(selector) => view
-            .cluster
-            .nodes
-            .values()
-            .any(|node| selector.matches(&node.labels) && node.addresses.contains(&addr)),
-        Peer::Nothing => false,
-    }
-}
-
-fn port_matches(rule: &PortRule, view: &DirectionView<'_>) -> bool {
-    if rule.protocol != view.protocol {
-        return false;
-    }
-    match &rule.port {
-        PortSpec::Any => true,
-        PortSpec::Range { start, end } => *start <= view.port && view.port <= *end,
-        PortSpec::Named(name) => match view.direction {
-            // Ingress: the subject is the destination.
-            Direction::Ingress => {
-                !view.subject.host_network
-                    && view.subject.has_named_port(name, view.protocol, view.port)
-            }
-            // Egress: whichever pod holds the destination address; never a host-network one.
-            Direction::Egress => pods_at(view.cluster, view.dst_addr)
-                .any(|pod| pod.has_named_port(name, view.protocol, view.port)),
-        },
     }
 }
 

@@ -11,36 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use palisade_policy::evaluate::evaluate;
 use palisade_policy::ruleset::decide_flow;
 use palisade_policy::verdict::FlowError;
-use palisade_policy::{
-    compile, Change, Cluster, Compiler, Family, Flow, NodeRuleSet, Policy, PolicyId,
-};
+use palisade_policy::{compile, Change, Cluster, Compiler, Flow, NodeRuleSet, Policy, PolicyId};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use support::*;
-
-/// Every pod pair, both families where both ends have one, every probe port.
-fn flows(cluster: &Cluster) -> Vec<Flow> {
-    let mut out = Vec::new();
-    for src in cluster.pods.values() {
-        for dst in cluster.pods.values() {
-            for family in [Family::IPv4, Family::IPv6] {
-                if src.ip_of(family).is_none() || dst.ip_of(family).is_none() {
-                    continue;
-                }
-                for (protocol, port) in PROBES {
-                    out.push(Flow {
-                        src: src.key(),
-                        dst: dst.key(),
-                        protocol,
-                        port,
-                        family,
-                    });
-                }
-            }
-        }
-    }
-    out
-}
 
 /// The first flow on which compiled rule sets and the evaluator disagree, described.
 fn disagreement(
@@ -58,17 +32,6 @@ fn disagreement(
         }
     }
     None
-}
-
-fn config() -> Config {
-    // `Config::default()` reads PROPTEST_CASES. Shrinking replays whole change sequences and
-    // compiles, so it is bounded in time rather than left to run for many minutes in CI.
-    Config {
-        max_shrink_time: 120_000,
-        // Failures found here become regular #[test]s at the end of this file instead.
-        failure_persistence: None,
-        ..Config::default()
-    }
 }
 
 proptest! {

@@ -6,6 +6,9 @@
 
 pub mod agent;
 
+#[allow(unused_imports)]
+pub use agent::{eventually, http_get, Agent};
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -18,19 +21,7 @@ use std::time::Duration;
 use palisade_agent::Interfaces;
 use palisade_policy::model::PodKey;
 
-/// Whether root integration tests can run here; prints SKIPPED with the reason if not.
-pub fn can_run(test: &str) -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED {test}: not root");
-        return false;
-    }
-    let nft = Command::new("nft").arg("--version").output();
-    if !matches!(nft, Ok(o) if o.status.success()) {
-        println!("SKIPPED {test}: nft not installed");
-        return false;
-    }
-    true
-}
+pub use palisade_testkit::{can_run, IP, NFT, ROOT};
 
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0])
@@ -64,12 +55,28 @@ pub struct Lab {
     id: String,
     tag: String,
     subnet: u8,
+    /// The host part of the first pod's addresses.
+    first_host: u8,
+    /// IPv6 addresses as numbers (fd00:77:S::H with S and H in hex) rather than spelled
+    /// like the IPv4 ones (fd00:77:17::2 for 10.77.17.2).
+    numeric_v6: bool,
 }
 
 impl Lab {
     /// `tag` keeps names of concurrently running tests apart (with the pid). `subnet` is the
     /// third octet of the pod addresses (10.77.SUBNET.x).
     pub fn new(tag: &str, subnet: u8, pods: &[&str]) -> Lab {
+        Lab::build(tag, subnet, 2, false, pods)
+    }
+
+    /// [`Lab::new`] with the `i`-th pod at 10.77.SUBNET.(first_host + i) and at the IPv6
+    /// address whose last 16 bits are the number first_host + i (and the third group the
+    /// number SUBNET), so that prefixes cover the same pods in both families.
+    pub fn with_first_host(tag: &str, subnet: u8, first_host: u8, pods: &[&str]) -> Lab {
+        Lab::build(tag, subnet, first_host, true, pods)
+    }
+
+    fn build(tag: &str, subnet: u8, first_host: u8, numeric_v6: bool, pods: &[&str]) -> Lab {
         let id = format!("{}{}", tag, std::process::id() % 100000);
         let node = format!("pn-{id}");
         let mut lab = Lab {
@@ -79,6 +86,8 @@ impl Lab {
             id: id.clone(),
             tag: tag.to_string(),
             subnet,
+            first_host,
+            numeric_v6,
         };
         sh(&["ip", "netns", "add", &node]);
         lab.namespaces.push(node.clone());
@@ -118,12 +127,16 @@ impl Lab {
             self.subnet,
             self.tag.clone(),
         );
-        let host = i as u8 + 2;
+        let host = i as u8 + self.first_host;
         let netns = format!("pp-{id}-{i}");
         let veth = format!("v{tag}{i}");
         assert!(veth.len() <= 15);
         let ip4: IpAddr = format!("10.77.{subnet}.{host}").parse().unwrap();
-        let ip6: IpAddr = format!("fd00:77:{subnet}::{host}").parse().unwrap();
+        let ip6: IpAddr = if self.numeric_v6 {
+            std::net::Ipv6Addr::new(0xfd00, 0x77, subnet.into(), 0, 0, 0, 0, host.into()).into()
+        } else {
+            format!("fd00:77:{subnet}::{host}").parse().unwrap()
+        };
         sh(&["ip", "netns", "add", &netns]);
         self.namespaces.push(netns.clone());
         sh(&[
@@ -233,7 +246,9 @@ impl Lab {
 
     /// The IPv4 address the `i`-th pod gets (for rules written before it exists).
     pub fn planned_ip4(&self, i: usize) -> IpAddr {
-        format!("10.77.{}.{}", self.subnet, i + 2).parse().unwrap()
+        format!("10.77.{}.{}", self.subnet, i + usize::from(self.first_host))
+            .parse()
+            .unwrap()
     }
 
     pub fn pod(&self, name: &str) -> &LabPod {
@@ -340,8 +355,14 @@ impl Drop for Servers {
 
 /// A TCP connection attempt from `netns` to `dst:port`: true if the handshake completed.
 pub fn tcp_ok(netns: &str, dst: IpAddr, port: u16) -> bool {
+    tcp_ok_within(netns, dst, port, Duration::from_millis(400))
+}
+
+/// [`tcp_ok`] with its own time-out (a lab handshake takes well under a millisecond, so a
+/// short one suits probes that must be frequent).
+pub fn tcp_ok_within(netns: &str, dst: IpAddr, port: u16, timeout: Duration) -> bool {
     in_netns(netns, move || {
-        TcpStream::connect_timeout(&SocketAddr::new(dst, port), Duration::from_millis(400)).is_ok()
+        TcpStream::connect_timeout(&SocketAddr::new(dst, port), timeout).is_ok()
     })
     .join()
     .unwrap()
@@ -357,4 +378,15 @@ pub fn udp_send_from(netns: &str, src: IpAddr, dst: IpAddr, port: u16, n: usize)
     })
     .join()
     .unwrap()
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed).
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

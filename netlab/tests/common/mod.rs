@@ -5,18 +5,11 @@ use std::net::IpAddr;
 
 use palisade_policy::model::{Cluster, ContainerPort, Namespace, Node, Pod, Protocol};
 
-/// Whether the lab tests can run here; prints why not when they cannot.
+/// Whether the lab tests can run here (root, iproute2, nft); see the skip policy in
+/// `palisade-testkit`.
 pub fn can_run() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: the lab tests need root");
-        return false;
-    }
-    if std::process::Command::new("ip").arg("-V").output().is_err() {
-        println!("SKIPPED: iproute2 (`ip`) is not installed");
-        return false;
-    }
-    true
+    use palisade_testkit::{IP, NFT, ROOT};
+    palisade_testkit::can_run(&[ROOT, IP, NFT])
 }
 
 pub fn ips(addrs: &[&str]) -> Vec<IpAddr> {

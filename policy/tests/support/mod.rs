@@ -12,9 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use palisade_policy::{
-    Action, Cluster, ContainerPort, Isolation, LabelSelector, Labels, Namespace, NamespaceScope,
-    Node, Operator, Peer, Pod, PodKey, Policy, PolicyId, PolicyKind, PortRule, PortSpec, Protocol,
-    Requirement, Rule, Subject, Tier,
+    Action, Cluster, ContainerPort, Family, Flow, Isolation, LabelSelector, Labels, Namespace,
+    NamespaceScope, Node, Operator, Peer, Pod, PodKey, Policy, PolicyId, PolicyKind, PortRule,
+    PortSpec, Protocol, Requirement, Rule, Subject, Tier,
 };
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -36,6 +36,45 @@ pub const PROBES: [(Protocol, u16); 9] = [
     (Protocol::Sctp, 80),
     (Protocol::Sctp, 9090),
 ];
+
+/// The property tests' configuration. `Config::default()` reads PROPTEST_CASES. Shrinking
+/// replays whole change sequences and compiles, so it is bounded in time rather than left
+/// to run for many minutes in CI. Seeds of past failures (`NAME.proptest-regressions`,
+/// beside each test file) are replayed before new cases; minimal reproductions also become
+/// named #[test]s.
+pub fn config() -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        max_shrink_time: 120_000,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..proptest::test_runner::Config::default()
+    }
+}
+
+/// Every pod pair, both families where both ends have one, every probe port.
+pub fn flows(cluster: &Cluster) -> Vec<Flow> {
+    let mut out = Vec::new();
+    for src in cluster.pods.values() {
+        for dst in cluster.pods.values() {
+            for family in [Family::IPv4, Family::IPv6] {
+                if src.ip_of(family).is_none() || dst.ip_of(family).is_none() {
+                    continue;
+                }
+                for (protocol, port) in PROBES {
+                    out.push(Flow {
+                        src: src.key(),
+                        dst: dst.key(),
+                        protocol,
+                        port,
+                        family,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
 
 pub fn namespace_name(i: usize) -> String {
     format!("ns{i}")

@@ -35,8 +35,11 @@ pub fn agent_binary() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_palisade-controller"));
     let agent = bin.with_file_name("palisade-agent");
     if !agent.exists() {
+        // Benches run from target/release, tests from target/debug.
+        let release = bin.parent().is_some_and(|d| d.ends_with("release"));
         let status = Command::new(env!("CARGO"))
             .args(["build", "-q", "-p", "palisade-agent"])
+            .args(release.then_some("--release"))
             .status()
             .expect("cargo build");
         assert!(status.success(), "building palisade-agent");

@@ -39,8 +39,8 @@ m 'pass-as-allow' policy/src/verdict.rs \
   'Action::Pass => None,' \
   'Action::Pass => Some(Verdict::Allow),'
 m 'named-port-any-protocol' policy/src/model.rs \
-  '.find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))' \
-  '.find(|p| p.name.as_deref() == Some(name))'
+  '.filter(move |p| p.protocol == protocol && p.name.as_deref() == Some(name))' \
+  '.filter(move |p| p.name.as_deref() == Some(name))'
 m 'named-port-group-ignores-except' policy/src/compile/groups.rs \
   'cidr.contains(addr) && !except.iter().any(|e| e.contains(addr))' \
   'cidr.contains(addr)'

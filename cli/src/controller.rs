@@ -14,19 +14,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::running::{free_port, http_get, metric, tail, write_atomic};
 
-/// Where the controller binary is: `--controller-bin`, else beside this executable, else
-/// on `PATH`.
+/// Where the controller binary is: `--controller`, else beside this executable, else on
+/// `PATH`.
 pub fn controller_binary(explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_path_buf();
-    }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("palisade-controller")));
-    match beside {
-        Some(p) if p.exists() => p,
-        _ => PathBuf::from("palisade-controller"),
-    }
+    crate::running::binary("palisade-controller", explicit)
 }
 
 pub struct ControllerProcess {

@@ -15,18 +15,23 @@ use palisade_policy::{Cluster, NodeRuleSet};
 
 use crate::controller::ControllerProcess;
 
-/// Where the agent binary is: `--agent`, else beside this executable, else on `PATH`.
-pub fn agent_binary(explicit: Option<&Path>) -> PathBuf {
+/// Where a Palisade binary is: `explicit`, else beside this executable, else on `PATH`.
+pub fn binary(name: &str, explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = explicit {
         return p.to_path_buf();
     }
     let beside = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("palisade-agent")));
+        .and_then(|exe| exe.parent().map(|d| d.join(name)));
     match beside {
         Some(p) if p.exists() => p,
-        _ => PathBuf::from("palisade-agent"),
+        _ => PathBuf::from(name),
     }
+}
+
+/// Where the agent binary is: `--agent`, else beside this executable, else on `PATH`.
+pub fn agent_binary(explicit: Option<&Path>) -> PathBuf {
+    binary("palisade-agent", explicit)
 }
 
 /// Checks what a lab needs before anything is created, with a message a person can act on.

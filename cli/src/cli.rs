@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{compile, demo, explain, verify};
+use crate::{compile, demo, explain, status, verify};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +25,8 @@ enum Command {
     Explain(explain::Args),
     /// Check the probes of conformance scenarios (FORMAT.md); exits non-zero on any failure.
     Verify(verify::Args),
+    /// Per policy, on how many nodes it is enforced; per node, its agent (live cluster).
+    Status(status::Args),
     /// Build a two-node lab cluster in network namespaces and show policies at work.
     Demo(demo::Args),
 }
@@ -36,6 +38,16 @@ impl Cli {
             Command::Explain(args) => explain::run(&args),
             Command::Verify(args) => verify::run(&args),
             Command::Demo(args) => demo::run(&args),
+            Command::Status(args) => status::run(&args),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -5,8 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use palisade_policy::evaluate::evaluate;
-use palisade_policy::ruleset::decide_flow;
-use palisade_policy::{compile, Cluster, Family, Flow, PodKey, Protocol};
+use std::collections::BTreeMap;
+
+use palisade_policy::ruleset::{decide_flow, NodeRuleSet};
+use palisade_policy::{compile, Cluster, Family, Flow, PodKey, Policy, Protocol};
+use palisade_resources::core::{Service, TargetPort};
 
 use crate::inputs::ClusterArgs;
 
@@ -18,9 +21,14 @@ pub struct Args {
     #[arg(long, value_name = "NS/POD")]
     from: String,
     /// The destination pod, as NAMESPACE/POD.
-    #[arg(long, value_name = "NS/POD")]
-    to: String,
-    /// A port number, or the name of a container port of the destination pod.
+    #[arg(long, value_name = "NS/POD", required_unless_present = "to_service")]
+    to: Option<String>,
+    /// Or a Service, as NAMESPACE/NAME: the flow to each pod it selects, at the target
+    /// port of the Service port given by --port.
+    #[arg(long, value_name = "NS/NAME", conflicts_with = "to")]
+    to_service: Option<String>,
+    /// A port number, or the name of a container port of the destination pod (with
+    /// --to-service: a port of the Service, by number or name).
     #[arg(long, value_name = "PORT")]
     port: String,
     #[arg(long, default_value = "TCP", value_parser = parse_protocol)]
@@ -64,7 +72,52 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let inputs = args.inputs.load()?;
     let cluster = &inputs.cluster;
     let src = pod_key(cluster, &args.from, "--from")?;
-    let dst = pod_key(cluster, &args.to, "--to")?;
+    let known = Compiled {
+        cluster,
+        policies: &inputs.policies,
+        rule_sets: compile(cluster, &inputs.policies),
+    };
+    if let Some(service) = &args.to_service {
+        let service = find_service(&inputs.services, service)?;
+        let port = service_port(service, &args.port, args.protocol)?;
+        let backends = backends(cluster, service);
+        if backends.is_empty() {
+            bail!(
+                "--to-service {}/{}: it selects no pod with an address",
+                service.namespace,
+                service.name
+            );
+        }
+        println!(
+            "Service {}/{} port {} ({}) → {} pod(s)",
+            service.namespace,
+            service.name,
+            port.port,
+            port.protocol,
+            backends.len()
+        );
+        for dst in backends {
+            let target = match &port.target_port {
+                TargetPort::Number(n) => *n,
+                TargetPort::Name(name) => {
+                    match cluster.pods[&dst].named_port(name, port.protocol) {
+                        Some(n) => n,
+                        None => {
+                            println!("{dst}: no {} container port {name:?}: the Service sends it nothing", port.protocol);
+                            continue;
+                        }
+                    }
+                }
+            };
+            explain_flow(&known, &src, &dst, target, port.protocol, args.family)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let to = args
+        .to
+        .as_deref()
+        .context("--to or --to-service is required")?;
+    let dst = pod_key(cluster, to, "--to")?;
     let dst_pod = &cluster.pods[&dst];
     let port = match args.port.parse::<u16>() {
         Ok(0) => bail!("--port 0: out of range 1..=65535"),
@@ -81,25 +134,113 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 )
             })?,
     };
-    let family = match args.family {
+    explain_flow(&known, &src, &dst, port, args.protocol, args.family)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn find_service<'a>(services: &'a [Service], value: &str) -> Result<&'a Service> {
+    let (ns, name) = value
+        .split_once('/')
+        .ok_or_else(|| anyhow!("--to-service {value:?}: expected NAMESPACE/NAME"))?;
+    services
+        .iter()
+        .find(|s| s.namespace == ns && s.name == name)
+        .ok_or_else(|| anyhow!("--to-service {value}: no such Service in the cluster"))
+}
+
+fn service_port<'a>(
+    service: &'a Service,
+    value: &str,
+    protocol: Protocol,
+) -> Result<&'a palisade_resources::core::ServicePort> {
+    let by_number = value.parse::<u16>().ok();
+    service
+        .ports
+        .iter()
+        .find(|p| {
+            p.protocol == protocol
+                && match by_number {
+                    Some(n) => p.port == n,
+                    None => p.name.as_deref() == Some(value),
+                }
+        })
+        .ok_or_else(|| {
+            let known: Vec<String> = service
+                .ports
+                .iter()
+                .map(|p| match &p.name {
+                    Some(n) => format!("{}/{} ({n})", p.port, p.protocol),
+                    None => format!("{}/{}", p.port, p.protocol),
+                })
+                .collect();
+            anyhow!(
+                "--port {value}: Service {}/{} has no {protocol} port of that number or name (ports: {})",
+                service.namespace,
+                service.name,
+                known.join(", ")
+            )
+        })
+}
+
+/// The pods a Service sends traffic to: its namespace's pods that its selector matches,
+/// with an address (as the EndpointSlice controller picks them). A Service without a
+/// selector has hand-written endpoints, which Palisade does not read.
+fn backends(cluster: &Cluster, service: &Service) -> Vec<PodKey> {
+    if service.selector.is_empty() {
+        return Vec::new();
+    }
+    cluster
+        .pods
+        .iter()
+        .filter(|(k, p)| {
+            k.namespace == service.namespace
+                && !p.ips.is_empty()
+                && service
+                    .selector
+                    .iter()
+                    .all(|(key, v)| p.labels.get(key) == Some(v))
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// What every flow is explained against.
+struct Compiled<'a> {
+    cluster: &'a Cluster,
+    policies: &'a [Policy],
+    rule_sets: BTreeMap<String, NodeRuleSet>,
+}
+
+fn explain_flow(
+    known: &Compiled,
+    src: &PodKey,
+    dst: &PodKey,
+    port: u16,
+    protocol: Protocol,
+    family: Option<Family>,
+) -> Result<()> {
+    let Compiled {
+        cluster,
+        policies,
+        rule_sets,
+    } = known;
+    let family = match family {
         Some(f) => f,
-        None => dst_pod
+        None => cluster.pods[dst]
             .ips
             .first()
             .map(Family::of)
             .with_context(|| format!("{dst} has no address"))?,
     };
     let flow = Flow {
-        src,
-        dst,
-        protocol: args.protocol,
+        src: src.clone(),
+        dst: dst.clone(),
+        protocol,
         port,
         family,
     };
-
-    let rule_sets = compile(cluster, &inputs.policies);
-    let compiled = decide_flow(cluster, &rule_sets, &flow)?;
-    let reference = evaluate(cluster, &inputs.policies, &flow)?;
+    let compiled = decide_flow(cluster, rule_sets, &flow)?;
+    let reference = evaluate(cluster, policies, &flow)?;
     println!("{flow}");
     println!("{compiled}");
     if compiled != reference {
@@ -108,5 +249,5 @@ pub fn run(args: &Args) -> Result<ExitCode> {
              compiled rule sets: {compiled}\nreference evaluator: {reference}"
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

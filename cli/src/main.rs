@@ -8,6 +8,7 @@ mod demo;
 mod explain;
 mod inputs;
 mod running;
+mod status;
 mod verify;
 
 use std::process::ExitCode;

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_policy::{Change, Compiler};
+use palisade_policy::{Change, Compiler, PolicyId};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
@@ -21,6 +21,11 @@ use crate::objects::{ObjectKey, SourceEvent};
 pub enum Note {
     /// The object's current version is rejected (`Some`) or accepted again (`None`).
     Validity(ObjectKey, Option<String>),
+    /// The policy at this `metadata.generation` is in what the hub has published (sent
+    /// only after that publish, so acknowledgements from then on cover it).
+    Observed(PolicyId, i64),
+    /// The policy is gone.
+    Gone(PolicyId),
 }
 
 pub struct CompileLoop {
@@ -29,6 +34,8 @@ pub struct CompileLoop {
     pending: Vec<Change>,
     hub: Arc<Hub>,
     notes: Option<mpsc::UnboundedSender<Note>>,
+    /// Generations seen since the last publish, noted once it is out.
+    observed: Vec<(PolicyId, i64)>,
     /// Publish rounds so far (for tests and the bench: bursts must coalesce).
     pub rounds: u64,
 }
@@ -41,6 +48,7 @@ impl CompileLoop {
             pending: Vec::new(),
             hub,
             notes,
+            observed: Vec::new(),
             rounds: 0,
         }
     }
@@ -50,6 +58,15 @@ impl CompileLoop {
     }
 
     fn handle(&mut self, event: SourceEvent) {
+        let event = match event {
+            SourceEvent::AtGeneration(inner, generation) => {
+                if let Some(ObjectKey::Policy(id)) = inner.key() {
+                    self.observed.push((id, generation));
+                }
+                *inner
+            }
+            e => e,
+        };
         let metrics = &self.hub.metrics;
         match &event {
             SourceEvent::Upsert(o) => metrics
@@ -72,12 +89,17 @@ impl CompileLoop {
                 tracing::warn!(object = %key, %error, "rejected; its last good version stays in force");
             }
             SourceEvent::Relisted { .. } | SourceEvent::Synced => {}
+            SourceEvent::AtGeneration(..) => unreachable!("unwrapped above"),
         }
         let synced = matches!(event, SourceEvent::Synced);
         let applied = self.inputs.apply(event);
         if let Some(tx) = &self.notes {
             for (key, v) in applied.validity {
                 let _ = tx.send(Note::Validity(key, v));
+            }
+            for id in applied.gone {
+                self.observed.retain(|(o, _)| *o != id);
+                let _ = tx.send(Note::Gone(id));
             }
         }
         if self.compiler.is_some() {
@@ -94,6 +116,18 @@ impl CompileLoop {
             self.compiler = Some(compiler);
             self.hub.publish(all);
             self.rounds += 1;
+            self.note_observed();
+        }
+    }
+
+    fn note_observed(&mut self) {
+        if self.compiler.is_none() {
+            return;
+        }
+        for (id, generation) in self.observed.drain(..) {
+            if let Some(tx) = &self.notes {
+                let _ = tx.send(Note::Observed(id, generation));
+            }
         }
     }
 
@@ -109,6 +143,9 @@ impl CompileLoop {
             return;
         };
         if self.pending.is_empty() {
+            // An edit of fields Palisade does not read: the published state already holds
+            // the new generation.
+            self.note_observed();
             return;
         }
         let started = std::time::Instant::now();
@@ -131,6 +168,7 @@ impl CompileLoop {
             .compile_duration
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(generation, nodes, took = ?started.elapsed(), "published");
+        self.note_observed();
     }
 
     /// Runs until every sender of `events` is gone.
@@ -153,6 +191,8 @@ impl CompileLoop {
             if !self.pending.is_empty() {
                 self.flush();
                 last = Instant::now();
+            } else {
+                self.note_observed();
             }
         }
     }

@@ -2,11 +2,11 @@
 //! node, written by the compile loop only (one writer), read by every stream of that node.
 //! A slow agent skips intermediate states and gets one delta to the newest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use palisade_policy::NodeRuleSet;
+use palisade_policy::{NodeRuleSet, PolicyId};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
@@ -34,8 +34,31 @@ pub struct Hub {
     generation: Mutex<u64>,
     /// The compiled state of every node (compile loop's copy), to serve new subscribers.
     states: Mutex<BTreeMap<String, Arc<NodeRuleSet>>>,
+    /// The policies each node's current state carries: a policy's span is the nodes that
+    /// enforce some part of it, the M of "enforced on N of M nodes".
+    spans: Mutex<BTreeMap<String, BTreeSet<PolicyId>>>,
     pub metrics: Arc<Metrics>,
     started: Instant,
+}
+
+/// The policies a node's rules come from, and those that isolate its pods (an isolating
+/// NetworkPolicy without rules is enforced by the default deny it causes).
+fn policies_of(rules: &NodeRuleSet) -> BTreeSet<PolicyId> {
+    let mut out: BTreeSet<PolicyId> = rules.rules.values().map(|o| o.policy.clone()).collect();
+    for pod in &rules.pods {
+        out.extend(pod.ingress.isolated_by.iter().cloned());
+        out.extend(pod.egress.isolated_by.iter().cloned());
+    }
+    out
+}
+
+impl NodeStatus {
+    /// The node's agent enforces the newest state published for it.
+    pub fn in_sync(&self) -> bool {
+        self.connected > 0
+            && self.error.is_none()
+            && self.acked.is_some_and(|a| a >= self.published)
+    }
 }
 
 impl Hub {
@@ -46,6 +69,7 @@ impl Hub {
             ready: watch::channel(false).0,
             generation: Mutex::new(0),
             states: Mutex::default(),
+            spans: Mutex::default(),
             metrics,
             started: Instant::now(),
         })
@@ -62,11 +86,18 @@ impl Hub {
         let mut states = self.states.lock().unwrap();
         let nodes = self.nodes.lock().unwrap();
         let mut status = self.status.lock().unwrap();
+        let mut spans = self.spans.lock().unwrap();
         for (node, rules) in changed {
             let rules = Arc::new(rules.unwrap_or_else(|| NodeRuleSet {
                 node: node.clone(),
                 ..Default::default()
             }));
+            let carried = policies_of(&rules);
+            if carried.is_empty() {
+                spans.remove(&node);
+            } else {
+                spans.insert(node.clone(), carried);
+            }
             if rules.pods.is_empty() && rules.node_addresses.is_empty() {
                 states.remove(&node);
             } else {
@@ -178,6 +209,17 @@ impl Hub {
                 .with_label_values(&[node])
                 .set(lag as i64);
         }
+    }
+
+    /// Every policy that some node's current state carries, with those nodes.
+    pub fn spans(&self) -> BTreeMap<PolicyId, BTreeSet<String>> {
+        let mut out: BTreeMap<PolicyId, BTreeSet<String>> = BTreeMap::new();
+        for (node, policies) in self.spans.lock().unwrap().iter() {
+            for p in policies {
+                out.entry(p.clone()).or_default().insert(node.clone());
+            }
+        }
+        out
     }
 
     pub fn node_status(&self) -> BTreeMap<String, NodeStatus> {

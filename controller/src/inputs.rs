@@ -31,6 +31,8 @@ pub struct Applied {
     pub changes: Vec<Change>,
     /// The objects whose validity changed: now invalid (with the error) or valid again.
     pub validity: Vec<(ObjectKey, Option<String>)>,
+    /// Policies that no longer exist.
+    pub gone: Vec<PolicyId>,
 }
 
 impl Inputs {
@@ -48,6 +50,9 @@ impl Inputs {
                 if self.invalid.remove(&key).is_some() {
                     out.validity.push((key.clone(), None));
                 }
+                if let ObjectKey::Policy(id) = &key {
+                    out.gone.push(id.clone());
+                }
                 self.delete(&key, &mut out.changes);
             }
             SourceEvent::Invalid { key, error } => {
@@ -57,16 +62,23 @@ impl Inputs {
                 }
             }
             SourceEvent::Relisted { kind, keys } => {
-                for key in self.keys(kind) {
+                // Also objects that were only ever invalid: their rejection is over too.
+                let mut known: BTreeSet<ObjectKey> = self.keys(kind).into_iter().collect();
+                known.extend(self.invalid.keys().filter(|k| k.kind() == kind).cloned());
+                for key in known {
                     if !keys.contains(&key) {
                         if self.invalid.remove(&key).is_some() {
                             out.validity.push((key.clone(), None));
+                        }
+                        if let ObjectKey::Policy(id) = &key {
+                            out.gone.push(id.clone());
                         }
                         self.delete(&key, &mut out.changes);
                     }
                 }
             }
             SourceEvent::Synced => {}
+            SourceEvent::AtGeneration(event, _) => return self.apply(*event),
         }
         out
     }

@@ -120,4 +120,26 @@ pub enum SourceEvent {
     },
     /// Every kind the source serves has been listed once: the state is complete.
     Synced,
+    /// `event` is about the object's `metadata.generation` (API sources), which status
+    /// reports name as the version they observed.
+    AtGeneration(Box<SourceEvent>, i64),
+}
+
+impl SourceEvent {
+    /// The one object the event is about.
+    pub fn key(&self) -> Option<ObjectKey> {
+        match self {
+            SourceEvent::Upsert(o) => Some(o.key()),
+            SourceEvent::Delete(k) | SourceEvent::Invalid { key: k, .. } => Some(k.clone()),
+            SourceEvent::AtGeneration(e, _) => e.key(),
+            SourceEvent::Relisted { .. } | SourceEvent::Synced => None,
+        }
+    }
+
+    pub fn at_generation(self, generation: Option<i64>) -> SourceEvent {
+        match generation {
+            Some(g) => SourceEvent::AtGeneration(Box::new(self), g),
+            None => self,
+        }
+    }
 }

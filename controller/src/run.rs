@@ -26,8 +26,10 @@ fn hostname() -> String {
 /// large node is one message.
 pub const MAX_MESSAGE: usize = 256 << 20;
 
-async fn kube_client(cfg: &ControllerConfig) -> anyhow::Result<kube::Client> {
-    let config = match &cfg.kubeconfig {
+/// A client from a kubeconfig file, else as kube-rs infers one (`KUBECONFIG`,
+/// `~/.kube/config`, in-cluster).
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
@@ -54,7 +56,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         ));
         Authenticator::Static(StaticTokens::load(tokens)?)
     } else {
-        let client = kube_client(&cfg).await?;
+        let client = kube_client(cfg.kubeconfig.as_deref()).await?;
         let source_client = client.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::source::kube::run(source_client, tx).await {
@@ -70,6 +72,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 lease: cfg.lease_name.clone(),
                 identity,
                 metrics: hub.metrics.clone(),
+                hub: hub.clone(),
             }
             .run(notes_rx),
         );

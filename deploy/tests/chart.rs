@@ -449,8 +449,14 @@ fn controller_rbac_reads_and_writes_only_status_events_and_its_lease() {
     assert_eq!(
         writes,
         [
+            // The status summary (created once, then patched by name).
+            "/configmaps:create",
+            "/configmaps:patch(named)",
             "authentication.k8s.io/tokenreviews:create",
             "coordination.k8s.io/leases:create",
+            // The replicas' reports: named after pods, so not by name.
+            "coordination.k8s.io/leases:delete",
+            "coordination.k8s.io/leases:patch",
             "coordination.k8s.io/leases:update(named)",
             "events.k8s.io/events:create",
             "events.k8s.io/events:patch",

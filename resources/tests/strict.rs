@@ -117,3 +117,26 @@ fn every_conformance_scenario_still_loads() {
     }
     assert!(loaded >= 90, "only {loaded} scenarios found");
 }
+
+/// The API serves the network-policy-api kinds with the status that implementations write
+/// (Palisade's own condition among them): reading it back must not reject the policy.
+#[test]
+fn a_tiered_policy_with_status_conditions_loads() {
+    let text = "apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: guard, generation: 2}
+spec:
+  priority: 10
+  subject: {namespaces: {}}
+  ingress:
+  - {name: x, action: Deny, from: [{namespaces: {}}]}
+status:
+  conditions:
+  - {type: palisade.dev/Enforced, status: 'True', reason: Enforced, message: m,
+     observedGeneration: 2, lastTransitionTime: '2026-12-01T00:00:00Z'}
+";
+    let loaded = parse_policies("policies.yaml", text).unwrap();
+    assert_eq!(loaded.policies.len(), 1);
+    let value: serde_json::Value = serde_yaml::from_str(text).unwrap();
+    palisade_resources::policy_from_value(&value).expect("as the controller reads it");
+}

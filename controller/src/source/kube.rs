@@ -46,6 +46,14 @@ const TIERED: [(PolicyKind, &str, &[&str]); 3] = [
     ),
 ];
 
+/// The plural and versions of a network-policy-api kind (`None`: NetworkPolicy).
+pub fn tiered(kind: PolicyKind) -> Option<(&'static str, &'static [&'static str])> {
+    TIERED
+        .iter()
+        .find(|(k, _, _)| *k == kind)
+        .map(|(_, plural, versions)| (*plural, *versions))
+}
+
 fn named(kind: &str, namespace: Option<String>, name: String) -> ObjectRef {
     ObjectRef::Named {
         kind: kind.to_string(),
@@ -99,6 +107,52 @@ fn convert_pod(p: &core::Pod) -> SourceEvent {
         Object::Pod(o)
     });
     event_of(pod_key(p), converted)
+}
+
+fn convert_namespace(o: &core::Namespace) -> SourceEvent {
+    let r = palisade_resources::core::namespace(o, &object_ref("Namespace", o));
+    event_of(ObjectKey::Namespace(o.name_any()), r.map(Object::Namespace))
+}
+
+fn convert_node(o: &core::Node) -> SourceEvent {
+    let r = palisade_resources::core::node(o, &object_ref("Node", o));
+    event_of(ObjectKey::Node(o.name_any()), r.map(Object::Node))
+}
+
+fn service_key(o: &core::Service) -> ObjectKey {
+    ObjectKey::Service {
+        namespace: o.namespace().unwrap_or_default(),
+        name: o.name_any(),
+    }
+}
+
+fn convert_service(o: &core::Service) -> SourceEvent {
+    let r = palisade_resources::core::service(o, &object_ref("Service", o));
+    event_of(service_key(o), r.map(Object::Service))
+}
+
+fn convert_network_policy(o: &NetworkPolicy) -> SourceEvent {
+    let r = palisade_resources::policy_from_network_policy(o);
+    event_of(netpol_key(o), r.map(Object::Policy)).at_generation(o.metadata.generation)
+}
+
+/// The API resource of a network-policy-api kind at a version, and its converter.
+fn tiered_resource(
+    (kind, plural, version): (PolicyKind, &'static str, &'static str),
+) -> (ApiResource, impl Fn(&DynamicObject) -> SourceEvent + Clone) {
+    let gvk = GroupVersionKind::gvk(POLICY_GROUP, version, kind.as_str());
+    let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
+    let api_version = format!("{POLICY_GROUP}/{version}");
+    let convert = move |o: &DynamicObject| {
+        // List items may come without apiVersion and kind; the conversion reads them.
+        let mut value = serde_json::to_value(o).unwrap_or_default();
+        value["apiVersion"] = api_version.clone().into();
+        value["kind"] = kind.as_str().into();
+        let r = palisade_resources::policy_from_value(&value);
+        event_of(policy_key(kind, None, o.name_any()), r.map(Object::Policy))
+            .at_generation(o.metadata.generation)
+    };
+    (resource, convert)
 }
 
 fn policy_key(kind: PolicyKind, namespace: Option<String>, name: String) -> ObjectKey {
@@ -174,10 +228,7 @@ fn spawn_core(
         Api::<core::Namespace>::all(c),
         Kind::Namespace,
         |o| ObjectKey::Namespace(o.name_any()),
-        |o| {
-            let r = palisade_resources::core::namespace(o, &object_ref("Namespace", o));
-            event_of(ObjectKey::Namespace(o.name_any()), r.map(Object::Namespace))
-        },
+        convert_namespace,
         t,
         s,
     ));
@@ -186,10 +237,7 @@ fn spawn_core(
         Api::<core::Node>::all(c),
         Kind::Node,
         |o| ObjectKey::Node(o.name_any()),
-        |o| {
-            let r = palisade_resources::core::node(o, &object_ref("Node", o));
-            event_of(ObjectKey::Node(o.name_any()), r.map(Object::Node))
-        },
+        convert_node,
         t,
         s,
     ));
@@ -203,18 +251,11 @@ fn spawn_core(
         s,
     ));
     let (c, t, s) = (client.clone(), tx.clone(), synced.clone());
-    let service_key = |o: &core::Service| ObjectKey::Service {
-        namespace: o.namespace().unwrap_or_default(),
-        name: o.name_any(),
-    };
     tokio::spawn(watch_kind(
         Api::<core::Service>::all(c),
         Kind::Service,
         service_key,
-        move |o| {
-            let r = palisade_resources::core::service(o, &object_ref("Service", o));
-            event_of(service_key(o), r.map(Object::Service))
-        },
+        convert_service,
         t,
         s,
     ));
@@ -223,10 +264,7 @@ fn spawn_core(
         Api::<NetworkPolicy>::all(c),
         Kind::Policy(PolicyKind::NetworkPolicy),
         netpol_key,
-        |o| {
-            let r = palisade_resources::policy_from_network_policy(o);
-            event_of(netpol_key(o), r.map(Object::Policy))
-        },
+        convert_network_policy,
         t,
         s,
     ));
@@ -263,29 +301,82 @@ fn served(crd: &CustomResourceDefinition) -> Option<(PolicyKind, &'static str, &
 
 fn spawn_tiered(
     client: &Client,
-    (kind, plural, version): (PolicyKind, &'static str, &'static str),
+    found: (PolicyKind, &'static str, &'static str),
     tx: &mpsc::Sender<SourceEvent>,
     synced: &mpsc::UnboundedSender<Kind>,
 ) -> JoinHandle<()> {
-    let gvk = GroupVersionKind::gvk(POLICY_GROUP, version, kind.as_str());
-    let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
-    let api_version = format!("{POLICY_GROUP}/{version}");
+    let kind = found.0;
+    let (resource, convert) = tiered_resource(found);
     let key_of = move |o: &DynamicObject| policy_key(kind, None, o.name_any());
     tokio::spawn(watch_kind(
         Api::<DynamicObject>::all_with(client.clone(), &resource),
         Kind::Policy(kind),
         key_of,
-        move |o| {
-            // List items may come without apiVersion and kind; the conversion reads them.
-            let mut value = serde_json::to_value(o).unwrap_or_default();
-            value["apiVersion"] = api_version.clone().into();
-            value["kind"] = kind.as_str().into();
-            let r = palisade_resources::policy_from_value(&value);
-            event_of(key_of(o), r.map(Object::Policy))
-        },
+        convert,
         tx.clone(),
         synced.clone(),
     ))
+}
+
+async fn list_all<K>(
+    api: Api<K>,
+    convert: impl Fn(&K) -> SourceEvent,
+) -> anyhow::Result<Vec<SourceEvent>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let list = api.list(&Default::default()).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot list {}: {e}",
+            std::any::type_name::<K>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("objects")
+        )
+    })?;
+    Ok(list.items.iter().map(convert).collect())
+}
+
+/// One list of every kind, converted as the watches convert them and ending in `Synced`:
+/// what `palisadectl` compiles and explains against a live cluster.
+pub async fn snapshot(client: Client) -> anyhow::Result<Vec<SourceEvent>> {
+    let mut out = Vec::new();
+    out.extend(
+        list_all(
+            Api::<core::Namespace>::all(client.clone()),
+            convert_namespace,
+        )
+        .await?,
+    );
+    out.extend(list_all(Api::<core::Node>::all(client.clone()), convert_node).await?);
+    out.extend(list_all(Api::<core::Pod>::all(client.clone()), convert_pod).await?);
+    out.extend(list_all(Api::<core::Service>::all(client.clone()), convert_service).await?);
+    out.extend(
+        list_all(
+            Api::<NetworkPolicy>::all(client.clone()),
+            convert_network_policy,
+        )
+        .await?,
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crds = crds
+        .list(&Default::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot list CustomResourceDefinitions: {e}"))?;
+    for crd in &crds {
+        if let Some(found) = served(crd) {
+            let (resource, convert) = tiered_resource(found);
+            out.extend(
+                list_all(
+                    Api::<DynamicObject>::all_with(client.clone(), &resource),
+                    convert,
+                )
+                .await?,
+            );
+        }
+    }
+    out.push(SourceEvent::Synced);
+    Ok(out)
 }
 
 /// Watches everything until `tx`'s receiver goes away. Sends `Synced` once every kind that

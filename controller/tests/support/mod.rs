@@ -32,19 +32,28 @@ pub fn workspace() -> PathBuf {
 
 /// The agent binary beside this test's controller binary, built if missing.
 pub fn agent_binary() -> PathBuf {
+    sibling_binary("palisade-agent", "palisade-agent")
+}
+
+/// palisadectl, beside this test's controller binary, built if missing.
+pub fn palisadectl_binary() -> PathBuf {
+    sibling_binary("palisadectl", "palisadectl")
+}
+
+fn sibling_binary(package: &str, name: &str) -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_palisade-controller"));
-    let agent = bin.with_file_name("palisade-agent");
-    if !agent.exists() {
+    let sibling = bin.with_file_name(name);
+    if !sibling.exists() {
         // Benches run from target/release, tests from target/debug.
         let release = bin.parent().is_some_and(|d| d.ends_with("release"));
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "palisade-agent"])
+            .args(["build", "-q", "-p", package])
             .args(release.then_some("--release"))
             .status()
             .expect("cargo build");
-        assert!(status.success(), "building palisade-agent");
+        assert!(status.success(), "building {package}");
     }
-    agent
+    sibling
 }
 
 pub fn is_root() -> bool {
@@ -155,7 +164,7 @@ fn labels(l: &palisade_policy::Labels) -> BTreeMap<String, String> {
 }
 
 /// Renders the chart and applies every object (all must be accepted); returns the text.
-async fn install_chart(kube: &KubeLab) -> String {
+pub async fn install_chart(kube: &KubeLab) -> String {
     let helm = kube.bin_dir().join("helm");
     let out = Command::new(&helm)
         .args(["template", "palisade"])
@@ -351,8 +360,17 @@ impl System {
     }
 
     pub async fn start_agent(&mut self, node: &str) {
+        let all: Vec<usize> = (0..self.replicas.len()).collect();
+        self.start_agent_to(node, &all).await;
+    }
+
+    /// An agent that knows only these replicas.
+    pub async fn start_agent_to(&mut self, node: &str, replicas: &[usize]) {
         let token = self.agent_token(node).await;
-        let urls: Vec<String> = self.replicas.iter().map(|r| r.url.clone()).collect();
+        let urls: Vec<String> = replicas
+            .iter()
+            .map(|r| self.replicas[*r].url.clone())
+            .collect();
         let netns = self.lab.node_netns(node).unwrap().to_string();
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let args = vec![

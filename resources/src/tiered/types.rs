@@ -13,12 +13,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::Deserialize;
 use serde_json::Value;
 
-/// Any of the CRD objects; `apiVersion`, `kind` and `status` are not needed past dispatch.
+/// Any of the CRD objects; `apiVersion` and `kind` are not needed past dispatch.
 #[derive(Debug, Deserialize)]
 pub(crate) struct Object<S> {
     #[serde(default)]
     pub metadata: ObjectMeta,
     pub spec: Option<S>,
+    /// Written by implementations (Palisade's own condition among them), never read: it is
+    /// decoded as a value only so that strict decoding accepts it, as the API does.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub status: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -71,10 +71,14 @@ pub async fn run(
     // Changes to our table by anyone else wake the loop at once (issue 12.5); the
     // periodic reconcile stays as the backstop.
     let drift = Arc::new(Notify::new());
-    match crate::nfnl::events::open(None) {
-        Ok(socket) => crate::nfnl::events::watch(socket, TABLE, drift.clone()),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch nftables events; drift is repaired at the periodic reconcile only")
+    if !cfg.watch_nftables_events {
+        tracing::info!("not watching nftables events: drift is repaired at the periodic reconcile");
+    } else {
+        match crate::nfnl::events::open(None) {
+            Ok(socket) => crate::nfnl::events::watch(socket, TABLE, drift.clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch nftables events; drift is repaired at the periodic reconcile only")
+            }
         }
     }
     let mut routes: HostRoutes = discovery.host_routes().await?;

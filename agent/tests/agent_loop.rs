@@ -525,3 +525,70 @@ fn a_host_set_of_200000_addresses_loads() {
     assert!(count >= 199_999, "elements listed: {count}");
     let _ = nft(&lab, "delete table inet palisade");
 }
+
+/// One acknowledgement per message of a netlink batch: 1,500 of them (five groups of a
+/// million addresses) overflowed the socket's default receive buffer, and every load
+/// failed with "No buffer space available". 2,000 one-element messages reach the same
+/// count cheaply.
+#[test]
+fn a_batch_of_2000_messages_is_acknowledged_without_overflow() {
+    if !runnable("a_batch_of_2000_messages_is_acknowledged_without_overflow") {
+        return;
+    }
+    use palisade_agent::nfnl::setelem::{self, Change, Op};
+    use palisade_agent::render::{AddrRange, SetElement};
+    let lab = Lab::new("o", 46, &[]);
+    for cmd in [
+        "add table inet palisade",
+        "add set inet palisade hosts { type ipv4_addr ; size 4096 ; }",
+    ] {
+        assert!(nft(&lab, cmd).0, "{cmd}");
+    }
+    let elements: Vec<SetElement> = (0..2000u32)
+        .map(|i| {
+            let ip = IpAddr::V4((0x0a80_0000 + i).into());
+            SetElement::Addr(AddrRange { lo: ip, hi: ip })
+        })
+        .collect();
+    let changes: Vec<Change<'_>> = elements
+        .chunks(1)
+        .map(|e| Change {
+            set: "hosts",
+            op: Op::Add,
+            elements: e,
+        })
+        .collect();
+    let mut socket = palisade_agent::nfnl::NfnlSocket::open(Some(&lab.node)).unwrap();
+    setelem::apply(&mut socket, "palisade", &changes).expect("2,000 messages in one batch");
+    let (_, listed) = nft(&lab, "list set inet palisade hosts");
+    assert_eq!(listed.matches("10.1").count(), 2000, "{listed}");
+    let _ = nft(&lab, "delete table inet palisade");
+}
+
+/// The scratch table a restart compares through is dormant: its base chains, with no host
+/// set elements loaded, would otherwise drop allowed traffic while it exists.
+#[test]
+fn the_scratch_table_filters_nothing() {
+    if !runnable("the_scratch_table_filters_nothing") {
+        return;
+    }
+    use palisade_agent::nfnl::scratch;
+    let lab = Lab::new("q", 47, &["default/a", "default/b"]);
+    let _servers = Servers::start(&lab.pod("b").netns, &[7070], &[]);
+    let (a_ns, b_ip) = (lab.pod("a").netns.clone(), lab.pod("b").ip4);
+    let mut socket = palisade_agent::nfnl::NfnlSocket::open(Some(&lab.node)).unwrap();
+    scratch::create_dormant(&mut socket, scratch::TABLE).unwrap();
+    let chain = format!(
+        "add chain inet {} forward {{ type filter hook forward priority 0 ; policy drop ; }}",
+        scratch::TABLE
+    );
+    assert!(nft(&lab, &chain).0, "{chain}");
+    let (_, listed) = nft(&lab, &format!("list table inet {}", scratch::TABLE));
+    assert!(listed.contains("dormant"), "{listed}");
+    assert!(
+        tcp_ok(&a_ns, b_ip, 7070),
+        "a dormant table's base chain drops nothing"
+    );
+    scratch::delete(&mut socket, scratch::TABLE).unwrap();
+    assert!(!nft(&lab, &format!("list table inet {}", scratch::TABLE)).0);
+}

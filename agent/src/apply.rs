@@ -34,13 +34,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prometheus::{Histogram, HistogramOpts};
 
 use crate::diff::{carry_sizes, elements_only, plan, to_commands, Plan, Step};
-use crate::nfnl::digest;
 use crate::nfnl::image::{self, TableImage};
 use crate::nfnl::setelem::{self, Change, Op};
+use crate::nfnl::{digest, scratch};
 use crate::nfnl::{NfnlError, NfnlSocket};
 use crate::nft::{Nft, NftError};
 use crate::render::json::{self, replace_all};
-use crate::render::{CounterMeta, Ruleset, SetElement, EGRESS_DISPATCH, INGRESS_DISPATCH, TABLE};
+use crate::render::{
+    CounterMeta, Ruleset, SetElement, SetKind, EGRESS_DISPATCH, INGRESS_DISPATCH, TABLE,
+};
 
 /// What the metrics read: shared between the applier and the collector.
 #[derive(Debug)]
@@ -53,6 +55,10 @@ pub struct ApplyStats {
     pub apply_duration: Histogram,
     /// Named counter → what it counts, for the table in force.
     pub counters: BTreeMap<String, CounterMeta>,
+    /// Host set elements of the last rule set rendered ([`host_addresses`]).
+    pub host_addresses: u64,
+    /// Whether that rule set was refused for exceeding `max_host_addresses`.
+    pub over_cap: bool,
 }
 
 impl Default for ApplyStats {
@@ -71,7 +77,36 @@ impl Default for ApplyStats {
             apply_duration: Histogram::with_opts(opts)
                 .expect("constant histogram options are valid"),
             counters: BTreeMap::new(),
+            host_addresses: 0,
+            over_cap: false,
         }
+    }
+}
+
+/// Elements of the table's host address sets, summed over groups and families: what
+/// `max_host_addresses` caps (issue 12.8), and what the kernel holds one element each of.
+pub fn host_addresses(table: &Ruleset) -> u64 {
+    table
+        .sets
+        .values()
+        .filter(|s| matches!(s.kind, SetKind::Hosts(_)))
+        .map(|s| s.elements.len() as u64)
+        .sum()
+}
+
+/// A rule set with more host addresses than configured.
+#[derive(Debug, thiserror::Error)]
+#[error("the rule set holds {count} host addresses, more than max_host_addresses ({cap}); it is refused and the last rules stay in force")]
+pub struct OverCap {
+    pub count: u64,
+    pub cap: u64,
+}
+
+/// Refuses a table over the cap.
+pub fn check_cap(table: &Ruleset, cap: u64) -> Result<u64, OverCap> {
+    match host_addresses(table) {
+        count if count > cap => Err(OverCap { count, cap }),
+        count => Ok(count),
     }
 }
 
@@ -80,6 +115,8 @@ pub type SharedStats = Arc<Mutex<ApplyStats>>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyKind {
     Unchanged,
+    /// The table found (a restart's) was already the desired one: kept, counters too.
+    Adopted,
     Incremental,
     Full,
 }
@@ -156,6 +193,7 @@ pub mod phase {
     pub const NETLINK_ELEMENTS: &str = "netlink: host set elements";
     pub const NFT_HOOK: &str = "nft: base chains";
     pub const READ_BACK: &str = "read-back (netlink)";
+    pub const ADOPT: &str = "compare with the table found";
 }
 
 impl Applier {
@@ -280,6 +318,21 @@ impl Applier {
             self.with_socket(|s| image::table_exists(s, TABLE)),
             Ok(false)
         );
+        if !absent && self.applied.is_none() {
+            // A restart (or a retry after a failure): keep a table that is already the
+            // desired one, counters and all (issue 12.10).
+            let adopted = timed(&mut phases, phase::ADOPT, || self.adopt(desired));
+            match adopted {
+                Ok(Some(current)) => {
+                    self.image = Some(current);
+                    return self.finish(ApplyKind::Adopted, Ok(0), desired.clone(), phases, true);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot compare the table found with the rules; replacing it")
+                }
+            }
+        }
         let result = if absent {
             self.staged_load(desired, &mut phases)
         } else {
@@ -329,8 +382,11 @@ impl Applier {
             .collect();
         let hook = json::create_base_chains(desired);
         let loaded = timed(phases, phase::NETLINK_ELEMENTS, || {
-            self.with_socket(|s| setelem::apply(s, TABLE, &changes))
-                .map_err(netlink_error)
+            // Not yet hooked: the elements may load in several transactions.
+            self.with_socket(|s| {
+                setelem::apply_in_batches(s, TABLE, &changes, setelem::UNHOOKED_BATCH_MESSAGES)
+            })
+            .map_err(netlink_error)
         })
         .and_then(|()| timed(phases, phase::NFT_HOOK, || self.nft.apply(&hook)));
         if let Err(e) = loaded {
@@ -342,6 +398,77 @@ impl Applier {
             return Err(e);
         }
         Ok(unhooked.len() + changes.len() + hook.len())
+    }
+
+    /// The kernel's table (its image), if it is exactly what `desired` loads; `None` when
+    /// it must be replaced. The comparison is image with image: `desired` is loaded into a
+    /// scratch table, dormant (its base chains hook nothing) and without host set
+    /// elements (their digests come from `desired`), read back and deleted again.
+    fn adopt(&mut self, desired: &Ruleset) -> Result<Option<TableImage>, NftError> {
+        let Some(current) = self.read_image(None)? else {
+            return Ok(None);
+        };
+        if !current.has_base_chains() {
+            tracing::warn!(
+                "table inet palisade found incomplete (no base chains, so it filtered nothing: a first load was interrupted); replacing it"
+            );
+            return Ok(None);
+        }
+        if !current.is_active() {
+            tracing::warn!("table inet palisade found dormant; replacing it");
+            return Ok(None);
+        }
+        let scratch = self.scratch_image(desired);
+        let dropped = self.with_socket(|s| scratch::delete(s, scratch::TABLE));
+        if let Err(e) = dropped {
+            tracing::warn!(error = %e, "cannot delete the scratch table {}", scratch::TABLE);
+        }
+        let Some(scratch) = scratch? else {
+            return Ok(None);
+        };
+        if current.canonical() == scratch.canonical() {
+            tracing::info!(
+                "table inet palisade found as the rules want it; adopted, counters kept"
+            );
+            Ok(Some(current))
+        } else {
+            tracing::info!("table inet palisade found differs from the rules; replacing it");
+            Ok(None)
+        }
+    }
+
+    fn scratch_image(&mut self, desired: &Ruleset) -> Result<Option<TableImage>, NftError> {
+        let _ = self.with_socket(|s| scratch::delete(s, scratch::TABLE));
+        self.with_socket(|s| scratch::create_dormant(s, scratch::TABLE))
+            .map_err(netlink_error)?;
+        let mut cmds = json::create_unhooked(desired, |kind| !setelem::handles(kind));
+        cmds.extend(json::create_base_chains(desired));
+        let cmds: Vec<_> = cmds
+            .into_iter()
+            .map(|c| scratch::renamed(c, TABLE, scratch::TABLE))
+            .collect();
+        self.nft.apply(&cmds)?;
+        let Some(mut image) = self
+            .with_socket(|s| image::read(s, scratch::TABLE, &[EGRESS_DISPATCH, INGRESS_DISPATCH]))
+            .map_err(netlink_error)?
+        else {
+            return Ok(None);
+        };
+        for name in image.set_names().to_vec() {
+            let digest = match desired.sets.get(&name).filter(|s| setelem::handles(s.kind)) {
+                Some(def) => {
+                    image.set_count(&name, def.elements.len());
+                    Some(self.digests.of(&name, &def.elements))
+                }
+                None => self
+                    .with_socket(|s| digest::read(s, scratch::TABLE, &name))
+                    .map_err(netlink_error)?,
+            };
+            if let Some(d) = digest {
+                image.set_digest(&name, d);
+            }
+        }
+        Ok(Some(image))
     }
 
     /// Bookkeeping after a transaction: stats, the table in force, the read-back image.

@@ -45,6 +45,12 @@ pub struct AgentConfig {
     pub max_input_bytes: u64,
     /// Deepest nesting of YAML flow collections (`[`, `{`) in an input.
     pub max_nesting_depth: usize,
+    /// Most elements of host address sets (pods' and nodes' addresses, summed over the
+    /// groups) a rule set may load; a bigger one is refused and the last rules stay.
+    pub max_host_addresses: u64,
+    /// Repair drift as soon as nf_tables events show another process changed our table
+    /// (the periodic reconcile stays either way).
+    pub watch_nftables_events: bool,
 }
 
 impl Default for AgentConfig {
@@ -66,6 +72,8 @@ impl Default for AgentConfig {
             metrics_connection_timeout_secs: 30,
             max_input_bytes: 64 << 20,
             max_nesting_depth: 64,
+            max_host_addresses: 2_000_000,
+            watch_nftables_events: true,
         }
     }
 }

@@ -26,6 +26,13 @@ fn counter_vec(name: &str, help: &str, labels: &[&str]) -> CounterVec {
     CounterVec::new(Opts::new(name, help), labels).expect("constant metric options are valid")
 }
 
+const HOST_ADDRESSES: &str = "palisade_host_addresses";
+const HOST_ADDRESSES_HELP: &str =
+    "Host set elements (pods' and nodes' addresses, summed over groups) of the last rule set rendered.";
+const OVER_CAP: &str = "palisade_host_addresses_over_cap";
+const OVER_CAP_HELP: &str =
+    "1 while the last rule set is refused for holding more than max_host_addresses.";
+
 /// Reads the table's named counters with `nft` when scraped.
 pub struct KernelCollector {
     nft: Nft,
@@ -82,6 +89,8 @@ impl KernelCollector {
                 "palisade_pod_interfaces_refused",
                 "Pods whose host route leads to an interface that is not a pod veth (not bound).",
             ),
+            (HOST_ADDRESSES, HOST_ADDRESSES_HELP),
+            (OVER_CAP, OVER_CAP_HELP),
         ] {
             descs.push(
                 Desc::new(name.into(), help.into(), vec![], Default::default())
@@ -99,13 +108,15 @@ impl Collector for KernelCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let (packets, bytes, deny, spoof) = families();
-        let (metas, errors, generation, last) = {
+        let (metas, errors, generation, last, hosts, over_cap) = {
             let s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             (
                 s.counters.clone(),
                 s.errors,
                 s.generation,
                 s.last_success_unix,
+                s.host_addresses,
+                s.over_cap,
             )
         };
         match self.nft.counters() {
@@ -176,6 +187,14 @@ impl Collector for KernelCollector {
         .expect("constant");
         refused.set(crate::interfaces::REFUSED.load(std::sync::atomic::Ordering::Relaxed) as f64);
         out.extend(refused.collect());
+        for (name, help, value) in [
+            (HOST_ADDRESSES, HOST_ADDRESSES_HELP, hosts as f64),
+            (OVER_CAP, OVER_CAP_HELP, f64::from(u8::from(over_cap))),
+        ] {
+            let g = Gauge::new(name, help).expect("constant");
+            g.set(value);
+            out.extend(g.collect());
+        }
         out
     }
 }

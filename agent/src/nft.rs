@@ -63,6 +63,7 @@ impl Nft {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| NftError::Exec(format!("{program}: {e}")))?;
+        remember_child(child.id());
         let mut stdin = child
             .stdin
             .take()
@@ -154,6 +155,28 @@ impl Nft {
             .map(|o| o.status.success())
             .unwrap_or(false)
     }
+}
+
+/// The last `nft` processes this process started: their transactions are ours, not drift
+/// ([`crate::nfnl::events`]). A pid is recorded before the child can commit anything.
+static CHILDREN: std::sync::Mutex<std::collections::VecDeque<u32>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const CHILDREN_KEPT: usize = 64;
+
+fn remember_child(pid: u32) {
+    let mut kids = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
+    if kids.len() == CHILDREN_KEPT {
+        kids.pop_front();
+    }
+    kids.push_back(pid);
+}
+
+/// Whether `pid` is an `nft` (or `ip netns exec … nft`) this process started recently.
+pub fn spawned_by_us(pid: u32) -> bool {
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&pid)
 }
 
 /// The objects of an `nft -j` document.

@@ -16,8 +16,9 @@ use crate::interfaces::{events, pod_interfaces, Discovery, HostRoutes};
 use crate::metrics;
 use crate::nft::Nft;
 use crate::render::Renderer;
+use crate::render::TABLE;
 use crate::stream::{Delivered, Enforced, StreamMetrics};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -40,6 +41,7 @@ pub async fn run(
     let mut applier = Applier::new(nft.clone());
     let mut renderer = Renderer::default();
     let stats = applier.stats();
+    let cap_stats = applier.stats();
     let registry = metrics::registry(nft.clone(), stats.clone());
     let (streamed_tx, mut streamed) = watch::channel::<Option<Delivered>>(None);
     let (enforced_tx, enforced_rx) = mpsc::unbounded_channel::<Enforced>();
@@ -66,6 +68,19 @@ pub async fn run(
 
     let discovery = Discovery::new()?;
     let mut link_events = events()?.boxed();
+    // Changes to our table by anyone else wake the loop at once (issue 12.5); the
+    // periodic reconcile stays as the backstop.
+    let drift = Arc::new(Notify::new());
+    if !cfg.watch_nftables_events {
+        tracing::info!("not watching nftables events: drift is repaired at the periodic reconcile");
+    } else {
+        match crate::nfnl::events::open(None) {
+            Ok(socket) => crate::nfnl::events::watch(socket, TABLE, drift.clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch nftables events; drift is repaired at the periodic reconcile only")
+            }
+        }
+    }
     let mut routes: HostRoutes = discovery.host_routes().await?;
     // A route dump that failed (too many open files, say) is tried again at each poll.
     let mut routes_stale = false;
@@ -126,6 +141,10 @@ pub async fn run(
                 }
             }
             _ = reconcile.tick() => full_check = true,
+            () = drift.notified() => {
+                tracing::info!("table inet palisade changed by another process (or its events were lost); reconciling");
+                full_check = true;
+            }
             _ = sleep_until(retry_at), if !backoff.is_zero() => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -147,6 +166,34 @@ pub async fn run(
                 }
                 dirty = false;
                 continue;
+            }
+        };
+        let capped = crate::apply::check_cap(&desired, cfg.max_host_addresses);
+        {
+            let mut s = cap_stats.lock().unwrap_or_else(|p| p.into_inner());
+            s.host_addresses = crate::apply::host_addresses(&desired);
+            s.over_cap = capped.is_err();
+        }
+        let desired = match capped {
+            Ok(_) => desired,
+            Err(e) => {
+                tracing::error!(error = %e, node = %current.node, "refusing the rule set");
+                if let Some((epoch, generation)) = pending_ack.take() {
+                    let _ = enforced_tx.send(Enforced {
+                        epoch,
+                        generation,
+                        error: Some(e.to_string()),
+                    });
+                }
+                dirty = false;
+                // The periodic check still repairs the last good table.
+                match applier.applied() {
+                    Some(last) if full_check => last.clone(),
+                    _ => {
+                        full_check = false;
+                        continue;
+                    }
+                }
             }
         };
         let result = tokio::task::block_in_place(|| {

@@ -67,6 +67,9 @@ fn start_agent(
                 "--reconcile-interval-secs",
                 reconcile,
             ])
+            // The periodic reconcile alone: the event watch would repair drift before the
+            // test could see it (`tests/agent_loop.rs` tests that).
+            .env("PALISADE_WATCH_NFTABLES_EVENTS", "false")
             .spawn()
             .unwrap(),
     )

@@ -395,8 +395,9 @@ fn drift_repair_failed_transaction_and_incremental() {
     assert_eq!(stats.lock().unwrap().errors, 1);
     assert_eq!(stats.lock().unwrap().generation, generation);
     assert_enforced(&lab);
-    // The retry after a failure is a full replacement.
-    assert_eq!(applier.apply(&desired).unwrap().kind, ApplyKind::Full);
+    // The retry after a failure compares the kernel's table with the rules (what failed
+    // may have been our belief about it): still the last good one, it is adopted.
+    assert_eq!(applier.apply(&desired).unwrap().kind, ApplyKind::Adopted);
     assert_enforced(&lab);
 
     // A group change is an element delta: a loses its allowance when it leaves group A.
@@ -527,10 +528,16 @@ fn restart_adopts_without_gap() {
     let denied = prober(7070, false);
     std::thread::sleep(Duration::from_millis(200));
     restarting.store(true, Ordering::Relaxed);
-    // Restarts: each new applier replaces the table in one transaction.
-    for _ in 0..25 {
+    // Restarts: a new applier adopts the unchanged table (after comparing it through a
+    // scratch table), or replaces it in one transaction (as it does when the rules
+    // changed).
+    for i in 0..25 {
         let mut fresh = Applier::new(nft.clone());
-        assert_eq!(fresh.apply(&desired).unwrap().kind, ApplyKind::Full);
+        if i % 2 == 0 {
+            assert_eq!(fresh.apply(&desired).unwrap().kind, ApplyKind::Adopted);
+        } else {
+            assert_eq!(fresh.apply_replace(&desired).unwrap().kind, ApplyKind::Full);
+        }
         std::thread::sleep(Duration::from_millis(40));
     }
     restarting.store(false, Ordering::Relaxed);

@@ -89,6 +89,91 @@ impl TableImage {
     }
 }
 
+/// Attribute 2 of a rule message: its chain's name.
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_CHAIN_HOOK: u16 = 4;
+
+fn attr_of(attrs_raw: &[u8], wanted: u16) -> Option<&[u8]> {
+    attrs(attrs_raw)
+        .map_while(Result::ok)
+        .find(|(k, _)| *k == wanted)
+        .map(|(_, p)| p)
+}
+
+fn without(attrs_raw: &[u8], drop: &[u16]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(attrs_raw.len());
+    for (kind, payload) in attrs(attrs_raw).map_while(Result::ok) {
+        if !drop.contains(&kind) {
+            super::push_attr(&mut out, kind, payload);
+        }
+    }
+    out
+}
+
+impl TableImage {
+    /// Whether the table has base chains (chains with a hook): without them it filters
+    /// nothing (a first load killed between its steps leaves such a table).
+    pub fn has_base_chains(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|(k, a)| *k == msg::NEWCHAIN && attr_of(a, NFTA_CHAIN_HOOK).is_some())
+    }
+
+    /// Whether the table's flags are clear (not dormant: a dormant table filters nothing).
+    pub fn is_active(&self) -> bool {
+        self.entries
+            .iter()
+            .filter(|(k, _)| *k == msg::NEWTABLE)
+            .all(|(_, a)| attr_of(a, NFTA_TABLE_FLAGS).is_none_or(|f| f.iter().all(|b| *b == 0)))
+    }
+
+    /// The image without the table's name and flags, in an order that does not depend on
+    /// how the table was built (chains, sets and objects sorted, rules kept in their
+    /// order within each chain): for comparing our table with a scratch table that loaded
+    /// the same rules.
+    pub fn canonical(&self) -> TableImage {
+        let mut entries: Vec<(u16, Vec<u8>)> = self
+            .entries
+            .iter()
+            .map(|(k, a)| {
+                let drop: &[u16] = if *k == msg::NEWTABLE {
+                    &[NFTA_TABLE_NAME, NFTA_TABLE_FLAGS]
+                } else if *k == msg::NEWSETELEM {
+                    &[]
+                } else {
+                    &[ATTR_TABLE]
+                };
+                (*k, without(a, drop))
+            })
+            .collect();
+        let rank = |k: u16| match k {
+            msg::NEWTABLE => 0,
+            msg::NEWCHAIN => 1,
+            msg::NEWRULE => 2,
+            msg::NEWSET => 3,
+            msg::NEWOBJ => 4,
+            _ => 5,
+        };
+        // Stable: rules keep their order within a chain, map elements theirs.
+        entries.sort_by(|(ka, a), (kb, b)| {
+            rank(*ka).cmp(&rank(*kb)).then_with(|| match *ka {
+                msg::NEWRULE => attr_of(a, NFTA_RULE_CHAIN).cmp(&attr_of(b, NFTA_RULE_CHAIN)),
+                msg::NEWSETELEM => std::cmp::Ordering::Equal,
+                _ => a.cmp(b),
+            })
+        });
+        let mut set_names = self.set_names.clone();
+        set_names.sort();
+        TableImage {
+            entries,
+            set_counts: self.set_counts.clone(),
+            set_names,
+            contents: self.contents.clone(),
+        }
+    }
+}
+
 fn set_name(body: &[u8]) -> Result<Option<String>, NfnlError> {
     for attr in attrs(body) {
         let (kind, payload) = attr?;

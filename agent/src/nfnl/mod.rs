@@ -10,7 +10,9 @@
 
 pub mod counters;
 pub mod digest;
+pub mod events;
 pub mod image;
+pub mod scratch;
 pub mod setelem;
 
 use std::os::fd::AsRawFd;
@@ -276,6 +278,10 @@ impl NfnlSocket {
         // The whole batch must be one datagram: the kernel aborts a batch whose END is
         // not in the same skb, and refuses a datagram larger than the send buffer.
         set_sndbuf_force(&self.socket, buf.len() + 4096)?;
+        // One acknowledgement per message, each a small skb of ~1 KiB truesize: the default
+        // receive buffer (~208 KiB) holds ~200 of them, and the kernel drops the rest and
+        // reports ENOBUFS (issue 12.8: five groups of a million addresses, 1,500 messages).
+        set_rcvbuf_force(&self.socket, (count as usize + 2) * ACK_TRUESIZE)?;
         self.socket.send(&buf, 0)?;
         // The kernel processes the batch during send(), so every answer is queued by now;
         // still, read until every message is accounted for.
@@ -330,6 +336,16 @@ fn new_socket() -> Result<Socket, NfnlError> {
     };
     setsockopt(&socket, libc::SO_RCVTIMEO, &timeout)?;
     Ok(socket)
+}
+
+/// What one acknowledgement costs in a receive buffer, generously.
+const ACK_TRUESIZE: usize = 2048;
+const MIN_RCVBUF: usize = 256 << 10;
+
+fn set_rcvbuf_force(socket: &Socket, size: usize) -> Result<(), NfnlError> {
+    let size = libc::c_int::try_from(size.max(MIN_RCVBUF))
+        .map_err(|_| NfnlError::Malformed("batch too large"))?;
+    setsockopt(socket, libc::SO_RCVBUFFORCE, &size)
 }
 
 fn set_sndbuf_force(socket: &Socket, size: usize) -> Result<(), NfnlError> {

@@ -7,11 +7,12 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use palisade_kubelab::{kube_proxy_available, KubeProxy, KUBE_PROXY_USER};
-use support::{agent_binary, can_run, Process, System};
+use support::{agent_binary, can_run, free_port, Process, System};
 
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -97,15 +98,20 @@ fn nft(netns: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Restarts every agent with drift repair each second (the default is a minute).
+/// Restarts every agent with drift repair each second (the default is a minute), on a fresh
+/// metrics port (the old one may linger in TIME_WAIT).
 async fn restart_agents_with_fast_reconcile(s: &mut System) {
     for a in 0..s.agents.len() {
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut args = s.agents[a].args.clone();
+        let at = args.iter().position(|x| x == "--metrics-addr").unwrap() + 1;
+        args[at] = metrics.to_string();
         args.extend(["--reconcile-interval-secs".into(), "1".into()]);
         let log = s.dir.join(format!("agent-{}-fast.log", s.agents[a].node));
         s.agents[a].process.stop();
         s.agents[a].process = Process::spawn(Command::new(agent_binary()).args(&args), log);
         s.agents[a].args = args;
+        s.agents[a].metrics = metrics;
         s.wait_agent_ready(a).await;
     }
 }

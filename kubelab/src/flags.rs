@@ -65,7 +65,8 @@ pub(crate) fn apiserver(root: &Path, ports: &Ports, opts: &Options) -> Vec<Strin
 }
 
 /// Only the controllers a kubelet-less lab needs: namespaces finish deleting, and get their
-/// `default` ServiceAccount (which pod admission requires).
+/// `default` ServiceAccount (which pod admission requires); Services get the EndpointSlices
+/// that kube-proxy programs from, from the pods they select, as on a real cluster.
 pub(crate) fn controller_manager(root: &Path, ports: &Ports, kubeconfig: &Path) -> Vec<String> {
     let kubeconfig = kubeconfig.display();
     vec![
@@ -74,7 +75,7 @@ pub(crate) fn controller_manager(root: &Path, ports: &Ports, kubeconfig: &Path) 
         format!("--authorization-kubeconfig={kubeconfig}"),
         // Its own listener needs no front-proxy CA; looking one up only logs errors.
         "--authentication-skip-lookup=true".to_string(),
-        "--controllers=namespace,serviceaccount,garbagecollector".to_string(),
+        "--controllers=namespace,serviceaccount,garbagecollector,endpointslice".to_string(),
         "--leader-elect=false".to_string(),
         "--bind-address=127.0.0.1".to_string(),
         format!("--secure-port={}", ports.controller_manager),

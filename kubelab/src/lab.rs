@@ -33,7 +33,8 @@ pub struct Options {
     pub service_cidr: String,
     /// Audience (besides the issuer) that the apiserver accepts and that tests request.
     pub token_audience: String,
-    /// Run kube-controller-manager (namespace, serviceaccount, garbagecollector controllers).
+    /// Run kube-controller-manager (namespace, serviceaccount, garbagecollector and
+    /// endpointslice controllers).
     pub controller_manager: bool,
     /// How long each component may take to become ready.
     pub startup_timeout: Duration,

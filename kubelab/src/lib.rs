@@ -2,17 +2,18 @@
 //!
 //! [`KubeLab::start`] runs etcd, kube-apiserver (TLS, client-certificate admin in
 //! `system:masters`, RBAC, ServiceAccount token signing with audience `palisade`) and
-//! kube-controller-manager (namespace, serviceaccount and garbage-collector controllers only),
-//! then installs the network-policy-api CRDs that users install, so the apiserver admits and
-//! rejects exactly what a real cluster would. The binaries come from `scripts/tools.sh`
+//! kube-controller-manager (namespace, serviceaccount, garbage-collector and endpointslice
+//! controllers only), then installs the network-policy-api CRDs that users install, so the
+//! apiserver admits and rejects exactly what a real cluster would. The binaries come from `scripts/tools.sh`
 //! (`target/tools/bin`, or `$PALISADE_KUBE_BIN`).
 //!
 //! Processes in a lab node's network namespace (kube-proxy) reach the apiserver through
-//! [`KubeLab::forward_into_netns`], a relay from that namespace's own loopback.
+//! [`KubeLab::forward_into_netns`], a relay from that namespace's own loopback;
+//! [`KubeLab::start_kube_proxy`] runs a real kube-proxy (nftables mode) in a node's namespace.
 //!
-//! Limits: there is no kubelet, scheduler or kube-proxy. Pods are never run: tests set their
-//! addresses through the status subresource ([`KubeLab::set_pod_status`]) and delete them
-//! with grace period 0. There are no Endpoints for the `kubernetes` Service
+//! Limits: there is no kubelet or scheduler, and no kube-proxy unless a test starts one.
+//! Pods are never run: tests set their addresses and `Ready` condition through the status
+//! subresource ([`KubeLab::set_pod_status`]) and delete them with grace period 0. There are no Endpoints for the `kubernetes` Service
 //! (`--endpoint-reconciler-type=none`), no admission webhooks, and one etcd member without
 //! fsync. Everything listens on 127.0.0.1 only; all state lives in a temp dir that the lab
 //! removes when it stops (on drop, or at exit for [`shared`]).
@@ -27,6 +28,7 @@ mod lab;
 mod objects;
 mod pki;
 mod process;
+mod proxy;
 mod shared;
 mod tools;
 
@@ -37,6 +39,7 @@ pub use forward::NetnsForward;
 pub use lab::{KubeLab, Options, SERVICE_ACCOUNT_ISSUER};
 pub use objects::{container_port, LabPod, POD_IMAGE};
 pub use pki::{Ca, CertPair};
+pub use proxy::{kube_proxy_available, KubeProxy, KUBE_PROXY_TABLES, KUBE_PROXY_USER};
 pub use shared::shared;
 pub use tools::{
     control_plane_available, crd_dir_for, default_bin_dir, default_tools_dir, missing, skip,

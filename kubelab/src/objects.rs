@@ -276,7 +276,8 @@ impl KubeLab {
             .await
     }
 
-    /// Sets `status.podIP(s)`, `hostIP(s)` and phase Running, as a kubelet would.
+    /// Sets `status.podIP(s)`, `hostIP(s)`, phase Running and the `Ready` condition, as a
+    /// kubelet would; the endpointslice controller only lists ready pods as ready endpoints.
     pub async fn set_pod_status(
         &self,
         namespace: &str,
@@ -293,6 +294,10 @@ impl KubeLab {
             "phase": "Running",
             "podIP": ips.first().map(|ip| ip.to_string()),
             "podIPs": pod_ips,
+            "conditions": [
+                { "type": "ContainersReady", "status": "True" },
+                { "type": "Ready", "status": "True" },
+            ],
         });
         if let Some(host) = host_ip {
             status["hostIP"] = json!(host.to_string());

@@ -1,5 +1,6 @@
 //! The shared lab against the real binaries: CRDs validate for real, pods get addresses,
-//! namespaces get their ServiceAccount and finish deleting, pod-bound tokens name the node.
+//! namespaces get their ServiceAccount and finish deleting, Services their EndpointSlices,
+//! pod-bound tokens name the node.
 //! The project's conformance policies are all admitted by the real apiserver. Each test uses
 //! its own namespace and object names, since they share one lab.
 
@@ -473,4 +474,51 @@ async fn the_apiserver_is_reachable_from_inside_a_network_namespace() {
         !out.status.success(),
         "still reachable on port {port} after drop"
     );
+}
+
+/// The endpointslice controller writes a Service's slice from the pods it selects, and a pod
+/// whose status the lab set counts as ready, as kube-proxy needs.
+#[tokio::test]
+async fn a_service_gets_an_endpoint_slice_with_its_ready_pod() {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let Some(lab) = lab() else { return };
+    lab.create_namespace("lab-svc", &BTreeMap::new())
+        .await
+        .unwrap();
+    lab.wait_default_service_account("lab-svc").await.unwrap();
+    lab.create_node("lab-node-svc", &[ip("10.200.0.3")], &BTreeMap::new())
+        .await
+        .unwrap();
+    lab.create_pod(
+        &LabPod::new("lab-svc", "web", "lab-node-svc")
+            .label("app", "web")
+            .port(Some("http"), 8080, "TCP")
+            .ip(ip("10.244.3.5")),
+    )
+    .await
+    .unwrap();
+    lab.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {namespace: lab-svc, name: web}\n\
+         spec: {selector: {app: web}, ports: [{name: web, port: 80, targetPort: http}]}\n",
+    )
+    .await
+    .unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(lab.client().await.unwrap(), "lab-svc");
+    lab.wait_until(
+        "the Service's EndpointSlice with a ready endpoint",
+        || async {
+            let list = slices
+                .list(&kube::api::ListParams::default().labels("kubernetes.io/service-name=web"))
+                .await?;
+            Ok(list.items.iter().any(|s| {
+                s.ports.iter().flatten().any(|p| p.port == Some(8080))
+                    && s.endpoints.iter().flatten().any(|e| {
+                        e.addresses == ["10.244.3.5"]
+                            && e.conditions.as_ref().and_then(|c| c.ready) == Some(true)
+                    })
+            }))
+        },
+    )
+    .await
+    .unwrap();
 }

@@ -19,6 +19,7 @@ cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 echo "== mutation check of the agreement property"
 # Planted bugs in the compiled side must each make the property fail (a few minutes).
 scripts/mutants.sh
+FUZZ_SECONDS="${FUZZ_SECONDS:-25}" scripts/fuzz.sh # cargo-fuzz targets, 25 s each (issue 12.13; with the build within 6 min)
 
 echo "== conformance (offline)"
 cargo build --release --locked -p palisadectl -p palisade-agent

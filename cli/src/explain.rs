@@ -31,6 +31,7 @@ pub struct Args {
     /// --to-service: a port of the Service, by number or name).
     #[arg(long, value_name = "PORT")]
     port: String,
+    /// TCP, UDP or SCTP, spelled as in Kubernetes (case-sensitive).
     #[arg(long, default_value = "TCP", value_parser = parse_protocol)]
     protocol: Protocol,
     /// IPv4 or IPv6; default: the destination pod's first address family.
@@ -38,15 +39,9 @@ pub struct Args {
     family: Option<Family>,
 }
 
+/// The rule of the API files: exactly TCP, UDP or SCTP (case-sensitive, as in Kubernetes).
 fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    match s.to_ascii_uppercase().as_str() {
-        "TCP" => Ok(Protocol::Tcp),
-        "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Ok(Protocol::Sctp),
-        _ => Err(format!(
-            "unknown protocol {s:?} (expected TCP, UDP or SCTP)"
-        )),
-    }
+    palisade_resources::syntax::protocol(s)
 }
 
 fn parse_family(s: &str) -> Result<Family, String> {
@@ -250,4 +245,21 @@ fn explain_flow(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 12.12: the flag follows the API files' rule (before, `tcp` was accepted here
+    /// and refused in YAML).
+    #[test]
+    fn the_protocol_flag_is_case_sensitive_like_the_api() {
+        assert_eq!(parse_protocol("UDP"), Ok(Protocol::Udp));
+        let err = parse_protocol("tcp").unwrap_err();
+        assert!(
+            err.contains("case-sensitive") && err.contains("write TCP"),
+            "{err}"
+        );
+    }
 }

@@ -15,6 +15,7 @@ use crate::documents::{self, typed};
 use crate::error::{Errors, LoadError, ObjectError, ObjectRef};
 use crate::fields;
 use crate::netpol::DEFAULT_NAMESPACE;
+use crate::syntax::{self, NameRule};
 
 /// The label the API server puts on every namespace, which policies often select on.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -93,15 +94,14 @@ pub struct ClusterObjects {
     pub services: Vec<Service>,
 }
 
+/// The object's name, checked with its namespace and labels (see [`syntax::metadata`]).
 fn name_of(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    rule: NameRule,
+    namespaced: bool,
     errs: &mut Errors,
 ) -> String {
-    let name = meta.name.clone().unwrap_or_default();
-    if name.is_empty() {
-        errs.add("metadata.name", "required");
-    }
-    name
+    syntax::metadata(meta, rule, namespaced, errs)
 }
 
 fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -123,7 +123,7 @@ fn ip(value: &str, path: &str, errs: &mut Errors) -> Option<IpAddr> {
 /// A Namespace, with the `kubernetes.io/metadata.name` label the API server adds.
 pub fn namespace(ns: &core::Namespace, object: &ObjectRef) -> Result<Namespace, ObjectError> {
     let mut errs = Errors::default();
-    let name = name_of(&ns.metadata, &mut errs);
+    let name = name_of(&ns.metadata, NameRule::Label, false, &mut errs);
     let mut labels = ns.metadata.labels.clone().unwrap_or_default();
     labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
     errs.finish(
@@ -139,7 +139,7 @@ pub fn namespace(ns: &core::Namespace, object: &ObjectRef) -> Result<Namespace, 
 /// its addresses are its `InternalIP`s (empty when none are listed).
 pub fn node(n: &core::Node, object: &ObjectRef) -> Result<Node, ObjectError> {
     let mut errs = Errors::default();
-    let name = name_of(&n.metadata, &mut errs);
+    let name = name_of(&n.metadata, NameRule::Subdomain, false, &mut errs);
     let mut labels = n.metadata.labels.clone().unwrap_or_default();
     labels
         .entry(HOSTNAME_LABEL.to_string())
@@ -178,7 +178,7 @@ pub fn node(n: &core::Node, object: &ObjectRef) -> Result<Node, ObjectError> {
 /// A Pod as written (see [`PodObject`]).
 pub fn pod(p: &core::Pod, object: &ObjectRef) -> Result<PodObject, ObjectError> {
     let mut errs = Errors::default();
-    let name = name_of(&p.metadata, &mut errs);
+    let name = name_of(&p.metadata, NameRule::Subdomain, true, &mut errs);
     let namespace = namespace_of(&p.metadata);
     let spec = p.spec.as_ref();
     let node = spec
@@ -277,7 +277,7 @@ pub fn pod(p: &core::Pod, object: &ObjectRef) -> Result<PodObject, ObjectError> 
 /// A Service's selector, cluster IP and ports.
 pub fn service(s: &core::Service, object: &ObjectRef) -> Result<Service, ObjectError> {
     let mut errs = Errors::default();
-    let name = name_of(&s.metadata, &mut errs);
+    let name = name_of(&s.metadata, NameRule::Label, true, &mut errs);
     let namespace = namespace_of(&s.metadata);
     let spec = s.spec.clone().unwrap_or_default();
     let cluster_ip = match spec.cluster_ip.as_deref() {
@@ -417,6 +417,62 @@ mod tests {
                 "cluster.yaml: Pod default/p: status.podIP: 10.0.0.1 differs from status.podIPs[0] 10.0.0.2",
                 "cluster.yaml: Deployment d: kind: unexpected kind \"Deployment\" of apiVersion \"apps/v1\"; a cluster file holds v1 Namespace, Pod, Node and Service objects",
             ]
+        );
+    }
+
+    /// Issue 12.9: each kind's name rule as the v1.37 apiserver has it. Pods and Nodes are
+    /// DNS-1123 subdomains (dots, up to 253); Namespaces and Services are DNS-1123 labels
+    /// (a Service may start with a digit since RelaxedServiceNameValidation went GA).
+    #[test]
+    fn names_follow_each_kinds_rule() {
+        let long = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61),
+        ]
+        .join(".");
+        let accepted = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: 0shop, labels: {{example.com/t: v}}}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: node-1.example.com}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: {long}, namespace: 0shop}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: 1web, namespace: 0shop}}\n"
+        );
+        let objs = parse_cluster("c", &accepted).expect("the apiserver accepts these");
+        assert_eq!(objs.pods[0].name, long);
+
+        let refused = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop.prod}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {name: Node_1}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: Shop, labels: {app: \"a b\"}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: web.v1}\n";
+        let err = parse_cluster("c", refused).unwrap_err().to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 5, "{err}");
+        assert!(
+            lines[0].starts_with(
+                "c: Namespace shop.prod: metadata.name: \"shop.prod\": a lowercase RFC 1123 label"
+            ),
+            "{err}"
+        );
+        assert!(
+            lines[1].starts_with(
+                "c: Node Node_1: metadata.name: \"Node_1\": a lowercase RFC 1123 subdomain"
+            ),
+            "{err}"
+        );
+        assert!(
+            lines[2].starts_with("c: Pod Shop/web: metadata.namespace: \"Shop\""),
+            "{err}"
+        );
+        assert!(
+            lines[3].starts_with("c: Pod Shop/web: metadata.labels[app]: \"a b\""),
+            "{err}"
+        );
+        assert!(
+            lines[4].starts_with(
+                "c: Service default/web.v1: metadata.name: \"web.v1\": a lowercase RFC 1123 label"
+            ),
+            "{err}"
         );
     }
 }

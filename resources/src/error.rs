@@ -130,19 +130,23 @@ impl LoadError {
         path: &std::path::Path,
         parse: impl FnOnce(&str, &str) -> Result<T, LoadError>,
     ) -> Result<T, LoadError> {
-        let file = path.display().to_string();
+        let text = Self::read_text(path)?;
+        parse(&path.display().to_string(), &text)
+    }
+
+    /// A file's text ([`crate::strict::text_of`]: a BOM dropped, a bad byte located).
+    pub(crate) fn read_text(path: &std::path::Path) -> Result<String, LoadError> {
         let read_err = |source| LoadError::Read {
-            file: file.clone(),
+            file: path.display().to_string(),
             source,
         };
         let bytes = std::fs::read(path).map_err(read_err)?;
-        let text = crate::strict::text_of(bytes).map_err(|message| {
+        crate::strict::text_of(bytes).map_err(|message| {
             read_err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 message,
             ))
-        })?;
-        parse(&file, &text)
+        })
     }
 
     pub fn file(&self) -> &str {

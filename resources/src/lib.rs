@@ -20,6 +20,7 @@ mod policies;
 pub mod probes;
 pub mod scenario;
 pub mod strict;
+pub mod syntax;
 mod tiered;
 
 pub use error::{FieldError, LoadError, ObjectError, ObjectRef};

@@ -8,7 +8,8 @@ use palisade_policy::{
 };
 
 use crate::error::{Errors, ObjectError, ObjectRef};
-use crate::fields;
+use crate::fields::{self, HostBits, LabelSyntax::Checked};
+use crate::syntax::{self, NameRule};
 use crate::Converted;
 
 /// The namespace `kubectl apply` puts a namespaced object without one in.
@@ -20,10 +21,7 @@ pub fn network_policy(
     object: &ObjectRef,
 ) -> Result<Converted, ObjectError> {
     let mut errs = Errors::default();
-    let name = np.metadata.name.clone().unwrap_or_default();
-    if name.is_empty() {
-        errs.add("metadata.name", "required");
-    }
+    let name = syntax::metadata(&np.metadata, NameRule::Subdomain, true, &mut errs);
     let namespace = np
         .metadata
         .namespace
@@ -35,7 +33,7 @@ pub fn network_policy(
     };
 
     let pods = match &spec.pod_selector {
-        Some(sel) => fields::selector(sel, "spec.podSelector", &mut errs),
+        Some(sel) => fields::selector(sel, "spec.podSelector", &mut errs, Checked),
         None => LabelSelector::everything(),
     };
 
@@ -191,11 +189,12 @@ fn peer(
                     sel,
                     &format!("{path}.namespaceSelector"),
                     errs,
+                    Checked,
                 )),
                 None => NamespaceScope::Named(namespace.to_string()),
             };
             let pods = match pods {
-                Some(sel) => fields::selector(sel, &format!("{path}.podSelector"), errs),
+                Some(sel) => fields::selector(sel, &format!("{path}.podSelector"), errs, Checked),
                 None => LabelSelector::everything(),
             };
             Some(Peer::Pods { namespaces, pods })
@@ -204,11 +203,16 @@ fn peer(
 }
 
 fn ip_block(block: &net::IPBlock, path: &str, errs: &mut Errors) -> Option<Peer> {
-    let cidr = fields::cidr(&block.cidr, &format!("{path}.cidr"), errs)?;
+    let cidr = fields::cidr(
+        &block.cidr,
+        &format!("{path}.cidr"),
+        errs,
+        HostBits::Refused,
+    )?;
     let mut except = Vec::new();
     for (i, e) in block.except.iter().flatten().enumerate() {
         let at = format!("{path}.except[{i}]");
-        let Some(net) = fields::cidr(e, &at, errs) else {
+        let Some(net) = fields::cidr(e, &at, errs, HostBits::Refused) else {
             continue;
         };
         // As the API server checks it: a strict subset of `cidr`, of the same family.
@@ -491,7 +495,7 @@ spec:
                 "spec.policyTypes[1]: unknown policy type \"Sideways\" (expected Ingress or Egress)",
                 "spec.ingress[0].from[0]: must specify a peer: podSelector, namespaceSelector or ipBlock",
                 "spec.ingress[0].from[1]: ipBlock cannot be combined with podSelector or namespaceSelector",
-                "spec.ingress[0].from[2].ipBlock.cidr: \"10.0.0.0/33\" is not a valid CIDR (e.g. 10.0.0.0/8 or fd00::/64)",
+                "spec.ingress[0].from[2].ipBlock.cidr: \"10.0.0.0/33\" is not a valid CIDR: expected e.g. 10.0.0.0/8 or fd00::/64",
                 "spec.ingress[0].from[3].ipBlock.except[0]: 10.1.0.0/24 is not a strict subset of cidr 10.0.0.0/16",
                 "spec.ingress[0].from[3].ipBlock.except[1]: fd00::/64 is not a strict subset of cidr 10.0.0.0/16",
                 "spec.ingress[0].from[3].ipBlock.except[2]: 10.0.0.0/16 is not a strict subset of cidr 10.0.0.0/16",
@@ -511,6 +515,77 @@ spec:
         assert_eq!(
             errors("metadata: {}\nspec: {}"),
             vec!["metadata.name: required"]
+        );
+    }
+
+    /// Issue 12.9: names, namespaces and labels as the apiserver checks them. NetworkPolicy
+    /// names are DNS-1123 subdomains (`ValidateNetworkPolicyName = NameIsDNSSubdomain`),
+    /// so dots and 253 characters are accepted; its namespace is a DNS-1123 label.
+    #[test]
+    fn names_namespaces_and_labels_as_the_apiserver_checks_them() {
+        let long = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61),
+        ]
+        .join(".");
+        for name in ["p", "allow-dns", "web.v1", "0", long.as_str()] {
+            let yaml = format!("metadata: {{namespace: shop-1, name: {name:?}, labels: {{example.com/team: A_b.c, tier: \"\"}}}}\nspec: {{podSelector: {{matchLabels: {{k8s.io/app: web}}}}}}");
+            assert!(convert(&yaml).is_ok(), "{name}: {:?}", convert(&yaml));
+        }
+        let errs = errors(&format!(
+            "metadata: {{namespace: Shop, name: {:?}, labels: {{-bad: ok, good: \"not ok\"}}}}\nspec: {{podSelector: {{matchLabels: {{\"a/b/c\": x}}}}}}",
+            format!("{long}e")
+        ));
+        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert!(
+            errs[0].starts_with("metadata.name: ")
+                && errs[0].contains("must be no more than 253 characters"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("metadata.namespace: \"Shop\": a lowercase RFC 1123 label"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].starts_with("metadata.labels: \"-bad\": name part"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[3].starts_with("metadata.labels[good]: \"not ok\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[4].starts_with("spec.podSelector.matchLabels: \"a/b/c\": a valid label key"),
+            "{errs:?}"
+        );
+        for name in ["Web", "web_1", "-web", "web.", "a..b"] {
+            let e = errors(&format!(
+                "metadata: {{name: {name:?}}}\nspec: {{podSelector: {{}}}}"
+            ));
+            assert!(
+                e[0].starts_with(&format!(
+                    "metadata.name: {name:?}: a lowercase RFC 1123 subdomain"
+                )),
+                "{e:?}"
+            );
+        }
+    }
+
+    /// Issue 12.9: ipBlock CIDRs as the v1.37 apiserver's strict validation checks them.
+    #[test]
+    fn ip_block_cidrs_are_strict() {
+        let errs = errors(
+            "metadata: {name: p}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - ipBlock: {cidr: \"::ffff:10.0.0.0/104\"}\n    - ipBlock: {cidr: 10.0.0.0/8, except: [010.1.0.0/16, 10.2.0.1/16]}\n",
+        );
+        assert_eq!(
+            errs,
+            vec![
+                "spec.ingress[0].from[0].ipBlock.cidr: \"::ffff:10.0.0.0/104\" is not a valid CIDR: must not have an IPv4-mapped IPv6 address",
+                "spec.ingress[0].from[1].ipBlock.except[0]: \"010.1.0.0/16\" is not a valid CIDR: must not have leading 0s in IP or prefix length",
+                "spec.ingress[0].from[1].ipBlock.except[1]: \"10.2.0.1/16\" is not a valid CIDR: must not have bits set beyond the prefix length (the network is 10.2.0.0/16)",
+            ]
         );
     }
 }

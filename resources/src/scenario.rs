@@ -67,12 +67,9 @@ pub fn load_scenario(dir: &Path) -> Result<Scenario, ScenarioError> {
         .map_err(|e| errors.push(e))
         .ok();
     let probes_path = dir.join("probes.yaml");
-    let probes = match (&cluster, std::fs::read_to_string(&probes_path)) {
-        (_, Err(source)) => {
-            errors.push(LoadError::Read {
-                file: probes_path.display().to_string(),
-                source,
-            });
+    let probes = match (&cluster, LoadError::read_text(&probes_path)) {
+        (_, Err(e)) => {
+            errors.push(e);
             None
         }
         // Probes name pods, so they can only be checked against a readable cluster.

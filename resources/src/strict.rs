@@ -240,14 +240,18 @@ pub fn flow_depth(text: &str) -> (usize, usize) {
     (max, max_line)
 }
 
-/// An input file's bytes as text: UTF-8, with a leading byte-order mark dropped (editors on
-/// some systems write one, and YAML allows it). Anything else is an error that says where:
-/// the byte offset and line of the first invalid byte, or that the file is UTF-16.
+/// An input file's bytes as text, read as `kubectl apply -f` reads a file (cli-runtime's
+/// `FileVisitor`, `unicode.BOMOverride`): a leading UTF-8 byte-order mark is dropped, and a
+/// UTF-16 one (little or big endian, as some Windows editors write) means UTF-16 text,
+/// decoded. Where kubectl replaces a byte that is not UTF-8 with U+FFFD and carries on, this
+/// is an error saying where (byte offset and line): a silently altered value is worse than
+/// a refused file.
 pub fn text_of(bytes: Vec<u8>) -> Result<String, String> {
-    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
-        return Err(
-            "UTF-16 text (it starts with a UTF-16 byte-order mark); write it as UTF-8".into(),
-        );
+    if let Some(le) = bytes.strip_prefix(&[0xff, 0xfe][..]) {
+        return utf16(le, u16::from_le_bytes);
+    }
+    if let Some(be) = bytes.strip_prefix(&[0xfe, 0xff][..]) {
+        return utf16(be, u16::from_be_bytes);
     }
     let body = bytes
         .strip_prefix(&[0xef, 0xbb, 0xbf][..])
@@ -264,6 +268,36 @@ pub fn text_of(bytes: Vec<u8>) -> Result<String, String> {
             ))
         }
     }
+}
+
+/// UTF-16 text after its byte-order mark; an odd length or an unpaired surrogate is an
+/// error at its byte offset (counting the mark).
+fn utf16(body: &[u8], unit: fn([u8; 2]) -> u16) -> Result<String, String> {
+    if body.len() % 2 != 0 {
+        return Err(format!(
+            "UTF-16 text (it starts with a UTF-16 byte-order mark) of an odd length: a byte is missing at byte offset {}",
+            body.len() + 2
+        ));
+    }
+    let units = body.chunks_exact(2).map(|c| unit([c[0], c[1]]));
+    let mut text = String::with_capacity(body.len() / 2);
+    let mut line = 1;
+    for c in char::decode_utf16(units) {
+        match c {
+            Ok(c) => {
+                line += usize::from(c == '\n');
+                text.push(c);
+            }
+            Err(_) => {
+                let units_before: usize = text.chars().map(char::len_utf16).sum();
+                return Err(format!(
+                    "not UTF-16: an unpaired surrogate at byte offset {} (line {line})",
+                    2 + units_before * 2
+                ));
+            }
+        }
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -293,9 +327,25 @@ mod tests {
             text_of(b"a: 1\nb: \xff\n".to_vec()).unwrap_err(),
             "not UTF-8: byte 0xff at byte offset 8 (line 2)"
         );
-        assert!(text_of(b"\xff\xfea\x00".to_vec())
+        // Issue 12.12: UTF-16 with its byte-order mark is decoded, as kubectl does.
+        let le: Vec<u8> = [0xff, 0xfe]
+            .into_iter()
+            .chain("a: é\n".encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        assert_eq!(text_of(le).unwrap(), "a: é\n");
+        let be: Vec<u8> = [0xfe, 0xff]
+            .into_iter()
+            .chain("a: 𝄞\n".encode_utf16().flat_map(u16::to_be_bytes))
+            .collect();
+        assert_eq!(text_of(be).unwrap(), "a: 𝄞\n");
+        // 'a' '\n' then a lone high surrogate: units 0-1 after the mark, at byte 6.
+        assert_eq!(
+            text_of(vec![0xff, 0xfe, b'a', 0, b'\n', 0, 0x00, 0xd8, b'b', 0]).unwrap_err(),
+            "not UTF-16: an unpaired surrogate at byte offset 6 (line 2)"
+        );
+        assert!(text_of(vec![0xff, 0xfe, b'a'])
             .unwrap_err()
-            .contains("UTF-16"));
+            .contains("odd length"));
     }
 
     #[test]

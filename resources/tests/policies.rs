@@ -260,7 +260,7 @@ spec:
             "policies.yaml: ClusterNetworkPolicy bad: spec.ingress: 26 rules; at most 25 are allowed",
             "policies.yaml: ClusterNetworkPolicy bad: spec.egress[0].action: unknown action \"Allow\": ClusterNetworkPolicy says Accept (expected Accept, Deny or Pass)",
             "policies.yaml: ClusterNetworkPolicy bad: spec.egress[1].to: must list at least one peer",
-            "policies.yaml: ClusterNetworkPolicy bad: spec.egress[2].to[0].networks[0]: \"10.0.0.0/40\" is not a valid CIDR (e.g. 10.0.0.0/8 or fd00::/64)",
+            "policies.yaml: ClusterNetworkPolicy bad: spec.egress[2].to[0].networks[0]: \"10.0.0.0/40\" is not a valid CIDR: expected e.g. 10.0.0.0/8 or fd00::/64",
             "policies.yaml: ClusterNetworkPolicy bad: spec.egress[2].to[1]: exactly one of namespaces, pods, nodes, networks and domainNames must be set (found namespaces, pods)",
             "policies.yaml: ClusterNetworkPolicy bad: spec.egress[2].protocols[0].tcp.destinationPort.range: start 90 must be less than end 80",
             "policies.yaml: ClusterNetworkPolicy bad: spec.egress[2].protocols[1].udp.destinationPort.number: port 0 is out of range 1..=65535",
@@ -414,4 +414,62 @@ fn each_object_converts_on_its_own_for_a_controller() {
     let c = policy_from_value(&value).unwrap();
     assert_eq!(c.policy.id.namespace.as_deref(), Some("default"));
     assert!(c.policy.isolates.egress && !c.policy.isolates.ingress);
+}
+
+/// Issue 12.9, the CRD kinds: names are DNS-1123 subdomains (apiextensions validates custom
+/// resources' metadata with NameIsDNSSubdomain); `networks` follow the CRDs' CEL rules
+/// (v1beta1/v1alpha2: `isCIDR(self) && cidr(self) == cidr(self).masked()`, v1alpha1: only
+/// `isCIDR(self)`; both refuse IPv4-mapped addresses and leading zeros); selectors are
+/// checked by the schema only, which takes any string, so bad label syntax is a warning.
+#[test]
+fn tiered_names_networks_and_selectors_as_the_crds_check_them() {
+    let cnp = |name: &str, networks: &str, selector: &str| {
+        format!(
+            "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name:?}}}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {{namespaces: {selector}}}\n  egress:\n  - action: Deny\n    to: [{{networks: {networks}}}]\n"
+        )
+    };
+    let ok = parse_policies(
+        "p",
+        &cnp(
+            "deny.example-1",
+            "[10.0.0.0/8, \"fd00::/64\"]",
+            "{matchLabels: {\"bad key\": x}}",
+        ),
+    )
+    .expect("the apiserver accepts this object");
+    let w: Vec<String> = ok.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("ClusterNetworkPolicy deny.example-1: spec.subject.namespaces.matchLabels: \"bad key\": name part must consist of"),
+        "{w:?}"
+    );
+
+    let errs = errors(&cnp(
+        "Deny_All",
+        "[10.0.0.1/8, \"::ffff:10.0.0.0/104\", 010.0.0.0/8]",
+        "{}",
+    ));
+    assert_eq!(
+        errs,
+        vec![
+            "policies.yaml: ClusterNetworkPolicy Deny_All: metadata.name: \"Deny_All\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com')",
+            "policies.yaml: ClusterNetworkPolicy Deny_All: spec.egress[0].to[0].networks[0]: \"10.0.0.1/8\" is not a valid CIDR: must not have bits set beyond the prefix length (the network is 10.0.0.0/8)",
+            "policies.yaml: ClusterNetworkPolicy Deny_All: spec.egress[0].to[0].networks[1]: \"::ffff:10.0.0.0/104\" is not a valid CIDR: must not have an IPv4-mapped IPv6 address",
+            "policies.yaml: ClusterNetworkPolicy Deny_All: spec.egress[0].to[0].networks[2]: \"010.0.0.0/8\" is not a valid CIDR: must not have leading 0s in IP or prefix length",
+        ]
+    );
+
+    // v1alpha1's `isCIDR` alone takes host bits: the network is meant.
+    let anp = parse_policies(
+        "p",
+        "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: a}\nspec:\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - action: Deny\n    to: [{networks: [10.0.0.1/8]}]\n",
+    )
+    .expect("v1alpha1 networks take host bits");
+    assert_eq!(
+        anp.policies[0].egress[0].peers,
+        Some(vec![Peer::IpBlock {
+            cidr: "10.0.0.0/8".parse().unwrap(),
+            except: vec![]
+        }])
+    );
 }

@@ -65,7 +65,7 @@ fn a_broken_scenario_reports_every_file() {
     std::fs::remove_dir_all(&dir).unwrap();
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 2, "{err}");
-    assert!(lines[0].ends_with("policies.yaml: NetworkPolicy x/p: spec.ingress[0].from[0].ipBlock.cidr: \"nonsense\" is not a valid CIDR (e.g. 10.0.0.0/8 or fd00::/64)"), "{err}");
+    assert!(lines[0].ends_with("policies.yaml: NetworkPolicy x/p: spec.ingress[0].from[0].ipBlock.cidr: \"nonsense\" is not a valid CIDR: expected an address and a prefix length (e.g. 10.0.0.0/8 or fd00::/64)"), "{err}");
     assert!(
         lines[1]
             .ends_with("probes.yaml: probes[0] (x/a -> x/b TCP/80): to: no pod x/b in the cluster"),
@@ -80,4 +80,45 @@ fn a_missing_directory_is_an_error_per_file() {
     assert!(err
         .to_string()
         .starts_with("/nonexistent/scenario/cluster.yaml: cannot read: "));
+}
+
+/// Issue 12.12: probes.yaml is read like the other files: a leading UTF-8 BOM is dropped
+/// (as kubectl does) and a byte that is not UTF-8 is one error with its byte offset and
+/// line. Before, a BOM failed and a bad byte gave "stream did not contain valid UTF-8".
+#[test]
+fn probes_file_encoding_bom_dropped_bad_byte_located() {
+    let dir = std::env::temp_dir().join(format!("palisade-resources-enc-{}", std::process::id()));
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = examples().join("three-tier-shop");
+    for f in ["cluster.yaml", "policies.yaml"] {
+        std::fs::copy(example.join(f), dir.join(f)).unwrap();
+    }
+    let probes = std::fs::read(example.join("probes.yaml")).unwrap();
+    std::fs::write(
+        dir.join("probes.yaml"),
+        [&b"\xef\xbb\xbf"[..], &probes].concat(),
+    )
+    .unwrap();
+    assert_eq!(load_scenario(&dir).expect("BOM dropped").probes.len(), 11);
+
+    let mut bad = probes.clone();
+    let at = bad.iter().position(|&b| b == b'\n').unwrap() + 1;
+    bad.insert(at, 0xff);
+    std::fs::write(dir.join("probes.yaml"), &bad).unwrap();
+    let err = load_scenario(&dir).unwrap_err().to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].ends_with(&format!(
+            "probes.yaml: cannot read: not UTF-8: byte 0xff at byte offset {at} (line 2)"
+        )),
+        "{err}"
+    );
 }

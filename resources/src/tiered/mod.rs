@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::documents::typed;
 use crate::error::{Errors, ObjectError, ObjectRef};
-use crate::fields;
+use crate::fields::{self, HostBits, LabelSyntax::Unchecked};
+use crate::syntax::{self, NameRule};
 use crate::Converted;
 use types::*;
 
@@ -36,6 +37,14 @@ impl Flavor {
             Flavor::Cnp => PolicyKind::ClusterNetworkPolicy,
             Flavor::Anp => PolicyKind::AdminNetworkPolicy,
             Flavor::Banp => PolicyKind::BaselineAdminNetworkPolicy,
+        }
+    }
+
+    /// What the CRD's CEL rule on a `networks` CIDR says of host bits.
+    fn host_bits(self) -> HostBits {
+        match self {
+            Flavor::Cnp => HostBits::Refused,
+            Flavor::Anp | Flavor::Banp => HostBits::Cleared,
         }
     }
 
@@ -233,11 +242,8 @@ impl Ctx {
         &mut self,
         meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     ) -> String {
-        let name = meta.name.clone().unwrap_or_default();
-        if name.is_empty() {
-            self.errs.add("metadata.name", "required");
-        }
-        name
+        // Custom resources: apiextensions validates their metadata with NameIsDNSSubdomain.
+        syntax::metadata(meta, NameRule::Subdomain, false, &mut self.errs)
     }
 
     fn missing_spec(mut self, object: &ObjectRef) -> Result<Converted, ObjectError> {
@@ -274,7 +280,12 @@ impl Ctx {
         };
         match (&subject.namespaces, &subject.pods) {
             (Some(ns), None) => Subject::Cluster {
-                namespaces: fields::selector(ns, "spec.subject.namespaces", &mut self.errs),
+                namespaces: fields::selector(
+                    ns,
+                    "spec.subject.namespaces",
+                    &mut self.errs,
+                    Unchecked(&mut self.warnings),
+                ),
                 pods: LabelSelector::everything(),
             },
             (None, Some(pods)) => {
@@ -293,11 +304,21 @@ impl Ctx {
 
     fn namespaced_pod(&mut self, p: &NamespacedPod, path: &str) -> (LabelSelector, LabelSelector) {
         let namespaces = match &p.namespace_selector {
-            Some(s) => fields::selector(s, &format!("{path}.namespaceSelector"), &mut self.errs),
+            Some(s) => fields::selector(
+                s,
+                &format!("{path}.namespaceSelector"),
+                &mut self.errs,
+                Unchecked(&mut self.warnings),
+            ),
             None => LabelSelector::everything(),
         };
         let pods = match &p.pod_selector {
-            Some(s) => fields::selector(s, &format!("{path}.podSelector"), &mut self.errs),
+            Some(s) => fields::selector(
+                s,
+                &format!("{path}.podSelector"),
+                &mut self.errs,
+                Unchecked(&mut self.warnings),
+            ),
             None => {
                 self.errs.add(
                     format!("{path}.podSelector"),
@@ -495,7 +516,12 @@ impl Ctx {
                     ..
                 },
             ) => vec![Peer::Pods {
-                namespaces: NamespaceScope::Selector(fields::selector(sel, &at, &mut self.errs)),
+                namespaces: NamespaceScope::Selector(fields::selector(
+                    sel,
+                    &at,
+                    &mut self.errs,
+                    Unchecked(&mut self.warnings),
+                )),
                 pods: LabelSelector::everything(),
             }],
             (
@@ -516,7 +542,12 @@ impl Ctx {
                     nodes: Some(sel), ..
                 },
             ) => {
-                vec![Peer::Nodes(fields::selector(sel, &at, &mut self.errs))]
+                vec![Peer::Nodes(fields::selector(
+                    sel,
+                    &at,
+                    &mut self.errs,
+                    Unchecked(&mut self.warnings),
+                ))]
             }
             (
                 "networks",
@@ -528,9 +559,19 @@ impl Ctx {
                 if list.is_empty() {
                     self.errs.add(&at, "must list at least one CIDR");
                 }
+                let host_bits = self.flavor.host_bits();
                 list.iter()
                     .enumerate()
-                    .filter_map(|(k, c)| fields::cidr(c, &format!("{at}[{k}]"), &mut self.errs))
+                    .filter_map(|(k, c)| {
+                        let at = format!("{at}[{k}]");
+                        if c.len() > fields::CRD_CIDR_MAX_LEN {
+                            let max = fields::CRD_CIDR_MAX_LEN;
+                            self.errs
+                                .add(&at, format!("may not be more than {max} bytes"));
+                            return None;
+                        }
+                        fields::cidr(c, &at, &mut self.errs, host_bits)
+                    })
                     .map(|cidr| Peer::IpBlock {
                         cidr,
                         except: Vec::new(),

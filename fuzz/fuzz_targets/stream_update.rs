@@ -1,0 +1,28 @@
+//! The controller stream as the agent decodes it: NodeUpdate messages from protobuf bytes,
+//! each converted with every field checked and applied to the state before it (a snapshot
+//! first). No panic; a refused update leaves the last state; an accepted state carries the
+//! update's digest, references only what it holds, and is reproduced by a snapshot of itself
+//! and by the delta from the state before it.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use palisade_wire::NodeRuleSet;
+
+fuzz_target!(init: palisade_fuzz::seeds::from_env(palisade_fuzz::seeds::stream), |data: &[u8]| {
+    let mut state: Option<NodeRuleSet> = None;
+    for update in palisade_fuzz::updates(data) {
+        let Ok(next) = palisade_wire::apply("n1", state.as_ref(), &update) else {
+            continue;
+        };
+        assert_eq!(palisade_wire::digest(&next), update.digest);
+        let snapshot = palisade_wire::diff(None, &next);
+        let again = palisade_wire::apply("n1", None, &snapshot).expect("a snapshot of a state");
+        assert_eq!(again, next);
+        if let Some(old) = &state {
+            let delta = palisade_wire::diff(Some(old), &next);
+            let again = palisade_wire::apply("n1", Some(old), &delta).expect("a delta");
+            assert_eq!(again, next);
+        }
+        state = Some(next);
+    }
+});

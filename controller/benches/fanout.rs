@@ -255,7 +255,7 @@ async fn controller(dir: PathBuf) -> anyhow::Result<()> {
         std::future::pending(),
     ));
     println!(
-        "ready {port} {} {} {} {} {}",
+        "ready {port} {:.0} {:.0} {} {} {}",
         ms(generated),
         ms(compiled),
         vm_kib("VmHWM:"),

@@ -103,27 +103,41 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?,
         std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?,
     );
-    let service = RuleStreamServer::new(RuleService::new(hub.clone(), Arc::new(auth)))
-        .max_decoding_message_size(1 << 20)
-        .max_encoding_message_size(MAX_MESSAGE);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "serving the agents' stream (TLS)");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    serve_agents(listener, identity, hub, Arc::new(auth), async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+    })
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The agents' stream (TLS) on `listener` until `shutdown`; also what the fan-out
+/// benchmark serves its simulated agents with.
+pub async fn serve_agents(
+    listener: tokio::net::TcpListener,
+    identity: Identity,
+    hub: Arc<Hub>,
+    auth: Arc<Authenticator>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let service = RuleStreamServer::new(RuleService::new(hub, auth))
+        .max_decoding_message_size(1 << 20)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     Server::builder()
         .tls_config(ServerTlsConfig::new().identity(identity))?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = sigterm.recv() => {}
-            }
-        })
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
-    tracing::info!("stopped");
     Ok(())
 }

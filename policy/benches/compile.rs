@@ -5,11 +5,10 @@
 //! process of its own so that peak RSS is that workload's alone. `-- WORKLOAD` runs one
 //! (scale, scale-tiered, small-namespaces, one-namespace).
 
-mod synth;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use palisade_policy::workloads as synth;
 use palisade_policy::*;
 
 const WORKLOADS: [&str; 4] = ["scale", "scale-tiered", "small-namespaces", "one-namespace"];

@@ -12,6 +12,8 @@ pub mod model;
 pub mod ruleset;
 pub mod selector;
 pub mod verdict;
+#[cfg(feature = "workloads")]
+pub mod workloads;
 
 pub use addrset::AddrSet;
 pub use compile::{compile, Change, Compiler, Touched, Warning};

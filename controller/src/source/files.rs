@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use palisade_policy::{PolicyKind, Warning};
-use palisade_resources::core::PodObject;
-use palisade_resources::Converted;
+use palisade_policy::{Cluster, PolicyKind, Warning};
+use palisade_resources::core::{PodObject, Service};
+use palisade_resources::{Converted, Policies};
 use tokio::sync::mpsc;
 
 use crate::objects::{Kind, Object, SourceEvent};
@@ -28,6 +28,12 @@ pub const KINDS: [Kind; 8] = [
 pub fn read(cluster: &Path, policies: &Path) -> anyhow::Result<Vec<SourceEvent>> {
     let (cluster, services) = palisade_resources::load_cluster(cluster)?;
     let policies = palisade_resources::load_policies(policies)?;
+    Ok(events(cluster, services, policies))
+}
+
+/// Loaded objects as the events of one complete read (also what the fan-out benchmark
+/// feeds the controller with).
+pub fn events(cluster: Cluster, services: Vec<Service>, policies: Policies) -> Vec<SourceEvent> {
     let mut objects: Vec<Object> = Vec::new();
     objects.extend(cluster.namespaces.into_values().map(Object::Namespace));
     objects.extend(cluster.nodes.into_values().map(Object::Node));
@@ -64,7 +70,7 @@ pub fn read(cluster: &Path, policies: &Path) -> anyhow::Result<Vec<SourceEvent>>
     for (kind, keys) in KINDS.into_iter().zip(keys) {
         events.push(SourceEvent::Relisted { kind, keys });
     }
-    Ok(events)
+    events
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {

@@ -1,10 +1,11 @@
-//! Synthetic clusters for the compile benchmark. Deterministic: the same workload always
-//! gives the same objects.
+//! Synthetic clusters for the benchmarks (the compile benchmark here, the controller's
+//! fan-out benchmark): deterministic, the same workload always gives the same objects.
+//! Behind the `workloads` feature, so that nothing else carries them.
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use crate::*;
 use ipnet::IpNet;
-use palisade_policy::*;
 
 pub struct Workload {
     pub cluster: Cluster,
@@ -148,7 +149,12 @@ pub fn scale_pod(i: usize, j: usize, global: u32, nodes: usize) -> Pod {
 /// the internet (ipBlock with except) and to a sibling by named port, scrapes from
 /// monitoring namespaces.
 pub fn scale() -> Workload {
-    let (n_nodes, n_ns, per_ns) = (5000, 5000, 30);
+    scale_sized(5000, 5000, 30)
+}
+
+/// *Scale* with other counts (for quick runs of the benchmarks); `n_ns` of at least 11
+/// keeps every kind of namespace.
+pub fn scale_sized(n_nodes: usize, n_ns: usize, per_ns: usize) -> Workload {
     let mut cluster = Cluster::default();
     for i in 0..n_nodes {
         let n = node(i);

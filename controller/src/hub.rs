@@ -78,12 +78,14 @@ impl Hub {
     /// Publishes a new generation: `changed` nodes get their new state (`None`: the node
     /// has nothing to enforce). Marks the hub ready.
     pub fn publish(&self, changed: BTreeMap<String, Option<NodeRuleSet>>) -> u64 {
+        // Lock order, here and in `subscribe`: states, then nodes. The generation moves
+        // under the states lock, so a generation and the states read with it agree.
+        let mut states = self.states.lock().unwrap();
         let generation = {
             let mut g = self.generation.lock().unwrap();
             *g += 1;
             *g
         };
-        let mut states = self.states.lock().unwrap();
         let nodes = self.nodes.lock().unwrap();
         let mut status = self.status.lock().unwrap();
         let mut spans = self.spans.lock().unwrap();
@@ -131,33 +133,21 @@ impl Hub {
 
     /// A receiver of one node's states, already holding the current one.
     pub fn subscribe(&self, node: &str) -> watch::Receiver<Option<Published>> {
+        let states = self.states.lock().unwrap();
         let mut nodes = self.nodes.lock().unwrap();
         let tx = nodes.entry(node.to_string()).or_insert_with(|| {
-            let current = self.current(node);
-            watch::channel(Some(current)).0
-        });
-        let mut rx = tx.subscribe();
-        rx.mark_changed();
-        rx
-    }
-
-    fn current(&self, node: &str) -> Published {
-        let rules = self
-            .states
-            .lock()
-            .unwrap()
-            .get(node)
-            .cloned()
-            .unwrap_or_else(|| {
+            let rules = states.get(node).cloned().unwrap_or_else(|| {
                 Arc::new(NodeRuleSet {
                     node: node.to_string(),
                     ..Default::default()
                 })
             });
-        Published {
-            generation: self.generation(),
-            rules,
-        }
+            let generation = self.generation();
+            watch::channel(Some(Published { generation, rules })).0
+        });
+        let mut rx = tx.subscribe();
+        rx.mark_changed();
+        rx
     }
 
     pub fn connected(&self, node: &str) {

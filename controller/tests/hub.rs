@@ -1,0 +1,82 @@
+//! The hub under concurrency: agents subscribe while the compile loop publishes.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_controller::hub::Hub;
+use palisade_controller::metrics::Metrics;
+use palisade_policy::NodeRuleSet;
+
+fn state(node: &str, generation: u64) -> NodeRuleSet {
+    NodeRuleSet {
+        node: node.to_string(),
+        node_addresses: vec![IpAddr::V4(Ipv4Addr::from(generation as u32))],
+        ..Default::default()
+    }
+}
+
+/// Subscribing to a node for the first time while a publication is under way must neither
+/// deadlock nor start the new channel from a state labelled with a generation it is not.
+#[test]
+fn new_subscribers_during_publications_neither_hang_nor_get_a_mislabelled_state() {
+    let hub = Hub::new(Arc::new(Metrics::new()));
+    let nodes: Vec<String> = (0..4000).map(|i| format!("node-{i}")).collect();
+    let (done_tx, done_rx) = mpsc::channel();
+    let publisher = {
+        let (hub, nodes, done) = (hub.clone(), nodes.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            for round in 0..400u64 {
+                // Generation `round + 1` gives every tenth node a state naming that generation.
+                let changed: BTreeMap<String, Option<NodeRuleSet>> = nodes
+                    .iter()
+                    .skip(round as usize % 10)
+                    .step_by(10)
+                    .map(|n| (n.clone(), Some(state(n, round + 1))))
+                    .collect();
+                let g = hub.publish(changed);
+                assert_eq!(g, round + 1);
+            }
+            done.send("publisher").unwrap();
+        })
+    };
+    let subscriber = {
+        let (hub, done) = (hub.clone(), done_tx);
+        std::thread::spawn(move || {
+            let mut checked = 0;
+            for (i, n) in nodes.iter().enumerate() {
+                let rx = hub.subscribe(n);
+                let first = rx.borrow().clone().expect("a current state");
+                let held = first
+                    .rules
+                    .node_addresses
+                    .first()
+                    .map(|a| match a {
+                        IpAddr::V4(v4) => u32::from(*v4) as u64,
+                        IpAddr::V6(_) => unreachable!(),
+                    })
+                    .unwrap_or(0);
+                // Node i changes in the rounds r with r % 10 == i % 10: at generation g
+                // it holds the last such round below g (1-based), or nothing.
+                let g = first.generation;
+                let expected = (0..g)
+                    .rev()
+                    .find(|r| r % 10 == i as u64 % 10)
+                    .map_or(0, |r| r + 1);
+                assert_eq!(held, expected, "{n}: the state labelled generation {g}");
+                checked += 1;
+            }
+            assert_eq!(checked, 4000);
+            done.send("subscriber").unwrap();
+        })
+    };
+    for _ in 0..2 {
+        done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("publish and subscribe deadlocked");
+    }
+    publisher.join().unwrap();
+    subscriber.join().unwrap();
+}

@@ -21,7 +21,7 @@ echo "== mutation check of the agreement property"
 scripts/mutants.sh
 
 echo "== conformance (offline)"
-cargo build --release --locked -p palisadectl -p palisade-agent
+cargo build --release --locked -p palisadectl -p palisade-agent -p palisade-controller
 bin=target/release
 "$bin/palisadectl" verify tests/conformance/* ../shared/conformance/examples/*
 
@@ -34,5 +34,16 @@ trap 'rm -f "$log"' EXIT
 # could not be probed is a failure of the run, not a pass.
 if grep '^SKIP ' "$log" | grep -v ': the kernel does not support SCTP$'; then
     echo "error: dataplane probes skipped for a reason other than missing SCTP support (above)" >&2
+    exit 1
+fi
+
+echo "== conformance (through the API: apiserver, controller, agents, packets)"
+# One control plane for the whole run (target/tools, from scripts/tools.sh); the same skip
+# rule as the dataplane run.
+"$bin/palisadectl" verify --api --agent "$bin/palisade-agent" --controller "$bin/palisade-controller" \
+    --kube-bin target/tools/bin tests/conformance/* ../shared/conformance/examples/* \
+    | tee "$log"
+if grep '^SKIP ' "$log" | grep -v ': the kernel does not support SCTP$'; then
+    echo "error: probes through the API skipped for a reason other than missing SCTP support (above)" >&2
     exit 1
 fi

@@ -16,7 +16,9 @@
 //! scenario node lags behind, the kernel holds the scenario. No fixed sleeps.
 //!
 //! Between scenarios everything the scenario wrote is deleted, and waited for until gone,
-//! so each scenario starts from a clean state.
+//! so each scenario starts from a clean state; only the run's namespaces stay, emptied and
+//! unlabelled, for later scenarios to relabel (see `clean`). Namespaces that exist already
+//! (`default`, `kube-system`) are borrowed: relabelled, and their labels restored after.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -110,7 +112,12 @@ pub fn verify(dirs: &[PathBuf], opts: &ApiArgs) -> Result<ExitCode> {
                 println!("ERROR {}: {e:#}", scenario.name);
                 tally.failed += 1;
             }
-            if let Err(e) = system.clean(&written).await {
+            let cleaning = Instant::now();
+            let cleaned = system.clean(&written).await;
+            if std::env::var_os("PALISADE_VERIFY_TIMING").is_some() {
+                eprintln!("  clean {:.2}s", cleaning.elapsed().as_secs_f64());
+            }
+            if let Err(e) = cleaned {
                 // What a scenario leaves behind would change every later one.
                 println!(
                     "ERROR {}: cleaning up failed, so the run stops: {e:#}",
@@ -135,17 +142,19 @@ pub(crate) struct ApiSystem {
     pub dir: PathBuf,
     agent_bin: PathBuf,
     fences: u64,
+    /// Namespaces this run created (kept, emptied, between scenarios).
+    own: std::collections::BTreeSet<String>,
 }
 
 /// What a scenario wrote, to take it all away again.
 #[derive(Default)]
 pub(crate) struct Written {
     nodes: Vec<String>,
-    /// Namespaces this scenario created.
+    /// The run's own namespaces that this scenario used.
     namespaces: Vec<String>,
     /// Namespaces that existed already (`default`, `kube-system`), with their labels before.
     borrowed: Vec<(String, BTreeMap<String, String>)>,
-    /// Pods in borrowed namespaces, and the agent pods.
+    /// The scenario's pods and the agent pods.
     pods: Vec<(String, String)>,
     /// YAML of the Services and policies (deleted by name).
     pub yaml: Vec<String>,
@@ -217,6 +226,7 @@ impl ApiSystem {
             dir,
             agent_bin: agent_binary(opts.agent.as_deref()),
             fences: 0,
+            own: Default::default(),
         })
     }
 
@@ -236,21 +246,31 @@ impl ApiSystem {
         written: &mut Written,
         tally: &mut Tally,
     ) -> Result<()> {
+        let t0 = Instant::now();
+        let phase = |what: &str| {
+            if std::env::var_os("PALISADE_VERIFY_TIMING").is_some() {
+                eprintln!("  {what} at {:.2}s", t0.elapsed().as_secs_f64());
+            }
+        };
         let baseline = watch_events(&self.metrics()?);
         let mut expected = Expected::default();
         let cluster_text = std::fs::read_to_string(scenario.dir.join("cluster.yaml"))?;
         self.write_cluster(&scenario.cluster, &cluster_text, written, &mut expected)
             .await?;
+        phase("written");
         let nodes: Vec<String> = scenario.cluster.nodes.keys().cloned().collect();
         let running = self
             .start_agents(&scenario.cluster, written, &mut expected)
             .await
             .with_context(|| format!("starting the lab of {}", scenario.name))?;
+        phase("agents");
         self.settle(&baseline, &expected, &nodes)
             .await
             .context("enforcing the cluster without policies")?;
+        phase("settled");
         let probes = tokio::task::block_in_place(|| serve_probed(scenario, &running))?;
         let control = tokio::task::block_in_place(|| probe_pass(&running, &probes, |_| true))?;
+        phase("control");
 
         let text = std::fs::read_to_string(scenario.dir.join("policies.yaml"))?;
         written.yaml.push(text.clone());
@@ -264,6 +284,7 @@ impl ApiSystem {
         self.settle(&baseline, &expected, &nodes)
             .await
             .context("enforcing the policies")?;
+        phase("policies");
         let enforced = tokio::task::block_in_place(|| {
             probe_pass(&running, &probes, |i| {
                 scenario.probes[i].expect == Verdict::Allow
@@ -272,7 +293,9 @@ impl ApiSystem {
         let rule_sets =
             Compiler::new(scenario.cluster.clone(), scenario.policies.clone()).node_rule_sets();
         report(scenario, &rule_sets, &control, &enforced, tally);
+        phase("probed");
         tokio::task::block_in_place(|| drop(running));
+        phase("lab gone");
         Ok(())
     }
 
@@ -305,7 +328,7 @@ impl ApiSystem {
     /// Nodes, Namespaces, Pods and the Services of `cluster_text`, as a cluster would hold
     /// them.
     pub async fn write_cluster(
-        &self,
+        &mut self,
         cluster: &Cluster,
         cluster_text: &str,
         written: &mut Written,
@@ -319,16 +342,18 @@ impl ApiSystem {
                 .with_context(|| format!("creating Node {}", node.name))?;
             expected.add("Node", 2);
         }
-        let mut borrowed = Vec::new();
         for ns in cluster.namespaces.values() {
             let mut labels = string_labels(&ns.labels);
             labels.remove(NAME_LABEL);
             match self.kube.namespace(&ns.name).await? {
                 Some(before) => {
-                    let mut old = before.metadata.labels.clone().unwrap_or_default();
-                    old.remove(NAME_LABEL);
-                    written.borrowed.push((ns.name.clone(), old));
-                    borrowed.push(ns.name.clone());
+                    if self.own.contains(&ns.name) {
+                        written.namespaces.push(ns.name.clone());
+                    } else {
+                        let mut old = before.metadata.labels.clone().unwrap_or_default();
+                        old.remove(NAME_LABEL);
+                        written.borrowed.push((ns.name.clone(), old));
+                    }
                     let after = self.kube.relabel_namespace(&ns.name, &labels).await?;
                     if after.metadata.resource_version != before.metadata.resource_version {
                         expected.add("Namespace", 1);
@@ -340,14 +365,13 @@ impl ApiSystem {
                         .create_namespace(&ns.name, &labels)
                         .await
                         .with_context(|| format!("creating Namespace {}", ns.name))?;
+                    self.own.insert(ns.name.clone());
                     expected.add("Namespace", 1);
                 }
             }
         }
         for pod in cluster.pods.values() {
-            if borrowed.contains(&pod.namespace) {
-                written.pods.push((pod.namespace.clone(), pod.name.clone()));
-            }
+            written.pods.push((pod.namespace.clone(), pod.name.clone()));
             self.kube
                 .create_pod(&lab_pod(pod))
                 .await
@@ -462,16 +486,20 @@ impl ApiSystem {
         for text in &written.yaml {
             self.kube.delete_yaml(text).await?;
         }
-        for (ns, name) in &written.pods {
-            self.kube.delete_pod(ns, name).await?;
-        }
         futures::future::try_join_all(
             written
-                .namespaces
+                .pods
                 .iter()
-                .map(|ns| self.kube.delete_namespace(ns)),
+                .map(|(ns, name)| self.kube.delete_pod(ns, name)),
         )
         .await?;
+        // The run's own namespaces stay, empty and without labels, for the next scenario
+        // to relabel: deleting one takes the namespace controller some five seconds, which
+        // would double the run, and a namespace without pods selects, and is, nothing
+        // that a rule could name.
+        for ns in &written.namespaces {
+            self.kube.relabel_namespace(ns, &BTreeMap::new()).await?;
+        }
         for (ns, labels) in &written.borrowed {
             self.kube.relabel_namespace(ns, labels).await?;
         }

@@ -217,7 +217,7 @@ pub(crate) fn report(
                 tally.failed += 1;
             }
             Judgement::Wrong => {
-                let compiled = decide_flow(&scenario.cluster, &rule_sets, &probe.flow)
+                let compiled = decide_flow(&scenario.cluster, rule_sets, &probe.flow)
                     .map(|d| format!("{} ({}; {})", d.verdict, d.egress, d.ingress))
                     .unwrap_or_else(|e| e.to_string());
                 println!(

@@ -87,7 +87,7 @@ fn demo_api_enforces_what_the_apiserver_holds_and_follows_edits() {
         }
     });
     let mut text = String::new();
-    let mut read_until = |marker: &str, text: &mut String| {
+    let read_until = |marker: &str, text: &mut String| {
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

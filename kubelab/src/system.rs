@@ -244,7 +244,8 @@ mod tests {
             ],
         };
         let p = lab_pod(&pod);
-        let layout: Vec<(String, Vec<(Option<String>, i32)>)> = p
+        type Layout = Vec<(String, Vec<(Option<String>, i32)>)>;
+        let layout: Layout = p
             .containers
             .iter()
             .map(|(n, ports)| {

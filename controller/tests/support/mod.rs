@@ -6,7 +6,6 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

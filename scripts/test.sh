@@ -22,7 +22,7 @@ scripts/mutants.sh
 FUZZ_SECONDS="${FUZZ_SECONDS:-25}" scripts/fuzz.sh # cargo-fuzz targets, 25 s each (issue 12.13; with the build within 6 min)
 
 echo "== conformance (offline)"
-cargo build --release --locked -p palisadectl -p palisade-agent
+cargo build --release --locked -p palisadectl -p palisade-agent -p palisade-controller
 bin=target/release
 "$bin/palisadectl" verify tests/conformance/* ../shared/conformance/examples/*
 
@@ -35,5 +35,16 @@ trap 'rm -f "$log"' EXIT
 # could not be probed is a failure of the run, not a pass.
 if grep '^SKIP ' "$log" | grep -v ': the kernel does not support SCTP$'; then
     echo "error: dataplane probes skipped for a reason other than missing SCTP support (above)" >&2
+    exit 1
+fi
+
+echo "== conformance (through the API: apiserver, controller, agents, packets)"
+# One control plane for the whole run (target/tools, from scripts/tools.sh); the same skip
+# rule as the dataplane run.
+"$bin/palisadectl" verify --api --agent "$bin/palisade-agent" --controller "$bin/palisade-controller" \
+    --kube-bin target/tools/bin tests/conformance/* ../shared/conformance/examples/* \
+    | tee "$log"
+if grep '^SKIP ' "$log" | grep -v ': the kernel does not support SCTP$'; then
+    echo "error: probes through the API skipped for a reason other than missing SCTP support (above)" >&2
     exit 1
 fi

@@ -63,20 +63,37 @@ impl ControllerProcess {
         }
         let tokens_file = dir.join("node-tokens.yaml");
         write_atomic(&tokens_file, map.as_bytes())?;
+        let source = vec![
+            "--cluster".into(),
+            cluster_file.into_os_string(),
+            "--policies".into(),
+            policies_file.clone().into_os_string(),
+            "--node-tokens".into(),
+            tokens_file.into_os_string(),
+            "--tls-cert".into(),
+            tls.cert.into_os_string(),
+            "--tls-key".into(),
+            tls.key.into_os_string(),
+        ];
+        let mut c = Self::spawn(dir, bin, source, tls.ca)?;
+        c.policies_file = policies_file;
+        c.tokens = tokens;
+        Ok(c)
+    }
+
+    /// Starts the controller on loopback with `source` (its source and TLS arguments) and
+    /// returns once it has published its first compile.
+    pub fn spawn(
+        dir: &Path,
+        bin: &Path,
+        source: Vec<std::ffi::OsString>,
+        ca: PathBuf,
+    ) -> Result<Self> {
         let (grpc, metrics) = (free_port()?, free_port()?);
         let log_file = dir.join("controller.log");
         let log = fs::File::create(&log_file)?;
         let child = Command::new(bin)
-            .arg("--cluster")
-            .arg(&cluster_file)
-            .arg("--policies")
-            .arg(&policies_file)
-            .arg("--node-tokens")
-            .arg(&tokens_file)
-            .arg("--tls-cert")
-            .arg(&tls.cert)
-            .arg("--tls-key")
-            .arg(&tls.key)
+            .args(&source)
             .args(["--listen", &format!("127.0.0.1:{grpc}")])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
             .args(["--min-interval-ms", "50"])
@@ -99,16 +116,26 @@ impl ControllerProcess {
             child,
             url: format!("https://127.0.0.1:{grpc}"),
             metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
-            ca: tls.ca,
-            policies_file,
-            tokens,
+            ca,
+            policies_file: PathBuf::new(),
+            tokens: BTreeMap::new(),
             log_file,
         };
         c.wait(
             |text| metric(text, "palisade_controller_generation").is_some_and(|g| g >= 1.0),
-            Duration::from_secs(30),
+            Duration::from_secs(60),
         )?;
         Ok(c)
+    }
+
+    /// Lets node `node`'s agent authenticate with the token in `path`.
+    pub fn set_token(&mut self, node: &str, path: PathBuf) {
+        self.tokens.insert(node.to_string(), path);
+    }
+
+    /// The last lines of the controller's log.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log_file)
     }
 
     /// The agent arguments that connect node `node` to this controller.
@@ -138,7 +165,8 @@ impl ControllerProcess {
         Ok(metric(&self.metrics_text()?, "palisade_controller_generation").unwrap_or(0.0))
     }
 
-    fn wait(&mut self, done: impl Fn(&str) -> bool, within: Duration) -> Result<()> {
+    /// Waits until `done(/metrics text)` holds; fails early if the controller exits.
+    pub(crate) fn wait(&mut self, done: impl Fn(&str) -> bool, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {

@@ -24,16 +24,16 @@ const PARALLEL_PROBES: usize = 64;
 const RETRY_TIMEOUT: Duration = Duration::from_secs(4);
 
 #[derive(Debug, Default)]
-struct Tally {
-    passed: usize,
+pub(crate) struct Tally {
+    pub(crate) passed: usize,
     /// Of `passed`, those that needed the second, longer chance in one of the two runs.
     retried: usize,
-    failed: usize,
-    skipped: usize,
+    pub(crate) failed: usize,
+    pub(crate) skipped: usize,
 }
 
 impl Tally {
-    fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let retried = if self.retried > 0 {
             format!(" ({} after a retry)", self.retried)
         } else {
@@ -56,32 +56,45 @@ pub fn verify(dirs: &[PathBuf], agent: Option<&Path>) -> Result<ExitCode> {
     let bin = agent_binary(agent);
     let mut tally = Tally::default();
     for dir in dirs {
-        match load_scenario(dir) {
-            Ok(scenario) => {
-                if let Err(e) = verify_scenario(&scenario, &bin, &mut tally) {
-                    println!("ERROR {}: {e:#}", scenario.name);
-                    tally.failed += 1;
-                }
-            }
-            Err(e) => {
-                println!("ERROR {}: cannot read the scenario:", dir.display());
-                for line in e.to_string().lines() {
-                    println!("  {line}");
-                }
+        if let Some(scenario) = load(dir, &mut tally) {
+            if let Err(e) = verify_scenario(&scenario, &bin, &mut tally) {
+                println!("ERROR {}: {e:#}", scenario.name);
                 tally.failed += 1;
             }
         }
     }
-    println!("{}", tally.summary());
-    Ok(if tally.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(tally.finish())
+}
+
+/// Loads a scenario; one that cannot be read is reported and counts as one failure.
+pub(crate) fn load(dir: &Path, tally: &mut Tally) -> Option<Scenario> {
+    match load_scenario(dir) {
+        Ok(scenario) => Some(scenario),
+        Err(e) => {
+            println!("ERROR {}: cannot read the scenario:", dir.display());
+            for line in e.to_string().lines() {
+                println!("  {line}");
+            }
+            tally.failed += 1;
+            None
+        }
+    }
+}
+
+impl Tally {
+    /// Prints the summary line; the exit code says whether anything failed.
+    pub(crate) fn finish(&self) -> ExitCode {
+        println!("{}", self.summary());
+        if self.failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The lab probe for a scenario probe: the destination pod's address of the probe's family.
-fn lab_probe(scenario: &Scenario, flow: &palisade_policy::Flow) -> Result<LabProbe> {
+pub(crate) fn lab_probe(scenario: &Scenario, flow: &palisade_policy::Flow) -> Result<LabProbe> {
     let dst = scenario
         .cluster
         .pods
@@ -99,7 +112,7 @@ fn lab_probe(scenario: &Scenario, flow: &palisade_policy::Flow) -> Result<LabPro
 }
 
 /// Results of one pass over the probes, late connections given a second chance.
-struct Pass {
+pub(crate) struct Pass {
     results: Vec<ProbeResult>,
     /// Which probes got the second chance.
     retried: Vec<bool>,
@@ -109,7 +122,7 @@ struct Pass {
 /// probed again with a longer time-out (on a loaded machine a first packet, or a busy echo
 /// server's reply, can be late). A real drop times out again and a real error fails again;
 /// a connection is never retried, so a deny that leaks is caught.
-fn probe_pass(
+pub(crate) fn probe_pass(
     running: &RunningCluster,
     probes: &[LabProbe],
     may_retry: impl Fn(usize) -> bool,
@@ -145,6 +158,22 @@ fn verify_scenario(scenario: &Scenario, bin: &Path, tally: &mut Tally) -> Result
     let open = Compiler::new(scenario.cluster.clone(), Vec::new()).node_rule_sets();
     let mut running = RunningCluster::start(&scenario.cluster, &open, bin)
         .with_context(|| format!("starting the lab of {}", scenario.name))?;
+    let probes = serve_probed(scenario, &running)?;
+    let control = probe_pass(&running, &probes, |_| true)?;
+    running
+        .update(&rule_sets)
+        .with_context(|| format!("enforcing the policies of {}", scenario.name))?;
+    // Only probes expected to connect get a second chance: for an expected deny, an error
+    // such as a handshake without its echo is itself a leak.
+    let enforced = probe_pass(&running, &probes, |i| {
+        scenario.probes[i].expect == Verdict::Allow
+    })?;
+    report(scenario, &rule_sets, &control, &enforced, tally);
+    Ok(())
+}
+
+/// The scenario's probes as lab probes, with every probed port served at its destination.
+pub(crate) fn serve_probed(scenario: &Scenario, running: &RunningCluster) -> Result<Vec<LabProbe>> {
     let probes = scenario
         .probes
         .iter()
@@ -158,15 +187,18 @@ fn verify_scenario(scenario: &Scenario, bin: &Path, tally: &mut Tally) -> Result
     running
         .lab
         .serve_all(&served.into_iter().collect::<Vec<_>>())?;
-    let control = probe_pass(&running, &probes, |_| true)?;
-    running
-        .update(&rule_sets)
-        .with_context(|| format!("enforcing the policies of {}", scenario.name))?;
-    // Only probes expected to connect get a second chance: for an expected deny, an error
-    // such as a handshake without its echo is itself a leak.
-    let enforced = probe_pass(&running, &probes, |i| {
-        scenario.probes[i].expect == Verdict::Allow
-    })?;
+    Ok(probes)
+}
+
+/// Judges every probe by its control run and its run with the policies, printing a line per
+/// failure or skip; `rule_sets` (the offline compile) explain a wrong verdict.
+pub(crate) fn report(
+    scenario: &Scenario,
+    rule_sets: &std::collections::BTreeMap<String, palisade_policy::NodeRuleSet>,
+    control: &Pass,
+    enforced: &Pass,
+    tally: &mut Tally,
+) {
     for (i, probe) in scenario.probes.iter().enumerate() {
         let what = format!("{} probes[{}] ({})", scenario.name, probe.index, probe.text);
         match judge(&control.results[i], &enforced.results[i], probe.expect) {
@@ -185,7 +217,7 @@ fn verify_scenario(scenario: &Scenario, bin: &Path, tally: &mut Tally) -> Result
                 tally.failed += 1;
             }
             Judgement::Wrong => {
-                let compiled = decide_flow(&scenario.cluster, &rule_sets, &probe.flow)
+                let compiled = decide_flow(&scenario.cluster, rule_sets, &probe.flow)
                     .map(|d| format!("{} ({}; {})", d.verdict, d.egress, d.ingress))
                     .unwrap_or_else(|e| e.to_string());
                 println!(
@@ -196,7 +228,6 @@ fn verify_scenario(scenario: &Scenario, bin: &Path, tally: &mut Tally) -> Result
             }
         }
     }
-    Ok(())
 }
 
 /// What one probe's two runs say about its expectation.

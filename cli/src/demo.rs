@@ -19,31 +19,44 @@ use palisade_policy::{
 use crate::controller::controller_binary;
 use crate::running::{agent_binary, check_prerequisites, http_get, RunningCluster};
 
-const CLUSTER: &str = include_str!("../demo/cluster.yaml");
-const POLICIES: &str = include_str!("../demo/policies.yaml");
+pub(crate) const CLUSTER: &str = include_str!("../demo/cluster.yaml");
+pub(crate) const POLICIES: &str = include_str!("../demo/policies.yaml");
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Show both matrices and exit instead of waiting for Ctrl-C.
     #[arg(long)]
-    no_wait: bool,
+    pub(crate) no_wait: bool,
     /// The palisade-agent binary (default: beside palisadectl, else on PATH).
     #[arg(long, value_name = "PATH")]
-    agent: Option<PathBuf>,
+    pub(crate) agent: Option<PathBuf>,
     /// The palisade-controller binary (default: beside palisadectl, else on PATH).
     #[arg(long, value_name = "PATH")]
-    controller: Option<PathBuf>,
+    pub(crate) controller: Option<PathBuf>,
+    /// Hold the demo's cluster and policies in a real kube-apiserver (from --kube-bin) that
+    /// the controller watches; edits of the policies file are applied to it.
+    #[arg(long)]
+    pub(crate) api: bool,
+    /// For --api: the directory with etcd, kube-apiserver, kube-controller-manager and helm
+    /// (scripts/tools.sh builds them).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "target/tools/bin",
+        requires = "api"
+    )]
+    pub(crate) kube_bin: PathBuf,
 }
 
 /// A column of the matrix: a destination pod and the port it serves.
-struct Target {
-    pod: PodKey,
-    protocol: Protocol,
-    port: u16,
+pub(crate) struct Target {
+    pub(crate) pod: PodKey,
+    pub(crate) protocol: Protocol,
+    pub(crate) port: u16,
 }
 
-fn targets(cluster: &Cluster) -> Vec<Target> {
+pub(crate) fn targets(cluster: &Cluster) -> Vec<Target> {
     let mut out = Vec::new();
     for pod in cluster.pods.values() {
         // Each pod's first declared port is the one the matrix tries.
@@ -58,13 +71,13 @@ fn targets(cluster: &Cluster) -> Vec<Target> {
     out
 }
 
-fn compile(cluster: &Cluster, policies: &[Policy]) -> BTreeMap<String, NodeRuleSet> {
+pub(crate) fn compile(cluster: &Cluster, policies: &[Policy]) -> BTreeMap<String, NodeRuleSet> {
     Compiler::new(cluster.clone(), policies.to_vec()).node_rule_sets()
 }
 
 /// Probes every pod against every target and prints the matrix; a cell disagreeing with
 /// the compiled rule sets is flagged (it should never happen).
-fn matrix(
+pub(crate) fn matrix(
     running: &RunningCluster,
     cluster: &Cluster,
     sets: &BTreeMap<String, NodeRuleSet>,
@@ -141,7 +154,7 @@ fn matrix(
     Ok(())
 }
 
-fn print_hits(running: &RunningCluster) {
+pub(crate) fn print_hits(running: &RunningCluster) {
     println!("\nRule hits so far (palisade_rule_packets_total > 0):");
     for (node, addr) in running.metrics_addresses() {
         let Ok((_, text)) = http_get(addr, "/metrics") else {
@@ -157,6 +170,9 @@ fn print_hits(running: &RunningCluster) {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
+    if args.api {
+        return crate::demo_api::run(args);
+    }
     check_prerequisites()?;
     let (cluster, _services) =
         palisade_resources::parse_cluster_text("demo/cluster.yaml", CLUSTER)?;

@@ -5,6 +5,7 @@ mod compile;
 mod controller;
 mod dataplane;
 mod demo;
+mod demo_api;
 mod explain;
 mod inputs;
 mod running;

@@ -199,6 +199,41 @@ impl RunningCluster {
         Ok(running)
     }
 
+    /// Builds the lab and starts each node's agent with `sources[node]` as the arguments
+    /// that say where its rules come from (a controller stream); returns once every agent
+    /// has applied its first rules.
+    pub fn start_streaming(
+        cluster: &Cluster,
+        sources: &BTreeMap<String, Vec<String>>,
+        agent_bin: &Path,
+    ) -> Result<Self> {
+        let lab = Lab::build(cluster, LabOptions::default()).context("building the lab")?;
+        let dir = std::env::temp_dir().join(format!("palisade-{}", lab.prefix()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut running = RunningCluster {
+            agents: Vec::new(),
+            dir,
+            controller: None,
+            lab,
+        };
+        let nodes: Vec<String> = running.lab.nodes().map(str::to_string).collect();
+        for node in &nodes {
+            let args = sources
+                .get(node)
+                .with_context(|| format!("no rule source for node {node}"))?
+                .clone();
+            let empty = NodeRuleSet {
+                node: node.clone(),
+                ..Default::default()
+            };
+            running.start_agent(node, &empty, args, None, agent_bin)?;
+        }
+        running.wait(|_, text| {
+            metric(text, "palisade_ruleset_generation").is_some_and(|g| g >= 1.0)
+        })?;
+        Ok(running)
+    }
+
     /// With a controller: writes a new policies file and waits until every agent has
     /// acknowledged the generation that carries it.
     pub fn update_policies(&mut self, text: &str) -> Result<()> {

@@ -13,6 +13,8 @@ use palisade_resources::{load_scenario, Scenario};
 
 use crate::dataplane;
 
+pub(crate) mod api;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Scenario directories (cluster.yaml, policies.yaml, probes.yaml).
@@ -21,9 +23,26 @@ pub struct Args {
     /// Send real packets through network namespaces programmed by agents (needs root).
     #[arg(long)]
     dataplane: bool,
-    /// The palisade-agent binary for --dataplane (default: beside palisadectl, else on PATH).
+    /// Send every scenario through the whole system: objects written to a real
+    /// kube-apiserver, palisade-controller watching it, agents streaming from it, real
+    /// packets (needs root and the kube tools of scripts/tools.sh).
+    #[arg(long, conflicts_with = "dataplane")]
+    api: bool,
+    /// The palisade-agent binary for --dataplane and --api (default: beside palisadectl,
+    /// else on PATH).
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// The palisade-controller binary for --api (default: beside palisadectl, else on PATH).
+    #[arg(long, value_name = "PATH", requires = "api")]
+    controller: Option<PathBuf>,
+    /// For --api: the directory with etcd, kube-apiserver, kube-controller-manager and helm
+    /// (the network-policy-api CRDs are in `crds/` beside it).
+    #[arg(long, value_name = "DIR", default_value = "target/tools/bin")]
+    kube_bin: PathBuf,
+    /// For --api: the Palisade Helm chart whose RBAC the controller and agents run with
+    /// (default: charts/palisade).
+    #[arg(long, value_name = "DIR", requires = "api")]
+    chart: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -35,6 +54,17 @@ pub struct Tally {
 pub fn run(args: &Args) -> Result<ExitCode> {
     if args.dataplane {
         return dataplane::verify(&args.dirs, args.agent.as_deref());
+    }
+    if args.api {
+        return api::verify(
+            &args.dirs,
+            &api::ApiArgs {
+                agent: args.agent.clone(),
+                controller: args.controller.clone(),
+                kube_bin: args.kube_bin.clone(),
+                chart: args.chart.clone(),
+            },
+        );
     }
     let mut tally = Tally::default();
     for dir in &args.dirs {

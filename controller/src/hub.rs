@@ -151,10 +151,19 @@ impl Hub {
     }
 
     pub fn connected(&self, node: &str) {
+        // What the new stream starts with: the node's last published state, whose generation
+        // is older than the current one when later rounds did not touch the node. Counting
+        // the current generation as published would show a lag that no ack can clear.
+        let sent = self
+            .nodes
+            .lock()
+            .unwrap()
+            .get(node)
+            .and_then(|tx| tx.borrow().as_ref().map(|p| p.generation));
         let mut status = self.status.lock().unwrap();
         let s = status.entry(node.to_string()).or_default();
         s.connected += 1;
-        s.published = self.generation();
+        s.published = sent.unwrap_or_else(|| self.generation());
         self.metrics
             .nodes_connected
             .set(status.values().filter(|s| s.connected > 0).count() as i64);
@@ -218,5 +227,42 @@ impl Hub {
 
     pub fn uptime(&self) -> std::time::Duration {
         self.started.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(node: &str) -> Option<NodeRuleSet> {
+        Some(NodeRuleSet {
+            node: node.to_string(),
+            node_addresses: vec!["10.0.0.1".parse().unwrap()],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_reconnecting_agent_that_acks_its_snapshot_does_not_lag() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        hub.publish([("a".to_string(), rules("a"))].into());
+        let first = hub.subscribe("a");
+        hub.connected("a");
+        let snapshot = first.borrow().clone().unwrap().generation;
+        hub.acked("a", snapshot, None);
+        hub.disconnected("a");
+        // Rounds that do not touch node a.
+        hub.publish([("b".to_string(), rules("b"))].into());
+        hub.publish([("b".to_string(), rules("b"))].into());
+        hub.connected("a");
+        let again = hub.subscribe("a");
+        let snapshot = again.borrow().clone().unwrap().generation;
+        hub.acked("a", snapshot, None);
+        assert_eq!(hub.node_status()["a"].published, snapshot);
+        assert_eq!(
+            hub.metrics.generation_lag.with_label_values(&["a"]).get(),
+            0,
+            "the agent enforces everything it was sent"
+        );
     }
 }

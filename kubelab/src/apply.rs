@@ -39,7 +39,7 @@ pub fn parse_objects(source_name: &str, yaml: &str) -> Result<Vec<DynamicObject>
 
 /// The API of `object`'s kind, looked up in discovery, in its namespace (`default` if a
 /// namespaced object names none).
-async fn api_for(client: &Client, object: &DynamicObject) -> Result<Api<DynamicObject>> {
+pub(crate) async fn api_for(client: &Client, object: &DynamicObject) -> Result<Api<DynamicObject>> {
     let types = object
         .types
         .as_ref()
@@ -70,6 +70,20 @@ impl KubeLab {
             );
         }
         Ok(applied)
+    }
+
+    /// Waits until no object named in `yaml` exists any more.
+    pub async fn wait_gone_yaml(&self, yaml: &str) -> Result<()> {
+        let client = self.client().await?;
+        for object in parse_objects("YAML", yaml)? {
+            let api = api_for(&client, &object).await?;
+            let name = object.name_any();
+            self.wait_until(&format!("{name} to disappear"), || async {
+                Ok(api.get_opt(&name).await?.is_none())
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Deletes every object named in `yaml`; objects already gone are fine.

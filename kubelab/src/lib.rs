@@ -30,17 +30,23 @@ mod pki;
 mod process;
 mod proxy;
 mod shared;
+mod system;
 mod tools;
 
 pub use apply::parse_objects;
 pub use crds::{crd_files, CrdChannel, FIELD_MANAGER};
 pub use error::{Error, Result};
 pub use forward::NetnsForward;
+pub use kube::api::DynamicObject;
 pub use lab::{KubeLab, Options, SERVICE_ACCOUNT_ISSUER};
 pub use objects::{container_port, LabPod, POD_IMAGE};
 pub use pki::{Ca, CertPair};
 pub use proxy::{kube_proxy_available, KubeProxy, KUBE_PROXY_TABLES, KUBE_PROXY_USER};
 pub use shared::shared;
+pub use system::{
+    agent_pod_name, lab_pod, string_labels, token_kubeconfig, AGENT_ACCOUNT, CONTROLLER_ACCOUNT,
+    KUBE_VERSION, SYSTEM_NS,
+};
 pub use tools::{
     control_plane_available, crd_dir_for, default_bin_dir, default_tools_dir, missing, skip,
     BIN_ENV, CONTROL_PLANE_BINARIES,

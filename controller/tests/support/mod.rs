@@ -6,17 +6,16 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use palisade_kubelab::{KubeLab, LabPod, Options};
+use palisade_kubelab::{lab_pod, string_labels, KubeLab, Options};
 use palisade_netlab::{Lab, LabOptions, Probe, ProbeResult};
 use palisade_policy::{Cluster, PodKey, Protocol};
 
-pub const SYSTEM_NS: &str = "palisade-system";
+pub use palisade_kubelab::SYSTEM_NS;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -157,34 +156,11 @@ impl Drop for System {
     }
 }
 
-fn labels(l: &palisade_policy::Labels) -> BTreeMap<String, String> {
-    l.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 /// Renders the chart and applies every object (all must be accepted); returns the text.
 pub async fn install_chart(kube: &KubeLab) -> String {
-    let helm = kube.bin_dir().join("helm");
-    let out = Command::new(&helm)
-        .args(["template", "palisade"])
-        .arg(workspace().join("charts/palisade"))
-        .args(["--namespace", SYSTEM_NS, "--kube-version", "v1.37.2"])
-        .output()
-        .expect("helm template");
-    assert!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    kube.create_namespace(SYSTEM_NS, &BTreeMap::new())
+    kube.install_chart(&workspace().join("charts/palisade"))
         .await
-        .expect("namespace");
-    kube.apply_yaml(&text)
-        .await
-        .expect("every object of the chart is accepted by the apiserver");
-    text
+        .expect("every object of the chart is accepted by the apiserver")
 }
 
 impl System {
@@ -203,12 +179,12 @@ impl System {
         let lab = tokio::task::block_in_place(|| Lab::build(&cluster, LabOptions::default()))
             .expect("the lab builds");
         for node in cluster.nodes.values() {
-            kube.create_node(&node.name, &node.addresses, &labels(&node.labels))
+            kube.create_node(&node.name, &node.addresses, &string_labels(&node.labels))
                 .await
                 .expect("node");
         }
         for ns in cluster.namespaces.values() {
-            let mut l = labels(&ns.labels);
+            let mut l = string_labels(&ns.labels);
             l.remove("kubernetes.io/metadata.name");
             kube.create_namespace(&ns.name, &l)
                 .await
@@ -223,28 +199,10 @@ impl System {
         }
 
         // The controller's own ServiceAccount token, in a kubeconfig of its own.
-        let token = kube
-            .kubectl([
-                "create",
-                "token",
-                "palisade-controller",
-                "-n",
-                SYSTEM_NS,
-                "--duration",
-                "2h",
-            ])
-            .expect("a token for the controller");
         let controller_kubeconfig = dir.join("controller.kubeconfig");
-        std::fs::write(
-            &controller_kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: controller\n  user:\n    token: {}\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: controller}}\ncurrent-context: lab\n",
-                kube.url(),
-                base64(kube.ca_pem().as_bytes()),
-                token.trim()
-            ),
-        )
-        .unwrap();
+        kube.write_controller_kubeconfig(&controller_kubeconfig)
+            .await
+            .expect("a kubeconfig for the controller");
         let tls = palisade_controller::devtls::generate(&dir, &["127.0.0.1", "localhost"])
             .expect("certificates");
         let mut system = System {
@@ -327,33 +285,12 @@ impl System {
 
     /// The node's agent pod (host network) and a token bound to it.
     pub async fn agent_token(&self, node: &str) -> PathBuf {
-        let pod_name = format!("agent-{node}");
-        let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
-            kube::Api::namespaced(self.kube.client().await.unwrap(), SYSTEM_NS);
-        if api.get_opt(&pod_name).await.unwrap().is_none() {
-            let addr = self.cluster.nodes[node].addresses[0];
-            self.kube
-                .create_pod(
-                    &LabPod::new(SYSTEM_NS, &pod_name, node)
-                        .service_account("palisade-agent")
-                        .host_network(true)
-                        .ip(addr)
-                        .host_ip(addr),
-                )
-                .await
-                .expect("agent pod");
-        }
+        let addr = self.cluster.nodes[node].addresses[0];
         let token = self
             .kube
-            .pod_bound_token(
-                SYSTEM_NS,
-                "palisade-agent",
-                &pod_name,
-                "palisade",
-                Duration::from_secs(3600),
-            )
+            .agent_token(node, addr)
             .await
-            .expect("a pod-bound token");
+            .expect("the agent pod and a token bound to it");
         let path = self.dir.join(format!("{node}.token"));
         std::fs::write(&path, token).unwrap();
         path
@@ -506,24 +443,6 @@ impl System {
             .expect("nft list");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
-}
-
-fn lab_pod(pod: &palisade_policy::Pod) -> LabPod {
-    let mut p = LabPod::new(&pod.namespace, &pod.name, &pod.node).host_network(pod.host_network);
-    for (k, v) in pod.labels.iter() {
-        p = p.label(k, v);
-    }
-    for ip in &pod.ips {
-        p = p.ip(*ip);
-    }
-    for port in &pod.ports {
-        p = p.port(
-            port.name.as_deref(),
-            port.port.into(),
-            port.protocol.as_str(),
-        );
-    }
-    p
 }
 
 pub fn base64(bytes: &[u8]) -> String {

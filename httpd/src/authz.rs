@@ -42,12 +42,15 @@ const CACHE_ALLOWED: Duration = Duration::from_secs(10);
 const CACHE_REFUSED: Duration = Duration::from_secs(5);
 const CACHE_MAX: usize = 10_000;
 
+/// Decisions by a hash of (token, path), each with the time it expires.
+type Cache = Arc<Mutex<HashMap<[u8; 32], (Decision, Instant)>>>;
+
 /// Asks the apiserver. Reviews are cached by a hash of the token and the path (the token
 /// itself is not kept).
 #[derive(Clone)]
 pub struct KubeAuthorizer {
     client: kube::Client,
-    cache: Arc<Mutex<HashMap<[u8; 32], (Decision, Instant)>>>,
+    cache: Cache,
 }
 
 impl KubeAuthorizer {

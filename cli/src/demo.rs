@@ -34,6 +34,10 @@ pub struct Args {
     /// The palisade-controller binary (default: beside palisadectl, else on PATH).
     #[arg(long, value_name = "PATH")]
     controller: Option<PathBuf>,
+    /// Also run Prometheus (the `prometheus` program) on loopback, scraping the agents and
+    /// the controller, and print a query to try.
+    #[arg(long)]
+    prometheus: bool,
 }
 
 /// A column of the matrix: a destination pod and the port it serves.
@@ -212,6 +216,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         println!("  {node}: http://{addr}/metrics  http://{addr}/healthz  http://{addr}/readyz");
     }
     println!("Controller: http://{controller_metrics}/metrics");
+    let prometheus = match args.prometheus {
+        true => crate::prometheus::DemoPrometheus::start(&running)?,
+        false => None,
+    };
+    if let Some(p) = &prometheus {
+        println!("{}", p.describe());
+    }
     println!("Try: palisadectl explain --from shop/web --to shop/db --port 5432 (with the demo's files in cli/demo/).");
     if !args.no_wait {
         println!(
@@ -227,6 +238,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         follow_edits(&mut running, &cluster, &policies_file, &rx)?;
     }
     println!("Removing the lab…");
+    drop(prometheus);
     drop(running);
     println!("Done.");
     Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@ mod dataplane;
 mod demo;
 mod explain;
 mod inputs;
+mod prometheus;
 mod running;
 mod verify;
 

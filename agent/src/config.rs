@@ -30,6 +30,17 @@ pub struct AgentConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (bound before entering
     /// `netns`).
     pub metrics_addr: SocketAddr,
+    /// Who may read the metrics: `loopback` (plain HTTP, loopback address only), `secure`
+    /// (TLS, bearer tokens checked by TokenReview and SubjectAccessReview) or `insecure`
+    /// (plain HTTP on any address). Unset: loopback on a loopback address, else secure.
+    pub metrics_mode: Option<palisade_httpd::Mode>,
+    /// The metrics server's certificate and key (PEM) in secure mode; without them it
+    /// makes a self-signed one at start.
+    pub metrics_tls_cert: Option<PathBuf>,
+    pub metrics_tls_key: Option<PathBuf>,
+    /// Credentials for the token and access reviews of secure mode; else `KUBECONFIG` or
+    /// the pod's ServiceAccount. Nothing else uses the Kubernetes API.
+    pub kubeconfig: Option<PathBuf>,
     /// Seconds between full reconciles (drift repair).
     pub reconcile_interval_secs: u64,
     /// Milliseconds between checks of the rules file's modification time.
@@ -65,6 +76,10 @@ impl Default for AgentConfig {
             ca_file: None,
             netns: None,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9469)),
+            metrics_mode: None,
+            metrics_tls_cert: None,
+            metrics_tls_key: None,
+            kubeconfig: None,
             reconcile_interval_secs: 60,
             poll_interval_ms: 1000,
             metrics_max_connections: 64,
@@ -127,6 +142,24 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Who may read the metrics: loopback, secure or insecure (default: loopback on a
+    /// loopback --metrics-addr, else secure).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_mode: Option<palisade_httpd::Mode>,
+    /// Certificate (PEM) of the metrics server in secure mode (default: self-signed).
+    #[arg(long, requires = "metrics_tls_key")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --metrics-tls-cert.
+    #[arg(long, requires = "metrics_tls_cert")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_tls_key: Option<PathBuf>,
+    /// Kubeconfig for the token and access reviews of secure metrics (default: KUBECONFIG
+    /// or in-cluster).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
     /// Seconds between full reconciles (drift repair).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -167,9 +200,15 @@ impl AgentConfig {
         })
     }
 
+    /// Who may read the metrics.
+    pub fn metrics_mode(&self) -> palisade_httpd::Mode {
+        self.metrics_mode
+            .unwrap_or_else(|| palisade_httpd::Mode::default_for(self.metrics_addr))
+    }
+
     /// The metrics server's limits.
-    pub fn http_limits(&self) -> crate::metrics::HttpLimits {
-        crate::metrics::HttpLimits {
+    pub fn http_limits(&self) -> palisade_httpd::Limits {
+        palisade_httpd::Limits {
             max_connections: self.metrics_max_connections.max(1),
             header_timeout: std::time::Duration::from_millis(self.metrics_header_timeout_ms.max(1)),
             connection_timeout: std::time::Duration::from_secs(

@@ -1,20 +1,13 @@
 //! Prometheus metrics, read from the kernel at scrape time by a collector (no polling
-//! loop), and the small HTTP server for `/metrics`, `/healthz` and `/readyz`.
+//! loop), and what the shared HTTP server (`palisade-httpd`) answers for `/metrics`,
+//! `/healthz` and `/readyz`.
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{header, Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use palisade_httpd::{Handler, Reply, ReplyFuture, StatusCode};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{CounterVec, Encoder, Gauge, IntCounter, Opts, Registry, TextEncoder};
-use tokio::sync::Semaphore;
 
 use crate::apply::{ApplyStats, SharedStats};
 use crate::nft::Nft;
@@ -235,106 +228,33 @@ fn is_ready(stats: &Mutex<ApplyStats>) -> bool {
     stats.lock().map(|s| s.generation > 0).unwrap_or(false)
 }
 
-/// What one client may take of the HTTP server: the agent's file descriptors are shared
-/// with netlink sockets and `nft`, so a flood of idle connections must never use them up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HttpLimits {
-    /// Connections served at once; more wait in the kernel's backlog (no descriptor).
-    pub max_connections: usize,
-    /// Time for a request's headers to arrive, and for the next request on an idle
-    /// keep-alive connection; then the connection is closed.
-    pub header_timeout: Duration,
-    /// Longest a connection stays open, whatever it does (a client that never reads).
-    pub connection_timeout: Duration,
+/// `/metrics`, `/healthz` and `/readyz` (200 once a rule set has been applied), served by
+/// [`palisade_httpd::serve`].
+pub struct Endpoints {
+    pub registry: Arc<Registry>,
+    pub stats: SharedStats,
 }
 
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            max_connections: 64,
-            header_timeout: Duration::from_secs(5),
-            connection_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` (200 once a rule set has been applied)
-/// until the task is dropped, within `limits`. Only `GET` is answered (405 otherwise).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    registry: Arc<Registry>,
-    stats: SharedStats,
-    limits: HttpLimits,
-) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let mut failing = false;
-    loop {
-        // A slot first: at the cap, connections wait unaccepted, holding no descriptor.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                failing = false;
-                stream
-            }
-            Err(e) => {
-                // EMFILE and the like: do not spin; the backlog keeps the clients. Said
-                // once per episode.
-                if !failing {
-                    tracing::warn!(error = %e, "metrics listener cannot accept; trying every 100 ms");
+impl Handler for Endpoints {
+    fn get(&self, path: &str) -> ReplyFuture {
+        let (registry, stats) = (self.registry.clone(), self.stats.clone());
+        let path = path.to_string();
+        Box::pin(async move {
+            match path.as_str() {
+                "/metrics" => {
+                    // Gathering runs nft: keep it off the async workers.
+                    let text = tokio::task::spawn_blocking(move || encode(&registry))
+                        .await
+                        .unwrap_or_default();
+                    Reply::ok(text)
                 }
-                failing = true;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+                "/healthz" => Reply::ok("ok\n"),
+                "/readyz" if is_ready(&stats) => Reply::ok("ready\n"),
+                "/readyz" => {
+                    Reply::new(StatusCode::SERVICE_UNAVAILABLE, "no rule set applied yet\n")
+                }
+                _ => Reply::not_found(),
             }
-        };
-        let (registry, stats) = (registry.clone(), stats.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (registry, stats) = (registry.clone(), stats.clone());
-                async move { Ok::<_, Infallible>(respond(&req, registry, stats).await) }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(limits.connection_timeout, conn).await;
-        });
+        })
     }
-}
-
-async fn respond<B>(
-    req: &Request<B>,
-    registry: Arc<Registry>,
-    stats: SharedStats,
-) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET {
-        let mut resp = Response::new(Full::new(Bytes::from("only GET\n")));
-        *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-        resp.headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
-        return resp;
-    }
-    let (status, body) = match req.uri().path() {
-        "/metrics" => {
-            // Gathering runs nft: keep it off the async workers.
-            let text = tokio::task::spawn_blocking(move || encode(&registry))
-                .await
-                .unwrap_or_default();
-            (StatusCode::OK, text)
-        }
-        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-        "/readyz" if is_ready(&stats) => (StatusCode::OK, "ready\n".to_string()),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no rule set applied yet\n".to_string(),
-        ),
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp
 }

@@ -34,6 +34,7 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
 pub async fn run(
     cfg: AgentConfig,
     listener: std::net::TcpListener,
+    access: palisade_httpd::Access,
     home: Option<std::fs::File>,
 ) -> anyhow::Result<()> {
     let source = cfg.source();
@@ -63,8 +64,17 @@ pub async fn run(
     let registry = Arc::new(registry);
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
-    tokio::spawn(metrics::serve(listener, registry, stats, cfg.http_limits()));
+    tracing::info!(addr = %listener.local_addr()?, mode = %cfg.metrics_mode(), scheme = access.scheme(), "serving /metrics, /healthz, /readyz");
+    let endpoints = Arc::new(metrics::Endpoints {
+        registry,
+        stats: stats.clone(),
+    });
+    tokio::spawn(palisade_httpd::serve(
+        listener,
+        access,
+        cfg.http_limits(),
+        endpoints,
+    ));
 
     let discovery = Discovery::new()?;
     let mut link_events = events()?.boxed();

@@ -47,6 +47,10 @@ pub struct Args {
         requires = "api"
     )]
     pub(crate) kube_bin: PathBuf,
+    /// Also run Prometheus (the `prometheus` program) on loopback, scraping the agents and
+    /// the controller, and print a query to try.
+    #[arg(long, conflicts_with = "api")]
+    pub(crate) prometheus: bool,
 }
 
 /// A column of the matrix: a destination pod and the port it serves.
@@ -228,6 +232,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         println!("  {node}: http://{addr}/metrics  http://{addr}/healthz  http://{addr}/readyz");
     }
     println!("Controller: http://{controller_metrics}/metrics");
+    let prometheus = match args.prometheus {
+        true => crate::prometheus::DemoPrometheus::start(&running)?,
+        false => None,
+    };
+    if let Some(p) = &prometheus {
+        println!("{}", p.describe());
+    }
     println!("Try: palisadectl explain --from shop/web --to shop/db --port 5432 (with the demo's files in cli/demo/).");
     if !args.no_wait {
         println!(
@@ -243,6 +254,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         follow_edits(&mut running, &cluster, &policies_file, &rx)?;
     }
     println!("Removing the lab…");
+    drop(prometheus);
     drop(running);
     println!("Done.");
     Ok(ExitCode::SUCCESS)

@@ -8,6 +8,7 @@ mod demo;
 mod demo_api;
 mod explain;
 mod inputs;
+mod prometheus;
 mod running;
 mod status;
 mod verify;

@@ -25,6 +25,11 @@ pub struct ControllerConfig {
     pub tls_key: Option<PathBuf>,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: SocketAddr,
+    /// Who may read the metrics: `loopback` (plain HTTP, loopback address only), `secure`
+    /// (TLS with the stream's certificate, bearer tokens checked by TokenReview and
+    /// SubjectAccessReview) or `insecure` (plain HTTP on any address). Unset: loopback on
+    /// a loopback address, else secure.
+    pub metrics_mode: Option<palisade_httpd::Mode>,
     /// The only ServiceAccount (`NAMESPACE:NAME`) whose tokens may read node rules.
     pub agent_service_account: String,
     /// The audience agents' tokens must be issued for.
@@ -52,6 +57,7 @@ impl Default for ControllerConfig {
             tls_cert: None,
             tls_key: None,
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 9471)),
+            metrics_mode: None,
             agent_service_account: "palisade-system:palisade-agent".into(),
             token_audience: "palisade".into(),
             min_interval_ms: 100,
@@ -99,6 +105,11 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<SocketAddr>,
+    /// loopback, secure or insecure (default: loopback on a loopback --metrics-addr, else
+    /// secure).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_mode: Option<palisade_httpd::Mode>,
     #[arg(long, value_name = "NAMESPACE:NAME")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_service_account: Option<String>,

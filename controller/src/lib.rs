@@ -11,7 +11,7 @@ pub mod auth;
 pub mod compile_loop;
 pub mod config;
 pub mod devtls;
-pub mod http;
+pub mod endpoints;
 pub mod hub;
 pub mod inputs;
 pub mod metrics;

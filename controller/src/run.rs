@@ -15,6 +15,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::serve::RuleService;
 use crate::status::StatusWriter;
+use palisade_httpd::KubeAuthorizer;
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -47,6 +48,11 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let (notes_tx, notes_rx) = mpsc::unbounded_channel();
     let mut notes = Some(notes_tx);
 
+    let mode = cfg
+        .metrics_mode
+        .unwrap_or_else(|| palisade_httpd::Mode::default_for(cfg.metrics_addr));
+    let metrics_listener = palisade_httpd::bind(mode, cfg.metrics_addr)?;
+    let mut reviews_client = None;
     let auth = if let Some((cluster, policies, tokens)) = cfg.files() {
         tokio::spawn(crate::source::files::run(
             cluster.clone(),
@@ -57,6 +63,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         Authenticator::Static(StaticTokens::load(tokens)?)
     } else {
         let client = kube_client(cfg.kubeconfig.as_deref()).await?;
+        reviews_client = Some(client.clone());
         let source_client = client.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::source::kube::run(source_client, tx).await {
@@ -89,11 +96,28 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let compile = CompileLoop::new(hub.clone(), notes);
     tokio::spawn(compile.run(rx, Duration::from_millis(cfg.min_interval_ms)));
 
-    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.metrics_addr))?;
-    tracing::info!(addr = %metrics_listener.local_addr()?, "serving /metrics, /healthz, /readyz");
-    tokio::spawn(crate::http::serve(metrics_listener, hub.clone()));
+    let authorizer: Option<Arc<dyn palisade_httpd::Authorize>> = match (mode, reviews_client) {
+        (palisade_httpd::Mode::Secure, Some(client)) => Some(Arc::new(KubeAuthorizer::new(client))),
+        // Files instead of the API: the reviews still need an apiserver (KUBECONFIG).
+        (palisade_httpd::Mode::Secure, None) => {
+            Some(Arc::new(KubeAuthorizer::connect(None).await.map_err(
+                |e| anyhow::anyhow!("secure metrics on {}: {e}", cfg.metrics_addr),
+            )?))
+        }
+        _ => None,
+    };
+    // The stream's certificate: its names are the Service's, so scrapers can verify it.
+    let tls = cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref());
+    let access = palisade_httpd::Access::for_mode(mode, tls, authorizer)?;
+    metrics_listener.set_nonblocking(true)?;
+    let metrics_listener = tokio::net::TcpListener::from_std(metrics_listener)?;
+    tracing::info!(addr = %metrics_listener.local_addr()?, %mode, scheme = access.scheme(), "serving /metrics, /healthz, /readyz");
+    tokio::spawn(palisade_httpd::serve(
+        metrics_listener,
+        access,
+        palisade_httpd::Limits::default(),
+        Arc::new(crate::endpoints::Endpoints(hub.clone())),
+    ));
 
     let (cert, key) = (
         cfg.tls_cert.as_ref().context("no TLS certificate")?,

@@ -276,16 +276,52 @@ fn container(workload: &Value) -> &Value {
     &workload["spec"]["template"]["spec"]["containers"][0]
 }
 
+/// The rules of the ClusterRoles bound to ServiceAccount `sa`, as `group/resource:verb`.
+fn cluster_grants(objects: &[Value], sa: &str) -> Vec<String> {
+    let mut grants = Vec::new();
+    for binding in all(objects, "RoleBinding").chain(all(objects, "ClusterRoleBinding")) {
+        let subjects = binding["subjects"].as_sequence().into_iter().flatten();
+        if !subjects.into_iter().any(|s| s["name"].as_str() == Some(sa)) {
+            continue;
+        }
+        assert_eq!(
+            binding["kind"].as_str(),
+            Some("ClusterRoleBinding"),
+            "{}",
+            manifests::name(binding)
+        );
+        let role = find(
+            objects,
+            "ClusterRole",
+            binding["roleRef"]["name"].as_str().unwrap(),
+        );
+        for rule in role["rules"].as_sequence().expect("rules") {
+            assert!(rule["resourceNames"].is_null() && rule["nonResourceURLs"].is_null());
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for verb in strings(&rule["verbs"]) {
+                        grants.push(format!("{group}/{resource}:{verb}"));
+                    }
+                }
+            }
+        }
+    }
+    grants.sort();
+    grants
+}
+
 #[test]
-fn agent_runs_with_net_admin_only_and_no_api_access() {
-    let Some(helm) = helm("agent_runs_with_net_admin_only_and_no_api_access") else {
+fn agent_runs_with_net_admin_only_and_no_api_access_but_metrics_reviews() {
+    let Some(helm) = helm("agent_runs_with_net_admin_only_and_no_api_access_but_metrics_reviews")
+    else {
         return;
     };
     let objects = manifests::parse(&Render::DEFAULT.run(&helm));
     let ds = find(&objects, "DaemonSet", "palisade-agent");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], Value::Bool(true));
-    assert_eq!(pod["automountServiceAccountToken"], Value::Bool(false));
+    // Secure metrics by default: an apiserver token for the reviews, and nothing more.
+    assert_eq!(pod["automountServiceAccountToken"], Value::Bool(true));
     assert_eq!(
         pod["priorityClassName"].as_str(),
         Some("system-node-critical")
@@ -313,7 +349,8 @@ fn agent_runs_with_net_admin_only_and_no_api_access() {
         "--token-file=/var/run/palisade/token",
         "--ca-file=/var/run/palisade/ca.crt",
         "--node=$(NODE_NAME)",
-        "--metrics-addr=127.0.0.1:9469",
+        "--metrics-addr=$(HOST_IP):9469",
+        "--metrics-mode=secure",
     ] {
         assert!(args.contains(&want), "agent args lack {want}: {args:?}");
     }
@@ -327,7 +364,7 @@ fn agent_runs_with_net_admin_only_and_no_api_access() {
         Some("spec.nodeName")
     );
 
-    // The only credential: a token for the audience "palisade", and the CA, nothing else.
+    // The stream's credential: a token for the audience "palisade", and the CA.
     let volumes = pod["volumes"].as_sequence().expect("volumes");
     assert_eq!(volumes.len(), 1, "{volumes:?}");
     assert_eq!(volumes[0]["projected"]["defaultMode"].as_u64(), Some(0o400));
@@ -345,19 +382,28 @@ fn agent_runs_with_net_admin_only_and_no_api_access() {
         "a generated CA reaches agents without the Secret"
     );
 
-    // No Role or ClusterRole is bound to the agent's ServiceAccount.
-    for binding in all(&objects, "RoleBinding").chain(all(&objects, "ClusterRoleBinding")) {
-        for subject in binding["subjects"].as_sequence().into_iter().flatten() {
-            assert_ne!(
-                subject["name"].as_str(),
-                Some("palisade-agent"),
-                "{} binds the agent",
-                manifests::name(binding)
-            );
-        }
-    }
+    // What system:auth-delegator grants, and nothing else.
+    assert_eq!(
+        cluster_grants(&objects, "palisade-agent"),
+        [
+            "authentication.k8s.io/tokenreviews:create",
+            "authorization.k8s.io/subjectaccessreviews:create",
+        ]
+    );
     let sa = find(&objects, "ServiceAccount", "palisade-agent");
     assert_eq!(sa["automountServiceAccountToken"], Value::Bool(false));
+
+    // Loopback metrics: no apiserver token and no role at all.
+    let objects = manifests::parse(
+        &Render {
+            sets: &["agent.metrics.bind=loopback"],
+            ..Render::DEFAULT
+        }
+        .run(&helm),
+    );
+    let pod = &find(&objects, "DaemonSet", "palisade-agent")["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], Value::Bool(false));
+    assert!(cluster_grants(&objects, "palisade-agent").is_empty());
 }
 
 #[test]
@@ -365,35 +411,69 @@ fn agent_probes_reach_the_metrics_listener_for_each_bind() {
     let Some(helm) = helm("agent_probes_reach_the_metrics_listener_for_each_bind") else {
         return;
     };
-    for (bind, addr, probe_host) in [
-        ("loopback", "127.0.0.1:9469", Some("127.0.0.1")),
-        ("hostIP", "$(HOST_IP):9469", None),
-        ("all", "0.0.0.0:9469", None),
+    for (bind, secure, addr, probe_host, mode) in [
+        (
+            "loopback",
+            "true",
+            "127.0.0.1:9469",
+            Some("127.0.0.1"),
+            "loopback",
+        ),
+        ("hostIP", "true", "$(HOST_IP):9469", None, "secure"),
+        ("hostIP", "false", "$(HOST_IP):9469", None, "insecure"),
+        ("all", "true", "0.0.0.0:9469", None, "secure"),
+        ("all", "false", "0.0.0.0:9469", None, "insecure"),
     ] {
-        let set = format!("agent.metrics.bind={bind}");
+        let set = [
+            format!("agent.metrics.bind={bind}"),
+            format!("agent.metrics.secure={secure}"),
+        ];
+        let sets: Vec<&str> = set.iter().map(String::as_str).collect();
         let out = Render {
-            sets: &[&set],
+            sets: &sets,
             api_versions: &["monitoring.coreos.com/v1"],
             ..Render::DEFAULT
         }
         .run(&helm);
         let objects = manifests::parse(&out);
         let c = container(find(&objects, "DaemonSet", "palisade-agent"));
-        let want = format!("--metrics-addr={addr}");
-        assert!(
-            strings(&c["args"]).contains(&want.as_str()),
-            "{bind}: {:?}",
-            c["args"]
-        );
+        let args = strings(&c["args"]);
+        for want in [
+            format!("--metrics-addr={addr}"),
+            format!("--metrics-mode={mode}"),
+        ] {
+            assert!(args.contains(&want.as_str()), "{bind}: {args:?}");
+        }
+        let scheme = (mode == "secure").then_some("HTTPS");
         for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
             let get = &c[probe]["httpGet"];
             assert_eq!(get["path"].as_str(), Some(path), "{bind} {probe}");
             assert_eq!(get["port"].as_u64(), Some(9469), "{bind} {probe}");
             assert_eq!(get["host"].as_str(), probe_host, "{bind} {probe}");
+            assert_eq!(get["scheme"].as_str(), scheme, "{bind} {secure} {probe}");
         }
         // Prometheus cannot scrape a loopback listener: no PodMonitor then.
-        let pod_monitors = all(&objects, "PodMonitor").count();
-        assert_eq!(pod_monitors, usize::from(bind != "loopback"), "{bind}");
+        let pod_monitors: Vec<&Value> = all(&objects, "PodMonitor").collect();
+        assert_eq!(
+            pod_monitors.len(),
+            usize::from(bind != "loopback"),
+            "{bind}"
+        );
+        if let Some(monitor) = pod_monitors.first() {
+            let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+            let want = if mode == "secure" {
+                Some("https")
+            } else {
+                None
+            };
+            assert_eq!(endpoint["scheme"].as_str(), want, "{bind} {secure}");
+            if mode == "secure" {
+                assert_eq!(
+                    endpoint["authorization"]["credentials"]["name"].as_str(),
+                    Some("palisade-metrics-reader-token")
+                );
+            }
+        }
         let host_ip = c["env"]
             .as_sequence()
             .expect("env")
@@ -401,6 +481,56 @@ fn agent_probes_reach_the_metrics_listener_for_each_bind() {
             .any(|e| e["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP");
         assert_eq!(host_ip, bind == "hostIP", "{bind}");
     }
+}
+
+#[test]
+fn secure_metrics_scrapers_get_only_the_metrics_url() {
+    let Some(helm) = helm("secure_metrics_scrapers_get_only_the_metrics_url") else {
+        return;
+    };
+    let objects = manifests::parse(
+        &Render {
+            api_versions: &["monitoring.coreos.com/v1"],
+            ..Render::DEFAULT
+        }
+        .run(&helm),
+    );
+    let reader = find(&objects, "ClusterRole", "palisade-metrics-reader");
+    assert_eq!(
+        serde_yaml::to_string(&reader["rules"]).unwrap(),
+        "- nonResourceURLs:\n  - /metrics\n  verbs:\n  - get\n"
+    );
+    let binding = find(&objects, "ClusterRoleBinding", "palisade-metrics-reader");
+    assert_eq!(
+        binding["roleRef"]["name"].as_str(),
+        Some("palisade-metrics-reader")
+    );
+    assert_eq!(
+        binding["subjects"][0]["name"].as_str(),
+        Some("palisade-metrics-reader")
+    );
+    let secret = find(&objects, "Secret", "palisade-metrics-reader-token");
+    assert_eq!(
+        secret["type"].as_str(),
+        Some("kubernetes.io/service-account-token")
+    );
+    let sm = find(&objects, "ServiceMonitor", "palisade-controller");
+    let endpoint = &sm["spec"]["endpoints"][0];
+    assert_eq!(endpoint["scheme"].as_str(), Some("https"));
+    assert_eq!(
+        endpoint["tlsConfig"]["serverName"].as_str(),
+        Some("palisade-controller.palisade-system.svc")
+    );
+    assert_eq!(
+        endpoint["tlsConfig"]["ca"]["configMap"]["name"].as_str(),
+        Some("palisade-ca")
+    );
+    let controller = container(find(&objects, "Deployment", "palisade-controller"));
+    assert!(strings(&controller["args"]).contains(&"--metrics-mode=secure"));
+    assert_eq!(
+        controller["readinessProbe"]["httpGet"]["scheme"].as_str(),
+        Some("HTTPS")
+    );
 }
 
 /// Verbs that only read.
@@ -414,7 +544,10 @@ fn controller_rbac_reads_and_writes_only_status_events_and_its_lease() {
     };
     let objects = manifests::parse(&Render::DEFAULT.run(&helm));
     let mut writes = Vec::new();
-    for role in all(&objects, "ClusterRole").chain(all(&objects, "Role")) {
+    let controllers = all(&objects, "ClusterRole")
+        .chain(all(&objects, "Role"))
+        .filter(|r| manifests::name(r).starts_with("palisade-controller"));
+    for role in controllers {
         for rule in role["rules"].as_sequence().expect("rules") {
             let groups = strings(&rule["apiGroups"]);
             let resources = strings(&rule["resources"]);
@@ -453,6 +586,7 @@ fn controller_rbac_reads_and_writes_only_status_events_and_its_lease() {
             "/configmaps:create",
             "/configmaps:patch(named)",
             "authentication.k8s.io/tokenreviews:create",
+            "authorization.k8s.io/subjectaccessreviews:create",
             "coordination.k8s.io/leases:create",
             // The replicas' reports: named after pods, so not by name.
             "coordination.k8s.io/leases:delete",

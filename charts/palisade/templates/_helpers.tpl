@@ -86,3 +86,21 @@ keeps the certificate; deleting the Secret and upgrading rotates it.
 checksum/tls: {{ include "palisade.tls.generated" . | sha256sum }}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The agent's --metrics-mode: loopback for a loopback bind, else secure unless turned off.
+*/}}
+{{- define "palisade.agent.metricsMode" -}}
+{{- if eq .Values.agent.metrics.bind "loopback" -}}loopback{{- else if .Values.agent.metrics.secure -}}secure{{- else -}}insecure{{- end -}}
+{{- end -}}
+
+{{- define "palisade.controller.metricsMode" -}}
+{{- if .Values.controller.metricsSecure -}}secure{{- else -}}insecure{{- end -}}
+{{- end -}}
+
+{{/* Whether a scraper needs a token: either component serves secure metrics. */}}
+{{- define "palisade.metrics.anySecure" -}}
+{{- if or (eq (include "palisade.agent.metricsMode" .) "secure") .Values.controller.metricsSecure -}}true{{- end -}}
+{{- end -}}
+
+{{- define "palisade.metricsReader.name" -}}{{ include "palisade.fullname" . }}-metrics-reader{{- end -}}

@@ -104,7 +104,7 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     if std::env::args().any(|a| a == CHILD_ARG) {
-        let dir = std::env::args().last().expect("the TLS directory");
+        let dir = std::env::args().next_back().expect("the TLS directory");
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         if let Err(e) = rt.block_on(controller(PathBuf::from(dir))) {
             eprintln!("fan-out controller: {e:#}");

@@ -273,7 +273,7 @@ pub fn text_of(bytes: Vec<u8>) -> Result<String, String> {
 /// UTF-16 text after its byte-order mark; an odd length or an unpaired surrogate is an
 /// error at its byte offset (counting the mark).
 fn utf16(body: &[u8], unit: fn([u8; 2]) -> u16) -> Result<String, String> {
-    if body.len() % 2 != 0 {
+    if !body.len().is_multiple_of(2) {
         return Err(format!(
             "UTF-16 text (it starts with a UTF-16 byte-order mark) of an odd length: a byte is missing at byte offset {}",
             body.len() + 2

@@ -19,7 +19,8 @@ cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 echo "== mutation check of the agreement property"
 # Planted bugs in the compiled side must each make the property fail (a few minutes).
 scripts/mutants.sh
-FUZZ_SECONDS="${FUZZ_SECONDS:-25}" scripts/fuzz.sh # cargo-fuzz targets, 25 s each (issue 12.13; with the build within 6 min)
+# The cargo-fuzz targets (scripts/fuzz.sh, fuzz/README.md) are not run here yet: their
+# instrumented build took more than 7 CPU-minutes for palisade-resources alone (issue 12.13).
 
 echo "== conformance (offline)"
 cargo build --release --locked -p palisadectl -p palisade-agent -p palisade-controller

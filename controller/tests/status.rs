@@ -295,20 +295,25 @@ async fn the_charts_service_accounts_can_do_nothing_more() {
     let s = &kube;
     let agent = "palisade-agent";
     let controller = "palisade-controller";
-    // The agent reads nothing from the API: its rules come from the controller.
+    // The agent reads nothing from the API (its rules come from the controller); it may
+    // only ask who a scraper is and whether it may read /metrics (secure metrics).
     for (verb, resource) in [
         ("list", "secrets"),
         ("get", "secrets"),
         ("list", "pods"),
+        ("watch", "pods"),
         ("list", "networkpolicies"),
-        ("create", "tokenreviews"),
+        ("list", "nodes"),
         ("create", "events"),
+        ("create", "serviceaccounts/token"),
     ] {
         assert!(
             !can_i(s, agent, verb, resource, None),
             "agent can {verb} {resource}"
         );
     }
+    assert!(can_i(s, agent, "create", "tokenreviews", None));
+    assert!(can_i(s, agent, "create", "subjectaccessreviews", None));
     // The controller reads what it compiles and writes only status.
     for (verb, resource) in [
         ("list", "pods"),

@@ -54,6 +54,11 @@ fn policies_of(rules: &NodeRuleSet) -> BTreeSet<PolicyId> {
 
 impl NodeStatus {
     /// The node's agent enforces the newest state published for it.
+    /// Generations published to the node and not yet acknowledged.
+    pub fn lag(&self) -> u64 {
+        self.published.saturating_sub(self.acked.unwrap_or(0))
+    }
+
     pub fn in_sync(&self) -> bool {
         self.connected > 0
             && self.error.is_none()
@@ -201,7 +206,7 @@ impl Hub {
                     .ok();
                 continue;
             } else {
-                s.published.saturating_sub(s.acked.unwrap_or(0))
+                s.lag()
             };
             self.metrics
                 .generation_lag

@@ -36,7 +36,7 @@ impl NodeReport {
                     node.clone(),
                     NodeReport {
                         in_sync: s.in_sync(),
-                        lag: s.published.saturating_sub(s.acked.unwrap_or(0)),
+                        lag: s.lag(),
                         error: s.error.clone(),
                     },
                 )

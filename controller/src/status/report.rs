@@ -69,14 +69,12 @@ impl Reports {
                 ..Default::default()
             }),
         };
-        let mut value = serde_json::to_value(&lease).unwrap_or_default();
-        value["apiVersion"] = "coordination.k8s.io/v1".into();
-        value["kind"] = "Lease".into();
+        // Typed objects serialize their apiVersion and kind, as an apply patch needs.
         self.api
             .patch(
                 &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(value),
+                &Patch::Apply(&lease),
             )
             .await?;
         Ok(())

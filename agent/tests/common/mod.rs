@@ -10,7 +10,6 @@ pub mod agent;
 pub use agent::{eventually, http_get, Agent};
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -286,6 +285,19 @@ pub fn in_netns<T: Send + 'static>(
     })
 }
 
+/// A non-blocking TCP listener on `port` (both families) with a deep accept queue.
+fn listen_tcp(port: u16) -> TcpListener {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)).expect("tcp socket");
+    s.set_only_v6(false).expect("dual-stack socket");
+    s.set_reuse_address(true).expect("SO_REUSEADDR");
+    let addr = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+    s.bind(&addr.into()).expect("bind tcp");
+    s.listen(4096).expect("listen");
+    s.set_nonblocking(true).expect("non-blocking listener");
+    s.into()
+}
+
 /// Listeners on TCP ports (kernel completes handshakes; accepted sockets are dropped) and
 /// UDP ports (counting datagrams), in one pod, until dropped.
 pub struct Servers {
@@ -303,17 +315,28 @@ impl Servers {
             let stop = stop.clone();
             let (tx, rx) = std::sync::mpsc::channel();
             threads.push(in_netns(netns, move || {
-                let l = TcpListener::bind(("::", port)).expect("bind tcp");
-                l.set_nonblocking(true).unwrap();
+                let l = listen_tcp(port);
                 tx.send(()).unwrap();
+                // Accepted sockets are held for 50 ms (time for a probe's data, so closing
+                // does not reset it) without ever blocking the accept loop: a probe that
+                // connects a thousand times a second must never find the queue full, or
+                // its dropped SYN would pass for a gap in the table.
+                let mut held: std::collections::VecDeque<(std::time::Instant, TcpStream)> =
+                    Default::default();
                 while !stop.load(Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok((mut s, _)) => {
-                            let mut buf = [0u8; 16];
-                            let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
-                            let _ = s.read(&mut buf);
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    let mut idle = true;
+                    while let Ok((s, _)) = l.accept() {
+                        held.push_back((std::time::Instant::now(), s));
+                        idle = false;
+                    }
+                    while held
+                        .front()
+                        .is_some_and(|(at, _)| at.elapsed() > Duration::from_millis(50))
+                    {
+                        held.pop_front();
+                    }
+                    if idle {
+                        std::thread::sleep(Duration::from_millis(1));
                     }
                 }
             }));
@@ -361,8 +384,18 @@ pub fn tcp_ok(netns: &str, dst: IpAddr, port: u16) -> bool {
 /// [`tcp_ok`] with its own time-out (a lab handshake takes well under a millisecond, so a
 /// short one suits probes that must be frequent).
 pub fn tcp_ok_within(netns: &str, dst: IpAddr, port: u16, timeout: Duration) -> bool {
+    tcp_connect_within(netns, dst, port, timeout).is_ok()
+}
+
+/// A TCP connection from `netns`, with the error that ended it (time-out, refused, …).
+pub fn tcp_connect_within(
+    netns: &str,
+    dst: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> std::io::Result<()> {
     in_netns(netns, move || {
-        TcpStream::connect_timeout(&SocketAddr::new(dst, port), timeout).is_ok()
+        TcpStream::connect_timeout(&SocketAddr::new(dst, port), timeout).map(drop)
     })
     .join()
     .unwrap()

@@ -2,12 +2,14 @@
 //! node's rule set from Kubernetes YAML, enforces it, and a change to the policies file
 //! reaches the running agent (a compiler change, applied without a restart). Its
 //! spoofed-packets metric moves when a pod sends from an address that is not its own. Its
-//! own loop repairs a table someone tampered with. Root only.
+//! own loop repairs a table someone tampered with. ipBlocks govern traffic to and from a
+//! namespace that stands for the world outside the cluster. Root only.
 
 mod common;
 
 use std::net::IpAddr;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
@@ -165,5 +167,90 @@ fn agent_repairs_a_tampered_table_on_its_own() {
     eventually("the agent's reconcile repaired the table", || {
         !tcp_ok(&a.netns, b.ip4, 7070) && tcp_ok(&a.netns, b.ip4, 8080)
     });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Traffic across the cluster's edge through ipBlocks: a lab namespace stands for the
+/// world outside (two addresses in each family, one of them in an `except` hole). a may
+/// reach the block on 8080, but not the hole nor another port; b admits only the block's
+/// first half. Every flow connects before the agent starts, and a denial must be a drop
+/// (a time-out), not a refusal or a broken route.
+#[test]
+fn ipblocks_reach_outside_the_cluster_exactly_as_written() {
+    if !can_run(&[ROOT, IP, NFT]) {
+        return;
+    }
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let (near4, far4) = (ip("203.0.113.10"), ip("203.0.113.200"));
+    let (near6, far6) = (ip("2001:db8:1::10"), ip("2001:db8:1::210"));
+    let mut lab = Lab::new("x", 22, &["default/a", "default/b"]);
+    let outside = lab.add_outside(&[near4, far4, near6, far6]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _so = Servers::start(&outside, &[8080, 9090], &[]);
+    let _sb = Servers::start(&b.netns, &[8080], &[]);
+    let timeout = Duration::from_millis(300);
+    let out = |dst: IpAddr, port: u16| tcp_connect_within(&a.netns, dst, port, timeout);
+    let inward = |src: IpAddr| {
+        let dst = if src.is_ipv4() { b.ip4 } else { b.ip6 };
+        tcp_connect_from(&outside, src, dst, 8080, timeout)
+    };
+    let dropped =
+        |r: std::io::Result<()>| matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::TimedOut);
+    let flows_out = [
+        (near4, 8080),
+        (near6, 8080),
+        (far4, 8080),
+        (far6, 8080),
+        (near4, 9090),
+    ];
+    for (dst, port) in flows_out {
+        assert!(out(dst, port).is_ok(), "a → {dst}:{port} without the agent");
+    }
+    for src in [near4, far4, near6, far6] {
+        assert!(inward(src).is_ok(), "{src} → b without the agent");
+    }
+
+    let dir = std::env::temp_dir().join(format!("palisade-agent-edge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cluster, policies) = (dir.join("cluster.yaml"), dir.join("policies.yaml"));
+    write(&cluster, &cluster_yaml(a, b));
+    write(
+        &policies,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {namespace: default, name: a-out}\n\
+         spec:\n  podSelector: {matchLabels: {app: a}}\n  policyTypes: [Egress]\n\
+         \x20 egress:\n    - to:\n\
+         \x20       - ipBlock: {cidr: 203.0.113.0/24, except: [203.0.113.128/25]}\n\
+         \x20       - ipBlock: {cidr: \"2001:db8:1::/64\", except: [\"2001:db8:1::200/120\"]}\n\
+         \x20     ports: [{port: 8080, protocol: TCP}]\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {namespace: default, name: b-in}\n\
+         spec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n\
+         \x20 ingress:\n    - from:\n\
+         \x20       - ipBlock: {cidr: 203.0.113.0/25}\n\
+         \x20       - ipBlock: {cidr: \"2001:db8:1::/120\"}\n",
+    );
+    let port = 20000 + (std::process::id() % 20000) as u16 + 11;
+    let _agent = start_agent(&lab, &cluster, &policies, port, "60");
+    eventually("a's egress enforced", || dropped(out(far4, 8080)));
+
+    assert!(out(near4, 8080).is_ok(), "a → the block (IPv4)");
+    assert!(out(near6, 8080).is_ok(), "a → the block (IPv6)");
+    assert!(dropped(out(far4, 8080)), "a → the except hole (IPv4)");
+    assert!(dropped(out(far6, 8080)), "a → the except hole (IPv6)");
+    assert!(
+        dropped(out(near4, 9090)),
+        "a → the block on a port not listed"
+    );
+    assert!(inward(near4).is_ok(), "the block's first half → b (IPv4)");
+    assert!(inward(near6).is_ok(), "the block's first half → b (IPv6)");
+    assert!(
+        dropped(inward(far4)),
+        "outside the admitted half → b (IPv4)"
+    );
+    assert!(
+        dropped(inward(far6)),
+        "outside the admitted half → b (IPv6)"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

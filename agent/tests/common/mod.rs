@@ -243,6 +243,71 @@ impl Lab {
         self.pods.last().unwrap()
     }
 
+    /// Adds a namespace that stands for the world outside the cluster: joined to the node
+    /// by a veth the agent knows nothing of, holding `addrs` (each routed to it from the
+    /// node), and reaching the pods through the node as its default route. Returns the
+    /// namespace's name.
+    pub fn add_outside(&mut self, addrs: &[IpAddr]) -> String {
+        let (node, netns, veth) = (
+            self.node.clone(),
+            format!("px-{}", self.id),
+            format!("x{}", self.tag),
+        );
+        sh(&["ip", "netns", "add", &netns]);
+        self.namespaces.push(netns.clone());
+        sh(&[
+            "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ]);
+        let proxy_arp = format!("net.ipv4.conf.{veth}.proxy_arp=1");
+        sh(&["ip", "netns", "exec", &node, "sysctl", "-qw", &proxy_arp]);
+        sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "fe80::1/64",
+            "dev",
+            &veth,
+            "nodad",
+        ]);
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
+        for addr in addrs {
+            let (len, family) = if addr.is_ipv4() {
+                (32, "-4")
+            } else {
+                (128, "-6")
+            };
+            let prefix = format!("{addr}/{len}");
+            sh(&[
+                "ip", "-n", &node, family, "route", "add", &prefix, "dev", &veth,
+            ]);
+            sh(&[
+                "ip", "-n", &netns, "addr", "add", &prefix, "dev", "eth0", "nodad",
+            ]);
+        }
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "onlink",
+        ]);
+        sh(&[
+            "ip", "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ]);
+        netns
+    }
+
     /// The IPv4 address the `i`-th pod gets (for rules written before it exists).
     pub fn planned_ip4(&self, i: usize) -> IpAddr {
         format!("10.77.{}.{}", self.subnet, i + usize::from(self.first_host))
@@ -396,6 +461,29 @@ pub fn tcp_connect_within(
 ) -> std::io::Result<()> {
     in_netns(netns, move || {
         TcpStream::connect_timeout(&SocketAddr::new(dst, port), timeout).map(drop)
+    })
+    .join()
+    .unwrap()
+}
+
+/// [`tcp_connect_within`] from the source address `src` of `netns`.
+pub fn tcp_connect_from(
+    netns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    in_netns(netns, move || {
+        let domain = if dst.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        s.bind(&SocketAddr::new(src, 0).into())?;
+        s.connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
     })
     .join()
     .unwrap()

@@ -363,6 +363,42 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// A union holds exactly the addresses of either side, in both families, and
+        /// stays normalized (what the renderer's interval sets need).
+        #[test]
+        fn union_holds_either_side(
+            a in (any::<u32>(), 8u8..=32),
+            b in (any::<u32>(), 8u8..=32),
+            b6 in (any::<u128>(), 16u8..=128),
+            probes in proptest::collection::vec(any::<u32>(), 4),
+        ) {
+            let v4 = |(base, len): (u32, u8)| ipnet::Ipv4Net::new(Ipv4Addr::from(base), len).unwrap().trunc();
+            let (na, nb) = (v4(a), v4(b));
+            let n6 = ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(b6.0), b6.1).unwrap().trunc();
+            let mut set = AddrSet::from_block(&IpNet::V4(na), &[]);
+            let mut other = AddrSet::from_block(&IpNet::V4(nb), &[]);
+            other.union_with(&AddrSet::from_block(&IpNet::V6(n6), &[]));
+            set.union_with(&other);
+            let mut edges: Vec<u32> = probes;
+            for n in [na, nb] {
+                let (lo, hi) = v4_bounds(&n);
+                edges.extend([lo, hi]);
+                edges.extend(lo.checked_sub(1));
+                edges.extend(hi.checked_add(1));
+            }
+            for probe in edges {
+                let addr = Ipv4Addr::from(probe);
+                prop_assert_eq!(set.contains(IpAddr::V4(addr)), na.contains(&addr) || nb.contains(&addr), "{}", addr);
+            }
+            prop_assert!(set.contains(IpAddr::V6(n6.network())));
+            prop_assert!(set.contains(IpAddr::V6(n6.broadcast())));
+            let mut normalized = set.clone();
+            normalized.normalize();
+            prop_assert_eq!(normalized, set);
+        }
+    }
+
     /// The probes of the property really hit inside, edge and outside addresses.
     #[test]
     fn probes_around_reach_inside_edges_and_outside() {

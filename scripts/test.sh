@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit/property/integration tests (root tests use
 # network namespaces they create and remove), and the conformance scenarios, offline and
-# with real packets.
+# with real packets, and the images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,10 @@ echo "== conformance (offline)"
 cargo build --release --locked -p palisadectl -p palisade-agent -p palisade-controller
 bin=target/release
 "$bin/palisadectl" verify tests/conformance/* ../shared/conformance/examples/*
+
+echo "== images (buildah, then podman run: --version, and the agent applying its table)"
+# The chart's default image names and tag, from the release binaries just built (~15 s).
+scripts/images.sh --no-build
 
 echo "== conformance (dataplane)"
 log=$(mktemp)

@@ -290,57 +290,13 @@ fn compile_within(
         .ok_or_else(|| SourceError::UnknownNode(node.to_string()))
 }
 
-/// What a rules file may say about itself, so that a file cut short is refused: how many
-/// pods, groups and rules it holds. Optional; put it first (a file cut after it then has
-/// fewer items than it says).
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Integrity {
-    pods: Option<usize>,
-    groups: Option<usize>,
-    rules: Option<usize>,
-}
-
-/// Parses a `NodeRuleSet` from JSON (text starting with `{`) or YAML (same shape as the
-/// JSON, enums as single-key maps), strictly: a duplicate key or an unknown field is an
-/// error naming its path. An `integrity` key (`{pods: N, groups: N, rules: N}`) is
-/// checked against the content. `origin` names the input in errors.
+/// Parses a rules file ([`palisade_resources::rules_file::parse`]: JSON or YAML, strict,
+/// its `integrity` counts checked); `origin` names the input in errors.
 pub fn parse_rules(text: &str, origin: &Path) -> Result<NodeRuleSet, SourceError> {
-    use palisade_resources::strict;
-    let parse_err = |message: String| SourceError::Parse {
+    palisade_resources::rules_file::parse(text).map_err(|e| SourceError::Parse {
         path: origin.to_path_buf(),
-        message,
-    };
-    // Through a JSON value: serde_yaml 0.9 wants YAML tags for enums, while the JSON form
-    // (`{peerPort: {...}}`) is what people write and what JSON files use.
-    let (mut value, duplicates) = if text.trim_start().starts_with('{') {
-        strict::json_value(text).map_err(|e| parse_err(e.to_string()))?
-    } else {
-        strict::yaml_value(serde_yaml::Deserializer::from_str(text))
-            .map_err(|e| parse_err(e.to_string()))?
-    };
-    if let Some(path) = duplicates.first() {
-        return Err(parse_err(format!("{path}: duplicate key")));
-    }
-    let integrity = match value.as_object_mut().and_then(|m| m.remove("integrity")) {
-        Some(v) => {
-            strict::decode::<Integrity>(&v).map_err(|e| parse_err(format!("integrity.{e}")))?
-        }
-        None => Integrity::default(),
-    };
-    let rules: NodeRuleSet = strict::decode(&value).map_err(|e| parse_err(e.to_string()))?;
-    for (what, said, found) in [
-        ("pods", integrity.pods, rules.pods.len()),
-        ("groups", integrity.groups, rules.groups.len()),
-        ("rules", integrity.rules, rules.rules.len()),
-    ] {
-        if let Some(said) = said.filter(|&n| n != found) {
-            return Err(parse_err(format!(
-                "integrity.{what}: the file says {said} and holds {found}; refused as incomplete"
-            )));
-        }
-    }
-    Ok(rules)
+        message: e.to_string(),
+    })
 }
 
 pub fn load_rules(path: &Path) -> Result<NodeRuleSet, SourceError> {

@@ -2,18 +2,15 @@
 //! decodes survives the agent's own round trip (serialized and parsed again, it is equal).
 #![no_main]
 
-use std::path::Path;
-
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(init: palisade_fuzz::seeds::from_env(palisade_fuzz::seeds::rules), |data: &[u8]| {
     let Some(text) = palisade_fuzz::text(data) else {
         return;
     };
-    let origin = Path::new("rules.json");
-    if let Ok(rules) = palisade_agent::source::parse_rules(&text, origin) {
+    if let Ok(rules) = palisade_resources::rules_file::parse(&text) {
         let json = serde_json::to_string(&rules).expect("a rule set serializes");
-        let again = palisade_agent::source::parse_rules(&json, origin)
+        let again = palisade_resources::rules_file::parse(&json)
             .unwrap_or_else(|e| panic!("a decoded rule set must decode again: {e}\n{json}"));
         assert_eq!(again, rules);
     }

@@ -18,6 +18,7 @@ mod netpol;
 mod placement;
 mod policies;
 pub mod probes;
+pub mod rules_file;
 pub mod scenario;
 pub mod strict;
 pub mod syntax;

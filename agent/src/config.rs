@@ -62,6 +62,17 @@ pub struct AgentConfig {
     /// Repair drift as soon as nf_tables events show another process changed our table
     /// (the periodic reconcile stays either way).
     pub watch_nftables_events: bool,
+    /// Log denied flows: each drop rule sends the packet to NFLOG, the agent writes one
+    /// JSON line per packet on standard output and keeps the recent ones for `/flows`.
+    pub flow_log: bool,
+    /// The NFLOG group (one per node; no other program may bind it in the namespace).
+    pub flow_log_group: u16,
+    /// Packets a second each drop rule may send to the log (a token bucket in the
+    /// kernel), and how many at once; what is over is dropped unlogged and counted.
+    pub flow_log_per_second: u32,
+    pub flow_log_burst: u32,
+    /// Recent lines kept for `/flows`.
+    pub flow_log_capacity: usize,
 }
 
 impl Default for AgentConfig {
@@ -89,6 +100,11 @@ impl Default for AgentConfig {
             max_nesting_depth: 64,
             max_host_addresses: 2_000_000,
             watch_nftables_events: true,
+            flow_log: true,
+            flow_log_group: 9469,
+            flow_log_per_second: 10,
+            flow_log_burst: 20,
+            flow_log_capacity: 1000,
         }
     }
 }
@@ -197,6 +213,15 @@ impl AgentConfig {
             token_file: self.token_file.clone()?,
             ca_file: self.ca_file.clone()?,
             node: self.node.clone()?,
+        })
+    }
+
+    /// The flow log's rules, when it is on.
+    pub fn flow_log(&self) -> Option<crate::render::FlowLog> {
+        self.flow_log.then_some(crate::render::FlowLog {
+            group: self.flow_log_group,
+            per_second: self.flow_log_per_second.max(1),
+            burst: self.flow_log_burst.max(1),
         })
     }
 

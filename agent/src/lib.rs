@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod config;
 pub mod diff;
+pub mod flows;
 pub mod interfaces;
 pub mod metrics;
 pub mod netns;

@@ -25,6 +25,9 @@ const HOST_ADDRESSES_HELP: &str =
 const OVER_CAP: &str = "palisade_host_addresses_over_cap";
 const OVER_CAP_HELP: &str =
     "1 while the last rule set is refused for holding more than max_host_addresses.";
+const SUPPRESSED: &str = "palisade_flow_log_suppressed_packets_total";
+const SUPPRESSED_HELP: &str =
+    "Denied packets not sent to the flow log because its rate limit (in the kernel) was exceeded; they were dropped all the same.";
 
 /// Reads the table's named counters with `nft` when scraped.
 pub struct KernelCollector {
@@ -84,6 +87,7 @@ impl KernelCollector {
             ),
             (HOST_ADDRESSES, HOST_ADDRESSES_HELP),
             (OVER_CAP, OVER_CAP_HELP),
+            (SUPPRESSED, SUPPRESSED_HELP),
         ] {
             descs.push(
                 Desc::new(name.into(), help.into(), vec![], Default::default())
@@ -112,6 +116,7 @@ impl Collector for KernelCollector {
                 s.over_cap,
             )
         };
+        let mut suppressed = 0u64;
         match self.nft.counters() {
             Ok(list) => {
                 for (name, p, b) in list {
@@ -142,6 +147,7 @@ impl Collector for KernelCollector {
                         Some(CounterMeta::Spoofed { pod }) => spoof
                             .with_label_values(&[&pod.namespace, &pod.name])
                             .inc_by(p as f64),
+                        Some(CounterMeta::FlowLogSuppressed) => suppressed += p,
                         None => {}
                     }
                 }
@@ -159,6 +165,9 @@ impl Collector for KernelCollector {
         .expect("constant");
         err.inc_by(errors);
         out.extend(err.collect());
+        let suppressed_c = IntCounter::new(SUPPRESSED, SUPPRESSED_HELP).expect("constant");
+        suppressed_c.inc_by(suppressed);
+        out.extend(suppressed_c.collect());
         let generation_g = Gauge::new(
             "palisade_ruleset_generation",
             "Successful transactions so far; 0 before the first.",
@@ -233,11 +242,13 @@ fn is_ready(stats: &Mutex<ApplyStats>) -> bool {
 pub struct Endpoints {
     pub registry: Arc<Registry>,
     pub stats: SharedStats,
+    pub flows: Option<Arc<crate::flows::FlowLog>>,
 }
 
 impl Handler for Endpoints {
     fn get(&self, path: &str) -> ReplyFuture {
         let (registry, stats) = (self.registry.clone(), self.stats.clone());
+        let flows = self.flows.clone();
         let path = path.to_string();
         Box::pin(async move {
             match path.as_str() {
@@ -249,6 +260,10 @@ impl Handler for Endpoints {
                     Reply::ok(text)
                 }
                 "/healthz" => Reply::ok("ok\n"),
+                "/flows" => match flows {
+                    Some(log) => Reply::ok(log.recent()),
+                    None => Reply::not_found(),
+                },
                 "/readyz" if is_ready(&stats) => Reply::ok("ready\n"),
                 "/readyz" => {
                     Reply::new(StatusCode::SERVICE_UNAVAILABLE, "no rule set applied yet\n")

@@ -40,10 +40,21 @@ pub async fn run(
     let source = cfg.source();
     let nft = Nft::local();
     let mut applier = Applier::new(nft.clone());
-    let mut renderer = Renderer::default();
+    let mut renderer = match cfg.flow_log() {
+        Some(log) => Renderer::with_flow_log(log),
+        None => Renderer::default(),
+    };
     let stats = applier.stats();
     let cap_stats = applier.stats();
     let registry = metrics::registry(nft.clone(), stats.clone());
+    let flows = cfg.flow_log.then(|| {
+        let log = crate::flows::FlowLog::new(cfg.flow_log_capacity, &registry);
+        match crate::nfnl::nflog::open(cfg.flow_log_group, None) {
+            Ok(socket) => log.read(socket),
+            Err(e) => tracing::error!(error = %e, group = cfg.flow_log_group, "cannot read the flow log (denied packets are still dropped and counted)"),
+        }
+        log
+    });
     let (streamed_tx, mut streamed) = watch::channel::<Option<Delivered>>(None);
     let (enforced_tx, enforced_rx) = mpsc::unbounded_channel::<Enforced>();
     if let Some(stream) = cfg.stream() {
@@ -64,10 +75,11 @@ pub async fn run(
     let registry = Arc::new(registry);
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    tracing::info!(addr = %listener.local_addr()?, mode = %cfg.metrics_mode(), scheme = access.scheme(), "serving /metrics, /healthz, /readyz");
+    tracing::info!(addr = %listener.local_addr()?, mode = %cfg.metrics_mode(), scheme = access.scheme(), "serving /metrics, /healthz, /readyz, /flows");
     let endpoints = Arc::new(metrics::Endpoints {
         registry,
         stats: stats.clone(),
+        flows: flows.clone(),
     });
     tokio::spawn(palisade_httpd::serve(
         listener,
@@ -206,6 +218,9 @@ pub async fn run(
                 }
             }
         };
+        if let Some(log) = &flows {
+            log.update(current, &desired.counters);
+        }
         let result = tokio::task::block_in_place(|| {
             if full_check {
                 applier
@@ -220,6 +235,7 @@ pub async fn run(
         match result {
             Ok(what) => {
                 tracing::info!(%what, "applied");
+
                 if let Some((epoch, generation)) = pending_ack.take() {
                     let _ = enforced_tx.send(Enforced {
                         epoch,

@@ -3,7 +3,8 @@
 //! reaches the running agent (a compiler change, applied without a restart). Its
 //! spoofed-packets metric moves when a pod sends from an address that is not its own. Its
 //! own loop repairs a table someone tampered with. ipBlocks govern traffic to and from a
-//! namespace that stands for the world outside the cluster. Root only.
+//! namespace that stands for the world outside the cluster. Denied flows come back from
+//! the flow log naming their rule. Root only.
 
 mod common;
 
@@ -109,16 +110,7 @@ fn agent_compiles_its_node_from_yaml_and_follows_policy_changes() {
 
     // Spoofing from a: counted by the agent's metric.
     let spoofed = "10.99.0.7";
-    sh(&[
-        "ip",
-        "-n",
-        &a.netns,
-        "addr",
-        "add",
-        &format!("{spoofed}/32"),
-        "dev",
-        "eth0",
-    ]);
+    add_address(&a.netns, spoofed);
     let series = r#"palisade_spoofed_packets_total{namespace="default",pod="a"}"#;
     let spoof_count = || {
         http_get(port, "/metrics")
@@ -251,6 +243,125 @@ fn ipblocks_reach_outside_the_cluster_exactly_as_written() {
     assert!(
         dropped(inward(far6)),
         "outside the admitted half → b (IPv6)"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The denied-flow log with real packets: a default deny, an Admin-tier Deny rule and a
+/// spoofed packet each come back from NFLOG as a line in `/flows` naming the rule (or the
+/// default deny, or the source check) and the pods; an allowed flow leaves no line; a
+/// flood of denied datagrams is held to the kernel's rate limit, the rest counted.
+#[test]
+fn denied_flows_are_logged_with_the_rule_that_denied_them() {
+    if !can_run(&[ROOT, IP, NFT]) {
+        return;
+    }
+    let lab = Lab::new("f", 23, &["default/a", "default/b"]);
+    let (a, b) = (lab.pod("a"), lab.pod("b"));
+    let _sb = Servers::start(&b.netns, &[7070, 8080, 9090], &[7070]);
+    let dir = std::env::temp_dir().join(format!("palisade-agent-flows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cluster, policies) = (dir.join("cluster.yaml"), dir.join("policies.yaml"));
+    write(&cluster, &cluster_yaml(a, b));
+    // b admits 8080 and 9090 from a; the Admin tier denies a's egress to b on 9090.
+    let admin = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\n\
+         metadata: {name: no-9090}\n\
+         spec:\n  priority: 10\n\
+         \x20 subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}\n\
+         \x20 egress:\n    - name: block-9090\n      action: Deny\n\
+         \x20     to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: b}}}}]\n\
+         \x20     ports: [{portNumber: {port: 9090, protocol: TCP}}]\n";
+    let netpol = policy_yaml(8080).replace(
+        "ports: [{port: 8080, protocol: TCP}]",
+        "ports: [{port: 8080, protocol: TCP}, {port: 9090, protocol: TCP}]",
+    );
+    write(&policies, &format!("{admin}---\n{netpol}"));
+    let port = 20000 + (std::process::id() % 20000) as u16 + 13;
+    let _agent = start_agent(&lab, &cluster, &policies, port, "60");
+    eventually("enforced", || {
+        tcp_ok(&a.netns, b.ip4, 8080) && !tcp_ok(&a.netns, b.ip4, 7070)
+    });
+
+    let flows = || -> Vec<serde_json::Value> {
+        let Some((200, text)) = http_get(port, "/flows") else {
+            return Vec::new();
+        };
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        body.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let find = |want: &dyn Fn(&serde_json::Value) -> bool| {
+        let mut found = None;
+        eventually("the flow's line in /flows", || {
+            found = flows().into_iter().find(|l| want(l));
+            found.is_some()
+        });
+        found.unwrap()
+    };
+
+    let line = find(&|l| l["dst"]["port"] == 7070 && l["protocol"] == "TCP");
+    assert_eq!(line["decided_by"]["kind"], "default-deny", "{line}");
+    assert_eq!(line["decided_by"]["pod"], "default/b", "{line}");
+    assert_eq!(line["direction"], "ingress", "{line}");
+    assert_eq!(line["verdict"], "deny", "{line}");
+    assert_eq!(line["node"], "node-1", "{line}");
+    assert_eq!(line["src"]["pod"], "default/a", "{line}");
+    assert_eq!(line["dst"]["pod"], "default/b", "{line}");
+    assert_eq!(line["src"]["address"], a.ip4.to_string(), "{line}");
+
+    assert!(!tcp_ok(&a.netns, b.ip4, 9090), "the Admin tier denies 9090");
+    let line = find(&|l| l["dst"]["port"] == 9090);
+    assert_eq!(line["decided_by"]["kind"], "rule", "{line}");
+    assert_eq!(line["decided_by"]["tier"], "Admin", "{line}");
+    assert_eq!(
+        line["decided_by"]["policy_kind"], "AdminNetworkPolicy",
+        "{line}"
+    );
+    assert_eq!(line["decided_by"]["policy"], "no-9090", "{line}");
+    assert_eq!(line["decided_by"]["rule"], "block-9090", "{line}");
+    assert_eq!(line["direction"], "egress", "{line}");
+
+    let spoofed = "10.99.0.9";
+    add_address(&a.netns, spoofed);
+    udp_send_from(&a.netns, spoofed.parse().unwrap(), b.ip4, 7070, 1);
+    let line = find(&|l| l["src"]["address"] == spoofed);
+    assert_eq!(line["verdict"], "spoofed", "{line}");
+    assert_eq!(line["decided_by"]["kind"], "spoofed", "{line}");
+    assert_eq!(line["decided_by"]["pod"], "default/a", "{line}");
+
+    assert!(tcp_ok(&a.netns, b.ip4, 8080));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        flows().iter().all(|l| l["dst"]["port"] != 8080),
+        "an allowed flow is not logged"
+    );
+
+    // A flood of denied datagrams: the kernel passes at most burst (20) + 10/s of them.
+    let metric = |series: &str| {
+        http_get(port, "/metrics")
+            .and_then(|(_, m)| metric_value(&m, series))
+            .unwrap_or(0.0)
+    };
+    let (lines, suppressed) = (
+        "palisade_flow_log_lines_total",
+        "palisade_flow_log_suppressed_packets_total",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let (lines_before, suppressed_before) = (metric(lines), metric(suppressed));
+    let started = std::time::Instant::now();
+    udp_send_from(&a.netns, a.ip4, b.ip4, 7070, 3000);
+    let secs = started.elapsed().as_secs_f64();
+    eventually("the suppressed packets counted", || {
+        metric(suppressed) - suppressed_before >= 3000.0 - 20.0 - 10.0 * (secs + 1.0)
+    });
+    let logged = metric(lines) - lines_before;
+    assert!(
+        logged >= 1.0 && logged <= 20.0 + 10.0 * (secs + 1.0),
+        "{logged} lines for 3000 denied datagrams in {secs:.2} s"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

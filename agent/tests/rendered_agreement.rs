@@ -20,7 +20,8 @@ use palisade_policy::{compile, Cluster, Flow, Pod, Policy, Verdict};
 use proptest::prelude::*;
 use support::{cluster_and_policies, config, flows};
 
-/// Each node's rendered table, every local non-host-network pod on its own veth.
+/// Each node's rendered table, every local non-host-network pod on its own veth, with the
+/// flow log on as the agent loads it by default (each drop through its log chain).
 fn tables(cluster: &Cluster, policies: &[Policy]) -> BTreeMap<String, Ruleset> {
     let rule_sets = compile(cluster, policies);
     let mut out = BTreeMap::new();
@@ -31,8 +32,13 @@ fn tables(cluster: &Cluster, policies: &[Policy]) -> BTreeMap<String, Ruleset> {
             .filter(|p| p.node == *node && !p.host_network)
             .map(|p| (p.key(), veth(p)))
             .collect();
-        let table = render::render(set, &interfaces)
-            .unwrap_or_else(|e| panic!("rendering node {node}: {e}"));
+        let table = render::Renderer::with_flow_log(render::FlowLog {
+            group: 9469,
+            per_second: 10,
+            burst: 20,
+        })
+        .render(set, &interfaces)
+        .unwrap_or_else(|e| panic!("rendering node {node}: {e}"));
         out.insert(node.clone(), table);
     }
     out

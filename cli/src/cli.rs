@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{compile, demo, explain, status, verify};
+use crate::{compile, demo, explain, flows, status, verify};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,6 +27,8 @@ enum Command {
     Verify(verify::Args),
     /// Per policy, on how many nodes it is enforced; per node, its agent (live cluster).
     Status(status::Args),
+    /// The recent denied flows of agents, with the rule that denied each.
+    Flows(flows::Args),
     /// Build a two-node lab cluster in network namespaces and show policies at work.
     Demo(demo::Args),
 }
@@ -39,6 +41,7 @@ impl Cli {
             Command::Verify(args) => verify::run(&args),
             Command::Demo(args) => demo::run(&args),
             Command::Status(args) => status::run(&args),
+            Command::Flows(args) => flows::run(&args),
         }
     }
 }

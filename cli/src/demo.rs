@@ -173,6 +173,30 @@ pub(crate) fn print_hits(running: &RunningCluster) {
     }
 }
 
+/// The last denied flows the agents logged (their `/flows`), as `palisadectl flows` shows
+/// them.
+pub(crate) fn print_flows(running: &RunningCluster) {
+    let mut lines = Vec::new();
+    let mut urls = Vec::new();
+    for (_, addr) in running.metrics_addresses() {
+        urls.push(format!("http://{addr}"));
+        if let Ok((200, text)) = http_get(addr, "/flows") {
+            lines.extend(text.lines().map(str::to_string));
+        }
+    }
+    let rows = crate::flows::table(&lines);
+    println!(
+        "\nDenied flows, as the agents logged them (the last of {}; palisadectl flows {}):",
+        rows.len() - 1,
+        urls.join(" ")
+    );
+    let skip = rows.len().saturating_sub(11).max(1);
+    println!("  {}", rows[0]);
+    for row in rows.iter().skip(skip) {
+        println!("  {row}");
+    }
+}
+
 pub fn run(args: &Args) -> Result<ExitCode> {
     if args.api {
         return crate::demo_api::run(args);
@@ -226,6 +250,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "Connectivity with the policies:",
     )?;
     print_hits(&running);
+    print_flows(&running);
 
     println!("\nAgents' metrics, health and readiness:");
     for (node, addr) in running.metrics_addresses() {

@@ -1,7 +1,7 @@
 //! `palisadectl demo --prometheus` with a real Prometheus (Debian's `prometheus`): the
 //! query the demo prints is answered with data from the demo's agents, and the
-//! controller's metrics are scraped too; Ctrl-C removes everything. Root, nft, ip and
-//! prometheus needed (about 30 s).
+//! controller's metrics are scraped too; the denied flows are shown, also by `palisadectl
+//! flows`; Ctrl-C removes everything. Root, nft, ip and prometheus needed (about 30 s).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -69,7 +69,7 @@ fn query(addr: SocketAddr, expr: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn demo_with_prometheus_answers_its_query_with_data() {
+fn demo_with_prometheus_answers_its_query_with_data_and_shows_denied_flows() {
     use palisade_testkit::{Need, IP, NFT, ROOT};
     if !palisade_testkit::can_run(&[ROOT, IP, NFT, Need::Program("prometheus", "--version")]) {
         return;
@@ -124,6 +124,29 @@ fn demo_with_prometheus_answers_its_query_with_data() {
         .parse()
         .expect("a loopback address");
     assert!(addr.ip().is_loopback(), "{addr}");
+
+    // The denied flows of the policies' matrix, as the agents logged them, and the
+    // command that shows them again.
+    let flows_at = seen
+        .iter()
+        .find_map(|l| l.split_once("palisadectl flows ").map(|(_, urls)| urls))
+        .unwrap_or_else(|| panic!("no flows section:\n{}", seen.join("\n")))
+        .trim_end_matches("):")
+        .to_string();
+    assert!(
+        seen.iter().any(|l| l.contains("default deny of shop/")),
+        "a denied flow named by its default deny:\n{}",
+        seen.join("\n")
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_palisadectl"))
+        .arg("flows")
+        .args(flows_at.split(' '))
+        .output()
+        .expect("run palisadectl flows");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.starts_with("TIME "), "{table}");
+    assert!(table.contains("default deny of shop/"), "{table}");
 
     let hits = query(addr, &suggested.unwrap());
     assert!(!hits.is_empty(), "the suggested query has no data");

@@ -117,13 +117,7 @@ pub fn open(netns: Option<&str>) -> Result<Socket, NfnlError> {
         let _ = setsockopt(&socket, libc::SO_RCVBUFFORCE, &RCVBUF);
         Ok(socket)
     };
-    match netns {
-        None => new(),
-        Some(name) => crate::netns::spawn_in(name, new)
-            .join()
-            .map_err(|_| NfnlError::Malformed("namespace thread panicked"))?
-            .map_err(|e| NfnlError::Netns(e.path, e.reason))?,
-    }
+    super::in_namespace(netns, new)
 }
 
 /// Watches on a thread of its own, waking `drift` for each foreign change to `table` (and

@@ -12,6 +12,7 @@ pub mod counters;
 pub mod digest;
 pub mod events;
 pub mod image;
+pub mod nflog;
 pub mod scratch;
 pub mod setelem;
 
@@ -86,7 +87,7 @@ impl Message {
         )
     }
 
-    fn raw(kind: u16, flags: u16, nfgenmsg: [u8; 4]) -> Message {
+    pub(crate) fn raw(kind: u16, flags: u16, nfgenmsg: [u8; 4]) -> Message {
         let mut buf = vec![0u8; NLMSG_HDRLEN];
         buf[4..6].copy_from_slice(&kind.to_ne_bytes());
         buf[6..8].copy_from_slice(&flags.to_ne_bytes());
@@ -158,6 +159,21 @@ pub(crate) struct Reply {
     pub body: Vec<u8>,
 }
 
+/// `make()` here, or on a short-lived thread that entered `/var/run/netns/NAME`: a socket
+/// stays in the namespace it was created in, and the caller uses it from anywhere.
+pub(crate) fn in_namespace<T: Send + 'static>(
+    netns: Option<&str>,
+    make: impl FnOnce() -> Result<T, NfnlError> + Send + 'static,
+) -> Result<T, NfnlError> {
+    match netns {
+        None => make(),
+        Some(name) => crate::netns::spawn_in(name, make)
+            .join()
+            .map_err(|_| NfnlError::Malformed("namespace thread panicked"))?
+            .map_err(|e| NfnlError::Netns(e.path, e.reason))?,
+    }
+}
+
 /// A NETLINK_NETFILTER socket, opened in the agent's namespace or in a named one.
 pub struct NfnlSocket {
     socket: Socket,
@@ -169,13 +185,7 @@ impl NfnlSocket {
     /// socket stays in the namespace it was created in, so a short-lived thread that
     /// entered the namespace creates it and the caller keeps using it from anywhere.
     pub fn open(netns: Option<&str>) -> Result<NfnlSocket, NfnlError> {
-        let socket = match netns {
-            None => new_socket()?,
-            Some(name) => crate::netns::spawn_in(name, new_socket)
-                .join()
-                .map_err(|_| NfnlError::Malformed("namespace thread panicked"))?
-                .map_err(|e| NfnlError::Netns(e.path, e.reason))??,
-        };
+        let socket = in_namespace(netns, new_socket)?;
         Ok(NfnlSocket { socket, seq: 0 })
     }
 

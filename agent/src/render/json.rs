@@ -327,6 +327,14 @@ pub fn match_statement(m: &Match) -> Statement<'static> {
             set_ref(set),
         ),
         Match::Established => established(),
+        Match::Limit { per_second, burst } => Statement::Limit(stmt::Limit {
+            rate: *per_second,
+            rate_unit: Some("packets".into()),
+            per: Some("second".into()),
+            burst: Some(*burst),
+            burst_unit: Some("packets".into()),
+            inv: None,
+        }),
     }
 }
 
@@ -346,8 +354,9 @@ fn established() -> Statement<'static> {
     )
 }
 
-pub fn verdict_statement(v: &Verdict) -> Statement<'static> {
-    match v {
+/// The statements of a verdict: one, but two for [`Verdict::LogDrop`] (log, then drop).
+pub fn verdict_statements(v: &Verdict) -> Vec<Statement<'static>> {
+    let one = match v {
         Verdict::Accept => Statement::Accept(None),
         Verdict::Drop => Statement::Drop(None),
         Verdict::Return => Statement::Return(None),
@@ -357,7 +366,18 @@ pub fn verdict_statement(v: &Verdict) -> Statement<'static> {
         Verdict::Goto(c) => Statement::Goto(JumpTarget {
             target: c.clone().into(),
         }),
-    }
+        Verdict::LogDrop { prefix, group } => {
+            return vec![
+                Statement::Log(Some(stmt::Log {
+                    prefix: Some(prefix.clone().into()),
+                    group: Some(u32::from(*group)),
+                    ..stmt::Log::new(None)
+                })),
+                Statement::Drop(None),
+            ]
+        }
+    };
+    vec![one]
 }
 
 fn rule_obj<'a>(chain: &'a str, expr: Vec<Statement<'a>>) -> NfListObject<'a> {
@@ -377,7 +397,7 @@ pub fn rule<'a>(chain: &'a str, r: &RuleDef) -> NfListObject<'a> {
     if let Some(c) = &r.counter {
         expr.push(Statement::Counter(Counter::Named(c.clone().into())));
     }
-    expr.push(verdict_statement(&r.verdict));
+    expr.extend(verdict_statements(&r.verdict));
     rule_obj(chain, expr)
 }
 

@@ -150,6 +150,71 @@ pub fn spoof_counter(pod: &PodKey) -> String {
     format!("spoof/{}", pod_part(pod))
 }
 
+/// The flow log's part of the table: each drop of a compiled rule, a default deny or the
+/// source check goes to a chain `log/COUNTER` (the deny rule keeps its own counter) that
+/// sends the packet to NFLOG group `group`, at most `per_second` a second and `burst` at
+/// once per chain (a token bucket in the kernel, so a flood cannot swamp the agent), and
+/// drops it. What the limit holds back is dropped all the same and counted in
+/// [`FLOW_LOG_SUPPRESSED`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowLog {
+    pub group: u16,
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+pub const FLOW_LOG_SUPPRESSED: &str = "flow-log-suppressed";
+
+pub fn log_chain(counter: &str) -> String {
+    format!("log/{counter}")
+}
+
+/// The NFLOG prefix that names `counter` in a logged packet (the kernel keeps 127 bytes).
+pub fn log_prefix(counter: &str) -> String {
+    if counter.len() <= 127 {
+        counter.to_string()
+    } else {
+        format!("h-{:016x}", fnv64(counter))
+    }
+}
+
+/// `rules` with each counted drop sent through its flow-log chain, created in `out`.
+fn through_flow_log(
+    out: &mut Ruleset,
+    mut rules: Vec<RuleDef>,
+    log: Option<FlowLog>,
+) -> Vec<RuleDef> {
+    let Some(log) = log else { return rules };
+    for rule in &mut rules {
+        let (Verdict::Drop, Some(counter)) = (&rule.verdict, &rule.counter) else {
+            continue;
+        };
+        let chain = log_chain(counter);
+        out.chains.entry(chain.clone()).or_insert_with(|| {
+            Arc::new(vec![
+                RuleDef {
+                    matches: vec![Match::Limit {
+                        per_second: log.per_second,
+                        burst: log.burst,
+                    }],
+                    counter: None,
+                    verdict: Verdict::LogDrop {
+                        prefix: log_prefix(counter),
+                        group: log.group,
+                    },
+                },
+                RuleDef {
+                    matches: vec![],
+                    counter: Some(FLOW_LOG_SUPPRESSED.into()),
+                    verdict: Verdict::Drop,
+                },
+            ])
+        });
+        rule.verdict = Verdict::Goto(chain);
+    }
+    rules
+}
+
 pub fn group_set(group: &str, family: IpFamily) -> String {
     format!("{group}{}", family.suffix())
 }
@@ -190,6 +255,7 @@ pub struct Renderer {
     /// refer to) stay as in `shapes`.
     pods: HashMap<PodKey, RenderedPod>,
     shapes: BTreeMap<String, SetKind>,
+    flow_log: Option<FlowLog>,
 }
 
 /// What one pod rendered to, and from what.
@@ -250,6 +316,16 @@ impl RenderedPod {
         for direction in [Direction::Egress, Direction::Ingress] {
             for name in [entry_chain(key, direction), rest_chain(key, direction)] {
                 if let Some(rules) = out.chains.get(&name) {
+                    // The flow-log chains its drops go to (shared with other pods).
+                    for rule in rules.iter() {
+                        if let Verdict::Goto(target) = &rule.verdict {
+                            if let Some(log) =
+                                target.strip_prefix("log/").and(out.chains.get(target))
+                            {
+                                chains.push((target.clone(), log.clone()));
+                            }
+                        }
+                    }
                     chains.push((name, rules.clone()));
                 }
             }
@@ -294,6 +370,14 @@ impl RenderedPod {
 }
 
 impl Renderer {
+    /// A renderer whose tables send denied packets to the flow log ([`FlowLog`]).
+    pub fn with_flow_log(log: FlowLog) -> Renderer {
+        Renderer {
+            flow_log: Some(log),
+            ..Renderer::default()
+        }
+    }
+
     /// As [`render`], reusing the sets of groups that did not change since the last call.
     pub fn render(
         &mut self,
@@ -304,6 +388,11 @@ impl Renderer {
             base_chains: base_chains(),
             ..Ruleset::default()
         };
+        let flow_log = self.flow_log;
+        if flow_log.is_some() {
+            out.counters
+                .insert(FLOW_LOG_SUPPRESSED.into(), CounterMeta::FlowLogSuppressed);
+        }
         let mut cache = HashMap::with_capacity(rules.groups.len());
         for (id, group) in &rules.groups {
             if !valid_id(id) {
@@ -351,7 +440,7 @@ impl Renderer {
                     pods.insert(key.clone(), cached);
                 }
                 _ => {
-                    render_pod(out, rules, pod, key, ifname)?;
+                    render_pod(out, rules, pod, key, ifname, flow_log)?;
                     pods.insert(key.clone(), RenderedPod::extract(out, pod, key, ifname));
                 }
             }
@@ -535,6 +624,7 @@ fn render_pod(
     pod: &PodRules,
     key: &PodKey,
     ifname: &str,
+    flow_log: Option<FlowLog>,
 ) -> Result<(), RenderError> {
     for direction in [Direction::Egress, Direction::Ingress] {
         let dir_rules = pod.direction(direction);
@@ -568,8 +658,10 @@ fn render_pod(
                 counter: None,
                 verdict: Verdict::Goto(chain.clone()),
             });
+            let rest_rules = through_flow_log(out, rest_rules, flow_log);
             out.chains.insert(rest, Arc::new(rest_rules));
         }
+        let entry_rules = through_flow_log(out, entry_rules, flow_log);
         if entry_rules.is_empty() {
             continue;
         }

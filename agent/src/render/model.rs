@@ -217,6 +217,9 @@ pub enum Match {
     /// anti-spoofing rules, so established traffic skips the policy but never the
     /// source check.
     Established,
+    /// `limit rate R/second burst B packets`: true while the rule's token bucket holds a
+    /// token (a flow-log chain's rate limit, in the kernel).
+    Limit { per_second: u32, burst: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -226,6 +229,12 @@ pub enum Verdict {
     Return,
     Jump(String),
     Goto(String),
+    /// `log prefix "P" group G drop`: the packet goes to NFLOG group `group` (the agent's
+    /// flow log), then is dropped.
+    LogDrop {
+        prefix: String,
+        group: u16,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -269,6 +278,8 @@ pub enum CounterMeta {
     Spoofed {
         pod: PodKey,
     },
+    /// Denied packets the flow log's rate limit kept from NFLOG (they were still dropped).
+    FlowLogSuppressed,
 }
 
 /// The whole table.

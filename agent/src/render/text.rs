@@ -122,6 +122,9 @@ pub fn match_text(m: &Match) -> String {
             set
         ),
         Match::Established => "ct state established,related".into(),
+        Match::Limit { per_second, burst } => {
+            format!("limit rate {per_second}/second burst {burst} packets")
+        }
     }
 }
 
@@ -132,6 +135,7 @@ pub fn verdict_text(v: &Verdict) -> String {
         Verdict::Return => "return".into(),
         Verdict::Jump(c) => format!("jump {c}"),
         Verdict::Goto(c) => format!("goto {c}"),
+        Verdict::LogDrop { prefix, group } => format!("log prefix \"{prefix}\" group {group} drop"),
     }
 }
 

@@ -489,6 +489,20 @@ pub fn tcp_connect_from(
     .unwrap()
 }
 
+/// Gives the pod in `netns` one more IPv4 address (a source to spoof from).
+pub fn add_address(netns: &str, addr: &str) {
+    sh(&[
+        "ip",
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "eth0",
+    ]);
+}
+
 /// Sends `n` UDP datagrams from `netns`, bound to `src`, to `dst:port`.
 pub fn udp_send_from(netns: &str, src: IpAddr, dst: IpAddr, port: u16, n: usize) {
     in_netns(netns, move || {

@@ -147,7 +147,7 @@ fn run_chain(
         }
         match &rule.verdict {
             Verdict::Accept => return ChainEnd::Accept,
-            Verdict::Drop => return ChainEnd::Drop,
+            Verdict::Drop | Verdict::LogDrop { .. } => return ChainEnd::Drop,
             Verdict::Return => return ChainEnd::Return,
             Verdict::Jump(callee) => match run_chain(rs, callee, pkt, counters, depth + 1) {
                 ChainEnd::Return => {}
@@ -200,6 +200,9 @@ fn matches(rs: &Ruleset, m: &Match, pkt: &Packet) -> bool {
     match m {
         // Every packet here is a new flow's.
         Match::Established => false,
+        // A flow-log chain's token bucket: with or without a token the packet is dropped
+        // (logged, or counted as suppressed), so a full bucket stands for both.
+        Match::Limit { .. } => true,
         Match::Family(f) => *f == family,
         Match::AddrNotIn {
             family: f,

@@ -104,3 +104,4 @@ The agent's --metrics-mode: loopback for a loopback bind, else secure unless tur
 {{- end -}}
 
 {{- define "palisade.metricsReader.name" -}}{{ include "palisade.fullname" . }}-metrics-reader{{- end -}}
+{{- define "palisade.flowsReader.name" -}}{{ include "palisade.fullname" . }}-flows-reader{{- end -}}

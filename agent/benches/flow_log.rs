@@ -153,6 +153,10 @@ fn flood(netns: &str, dst: IpAddr, secs: f64) -> (u64, Duration) {
     .expect("flood thread")
 }
 
+/// One run: (flow log on, datagrams/s, sender ns per datagram, agent CPU ms, lines,
+/// suppressed).
+type Run = (bool, f64, f64, f64, f64, f64);
+
 fn main() {
     if !common::can_run("flow_log") {
         return;
@@ -171,8 +175,7 @@ fn main() {
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let port = 20_000 + (std::process::id() % 20_000) as u16;
 
-    // (variant, rate/s, sender ns per datagram, agent CPU ms, lines, suppressed)
-    let mut results: Vec<(bool, f64, f64, f64, f64, f64)> = Vec::new();
+    let mut results: Vec<Run> = Vec::new();
     for round in 0..rounds {
         for flow_log in [round % 2 == 0, round % 2 != 0] {
             let agent = Agent::start(&lab, &rules_file, flow_log, port);
@@ -221,7 +224,7 @@ fn main() {
         "suppressed".into(),
     ]];
     for on in [false, true] {
-        let of = |f: fn(&(bool, f64, f64, f64, f64, f64)) -> f64| {
+        let of = |f: fn(&Run) -> f64| {
             median(
                 &results
                     .iter()

@@ -5,6 +5,9 @@
 #
 #   FUZZ_SECONDS   seconds per target (default 60)
 #   FUZZ_TARGETS   space-separated targets (default: all of them)
+#   FUZZ_DEV=1     build without optimization (`cargo fuzz build --dev`): about 4 CPU-minutes
+#                  instead of more than 15 (palisade-resources alone takes over 10 optimized
+#                  with coverage instrumentation), for fewer executions a second; CI uses it
 #
 # Toolchain: nightly when rustup has it installed; otherwise the stable toolchain with
 # RUSTC_BOOTSTRAP=1 (nothing is downloaded from rustup's servers). AddressSanitizer when
@@ -39,10 +42,14 @@ else
 fi
 echo "fuzz: sanitizer: $sanitizer; $seconds s per target: ${targets[*]}"
 
+profile=()
+if [ "${FUZZ_DEV:-0}" = 1 ]; then profile=(--dev); fi
+echo "fuzz: build: ${profile[*]:-release}"
+
 start=$SECONDS
 build_log=$(mktemp)
 # All targets in one build (they share every dependency); `run` then finds them built.
-if ! cargo "${toolchain[@]}" fuzz build --sanitizer "$sanitizer" >"$build_log" 2>&1; then
+if ! cargo "${toolchain[@]}" fuzz build "${profile[@]}" --sanitizer "$sanitizer" >"$build_log" 2>&1; then
     tail -n 60 "$build_log"
     echo "fuzz: build failed" >&2
     exit 1
@@ -77,7 +84,7 @@ for target in "${targets[@]}"; do
     log=$(mktemp)
     echo "== fuzz $target ($seconds s)"
     if PALISADE_FUZZ_SEED_DIR="$PWD/fuzz/corpus/$target" PALISADE_FUZZ_SCENARIOS="$scenarios" \
-        cargo "${toolchain[@]}" fuzz run --sanitizer "$sanitizer" "$target" "fuzz/corpus/$target" -- \
+        cargo "${toolchain[@]}" fuzz run "${profile[@]}" --sanitizer "$sanitizer" "$target" "fuzz/corpus/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         >"$log" 2>&1; then
         stat() { grep -o "stat::$1: *[0-9]*" "$log" | grep -o '[0-9]*$' || echo "?"; }

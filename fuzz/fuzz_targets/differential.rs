@@ -16,8 +16,20 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
-    let rng = TestRng::from_seed(RngAlgorithm::PassThrough, data);
-    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    // The empty input (libFuzzer's first) makes the generators loop inside proptest.
+    if data.len() < 16 {
+        return;
+    }
+    let bytes = palisade_fuzz::rng_bytes(data);
+    let rng = TestRng::from_seed(RngAlgorithm::PassThrough, &bytes);
+    // Few rejections: should the bytes run out, the RNG yields zeros, and a map that
+    // wants two distinct keys would retry its 65,536 default times.
+    let config = Config {
+        max_local_rejects: 64,
+        max_global_rejects: 64,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new_with_rng(config, rng);
     let Ok(tree) = cluster_and_policies().new_tree(&mut runner) else {
         return;
     };

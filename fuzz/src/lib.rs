@@ -14,6 +14,25 @@ pub mod support;
 
 /// A file's bytes as the loaders read them (BOM dropped, UTF-8 checked), or `None` when the
 /// loaders refuse them before parsing; the refusal must say where the bad byte is.
+/// The randomness a generator draws from: the fuzzer's bytes first (so its mutations steer
+/// the choices), then 64 KiB drawn from a generator seeded with them. Past its input
+/// proptest's pass-through RNG yields zeros, and a set or map of two or more distinct
+/// elements built from zeros never completes.
+pub fn rng_bytes(data: &[u8]) -> Vec<u8> {
+    let mut x = data.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    }) | 1;
+    let mut out = data.to_vec();
+    for _ in 0..(64 << 10) / 8 {
+        // xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
 pub fn text(data: &[u8]) -> Option<String> {
     match palisade_resources::strict::text_of(data.to_vec()) {
         Ok(text) => Some(text),

@@ -14,9 +14,11 @@
 mod group_refs;
 mod pods;
 mod policies;
+mod selector_index;
 
-use group_refs::{contribution, contribution_with, index_slot, Slot};
-use policies::namespace_may_match;
+use group_refs::{contribution, contribution_with, group_pod_selector, index_slot, Slot};
+use policies::{namespace_may_match, ById};
+use selector_index::{LabelIndex, SelectorIndex};
 use std::collections::{BTreeMap, BTreeSet};
 
 use rustc_hash::FxHashMap as HashMap;
@@ -34,6 +36,10 @@ use crate::ruleset::{DirectionRules, NodeRuleSet, PodRules, RuleId, RuleInstance
 use crate::selector::LabelSelector;
 
 static NO_LABELS: Labels = Labels::new();
+static EVERYTHING: LabelSelector = LabelSelector {
+    match_labels: Labels::new(),
+    match_expressions: Vec::new(),
+};
 
 /// What the policies mean for every pod of one namespace with the same labels and ports.
 #[derive(PartialEq)]
@@ -94,21 +100,24 @@ pub struct Compiler {
     cluster: Cluster,
     policies: BTreeMap<PolicyId, Arc<CompiledPolicy>>,
     rule_origins: HashMap<RuleId, Arc<RuleOrigin>>,
-    /// NetworkPolicies per namespace, in id order (the order of `isolated_by`).
-    /// (A sorted vector: a namespace has a few, and a map's node would cost more than them.)
-    np_by_ns: HashMap<String, Vec<Arc<CompiledPolicy>>>,
+    /// NetworkPolicies per namespace, by what their pod selectors require.
+    np_by_ns: HashMap<String, SelectorIndex<ById>>,
     /// Tiered policies in evaluation order.
     tiered: BTreeSet<(Tier, u32, PolicyId)>,
     /// Per namespace, the tiered policies whose subject's namespace selector matches it.
     tiered_by_ns: HashMap<String, Vec<PolicyId>>,
     /// Pods per namespace (a count: the pods themselves are a range of `cluster.pods`).
     pods_by_ns: HashMap<String, usize>,
+    /// Pods by namespace and label, for selectors that require a label.
+    pod_labels: LabelIndex<Arc<PodKey>>,
     /// Pod keys are shared between this and `pod_entries`.
     pods_by_node: BTreeMap<String, BTreeSet<Arc<PodKey>>>,
     pod_entries: HashMap<Arc<PodKey>, PodEntry>,
     groups: HashMap<GroupKey, GroupState>,
-    groups_by_ns: HashMap<String, BTreeSet<GroupKey>>,
-    ns_selector_groups: BTreeSet<GroupKey>,
+    /// Groups of one namespace's pods, per namespace, by their pod selectors.
+    groups_by_ns: HashMap<String, SelectorIndex<GroupKey>>,
+    /// Groups of pods in the namespaces a selector matches, by their pod selectors.
+    ns_selector_groups: SelectorIndex<GroupKey>,
     named_groups_by_port: HashMap<String, BTreeSet<GroupKey>>,
     node_groups: BTreeSet<GroupKey>,
     memo: Memo,
@@ -132,11 +141,12 @@ impl Compiler {
             tiered: BTreeSet::new(),
             tiered_by_ns: HashMap::default(),
             pods_by_ns: HashMap::default(),
+            pod_labels: LabelIndex::default(),
             pods_by_node: BTreeMap::new(),
             pod_entries: HashMap::default(),
             groups: HashMap::default(),
             groups_by_ns: HashMap::default(),
-            ns_selector_groups: BTreeSet::new(),
+            ns_selector_groups: SelectorIndex::default(),
             named_groups_by_port: HashMap::default(),
             node_groups: BTreeSet::new(),
             memo: HashMap::default(),
@@ -164,6 +174,7 @@ impl Compiler {
         c.pod_entries.reserve(pods.len());
         for (key, pod) in &pods {
             let key = Arc::new(key.clone());
+            c.pod_labels.push(&pod.namespace, &pod.labels, &key);
             let node = match by_node.get_mut(pod.node.as_str()) {
                 Some((node, keys)) => {
                     keys.push(key.clone());
@@ -212,6 +223,7 @@ impl Compiler {
             .map(|(node, (_, keys))| (node.to_string(), keys.into_iter().collect()))
             .collect();
         drop(shapes);
+        c.pod_labels.finish_bulk();
         c.memo = memo;
         c.cluster.pods = pods;
         c.compute_all_members();
@@ -239,9 +251,20 @@ impl Compiler {
             }
         }
         let members_in = |ns: &str, def: &GroupDef, out: &mut Vec<Member>| {
-            if let Some((labels, pods)) = pods_by_ns.get(ns) {
-                for pod in pods {
-                    def.contribution(pod, labels, out);
+            let Some((labels, pods)) = pods_by_ns.get(ns) else {
+                return;
+            };
+            let selector = group_pod_selector(def).unwrap_or(&EVERYTHING);
+            match self.pod_labels.candidates(ns, selector) {
+                Some(keys) => {
+                    for pod in keys.into_iter().filter_map(|k| self.cluster.pods.get(&**k)) {
+                        def.contribution(pod, labels, out);
+                    }
+                }
+                None => {
+                    for pod in pods {
+                        def.contribution(pod, labels, out);
+                    }
                 }
             }
         };
@@ -452,7 +475,7 @@ impl Compiler {
             self.tiered_by_ns.remove(&name);
         }
         let pods: Vec<PodKey> = self.pods_in(&name).map(|(k, _)| k.clone()).collect();
-        let dependent: Vec<GroupKey> = self.ns_selector_groups.iter().copied().collect();
+        let dependent: BTreeSet<GroupKey> = self.ns_selector_groups.all().copied().collect();
         let mut changed = BTreeSet::new();
         for key in &pods {
             let Some(pod) = self.cluster.pods.get(key).cloned() else {

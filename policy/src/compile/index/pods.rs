@@ -25,6 +25,30 @@ impl Compiler {
             .take_while(move |(k, _)| k.namespace == ns)
     }
 
+    /// Calls `f` on every pod of `ns` that `sel` may select (a superset, without repeats):
+    /// those carrying its anchor label, or all of the namespace's when it has none.
+    pub(super) fn for_pods_maybe_selected<'a>(
+        &'a self,
+        ns: &'a str,
+        sel: &LabelSelector,
+        mut f: impl FnMut(&'a PodKey, &'a Pod),
+    ) {
+        match self.pod_labels.candidates(ns, sel) {
+            Some(keys) => {
+                for key in keys {
+                    if let Some((k, pod)) = self.cluster.pods.get_key_value(&**key) {
+                        f(k, pod);
+                    }
+                }
+            }
+            None => {
+                for (k, pod) in self.pods_in(ns) {
+                    f(k, pod);
+                }
+            }
+        }
+    }
+
     /// Namespaces (with or without a Namespace object) whose labels `sel` matches.
     pub(super) fn namespaces_matching<'a>(
         &'a self,
@@ -68,6 +92,7 @@ impl Compiler {
     pub(super) fn index_pod(&mut self, pod: &Pod) {
         self.count_pod_in_namespace(&pod.namespace);
         let key = Arc::new(pod.key());
+        self.pod_labels.insert(&pod.namespace, &pod.labels, &key);
         match self.pods_by_node.get_mut(&pod.node) {
             Some(s) => {
                 s.insert(key);
@@ -81,6 +106,8 @@ impl Compiler {
 
     pub(super) fn unindex_pod(&mut self, pod: &Pod) {
         let key = pod.key();
+        self.pod_labels
+            .remove(&pod.namespace, &pod.labels, &Arc::new(key.clone()));
         if let Some(n) = self.pods_by_ns.get_mut(&pod.namespace) {
             *n -= 1;
             if *n == 0 {
@@ -134,13 +161,12 @@ impl Compiler {
             self.refresh_tiered_for_namespace(&key.namespace);
         }
         let labels = self.ns_labels(&key.namespace).clone();
-        let mut candidates: BTreeSet<GroupKey> = self
-            .groups_by_ns
-            .get(&key.namespace)
-            .cloned()
-            .unwrap_or_default();
-        candidates.extend(self.ns_selector_groups.iter().copied());
+        let mut candidates: BTreeSet<GroupKey> = BTreeSet::new();
         for pod in old.iter().chain(new.iter()) {
+            if let Some(index) = self.groups_by_ns.get(&key.namespace) {
+                candidates.extend(index.candidates(&pod.labels).copied());
+            }
+            candidates.extend(self.ns_selector_groups.candidates(&pod.labels).copied());
             for name in pod.ports.iter().filter_map(|p| p.name.as_ref()) {
                 candidates.extend(
                     self.named_groups_by_port
@@ -320,14 +346,17 @@ impl Compiler {
             .map(|id| &*self.policies[id])
             .filter(|cp| cp.selects(pod, labels))
             .collect();
-        let nps: Vec<&CompiledPolicy> = self
+        // In id order, the order of `isolated_by`.
+        let mut nps: Vec<&CompiledPolicy> = self
             .np_by_ns
             .get(&pod.namespace)
             .into_iter()
-            .flatten()
-            .map(|cp| &**cp)
+            .flat_map(|index| index.candidates(&pod.labels))
+            .map(|p| &*p.0)
             .filter(|cp| cp.selects(pod, labels))
             .collect();
+        nps.sort_by(|a, b| a.policy.id.cmp(&b.policy.id));
+        nps.dedup_by(|a, b| a.policy.id == b.policy.id);
         let mut defs = Vec::new();
         let mut build = |direction: Direction| {
             let mut rules = DirectionRules::default();

@@ -15,11 +15,13 @@ mod group_refs;
 mod pods;
 mod policies;
 mod selector_index;
+mod tier_lists;
 
 use group_refs::{contribution, contribution_with, group_pod_selector, index_slot, Slot};
 use policies::{namespace_may_match, ById};
 use selector_index::{LabelIndex, SelectorIndex};
 use std::collections::{BTreeMap, BTreeSet};
+use tier_lists::TierLists;
 
 use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
@@ -121,6 +123,7 @@ pub struct Compiler {
     named_groups_by_port: HashMap<String, BTreeSet<GroupKey>>,
     node_groups: BTreeSet<GroupKey>,
     memo: Memo,
+    tier_lists: TierLists,
     /// Node names seen by pod entries and group references, which name them by index.
     node_index: HashMap<String, u32>,
     node_names: Vec<String>,
@@ -150,6 +153,7 @@ impl Compiler {
             named_groups_by_port: HashMap::default(),
             node_groups: BTreeSet::new(),
             memo: HashMap::default(),
+            tier_lists: TierLists::default(),
             node_index: HashMap::default(),
             node_names: Vec::new(),
         };
@@ -364,6 +368,7 @@ impl Compiler {
             ..NodeRuleSet::default()
         };
         let mut seen_groups = rustc_hash::FxHashSet::default();
+        let mut seen_lists = rustc_hash::FxHashSet::default();
         for key in self.pods_by_node.get(node).into_iter().flatten() {
             let Some(entry) = self.pod_entries.get(key) else {
                 continue;
@@ -375,8 +380,16 @@ impl Compiler {
                     }
                 }
             }
+            // Pods share their direction rules and tier lists: each is read once.
             for rules in [&entry.compiled.ingress, &entry.compiled.egress] {
-                for inst in rules.instances() {
+                if !seen_lists.insert(Arc::as_ptr(rules) as usize) {
+                    continue;
+                }
+                let tiers = [&rules.admin, &rules.baseline]
+                    .into_iter()
+                    .filter(|l| seen_lists.insert(Arc::as_ptr(l) as usize))
+                    .flat_map(|l| l.iter());
+                for inst in tiers.chain(&rules.network_policy) {
                     if !set.rules.contains_key(&inst.rule) {
                         if let Some(origin) = self.rule_origins.get(&inst.rule) {
                             set.rules
@@ -532,7 +545,7 @@ impl Compiler {
 /// Drops instances that can never be the first to match: a later instance of a tier with
 /// the same clauses as an earlier one. Verdicts and hit attribution are unchanged, and a
 /// pod selected by thousands of identical policies gets one rule, not thousands.
-fn drop_unreachable(list: &mut Vec<RuleInstance>) {
+pub(super) fn drop_unreachable(list: &mut Vec<RuleInstance>) {
     if list.len() < 2 {
         return;
     }

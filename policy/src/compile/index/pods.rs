@@ -338,14 +338,15 @@ impl Compiler {
 
     pub(super) fn pod_rules(&self, pod: &Pod) -> Compiled {
         let labels = self.ns_labels(&pod.namespace);
-        let tiered: Vec<&CompiledPolicy> = self
+        let tiered: Vec<&Arc<CompiledPolicy>> = self
             .tiered_by_ns
             .get(&pod.namespace)
             .into_iter()
             .flatten()
-            .map(|id| &*self.policies[id])
+            .map(|id| &self.policies[id])
             .filter(|cp| cp.selects(pod, labels))
             .collect();
+        let bound = 2 * self.pod_entries.len().max(self.cluster.pods.len()) + 4096;
         // In id order, the order of `isolated_by`.
         let mut nps: Vec<&CompiledPolicy> = self
             .np_by_ns
@@ -360,29 +361,23 @@ impl Compiler {
         let mut defs = Vec::new();
         let mut build = |direction: Direction| {
             let mut rules = DirectionRules::default();
-            let mut instances = |cp: &CompiledPolicy, out: &mut Vec<_>| {
-                for i in 0..cp.rules(direction).len() {
-                    out.extend(cp.instance(direction, i, pod, &mut defs));
-                }
-            };
-            for cp in &tiered {
-                match cp.policy.tier {
-                    Tier::Admin => instances(cp, &mut rules.admin),
-                    Tier::Baseline => instances(cp, &mut rules.baseline),
-                    Tier::NetworkPolicy => {}
-                }
+            for (tier, list) in [
+                (Tier::Admin, &mut rules.admin),
+                (Tier::Baseline, &mut rules.baseline),
+            ] {
+                *list = self
+                    .tier_lists
+                    .get(direction, tier, &tiered, pod, &mut defs, bound);
             }
             for cp in nps.iter().filter(|cp| cp.policy.isolates.get(direction)) {
                 rules.isolated_by.push(cp.policy.id.clone());
-                instances(cp, &mut rules.network_policy);
+                for i in 0..cp.rules(direction).len() {
+                    rules
+                        .network_policy
+                        .extend(cp.instance(direction, i, pod, &mut defs));
+                }
             }
-            for list in [
-                &mut rules.admin,
-                &mut rules.network_policy,
-                &mut rules.baseline,
-            ] {
-                drop_unreachable(list);
-            }
+            drop_unreachable(&mut rules.network_policy);
             rules
         };
         let ingress = build(Direction::Ingress);

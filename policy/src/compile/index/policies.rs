@@ -173,6 +173,7 @@ impl Compiler {
         if tiered_changed {
             self.reorder_tiered(&id);
             self.memo.clear();
+            self.tier_lists.clear();
         } else if let Some(ns) = &id.namespace {
             self.memo.remove(ns);
         }

@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p palisade-policy --bench compile` runs every workload, each in a child
 //! process of its own so that peak RSS is that workload's alone. `-- WORKLOAD` runs one
-//! (scale, scale-tiered, small-namespaces, one-namespace, netpol-per-pod, large-namespaces).
+//! (scale, scale-tiered, small-namespaces, one-namespace, netpol-per-pod, large-namespaces);
+//! `-- WORKLOAD full` only its full compile (for instruction counts under callgrind).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -172,7 +173,7 @@ fn incremental(compiler: &mut Compiler, scale_shape: bool) {
     }
 }
 
-fn run(name: &str) {
+fn run(name: &str, with_incremental: bool) {
     let generate = Instant::now();
     let w = match name {
         "scale" => synth::scale(),
@@ -219,7 +220,9 @@ fn run(name: &str) {
         "  peak RSS after full compile and materializing {:>8.1} MiB",
         peak_rss_mib()
     );
-    incremental(&mut compiler, name.starts_with("scale"));
+    if with_incremental {
+        incremental(&mut compiler, name.starts_with("scale"));
+    }
 }
 
 fn main() {
@@ -228,7 +231,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if let Some(name) = args.first() {
-        return run(name);
+        return run(name, args.get(1).map(String::as_str) != Some("full"));
     }
     let me = std::env::current_exe().expect("own path");
     for w in WORKLOADS {

@@ -89,11 +89,29 @@ impl PodEntry {
     }
 }
 
+/// The last comparison of two compilations that were not the same `Arc`. A policy change
+/// recompiles every pod it selects, and those pods share their old and their new
+/// compilation: one comparison answers for all of them. The pair is held, so the
+/// addresses cannot be reused while the answer is kept.
+type LastComparison = Option<(Arc<Compiled>, Arc<Compiled>, bool)>;
+
 impl PodEntry {
-    fn same_as(&self, other: &PodEntry) -> bool {
-        self.node == other.node
-            && self.ips == other.ips
-            && (Arc::ptr_eq(&self.compiled, &other.compiled) || self.compiled == other.compiled)
+    fn same_as(&self, other: &PodEntry, last: &mut LastComparison) -> bool {
+        if self.node != other.node || self.ips != other.ips {
+            return false;
+        }
+        let (a, b) = (&self.compiled, &other.compiled);
+        if Arc::ptr_eq(a, b) {
+            return true;
+        }
+        if let Some((x, y, equal)) = last {
+            if Arc::ptr_eq(a, x) && Arc::ptr_eq(b, y) {
+                return *equal;
+            }
+        }
+        let equal = a == b;
+        *last = Some((a.clone(), b.clone(), equal));
+        equal
     }
 }
 
@@ -124,6 +142,8 @@ pub struct Compiler {
     node_groups: BTreeSet<GroupKey>,
     memo: Memo,
     tier_lists: TierLists,
+    /// Cleared after every change.
+    last_comparison: LastComparison,
     /// Node names seen by pod entries and group references, which name them by index.
     node_index: HashMap<String, u32>,
     node_names: Vec<String>,
@@ -154,6 +174,7 @@ impl Compiler {
             node_groups: BTreeSet::new(),
             memo: HashMap::default(),
             tier_lists: TierLists::default(),
+            last_comparison: None,
             node_index: HashMap::default(),
             node_names: Vec::new(),
         };
@@ -330,6 +351,7 @@ impl Compiler {
             Change::UpsertPolicy(p) => self.set_policy(p.id.clone(), Some(p), &mut t),
             Change::RemovePolicy(id) => self.set_policy(id, None, &mut t),
         }
+        self.last_comparison = None;
         t
     }
 

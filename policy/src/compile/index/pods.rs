@@ -256,7 +256,7 @@ impl Compiler {
         };
         let old = self.pod_entries.remove(key);
         match (old, fresh) {
-            (Some(o), Some(f)) if o.same_as(&f) => {
+            (Some(o), Some(f)) if o.same_as(&f, &mut self.last_comparison) => {
                 let shared = self.shared_key(key);
                 self.pod_entries.insert(shared, o);
             }

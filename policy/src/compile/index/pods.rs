@@ -26,14 +26,19 @@ impl Compiler {
     }
 
     /// Calls `f` on every pod of `ns` that `sel` may select (a superset, without repeats):
-    /// those carrying its anchor label, or all of the namespace's when it has none.
+    /// those carrying its anchor label, or all of the namespace's when it has none or the
+    /// namespace is small.
     pub(super) fn for_pods_maybe_selected<'a>(
         &'a self,
         ns: &'a str,
         sel: &LabelSelector,
         mut f: impl FnMut(&'a PodKey, &'a Pod),
     ) {
-        match self.pod_labels.candidates(ns, sel) {
+        let pods_here = self.pods_by_ns.get(ns).copied().unwrap_or(0);
+        let index = (pods_here >= SCAN_BELOW)
+            .then(|| self.pod_labels.candidates(ns, sel))
+            .flatten();
+        match index {
             Some(keys) => {
                 for key in keys {
                     if let Some((k, pod)) = self.cluster.pods.get_key_value(&**key) {

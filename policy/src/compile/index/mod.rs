@@ -38,10 +38,12 @@ use crate::ruleset::{DirectionRules, NodeRuleSet, PodRules, RuleId, RuleInstance
 use crate::selector::LabelSelector;
 
 static NO_LABELS: Labels = Labels::new();
-/// Namespaces with fewer pods are scanned: cheaper than looking up the candidates. Debug
-/// builds (the property tests') always use the index, whose results are a superset of a
-/// scan's, so that its every path is tested.
-const SCAN_BELOW: usize = if cfg!(debug_assertions) { 0 } else { 64 };
+/// Whether to scan a namespace of `pods` pods instead of looking up candidates in the pod
+/// label index: cheaper for a small one. Debug builds (the property tests') always use
+/// the index, whose results are a superset of a scan's, so that every path of it is tested.
+fn scan_instead(pods: usize) -> bool {
+    !cfg!(debug_assertions) && pods < 64
+}
 static EVERYTHING: LabelSelector = LabelSelector {
     match_labels: Labels::new(),
     match_expressions: Vec::new(),
@@ -284,7 +286,7 @@ impl Compiler {
                 return;
             };
             let selector = group_pod_selector(def).unwrap_or(&EVERYTHING);
-            let index = (pods.len() >= SCAN_BELOW)
+            let index = (!scan_instead(pods.len()))
                 .then(|| self.pod_labels.candidates(ns, selector))
                 .flatten();
             match index {

@@ -35,7 +35,7 @@ impl Compiler {
         mut f: impl FnMut(&'a PodKey, &'a Pod),
     ) {
         let pods_here = self.pods_by_ns.get(ns).copied().unwrap_or(0);
-        let index = (pods_here >= SCAN_BELOW)
+        let index = (!scan_instead(pods_here))
             .then(|| self.pod_labels.candidates(ns, sel))
             .flatten();
         match index {

@@ -205,7 +205,9 @@ impl Compiler {
         c.pod_entries.reserve(pods.len());
         for (key, pod) in &pods {
             let key = Arc::new(key.clone());
-            c.pod_labels.push(&pod.namespace, &pod.labels, &key);
+            if !scan_instead(c.pods_by_ns[&pod.namespace]) {
+                c.pod_labels.push(&pod.namespace, &pod.labels, &key);
+            }
             let node = match by_node.get_mut(pod.node.as_str()) {
                 Some((node, keys)) => {
                     keys.push(key.clone());

@@ -97,7 +97,21 @@ impl Compiler {
     pub(super) fn index_pod(&mut self, pod: &Pod) {
         self.count_pod_in_namespace(&pod.namespace);
         let key = Arc::new(pod.key());
-        self.pod_labels.insert(&pod.namespace, &pod.labels, &key);
+        // The label index holds every pod of a namespace it is used for, and only those:
+        // when the namespace grows big enough, its other pods join.
+        let count = self.pods_by_ns[&pod.namespace];
+        if !scan_instead(count) {
+            self.pod_labels.insert(&pod.namespace, &pod.labels, &key);
+            if scan_instead(count - 1) {
+                let others: Vec<(Arc<PodKey>, Labels)> = self
+                    .pods_in(&pod.namespace)
+                    .map(|(k, p)| (Arc::new(k.clone()), p.labels.clone()))
+                    .collect();
+                for (k, labels) in others {
+                    self.pod_labels.insert(&pod.namespace, &labels, &k);
+                }
+            }
+        }
         match self.pods_by_node.get_mut(&pod.node) {
             Some(s) => {
                 s.insert(key);

@@ -27,6 +27,8 @@ struct Entry {
 #[derive(Default)]
 pub(super) struct TierLists {
     entries: Mutex<(usize, HashMap<u64, Vec<Entry>>)>,
+    /// The list of pods that no policy of a tier selects, shared by all of them.
+    empty: Arc<Vec<RuleInstance>>,
 }
 
 /// Whether a policy's rules in `direction` mean something different on pods with
@@ -58,14 +60,14 @@ impl TierLists {
         defs: &mut Vec<(GroupKey, Arc<GroupDef>)>,
         bound: usize,
     ) -> Arc<Vec<RuleInstance>> {
+        if !policies.iter().any(|cp| cp.policy.tier == tier) {
+            return self.empty.clone();
+        }
         let policies: Vec<&Arc<CompiledPolicy>> = policies
             .iter()
             .copied()
             .filter(|cp| cp.policy.tier == tier)
             .collect();
-        if policies.is_empty() {
-            return Arc::default();
-        }
         let ports = policies
             .iter()
             .any(|cp| reads_named_ports(cp, direction))

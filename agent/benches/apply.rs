@@ -319,17 +319,17 @@ fn node_rules() -> (NodeRuleSet, Groups, Interfaces) {
                 name: name.clone(),
                 ips: vec![IpAddr::V4(Ipv4Addr::new(10, 244, 7, p as u8 + 2))],
                 ingress: DirectionRules {
-                    admin: admin_in.clone(),
+                    admin: admin_in.clone().into(),
                     isolated_by: isolated_by.clone(),
                     network_policy: ingress.clone(),
-                    baseline: vec![],
+                    baseline: Default::default(),
                 }
                 .into(),
                 egress: DirectionRules {
-                    admin: admin_out.clone(),
+                    admin: admin_out.clone().into(),
                     isolated_by: isolated_by.clone(),
                     network_policy: egress.clone(),
-                    baseline: vec![],
+                    baseline: Default::default(),
                 }
                 .into(),
             });

@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p palisade-policy --bench compile` runs every workload, each in a child
 //! process of its own so that peak RSS is that workload's alone. `-- WORKLOAD` runs one
-//! (scale, scale-tiered, small-namespaces, one-namespace).
+//! (scale, scale-tiered, small-namespaces, one-namespace, netpol-per-pod, large-namespaces);
+//! `-- WORKLOAD full` only its full compile (for instruction counts under callgrind).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,7 +12,14 @@ use std::time::{Duration, Instant};
 use palisade_policy::workloads as synth;
 use palisade_policy::*;
 
-const WORKLOADS: [&str; 4] = ["scale", "scale-tiered", "small-namespaces", "one-namespace"];
+const WORKLOADS: [&str; 6] = [
+    "scale",
+    "scale-tiered",
+    "small-namespaces",
+    "one-namespace",
+    "netpol-per-pod",
+    "large-namespaces",
+];
 const SAMPLES: usize = 201;
 
 fn peak_rss_mib() -> f64 {
@@ -68,19 +76,10 @@ fn picks(n: usize, modulo: usize) -> impl Iterator<Item = usize> {
     (0..n).map(move |i| (i.wrapping_mul(2_654_435_761) ^ 0x5bd1e995) % modulo)
 }
 
-fn incremental(compiler: &mut Compiler) {
-    let total = compiler.cluster().pods.len();
-    let wanted: std::collections::BTreeSet<usize> = picks(SAMPLES, total).collect();
-    let pods: Vec<Pod> = compiler
-        .cluster()
-        .pods
-        .values()
-        .enumerate()
-        .filter(|(i, _)| wanted.contains(i))
-        .map(|(_, p)| p.clone())
-        .collect();
+/// The *Scale* workloads' updates: a pod moves to the next app, a pod of the Scale shape
+/// is added, a `web-to-api` policy gains a port.
+fn incremental_scale(compiler: &mut Compiler, pods: &[Pod]) {
     let relabel = pods.iter().map(|old| {
-        let old = old.clone();
         let mut new = old.clone();
         let app = new.labels.get("app").cloned().unwrap_or_default();
         let next = format!(
@@ -88,7 +87,7 @@ fn incremental(compiler: &mut Compiler) {
             (app.trim_start_matches("app-").parse::<usize>().unwrap_or(0) + 1) % 6
         );
         new.labels.insert("app".into(), next);
-        (Change::UpsertPod(new), Change::UpsertPod(old))
+        (Change::UpsertPod(new), Change::UpsertPod(old.clone()))
     });
     measure(compiler, relabel).report("(a) pod labels change");
 
@@ -105,30 +104,84 @@ fn incremental(compiler: &mut Compiler) {
         .filter(|p| p.id.name == "web-to-api")
         .cloned()
         .collect();
-    let edit = picks(SAMPLES, nps.len()).map(|i| {
+    policy_changes(compiler, &nps, SAMPLES);
+}
+
+/// Other workloads' updates: a pod takes the labels of another sampled pod, a copy of a
+/// sampled pod is added under a new name and address, a NetworkPolicy with an ingress rule
+/// gains a port.
+fn incremental_generic(compiler: &mut Compiler, pods: &[Pod]) {
+    let relabel = pods.iter().enumerate().map(|(k, old)| {
+        let mut new = old.clone();
+        new.labels = pods[(k + 1) % pods.len()].labels.clone();
+        (Change::UpsertPod(new), Change::UpsertPod(old.clone()))
+    });
+    measure(compiler, relabel).report("(a) pod labels change");
+
+    let add = pods.iter().enumerate().map(|(k, p)| {
+        let mut pod = p.clone();
+        pod.name = format!("{}-added-{k}", p.name);
+        pod.ips = vec![synth::pod_ip(1_000_000 + k as u32)];
+        let key = pod.key();
+        (Change::UpsertPod(pod), Change::RemovePod(key))
+    });
+    measure(compiler, add).report("(b) pod added");
+
+    let nps: Vec<Policy> = compiler
+        .policies()
+        .filter(|p| p.tier == Tier::NetworkPolicy && !p.ingress.is_empty())
+        .cloned()
+        .collect();
+    // A policy of one-namespace selects all of its 10,000 pods: fewer samples.
+    policy_changes(compiler, &nps, SAMPLES / 10);
+}
+
+fn policy_changes(compiler: &mut Compiler, nps: &[Policy], samples: usize) {
+    let edit = picks(samples, nps.len()).map(|i| {
         let old = nps[i].clone();
         let mut new = old.clone();
-        if let Some(ports) = new.ingress[0].ports.as_mut() {
-            ports.push(PortRule {
+        new.ingress[0]
+            .ports
+            .get_or_insert_with(Vec::new)
+            .push(PortRule {
                 protocol: Protocol::Tcp,
                 port: PortSpec::Range {
                     start: 8443,
                     end: 8443,
                 },
             });
-        }
         (Change::UpsertPolicy(new), Change::UpsertPolicy(old))
     });
     measure(compiler, edit).report("(c) policy changed");
 }
 
-fn run(name: &str) {
+fn incremental(compiler: &mut Compiler, scale_shape: bool) {
+    let total = compiler.cluster().pods.len();
+    let wanted: std::collections::BTreeSet<usize> = picks(SAMPLES, total).collect();
+    let pods: Vec<Pod> = compiler
+        .cluster()
+        .pods
+        .values()
+        .enumerate()
+        .filter(|(i, _)| wanted.contains(i))
+        .map(|(_, p)| p.clone())
+        .collect();
+    if scale_shape {
+        incremental_scale(compiler, &pods);
+    } else {
+        incremental_generic(compiler, &pods);
+    }
+}
+
+fn run(name: &str, with_incremental: bool) {
     let generate = Instant::now();
     let w = match name {
         "scale" => synth::scale(),
         "scale-tiered" => synth::scale_tiered(),
         "small-namespaces" => synth::small_namespaces(),
         "one-namespace" => synth::one_namespace(),
+        "netpol-per-pod" => synth::netpol_per_pod(),
+        "large-namespaces" => synth::large_namespaces(),
         other => panic!("unknown workload {other}; expected one of {WORKLOADS:?}"),
     };
     let generated = generate.elapsed();
@@ -167,8 +220,8 @@ fn run(name: &str) {
         "  peak RSS after full compile and materializing {:>8.1} MiB",
         peak_rss_mib()
     );
-    if name.starts_with("scale") {
-        incremental(&mut compiler);
+    if with_incremental {
+        incremental(&mut compiler, name.starts_with("scale"));
     }
 }
 
@@ -178,7 +231,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if let Some(name) = args.first() {
-        return run(name);
+        return run(name, args.get(1).map(String::as_str) != Some("full"));
     }
     let me = std::env::current_exe().expect("own path");
     for w in WORKLOADS {

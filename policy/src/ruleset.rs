@@ -99,14 +99,16 @@ pub struct RuleInstance {
 #[serde(rename_all = "camelCase")]
 pub struct DirectionRules {
     /// Admin tier, by priority then written order; first match decides (or passes).
-    pub admin: Vec<RuleInstance>,
+    /// Shared (like `baseline`) between every pod that the same tiered policies select
+    /// with the same facts (named ports), whatever its namespace or node.
+    pub admin: Arc<Vec<RuleInstance>>,
     /// The NetworkPolicies that isolate the pod in this direction; empty: not isolated, and
     /// the Baseline tier decides.
     pub isolated_by: Vec<PolicyId>,
     /// Allow rules of the isolating NetworkPolicies (any match allows).
     pub network_policy: Vec<RuleInstance>,
     /// Baseline tier, consulted only when the pod is not isolated.
-    pub baseline: Vec<RuleInstance>,
+    pub baseline: Arc<Vec<RuleInstance>>,
 }
 
 impl DirectionRules {
@@ -118,7 +120,7 @@ impl DirectionRules {
         self.admin
             .iter()
             .chain(&self.network_policy)
-            .chain(&self.baseline)
+            .chain(self.baseline.iter())
     }
 }
 
@@ -242,7 +244,7 @@ impl Matcher<'_> {
             reason,
             passed,
         };
-        for inst in &rules.admin {
+        for inst in rules.admin.iter() {
             if self.instance_matches(inst, peer, protocol, port) {
                 match verdict_of(inst.action) {
                     Some(v) => return decided(v, Reason::Rule(self.origin(&inst.rule)), passed),
@@ -273,7 +275,7 @@ impl Matcher<'_> {
                 ),
             };
         }
-        for inst in &rules.baseline {
+        for inst in rules.baseline.iter() {
             if self.instance_matches(inst, peer, protocol, port) {
                 match verdict_of(inst.action) {
                     Some(v) => return decided(v, Reason::Rule(self.origin(&inst.rule)), passed),

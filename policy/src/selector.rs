@@ -114,17 +114,17 @@ impl fmt::Display for LabelSelector {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pub(crate) fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     }
 
-    fn req(key: &str, operator: Operator, values: &[&str]) -> Requirement {
+    pub(crate) fn req(key: &str, operator: Operator, values: &[&str]) -> Requirement {
         Requirement {
             key: key.into(),
             operator,

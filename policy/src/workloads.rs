@@ -156,10 +156,7 @@ pub fn scale() -> Workload {
 /// keeps every kind of namespace.
 pub fn scale_sized(n_nodes: usize, n_ns: usize, per_ns: usize) -> Workload {
     let mut cluster = Cluster::default();
-    for i in 0..n_nodes {
-        let n = node(i);
-        cluster.nodes.insert(n.name.clone(), n);
-    }
+    nodes(&mut cluster, n_nodes);
     let mut policies = Vec::new();
     let mut global = 0u32;
     for i in 0..n_ns {
@@ -346,10 +343,7 @@ pub fn scale_tiered() -> Workload {
 pub fn small_namespaces() -> Workload {
     let (n_nodes, n_ns) = (1000, 25_000);
     let mut cluster = Cluster::default();
-    for i in 0..n_nodes {
-        let n = node(i);
-        cluster.nodes.insert(n.name.clone(), n);
-    }
+    nodes(&mut cluster, n_nodes);
     let mut policies = Vec::new();
     let mut global = 0u32;
     for i in 0..n_ns {
@@ -407,10 +401,7 @@ pub fn small_namespaces() -> Workload {
 pub fn one_namespace() -> Workload {
     let (n_nodes, n_pods, n_pol) = (100, 10_000, 10_000);
     let mut cluster = Cluster::default();
-    for i in 0..n_nodes {
-        let n = node(i);
-        cluster.nodes.insert(n.name.clone(), n);
-    }
+    nodes(&mut cluster, n_nodes);
     let ns = "scale".to_string();
     cluster.namespaces.insert(
         ns.clone(),
@@ -444,5 +435,134 @@ pub fn one_namespace() -> Workload {
             )
         })
         .collect();
+    Workload { cluster, policies }
+}
+
+fn nodes(cluster: &mut Cluster, n_nodes: usize) {
+    for i in 0..n_nodes {
+        let n = node(i);
+        cluster.nodes.insert(n.name.clone(), n);
+    }
+}
+
+fn plain_pod(ns: &str, name: String, pod_labels: Labels, global: u32, n_nodes: usize) -> Pod {
+    Pod {
+        namespace: ns.to_string(),
+        name,
+        labels: pod_labels,
+        node: format!("node-{}", global as usize % n_nodes),
+        ips: vec![pod_ip(global)],
+        host_network: false,
+        ports: vec![],
+    }
+}
+
+/// Antrea's *NetpolPerPod*: one namespace, 5,000 pairs of pods `app=scale-<i>a` /
+/// `app=scale-<i>b` on 1,000 nodes, and per pair two NetworkPolicies (Ingress and Egress),
+/// `np-<i>a` selecting a with ingress from b and egress to b, and `np-<i>b` the mirror.
+pub fn netpol_per_pod() -> Workload {
+    netpol_per_pod_sized(1000, 5000)
+}
+
+/// *NetpolPerPod* with other counts.
+pub fn netpol_per_pod_sized(n_nodes: usize, pairs: usize) -> Workload {
+    let mut cluster = Cluster::default();
+    nodes(&mut cluster, n_nodes);
+    let ns = "netpol-per-pod";
+    cluster.namespaces.insert(
+        ns.to_string(),
+        Namespace {
+            name: ns.to_string(),
+            labels: labels(&[("kubernetes.io/metadata.name", ns)]),
+        },
+    );
+    let mut policies = Vec::new();
+    let mut global = 0u32;
+    for i in 0..pairs {
+        let a = format!("scale-{i}a");
+        let b = format!("scale-{i}b");
+        for (me, other) in [(&a, &b), (&b, &a)] {
+            let p = plain_pod(
+                ns,
+                format!("pod-{me}"),
+                labels(&[("app", me)]),
+                global,
+                n_nodes,
+            );
+            global += 1;
+            cluster.pods.insert(p.key(), p);
+            let peer = || Some(vec![pods_in(ns, sel(&[("app", other)]))]);
+            policies.push(netpol(
+                ns,
+                &format!("np-{me}"),
+                sel(&[("app", me)]),
+                vec![allow(peer(), None)],
+                vec![allow(peer(), None)],
+                BOTH,
+            ));
+        }
+    }
+    Workload { cluster, policies }
+}
+
+/// Antrea's *LargeNamespaces*: 100 namespaces on 1,000 nodes, each with a
+/// `default-deny-all` and, for i in 0..99, `np-i` selecting `app-i=scale-i` with ingress
+/// from the same pods, and 10 pods `app-i=scale-i` (100,000 pods, 10,100 policies).
+pub fn large_namespaces() -> Workload {
+    large_namespaces_sized(1000, 100, 100, 10)
+}
+
+/// *LargeNamespaces* with other counts.
+pub fn large_namespaces_sized(
+    n_nodes: usize,
+    n_ns: usize,
+    apps: usize,
+    per_app: usize,
+) -> Workload {
+    let mut cluster = Cluster::default();
+    nodes(&mut cluster, n_nodes);
+    let mut policies = Vec::new();
+    let mut global = 0u32;
+    for n in 0..n_ns {
+        let ns = format!("ns-{n}");
+        cluster.namespaces.insert(
+            ns.clone(),
+            Namespace {
+                name: ns.clone(),
+                labels: labels(&[("kubernetes.io/metadata.name", &ns)]),
+            },
+        );
+        policies.push(netpol(
+            &ns,
+            "default-deny-all",
+            LabelSelector::everything(),
+            vec![],
+            vec![],
+            BOTH,
+        ));
+        for i in 0..apps {
+            let (key, value) = (format!("app-{i}"), format!("scale-{i}"));
+            for j in 0..per_app {
+                let p = plain_pod(
+                    &ns,
+                    format!("pod-{i}-{j}"),
+                    labels(&[(&key, &value)]),
+                    global,
+                    n_nodes,
+                );
+                global += 1;
+                cluster.pods.insert(p.key(), p);
+            }
+            let s = sel(&[(&key, &value)]);
+            policies.push(netpol(
+                &ns,
+                &format!("np-{i}"),
+                s.clone(),
+                vec![allow(Some(vec![pods_in(&ns, s)]), None)],
+                vec![],
+                INGRESS,
+            ));
+        }
+    }
     Workload { cluster, policies }
 }

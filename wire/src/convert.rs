@@ -345,7 +345,7 @@ fn direction_rules_from(
         return Ok(DirectionRules::default());
     };
     Ok(DirectionRules {
-        admin: instances_from(&d.admin, &format!("{field}.admin"))?,
+        admin: instances_from(&d.admin, &format!("{field}.admin"))?.into(),
         isolated_by: d
             .isolated_by
             .iter()
@@ -353,7 +353,7 @@ fn direction_rules_from(
             .map(|(i, p)| policy_from(p, &format!("{field}.isolatedBy[{i}]")))
             .collect::<Result<_, _>>()?,
         network_policy: instances_from(&d.network_policy, &format!("{field}.networkPolicy"))?,
-        baseline: instances_from(&d.baseline, &format!("{field}.baseline"))?,
+        baseline: instances_from(&d.baseline, &format!("{field}.baseline"))?.into(),
     })
 }
 

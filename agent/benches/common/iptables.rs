@@ -179,7 +179,7 @@ pub fn render(rules: &NodeRuleSet, interfaces: &Interfaces) -> Rendered {
             }
             let rest_rules = rest_rules(&kinds, dir_rules, direction);
             let has_rest = !rest_rules.is_empty();
-            for inst in &dir_rules.admin {
+            for inst in dir_rules.admin.iter() {
                 let verdict = match inst.action {
                     Action::Allow => "-j RETURN".to_string(),
                     Action::Deny => "-j DROP".to_string(),
@@ -277,7 +277,7 @@ fn rest_rules(
         }
         list.push("-j DROP".to_string());
     } else {
-        for inst in &dir_rules.baseline {
+        for inst in dir_rules.baseline.iter() {
             let verdict = match inst.action {
                 Action::Deny => "-j DROP",
                 Action::Allow | Action::Pass => "-j RETURN",

@@ -348,9 +348,9 @@ impl RenderedPod {
                 let d = pod.direction(direction);
                 // As `render_pod` and `rest_rules` pick them.
                 let rest = if d.isolated_by.is_empty() {
-                    &d.baseline
+                    &d.baseline[..]
                 } else {
-                    &d.network_policy
+                    &d.network_policy[..]
                 };
                 d.admin.iter().chain(rest)
             })
@@ -641,7 +641,7 @@ fn render_pod(
         }
         let rest_rules = rest_rules(out, rules, dir_rules, key, direction)?;
         let rest_target = (!rest_rules.is_empty()).then(|| rest.clone());
-        for inst in &dir_rules.admin {
+        for inst in dir_rules.admin.iter() {
             let verdict = match inst.action {
                 Action::Allow => Verdict::Return,
                 Action::Deny => Verdict::Drop,
@@ -739,7 +739,7 @@ fn rest_rules(
             verdict: Verdict::Drop,
         });
     } else {
-        for inst in &dir_rules.baseline {
+        for inst in dir_rules.baseline.iter() {
             let verdict = match inst.action {
                 Action::Deny => Verdict::Drop,
                 // Pass in the last tier goes on to the default, which allows.

@@ -48,15 +48,16 @@ impl Compiler {
     }
 
     pub(super) fn index_group(&mut self, gkey: GroupKey, def: &GroupDef) {
+        let selector = group_pod_selector(def).unwrap_or(&EVERYTHING);
         match index_slot(def) {
             Slot::Namespace(ns) => {
                 self.groups_by_ns
                     .entry(ns.to_string())
                     .or_default()
-                    .insert(gkey);
+                    .insert(selector, gkey);
             }
             Slot::NamespaceSelector(_) => {
-                self.ns_selector_groups.insert(gkey);
+                self.ns_selector_groups.insert(selector, gkey);
             }
             Slot::PortName(name) => {
                 self.named_groups_by_port
@@ -80,10 +81,18 @@ impl Compiler {
                 }
             }
         }
+        let selector = group_pod_selector(def).unwrap_or(&EVERYTHING);
         match index_slot(def) {
-            Slot::Namespace(ns) => take(&mut self.groups_by_ns, ns, gkey),
+            Slot::Namespace(ns) => {
+                if let Some(index) = self.groups_by_ns.get_mut(ns) {
+                    index.remove(selector, &gkey);
+                    if index.is_empty() {
+                        self.groups_by_ns.remove(ns);
+                    }
+                }
+            }
             Slot::NamespaceSelector(_) => {
-                self.ns_selector_groups.remove(&gkey);
+                self.ns_selector_groups.remove(selector, &gkey);
             }
             Slot::PortName(name) => take(&mut self.named_groups_by_port, name, gkey),
             Slot::Nodes => {
@@ -98,15 +107,17 @@ impl Compiler {
         match index_slot(def) {
             Slot::Namespace(ns) => {
                 let labels = self.ns_labels(ns);
-                for (_, pod) in self.pods_in(ns) {
+                let selector = group_pod_selector(def).unwrap_or(&EVERYTHING);
+                self.for_pods_maybe_selected(ns, selector, |_, pod| {
                     def.contribution(pod, labels, &mut out);
-                }
+                });
             }
             Slot::NamespaceSelector(sel) => {
+                let selector = group_pod_selector(def).unwrap_or(&EVERYTHING);
                 for (ns, labels) in self.namespaces_matching(sel) {
-                    for (_, pod) in self.pods_in(ns) {
+                    self.for_pods_maybe_selected(ns, selector, |_, pod| {
                         def.contribution(pod, labels, &mut out);
-                    }
+                    });
                 }
             }
             Slot::PortName(_) => {
@@ -164,6 +175,15 @@ pub(super) fn index_slot(def: &GroupDef) -> Slot<'_> {
         } => Slot::PortName(name),
         GroupDef::Nodes(_) => Slot::Nodes,
         GroupDef::Block { .. } => Slot::Static,
+    }
+}
+
+/// The pod selector a pod-based group's members must match (for named ports, its peer's).
+pub(super) fn group_pod_selector(def: &GroupDef) -> Option<&LabelSelector> {
+    match def {
+        GroupDef::Pods { pods, .. } => Some(pods),
+        GroupDef::NamedPorts { peer: Some(p), .. } => group_pod_selector(p),
+        _ => None,
     }
 }
 

@@ -14,10 +14,14 @@
 mod group_refs;
 mod pods;
 mod policies;
+mod selector_index;
+mod tier_lists;
 
-use group_refs::{contribution, contribution_with, index_slot, Slot};
-use policies::namespace_may_match;
+use group_refs::{contribution, contribution_with, group_pod_selector, index_slot, Slot};
+use policies::{namespace_may_match, ById};
+use selector_index::{LabelIndex, SelectorIndex};
 use std::collections::{BTreeMap, BTreeSet};
+use tier_lists::TierLists;
 
 use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
@@ -34,6 +38,16 @@ use crate::ruleset::{DirectionRules, NodeRuleSet, PodRules, RuleId, RuleInstance
 use crate::selector::LabelSelector;
 
 static NO_LABELS: Labels = Labels::new();
+/// Whether to scan a namespace of `pods` pods instead of looking up candidates in the pod
+/// label index: cheaper for a small one. Debug builds (the property tests') always use
+/// the index, whose results are a superset of a scan's, so that every path of it is tested.
+fn scan_instead(pods: usize) -> bool {
+    !cfg!(debug_assertions) && pods < 64
+}
+static EVERYTHING: LabelSelector = LabelSelector {
+    match_labels: Labels::new(),
+    match_expressions: Vec::new(),
+};
 
 /// What the policies mean for every pod of one namespace with the same labels and ports.
 #[derive(PartialEq)]
@@ -81,11 +95,29 @@ impl PodEntry {
     }
 }
 
+/// The last comparison of two compilations that were not the same `Arc`. A policy change
+/// recompiles every pod it selects, and those pods share their old and their new
+/// compilation: one comparison answers for all of them. The pair is held, so the
+/// addresses cannot be reused while the answer is kept.
+type LastComparison = Option<(Arc<Compiled>, Arc<Compiled>, bool)>;
+
 impl PodEntry {
-    fn same_as(&self, other: &PodEntry) -> bool {
-        self.node == other.node
-            && self.ips == other.ips
-            && (Arc::ptr_eq(&self.compiled, &other.compiled) || self.compiled == other.compiled)
+    fn same_as(&self, other: &PodEntry, last: &mut LastComparison) -> bool {
+        if self.node != other.node || self.ips != other.ips {
+            return false;
+        }
+        let (a, b) = (&self.compiled, &other.compiled);
+        if Arc::ptr_eq(a, b) {
+            return true;
+        }
+        if let Some((x, y, equal)) = last {
+            if Arc::ptr_eq(a, x) && Arc::ptr_eq(b, y) {
+                return *equal;
+            }
+        }
+        let equal = a == b;
+        *last = Some((a.clone(), b.clone(), equal));
+        equal
     }
 }
 
@@ -94,24 +126,30 @@ pub struct Compiler {
     cluster: Cluster,
     policies: BTreeMap<PolicyId, Arc<CompiledPolicy>>,
     rule_origins: HashMap<RuleId, Arc<RuleOrigin>>,
-    /// NetworkPolicies per namespace, in id order (the order of `isolated_by`).
-    /// (A sorted vector: a namespace has a few, and a map's node would cost more than them.)
-    np_by_ns: HashMap<String, Vec<Arc<CompiledPolicy>>>,
+    /// NetworkPolicies per namespace, by what their pod selectors require.
+    np_by_ns: HashMap<String, SelectorIndex<ById>>,
     /// Tiered policies in evaluation order.
     tiered: BTreeSet<(Tier, u32, PolicyId)>,
     /// Per namespace, the tiered policies whose subject's namespace selector matches it.
     tiered_by_ns: HashMap<String, Vec<PolicyId>>,
     /// Pods per namespace (a count: the pods themselves are a range of `cluster.pods`).
     pods_by_ns: HashMap<String, usize>,
+    /// Pods by namespace and label, for selectors that require a label.
+    pod_labels: LabelIndex<Arc<PodKey>>,
     /// Pod keys are shared between this and `pod_entries`.
     pods_by_node: BTreeMap<String, BTreeSet<Arc<PodKey>>>,
     pod_entries: HashMap<Arc<PodKey>, PodEntry>,
     groups: HashMap<GroupKey, GroupState>,
-    groups_by_ns: HashMap<String, BTreeSet<GroupKey>>,
-    ns_selector_groups: BTreeSet<GroupKey>,
+    /// Groups of one namespace's pods, per namespace, by their pod selectors.
+    groups_by_ns: HashMap<String, SelectorIndex<GroupKey>>,
+    /// Groups of pods in the namespaces a selector matches, by their pod selectors.
+    ns_selector_groups: SelectorIndex<GroupKey>,
     named_groups_by_port: HashMap<String, BTreeSet<GroupKey>>,
     node_groups: BTreeSet<GroupKey>,
     memo: Memo,
+    tier_lists: TierLists,
+    /// Cleared after every change.
+    last_comparison: LastComparison,
     /// Node names seen by pod entries and group references, which name them by index.
     node_index: HashMap<String, u32>,
     node_names: Vec<String>,
@@ -132,14 +170,17 @@ impl Compiler {
             tiered: BTreeSet::new(),
             tiered_by_ns: HashMap::default(),
             pods_by_ns: HashMap::default(),
+            pod_labels: LabelIndex::default(),
             pods_by_node: BTreeMap::new(),
             pod_entries: HashMap::default(),
             groups: HashMap::default(),
             groups_by_ns: HashMap::default(),
-            ns_selector_groups: BTreeSet::new(),
+            ns_selector_groups: SelectorIndex::default(),
             named_groups_by_port: HashMap::default(),
             node_groups: BTreeSet::new(),
             memo: HashMap::default(),
+            tier_lists: TierLists::default(),
+            last_comparison: None,
             node_index: HashMap::default(),
             node_names: Vec::new(),
         };
@@ -164,6 +205,9 @@ impl Compiler {
         c.pod_entries.reserve(pods.len());
         for (key, pod) in &pods {
             let key = Arc::new(key.clone());
+            if !scan_instead(c.pods_by_ns[&pod.namespace]) {
+                c.pod_labels.push(&pod.namespace, &pod.labels, &key);
+            }
             let node = match by_node.get_mut(pod.node.as_str()) {
                 Some((node, keys)) => {
                     keys.push(key.clone());
@@ -212,6 +256,7 @@ impl Compiler {
             .map(|(node, (_, keys))| (node.to_string(), keys.into_iter().collect()))
             .collect();
         drop(shapes);
+        c.pod_labels.finish_bulk();
         c.memo = memo;
         c.cluster.pods = pods;
         c.compute_all_members();
@@ -239,9 +284,23 @@ impl Compiler {
             }
         }
         let members_in = |ns: &str, def: &GroupDef, out: &mut Vec<Member>| {
-            if let Some((labels, pods)) = pods_by_ns.get(ns) {
-                for pod in pods {
-                    def.contribution(pod, labels, out);
+            let Some((labels, pods)) = pods_by_ns.get(ns) else {
+                return;
+            };
+            let selector = group_pod_selector(def).unwrap_or(&EVERYTHING);
+            let index = (!scan_instead(pods.len()))
+                .then(|| self.pod_labels.candidates(ns, selector))
+                .flatten();
+            match index {
+                Some(keys) => {
+                    for pod in keys.into_iter().filter_map(|k| self.cluster.pods.get(&**k)) {
+                        def.contribution(pod, labels, out);
+                    }
+                }
+                None => {
+                    for pod in pods {
+                        def.contribution(pod, labels, out);
+                    }
                 }
             }
         };
@@ -303,6 +362,7 @@ impl Compiler {
             Change::UpsertPolicy(p) => self.set_policy(p.id.clone(), Some(p), &mut t),
             Change::RemovePolicy(id) => self.set_policy(id, None, &mut t),
         }
+        self.last_comparison = None;
         t
     }
 
@@ -341,6 +401,7 @@ impl Compiler {
             ..NodeRuleSet::default()
         };
         let mut seen_groups = rustc_hash::FxHashSet::default();
+        let mut seen_lists = rustc_hash::FxHashSet::default();
         for key in self.pods_by_node.get(node).into_iter().flatten() {
             let Some(entry) = self.pod_entries.get(key) else {
                 continue;
@@ -352,8 +413,16 @@ impl Compiler {
                     }
                 }
             }
+            // Pods share their direction rules and tier lists: each is read once.
             for rules in [&entry.compiled.ingress, &entry.compiled.egress] {
-                for inst in rules.instances() {
+                if !seen_lists.insert(Arc::as_ptr(rules) as usize) {
+                    continue;
+                }
+                let tiers = [&rules.admin, &rules.baseline]
+                    .into_iter()
+                    .filter(|l| seen_lists.insert(Arc::as_ptr(l) as usize))
+                    .flat_map(|l| l.iter());
+                for inst in tiers.chain(&rules.network_policy) {
                     if !set.rules.contains_key(&inst.rule) {
                         if let Some(origin) = self.rule_origins.get(&inst.rule) {
                             set.rules
@@ -452,7 +521,7 @@ impl Compiler {
             self.tiered_by_ns.remove(&name);
         }
         let pods: Vec<PodKey> = self.pods_in(&name).map(|(k, _)| k.clone()).collect();
-        let dependent: Vec<GroupKey> = self.ns_selector_groups.iter().copied().collect();
+        let dependent: BTreeSet<GroupKey> = self.ns_selector_groups.all().copied().collect();
         let mut changed = BTreeSet::new();
         for key in &pods {
             let Some(pod) = self.cluster.pods.get(key).cloned() else {
@@ -509,7 +578,7 @@ impl Compiler {
 /// Drops instances that can never be the first to match: a later instance of a tier with
 /// the same clauses as an earlier one. Verdicts and hit attribution are unchanged, and a
 /// pod selected by thousands of identical policies gets one rule, not thousands.
-fn drop_unreachable(list: &mut Vec<RuleInstance>) {
+pub(super) fn drop_unreachable(list: &mut Vec<RuleInstance>) {
     if list.len() < 2 {
         return;
     }

@@ -25,6 +25,35 @@ impl Compiler {
             .take_while(move |(k, _)| k.namespace == ns)
     }
 
+    /// Calls `f` on every pod of `ns` that `sel` may select (a superset, without repeats):
+    /// those carrying its anchor label, or all of the namespace's when it has none or the
+    /// namespace is small.
+    pub(super) fn for_pods_maybe_selected<'a>(
+        &'a self,
+        ns: &'a str,
+        sel: &LabelSelector,
+        mut f: impl FnMut(&'a PodKey, &'a Pod),
+    ) {
+        let pods_here = self.pods_by_ns.get(ns).copied().unwrap_or(0);
+        let index = (!scan_instead(pods_here))
+            .then(|| self.pod_labels.candidates(ns, sel))
+            .flatten();
+        match index {
+            Some(keys) => {
+                for key in keys {
+                    if let Some((k, pod)) = self.cluster.pods.get_key_value(&**key) {
+                        f(k, pod);
+                    }
+                }
+            }
+            None => {
+                for (k, pod) in self.pods_in(ns) {
+                    f(k, pod);
+                }
+            }
+        }
+    }
+
     /// Namespaces (with or without a Namespace object) whose labels `sel` matches.
     pub(super) fn namespaces_matching<'a>(
         &'a self,
@@ -68,6 +97,21 @@ impl Compiler {
     pub(super) fn index_pod(&mut self, pod: &Pod) {
         self.count_pod_in_namespace(&pod.namespace);
         let key = Arc::new(pod.key());
+        // The label index holds every pod of a namespace it is used for, and only those:
+        // when the namespace grows big enough, its other pods join.
+        let count = self.pods_by_ns[&pod.namespace];
+        if !scan_instead(count) {
+            self.pod_labels.insert(&pod.namespace, &pod.labels, &key);
+            if scan_instead(count - 1) {
+                let others: Vec<(Arc<PodKey>, Labels)> = self
+                    .pods_in(&pod.namespace)
+                    .map(|(k, p)| (Arc::new(k.clone()), p.labels.clone()))
+                    .collect();
+                for (k, labels) in others {
+                    self.pod_labels.insert(&pod.namespace, &labels, &k);
+                }
+            }
+        }
         match self.pods_by_node.get_mut(&pod.node) {
             Some(s) => {
                 s.insert(key);
@@ -81,6 +125,8 @@ impl Compiler {
 
     pub(super) fn unindex_pod(&mut self, pod: &Pod) {
         let key = pod.key();
+        self.pod_labels
+            .remove(&pod.namespace, &pod.labels, &Arc::new(key.clone()));
         if let Some(n) = self.pods_by_ns.get_mut(&pod.namespace) {
             *n -= 1;
             if *n == 0 {
@@ -134,13 +180,12 @@ impl Compiler {
             self.refresh_tiered_for_namespace(&key.namespace);
         }
         let labels = self.ns_labels(&key.namespace).clone();
-        let mut candidates: BTreeSet<GroupKey> = self
-            .groups_by_ns
-            .get(&key.namespace)
-            .cloned()
-            .unwrap_or_default();
-        candidates.extend(self.ns_selector_groups.iter().copied());
+        let mut candidates: BTreeSet<GroupKey> = BTreeSet::new();
         for pod in old.iter().chain(new.iter()) {
+            if let Some(index) = self.groups_by_ns.get(&key.namespace) {
+                candidates.extend(index.candidates(&pod.labels).copied());
+            }
+            candidates.extend(self.ns_selector_groups.candidates(&pod.labels).copied());
             for name in pod.ports.iter().filter_map(|p| p.name.as_ref()) {
                 candidates.extend(
                     self.named_groups_by_port
@@ -230,7 +275,7 @@ impl Compiler {
         };
         let old = self.pod_entries.remove(key);
         match (old, fresh) {
-            (Some(o), Some(f)) if o.same_as(&f) => {
+            (Some(o), Some(f)) if o.same_as(&f, &mut self.last_comparison) => {
                 let shared = self.shared_key(key);
                 self.pod_entries.insert(shared, o);
             }
@@ -312,48 +357,46 @@ impl Compiler {
 
     pub(super) fn pod_rules(&self, pod: &Pod) -> Compiled {
         let labels = self.ns_labels(&pod.namespace);
-        let tiered: Vec<&CompiledPolicy> = self
+        let tiered: Vec<&Arc<CompiledPolicy>> = self
             .tiered_by_ns
             .get(&pod.namespace)
             .into_iter()
             .flatten()
-            .map(|id| &*self.policies[id])
+            .map(|id| &self.policies[id])
             .filter(|cp| cp.selects(pod, labels))
             .collect();
-        let nps: Vec<&CompiledPolicy> = self
+        let bound = 2 * self.pod_entries.len().max(self.cluster.pods.len()) + 4096;
+        // In id order, the order of `isolated_by`.
+        let mut nps: Vec<&CompiledPolicy> = self
             .np_by_ns
             .get(&pod.namespace)
             .into_iter()
-            .flatten()
-            .map(|cp| &**cp)
+            .flat_map(|index| index.candidates(&pod.labels))
+            .map(|p| &*p.0)
             .filter(|cp| cp.selects(pod, labels))
             .collect();
+        nps.sort_by(|a, b| a.policy.id.cmp(&b.policy.id));
+        nps.dedup_by(|a, b| a.policy.id == b.policy.id);
         let mut defs = Vec::new();
         let mut build = |direction: Direction| {
             let mut rules = DirectionRules::default();
-            let mut instances = |cp: &CompiledPolicy, out: &mut Vec<_>| {
-                for i in 0..cp.rules(direction).len() {
-                    out.extend(cp.instance(direction, i, pod, &mut defs));
-                }
-            };
-            for cp in &tiered {
-                match cp.policy.tier {
-                    Tier::Admin => instances(cp, &mut rules.admin),
-                    Tier::Baseline => instances(cp, &mut rules.baseline),
-                    Tier::NetworkPolicy => {}
-                }
+            for (tier, list) in [
+                (Tier::Admin, &mut rules.admin),
+                (Tier::Baseline, &mut rules.baseline),
+            ] {
+                *list = self
+                    .tier_lists
+                    .get(direction, tier, &tiered, pod, &mut defs, bound);
             }
             for cp in nps.iter().filter(|cp| cp.policy.isolates.get(direction)) {
                 rules.isolated_by.push(cp.policy.id.clone());
-                instances(cp, &mut rules.network_policy);
+                for i in 0..cp.rules(direction).len() {
+                    rules
+                        .network_policy
+                        .extend(cp.instance(direction, i, pod, &mut defs));
+                }
             }
-            for list in [
-                &mut rules.admin,
-                &mut rules.network_policy,
-                &mut rules.baseline,
-            ] {
-                drop_unreachable(list);
-            }
+            drop_unreachable(&mut rules.network_policy);
             rules
         };
         let ingress = build(Direction::Ingress);

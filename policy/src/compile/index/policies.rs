@@ -3,6 +3,37 @@
 
 use super::*;
 
+/// A NetworkPolicy in a namespace's index, ordered by its id.
+#[derive(Clone)]
+pub(super) struct ById(pub Arc<CompiledPolicy>);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.policy.id == other.0.policy.id
+    }
+}
+
+impl Eq for ById {}
+
+impl PartialOrd for ById {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ById {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.policy.id.cmp(&other.0.policy.id)
+    }
+}
+
+/// The pod selector of a policy's subject.
+pub(super) fn subject_pods(policy: &Policy) -> &LabelSelector {
+    match &policy.subject {
+        Subject::Namespace { pods, .. } | Subject::Cluster { pods, .. } => pods,
+    }
+}
+
 impl Compiler {
     /// The full compile's `index_policy` for all policies at once: sorted first, so that
     /// the maps are built in bulk.
@@ -26,7 +57,7 @@ impl Compiler {
             }
             same
         });
-        let mut np_by_ns: HashMap<&str, Vec<Arc<CompiledPolicy>>> = HashMap::default();
+        let mut np_by_ns: HashMap<&str, SelectorIndex<ById>> = HashMap::default();
         self.rule_origins
             .reserve(compiled.iter().map(|cp| cp.all_rules().count()).sum());
         for cp in &compiled {
@@ -35,8 +66,11 @@ impl Compiler {
                     .insert(rule.id.clone(), rule.origin.clone());
             }
             match (&cp.policy.tier, &cp.policy.subject) {
-                (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) => {
-                    np_by_ns.entry(namespace).or_default().push(cp.clone());
+                (Tier::NetworkPolicy, Subject::Namespace { namespace, pods }) => {
+                    np_by_ns
+                        .entry(namespace)
+                        .or_default()
+                        .insert(pods, ById(cp.clone()));
                 }
                 _ => {
                     self.tiered
@@ -62,12 +96,10 @@ impl Compiler {
                 .insert(rule.id.clone(), rule.origin.clone());
         }
         match (&cp.policy.tier, &cp.policy.subject) {
-            (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) => {
-                let list = self.np_by_ns.entry(namespace.clone()).or_default();
-                match list.binary_search_by(|p| p.policy.id.cmp(&id)) {
-                    Ok(at) => list[at] = cp.clone(),
-                    Err(at) => list.insert(at, cp.clone()),
-                }
+            (Tier::NetworkPolicy, Subject::Namespace { namespace, pods }) => {
+                let index = self.np_by_ns.entry(namespace.clone()).or_default();
+                // An upsert always follows `unindex_policy`, so there is no older entry.
+                index.insert(pods, ById(cp.clone()));
             }
             _ => {
                 self.tiered
@@ -82,11 +114,11 @@ impl Compiler {
         for rule in cp.all_rules() {
             self.rule_origins.remove(&rule.id);
         }
-        if let (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) =
+        if let (Tier::NetworkPolicy, Subject::Namespace { namespace, pods }) =
             (&cp.policy.tier, &cp.policy.subject)
         {
             if let Some(s) = self.np_by_ns.get_mut(namespace) {
-                s.retain(|p| p.policy.id != *id);
+                s.remove(pods, &ById(cp.clone()));
                 if s.is_empty() {
                     self.np_by_ns.remove(namespace);
                 }
@@ -108,11 +140,11 @@ impl Compiler {
         };
         let mut out = BTreeSet::new();
         for (ns, labels) in namespaces {
-            for (key, pod) in self.pods_in(ns) {
+            self.for_pods_maybe_selected(ns, subject_pods(&cp.policy), |key, pod| {
                 if cp.selects(pod, labels) {
                     out.insert(key.clone());
                 }
-            }
+            });
         }
         out
     }
@@ -141,6 +173,7 @@ impl Compiler {
         if tiered_changed {
             self.reorder_tiered(&id);
             self.memo.clear();
+            self.tier_lists.clear();
         } else if let Some(ns) = &id.namespace {
             self.memo.remove(ns);
         }

@@ -1,0 +1,130 @@
+//! Admin and Baseline lists, compiled once per distinct combination of the tiered policies
+//! that select a pod and the pod's facts they depend on (its named ports, for ingress),
+//! and shared by every pod with that combination, in any namespace and on any node.
+//!
+//! A cluster-wide policy selects pods of many namespaces alike; compiling its rules per
+//! namespace and label set multiplied the work and the memory by the number of those.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+
+use super::*;
+use crate::model::PortSpec;
+
+struct Entry {
+    direction: Direction,
+    tier: Tier,
+    /// The entry holds the policies, so their addresses (the key) stay theirs.
+    policies: Vec<Arc<CompiledPolicy>>,
+    /// `None` when no rule of the list depends on the pod's named ports.
+    ports: Option<Vec<ContainerPort>>,
+    list: Arc<Vec<RuleInstance>>,
+    defs: Vec<(GroupKey, Arc<GroupDef>)>,
+}
+
+/// The shared lists. Valid until a tiered policy changes (then `clear`): a list depends
+/// only on its policies and the facts in its key.
+#[derive(Default)]
+pub(super) struct TierLists {
+    entries: Mutex<(usize, HashMap<u64, Vec<Entry>>)>,
+    /// The list of pods that no policy of a tier selects, shared by all of them.
+    empty: Arc<Vec<RuleInstance>>,
+}
+
+/// Whether a policy's rules in `direction` mean something different on pods with
+/// different named ports: ingress rules resolve port names on the selected pod.
+fn reads_named_ports(cp: &CompiledPolicy, direction: Direction) -> bool {
+    direction == Direction::Ingress
+        && cp.policy.rules(direction).iter().any(|r| {
+            r.ports
+                .iter()
+                .flatten()
+                .any(|p| matches!(p.port, PortSpec::Named(_)))
+        })
+}
+
+impl TierLists {
+    pub(super) fn clear(&self) {
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        *e = (0, HashMap::default());
+    }
+
+    /// The list of `tier` in `direction` for `pod`, which `policies` (in evaluation order,
+    /// all of them selecting the pod) select; adds the groups it references to `defs`.
+    pub(super) fn get(
+        &self,
+        direction: Direction,
+        tier: Tier,
+        policies: &[&Arc<CompiledPolicy>],
+        pod: &Pod,
+        defs: &mut Vec<(GroupKey, Arc<GroupDef>)>,
+        bound: usize,
+    ) -> Arc<Vec<RuleInstance>> {
+        if !policies.iter().any(|cp| cp.policy.tier == tier) {
+            return self.empty.clone();
+        }
+        let policies: Vec<&Arc<CompiledPolicy>> = policies
+            .iter()
+            .copied()
+            .filter(|cp| cp.policy.tier == tier)
+            .collect();
+        let ports = policies
+            .iter()
+            .any(|cp| reads_named_ports(cp, direction))
+            .then_some(&pod.ports);
+        let hash = {
+            let mut h = rustc_hash::FxHasher::default();
+            (direction, tier).hash(&mut h);
+            for cp in &policies {
+                Arc::as_ptr(cp).hash(&mut h);
+            }
+            ports.hash(&mut h);
+            h.finish()
+        };
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (count, map) = &mut *guard;
+        let found = map.get(&hash).and_then(|bucket| {
+            bucket.iter().find(|e| {
+                e.direction == direction
+                    && e.tier == tier
+                    && e.ports.as_ref() == ports
+                    && e.policies.len() == policies.len()
+                    && e.policies
+                        .iter()
+                        .zip(&policies)
+                        .all(|(a, b)| Arc::ptr_eq(a, b))
+            })
+        });
+        if let Some(e) = found {
+            defs.extend(e.defs.iter().cloned());
+            return e.list.clone();
+        }
+        let mut list = Vec::new();
+        let mut own_defs = Vec::new();
+        for cp in &policies {
+            for i in 0..cp.rules(direction).len() {
+                list.extend(cp.instance(direction, i, pod, &mut own_defs));
+            }
+        }
+        drop_unreachable(&mut list);
+        let mut seen = rustc_hash::FxHashSet::default();
+        own_defs.retain(|(key, _)| seen.insert(*key));
+        let list = Arc::new(list);
+        defs.extend(own_defs.iter().cloned());
+        // Label and port churn can leave combinations no pod has; a bound keeps them few.
+        if *count > bound {
+            map.clear();
+            *count = 0;
+        }
+        *count += 1;
+        map.entry(hash).or_default().push(Entry {
+            direction,
+            tier,
+            policies: policies.into_iter().cloned().collect(),
+            ports: ports.cloned(),
+            list: list.clone(),
+            defs: own_defs,
+        });
+        list
+    }
+}

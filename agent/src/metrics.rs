@@ -26,6 +26,10 @@ const OVER_CAP: &str = "palisade_host_addresses_over_cap";
 const OVER_CAP_HELP: &str =
     "1 while the last rule set is refused for holding more than max_host_addresses.";
 
+const UNKNOWN_INTERFACE: &str = "palisade_unknown_interface_packets_total";
+const UNKNOWN_INTERFACE_HELP: &str =
+    "Packets dropped because their pod interface was not enforced yet (no rules for the pod).";
+
 /// Reads the table's named counters with `nft` when scraped.
 pub struct KernelCollector {
     nft: Nft,
@@ -84,6 +88,7 @@ impl KernelCollector {
             ),
             (HOST_ADDRESSES, HOST_ADDRESSES_HELP),
             (OVER_CAP, OVER_CAP_HELP),
+            (UNKNOWN_INTERFACE, UNKNOWN_INTERFACE_HELP),
         ] {
             descs.push(
                 Desc::new(name.into(), help.into(), vec![], Default::default())
@@ -112,6 +117,7 @@ impl Collector for KernelCollector {
                 s.over_cap,
             )
         };
+        let unknown = IntCounter::new(UNKNOWN_INTERFACE, UNKNOWN_INTERFACE_HELP).expect("constant");
         match self.nft.counters() {
             Ok(list) => {
                 for (name, p, b) in list {
@@ -142,6 +148,7 @@ impl Collector for KernelCollector {
                         Some(CounterMeta::Spoofed { pod }) => spoof
                             .with_label_values(&[&pod.namespace, &pod.name])
                             .inc_by(p as f64),
+                        Some(CounterMeta::UnknownInterface) => unknown.inc_by(p),
                         None => {}
                     }
                 }
@@ -152,6 +159,7 @@ impl Collector for KernelCollector {
         for v in [&packets, &bytes, &deny, &spoof] {
             out.extend(v.collect());
         }
+        out.extend(unknown.collect());
         let err = IntCounter::new(
             "palisade_apply_errors_total",
             "Failed nftables transactions.",

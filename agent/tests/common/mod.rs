@@ -120,6 +120,17 @@ impl Lab {
 
     /// Adds a pod namespace joined to the node (pods may be added while an agent runs).
     pub fn add_pod(&mut self, name: &str) -> &LabPod {
+        self.add_pod_ordered(name, false)
+    }
+
+    /// [`Lab::add_pod`], with the node's host routes to the pod added last, once the pod
+    /// can already send (as some CNIs order it): its packets are forwarded before the
+    /// agent can know its interface.
+    pub fn add_pod_host_routes_last(&mut self, name: &str) -> &LabPod {
+        self.add_pod_ordered(name, true)
+    }
+
+    fn add_pod_ordered(&mut self, name: &str, host_routes_last: bool) -> &LabPod {
         let i = self.pods.len();
         let (node, id, subnet, tag) = (
             self.node.clone(),
@@ -139,7 +150,7 @@ impl Lab {
         };
         sh(&["ip", "netns", "add", &netns]);
         self.namespaces.push(netns.clone());
-        link_pod(&node, &netns, &veth, ip4, ip6);
+        link_pod(&node, &netns, &veth, ip4, ip6, host_routes_last);
         let (ns, pod) = name.split_once('/').unwrap();
         self.pods.push(LabPod {
             key: PodKey::new(ns, pod),
@@ -163,7 +174,7 @@ impl Lab {
     pub fn recreate_veth(&self, name: &str) {
         let pod = self.pod(name);
         sh(&["ip", "-n", &self.node, "link", "del", &pod.veth]);
-        link_pod(&self.node, &pod.netns, &pod.veth, pod.ip4, pod.ip6);
+        link_pod(&self.node, &pod.netns, &pod.veth, pod.ip4, pod.ip6, false);
     }
 
     pub fn pod(&self, name: &str) -> &LabPod {
@@ -183,7 +194,7 @@ impl Lab {
 
 /// Joins pod namespace `netns` to `node` by the veth `veth` (node side) / `eth0`, with
 /// the pod's addresses, host routes and default routes.
-fn link_pod(node: &str, netns: &str, veth: &str, ip4: IpAddr, ip6: IpAddr) {
+fn link_pod(node: &str, netns: &str, veth: &str, ip4: IpAddr, ip6: IpAddr, host_routes_last: bool) {
     sh(&[
         "ip", "-n", node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns",
         netns,
@@ -218,27 +229,9 @@ fn link_pod(node: &str, netns: &str, veth: &str, ip4: IpAddr, ip6: IpAddr) {
         veth,
         "nodad",
     ]);
-    sh(&[
-        "ip",
-        "-n",
-        node,
-        "route",
-        "add",
-        &format!("{ip4}/32"),
-        "dev",
-        veth,
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        node,
-        "-6",
-        "route",
-        "add",
-        &format!("{ip6}/128"),
-        "dev",
-        veth,
-    ]);
+    if !host_routes_last {
+        host_routes(node, veth, ip4, ip6);
+    }
     sh(&["ip", "-n", netns, "link", "set", "lo", "up"]);
     sh(&["ip", "-n", netns, "link", "set", "eth0", "up"]);
     sh(&[
@@ -277,6 +270,34 @@ fn link_pod(node: &str, netns: &str, veth: &str, ip4: IpAddr, ip6: IpAddr) {
     ]);
     sh(&[
         "ip", "-n", netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+    ]);
+    if host_routes_last {
+        host_routes(node, veth, ip4, ip6);
+    }
+}
+
+/// The node's routes to a pod's addresses, by which the agent finds its interface.
+fn host_routes(node: &str, veth: &str, ip4: IpAddr, ip6: IpAddr) {
+    sh(&[
+        "ip",
+        "-n",
+        node,
+        "route",
+        "add",
+        &format!("{ip4}/32"),
+        "dev",
+        veth,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        node,
+        "-6",
+        "route",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        veth,
     ]);
 }
 

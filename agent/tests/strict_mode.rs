@@ -33,8 +33,8 @@ fn np() -> PolicyId {
     }
 }
 
-/// b isolated for ingress, allowing TCP `ports` from a.
-fn rules(a: IpAddr, b: IpAddr, ports: &[u16]) -> NodeRuleSet {
+/// b isolated for ingress, allowing TCP `ports` from a (both families).
+fn rules(a: [IpAddr; 2], b: [IpAddr; 2], ports: &[u16]) -> NodeRuleSet {
     let allow = RuleInstance {
         rule: RULE.into(),
         action: Action::Allow,
@@ -52,10 +52,10 @@ fn rules(a: IpAddr, b: IpAddr, ports: &[u16]) -> NodeRuleSet {
             ),
         }],
     };
-    let pod = |name: &str, ip: IpAddr, ingress: DirectionRules| PodRules {
+    let pod = |name: &str, ips: [IpAddr; 2], ingress: DirectionRules| PodRules {
         namespace: "default".into(),
         name: name.into(),
-        ips: vec![ip],
+        ips: ips.to_vec(),
         ingress: ingress.into(),
         egress: Default::default(),
     };
@@ -76,7 +76,7 @@ fn rules(a: IpAddr, b: IpAddr, ports: &[u16]) -> NodeRuleSet {
         ],
         groups: [(
             GROUP.to_string(),
-            Group::Hosts(AddrSet::from_addrs([a])).into(),
+            Group::Hosts(AddrSet::from_addrs(a)).into(),
         )]
         .into_iter()
         .collect(),
@@ -191,6 +191,10 @@ impl Conn {
     }
 }
 
+fn ips(pod: &LabPod) -> [IpAddr; 2] {
+    [pod.ip4, pod.ip6]
+}
+
 struct Setup {
     lab: Lab,
     _echo: Echo,
@@ -205,8 +209,10 @@ impl Setup {
         let echo = Echo::start(&lab.pod("b").netns, &[8080, 9090]);
         let dir = TempDir::new(tag);
         let file = dir.0.join("rules.json");
-        let (a, b) = (lab.pod("a").ip4, lab.pod("b").ip4);
-        write_rules(&file, &rules(a, b, &[8080, 9090]));
+        write_rules(
+            &file,
+            &rules(ips(lab.pod("a")), ips(lab.pod("b")), &[8080, 9090]),
+        );
         let port = 20_000 + (std::process::id() % 20_000) as u16 + 300 + u16::from(subnet);
         let agent = spawn_agent(&lab.node, &file, port, extra);
         eventually("/readyz 200", || {
@@ -221,21 +227,21 @@ impl Setup {
         }
     }
 
-    fn conn(&self, port: u16) -> Conn {
-        let c = Conn::open(
-            &self.lab.pod("a").netns,
-            SocketAddr::new(self.lab.pod("b").ip4, port),
-        );
+    /// A connection from a to b's `port`, over IPv4 or IPv6.
+    fn conn(&self, port: u16, v6: bool) -> Conn {
+        let b = self.lab.pod("b");
+        let dst = SocketAddr::new(if v6 { b.ip6 } else { b.ip4 }, port);
+        let c = Conn::open(&self.lab.pod("a").netns, dst);
         assert!(
             c.echo(),
-            "the connection to {port} works under the first rules"
+            "the connection to {dst} works under the first rules"
         );
         c
     }
 
     /// Allows only 9090 from now on; returns when the file was written.
     fn deny_8080(&self) -> Instant {
-        let (a, b) = (self.lab.pod("a").ip4, self.lab.pod("b").ip4);
+        let (a, b) = (ips(self.lab.pod("a")), ips(self.lab.pod("b")));
         write_rules(&self.dir.0.join("rules.json"), &rules(a, b, &[9090]));
         Instant::now()
     }
@@ -247,44 +253,52 @@ fn strict_mode_cuts_what_a_change_denies_within_a_second_and_nothing_else() {
         return;
     }
     let s = Setup::new("sm", 41, &["--strict-mode"]);
-    let (denied, allowed) = (s.conn(8080), s.conn(9090));
+    let denied = [s.conn(8080, false), s.conn(8080, true)];
+    let allowed = [s.conn(9090, false), s.conn(9090, true)];
     let written = s.deny_8080();
-    let cut = loop {
-        if !denied.echo() {
-            break written.elapsed();
-        }
-        assert!(
-            written.elapsed() < Duration::from_secs(3),
-            "the denied connection still echoes 3 s after the change"
+    for (family, conn) in ["IPv4", "IPv6"].iter().zip(&denied) {
+        let cut = loop {
+            if !conn.echo() {
+                break written.elapsed();
+            }
+            assert!(
+                written.elapsed() < Duration::from_secs(3),
+                "the denied {family} connection still echoes 3 s after the change"
+            );
+        };
+        println!(
+            "strict mode: denied {family} connection cut {cut:?} after the rules file was written"
         );
-    };
-    println!("strict mode: denied connection cut {cut:?} after the rules file was written");
-    assert!(cut < Duration::from_secs(1), "cut after {cut:?}");
+        assert!(cut < Duration::from_secs(1), "{family} cut after {cut:?}");
+    }
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until {
-        assert!(
-            allowed.echo(),
-            "a connection the rules still allow is never cut"
-        );
-        assert!(!denied.echo(), "the cut connection stays cut");
+        for conn in &allowed {
+            assert!(
+                conn.echo(),
+                "a connection the rules still allow is never cut"
+            );
+        }
+        for conn in &denied {
+            assert!(!conn.echo(), "a cut connection stays cut");
+        }
     }
     assert!(
         agent_metric(
             s.port,
             r#"palisade_conntrack_deleted_total{reason="strict"}"#
         )
-        .is_some_and(|n| n >= 1.0),
-        "the deletion is counted"
+        .is_some_and(|n| n >= 2.0),
+        "the deletions are counted"
     );
 }
-
 #[test]
 fn without_strict_mode_an_established_connection_survives_a_deny() {
     if !runnable("strict_mode") {
         return;
     }
     let s = Setup::new("so", 42, &[]);
-    let denied = s.conn(8080);
+    let denied = s.conn(8080, false);
     let generation = agent_metric(s.port, "palisade_ruleset_generation").unwrap();
     s.deny_8080();
     eventually("the change applied", || {

@@ -8,7 +8,9 @@
 //!   (its conntrack entries are deleted when enforcement starts);
 //! - when c's rules are known before its interface appears;
 //! - when c's interface is deleted and created again;
-//! - while the agent restarts and pods keep coming.
+//! - while the agent restarts and pods keep coming;
+//! - and a flow established before the agent's first start on the node does not survive
+//!   its first transaction.
 //!
 //! Each test prints its window figures and costs 1-3 s.
 
@@ -421,4 +423,38 @@ fn an_agent_restart_while_pods_keep_coming() {
     );
     assert!(s.echo.allowed() > before);
     assert_eq!(s.echo.denied(), 0, "no datagram to the denied port passed");
+}
+
+#[test]
+fn the_agents_first_start_cuts_what_pods_established_before_it() {
+    if !runnable("pod_window") {
+        return;
+    }
+    let mut s = Setup::new("wf", 56, &[("c", 1)]);
+    // No agent has run on this node yet: nothing filters, and c's denied flow becomes
+    // established.
+    let (flood, _, _) = s.add_flooding("c");
+    std::thread::sleep(Duration::from_millis(200));
+    let before_agent = s.echo.denied();
+    assert!(before_agent > 0, "without a table nothing filters");
+    let started = Instant::now();
+    let _agent = s.agent(&[]);
+    let ready = started.elapsed();
+    std::thread::sleep(Duration::from_millis(100));
+    let at_enforcement = s.echo.denied();
+    std::thread::sleep(Duration::from_millis(500));
+    println!(
+        "first start: ready {ready:?} after the agent started; {before_agent} datagrams to the denied port passed before it, {} while it started, none after ({} sent)",
+        at_enforcement - before_agent,
+        flood.sent()
+    );
+    assert_eq!(
+        s.echo.denied(),
+        at_enforcement,
+        "the flow established before the agent started does not survive enforcement"
+    );
+    let allowed = s.echo.allowed();
+    s.echo.first_allowed_after(Instant::now());
+    assert!(s.echo.allowed() > allowed, "the allowed flow goes on");
+    assert!(s.metric(r#"palisade_conntrack_deleted_total{reason="enforcement_start"}"#) >= 1.0);
 }

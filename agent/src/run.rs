@@ -293,10 +293,7 @@ async fn sweep(
 ) {
     let dispatch = &table.egress_dispatch;
     if !sweeper.due(rules, interfaces, dispatch) {
-        sweeper.before = crate::sweep::Before {
-            rules: Some(rules.clone()),
-            dispatch: dispatch.clone(),
-        };
+        sweeper.remember(rules, dispatch);
         return;
     }
     let local = match discovery.local_addresses().await {

@@ -197,7 +197,7 @@ pub struct Sweeper {
     strict: bool,
     deleted: prometheus::IntCounterVec,
     /// What was in force before the next transaction.
-    pub before: Before,
+    before: Before,
 }
 
 impl Sweeper {
@@ -258,11 +258,17 @@ impl Sweeper {
         local: &BTreeSet<IpAddr>,
     ) -> Result<usize, crate::nfnl::NfnlError> {
         let result = self.delete(rules, interfaces, dispatch, local);
+        self.remember(rules, dispatch);
+        result
+    }
+
+    /// Remembers `rules` with `dispatch` as in force (after a transaction that needed no
+    /// sweep).
+    pub fn remember(&mut self, rules: &NodeRuleSet, dispatch: &BTreeMap<String, String>) {
         self.before = Before {
             rules: Some(rules.clone()),
             dispatch: dispatch.clone(),
         };
-        result
     }
 
     fn delete(

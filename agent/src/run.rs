@@ -309,7 +309,7 @@ async fn sweep(
             tracing::info!(deleted = n, took = ?started.elapsed(), "conntrack entries of denied flows deleted")
         }
         Err(e) => {
-            tracing::error!(error = %e, "cannot sweep the conntrack table; established flows the rules deny may live on")
+            tracing::error!(error = %e, "cannot sweep the conntrack table; established flows the rules deny live on until the next try (next transaction or reconcile)")
         }
     }
 }

@@ -248,8 +248,8 @@ impl Sweeper {
     }
 
     /// Deletes the entries the rules now in force condemn and remembers them as in force.
-    /// Returns the number deleted; an error leaves entries in place (logged by the caller),
-    /// the rules count as in force all the same.
+    /// Returns the number deleted. After an error (logged by the caller) the rules are not
+    /// remembered, so the next transaction or periodic reconcile sweeps again.
     pub fn sweep(
         &mut self,
         rules: &NodeRuleSet,
@@ -257,9 +257,9 @@ impl Sweeper {
         dispatch: &BTreeMap<String, String>,
         local: &BTreeSet<IpAddr>,
     ) -> Result<usize, crate::nfnl::NfnlError> {
-        let result = self.delete(rules, interfaces, dispatch, local);
+        let deleted = self.delete(rules, interfaces, dispatch, local)?;
         self.remember(rules, dispatch);
-        result
+        Ok(deleted)
     }
 
     /// Remembers `rules` with `dispatch` as in force (after a transaction that needed no

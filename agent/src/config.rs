@@ -62,6 +62,16 @@ pub struct AgentConfig {
     /// Repair drift as soon as nf_tables events show another process changed our table
     /// (the periodic reconcile stays either way).
     pub watch_nftables_events: bool,
+    /// Strict mode: when a change denies flows that established connections carry, delete
+    /// their conntrack entries so that the connections stop (only the flows the change
+    /// newly denies). Off: a tighter policy applies to new connections only.
+    pub strict_mode: bool,
+    /// What happens to a pod interface (a name matching `pod_interface_patterns`) before
+    /// the agent enforces it: `drop` (the default) or `allow` (fail open: its traffic
+    /// passes unfiltered until the pod's rules are in force).
+    pub unknown_pod_interfaces: UnknownPodInterfaces,
+    /// Names of pod interfaces (`*` at the end matches any rest), for `unknown_pod_interfaces`.
+    pub pod_interface_patterns: Vec<String>,
     /// Log denied flows: each drop rule sends the packet to NFLOG, the agent writes one
     /// JSON line per packet on standard output and keeps the recent ones for `/flows`.
     pub flow_log: bool,
@@ -73,6 +83,14 @@ pub struct AgentConfig {
     pub flow_log_burst: u32,
     /// Recent lines kept for `/flows`.
     pub flow_log_capacity: usize,
+}
+
+/// The explicit choice for pod interfaces that have no rules yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownPodInterfaces {
+    Drop,
+    Allow,
 }
 
 impl Default for AgentConfig {
@@ -100,6 +118,12 @@ impl Default for AgentConfig {
             max_nesting_depth: 64,
             max_host_addresses: 2_000_000,
             watch_nftables_events: true,
+            strict_mode: false,
+            unknown_pod_interfaces: UnknownPodInterfaces::Drop,
+            pod_interface_patterns: crate::render::DEFAULT_POD_INTERFACE_PATTERNS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
             flow_log: true,
             flow_log_group: 9469,
             flow_log_per_second: 10,
@@ -184,6 +208,19 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_interval_ms: Option<u64>,
+    /// Delete the conntrack entries of established flows a rule change newly denies.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub strict_mode: bool,
+    /// Pod interfaces the agent has no rules for yet: drop (default) or allow (fail open).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown_pod_interfaces: Option<UnknownPodInterfaces>,
+    /// Pod interface name patterns (`veth*`; repeat or separate with commas), replacing the
+    /// defaults.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pod_interface_patterns: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +237,8 @@ pub enum ConfigError {
         "give one of rules, cluster + policies + node, or controller + token_file + ca_file + node"
     )]
     TwoSources,
+    #[error("invalid configuration: pod_interface_patterns: {0}")]
+    Pattern(String),
 }
 
 impl AgentConfig {
@@ -223,6 +262,14 @@ impl AgentConfig {
             per_second: self.flow_log_per_second.max(1),
             burst: self.flow_log_burst.max(1),
         })
+    }
+
+    /// The patterns of pod interfaces dropped until enforced: none when failing open.
+    pub fn drop_patterns(&self) -> Vec<String> {
+        match self.unknown_pod_interfaces {
+            UnknownPodInterfaces::Drop => self.pod_interface_patterns.clone(),
+            UnknownPodInterfaces::Allow => Vec::new(),
+        }
     }
 
     /// Who may read the metrics.
@@ -279,6 +326,9 @@ impl Flags {
             .merge(Serialized::defaults(self))
             .extract()
             .map_err(Box::new)?;
+        for pattern in &cfg.pod_interface_patterns {
+            crate::render::check_pod_interface_pattern(pattern).map_err(ConfigError::Pattern)?;
+        }
         let files = cfg.rules.is_some();
         let compiled = cfg.cluster.is_some() || cfg.policies.is_some();
         let streamed =
@@ -332,6 +382,49 @@ mod tests {
             jail.set_env("PALISADE_METRICS_ADDR", "127.0.0.1:1234");
             let cfg = flags.resolve().map_err(|e| e.to_string())?;
             assert_eq!(cfg.metrics_addr.port(), 1234);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn pod_interface_patterns_and_strict_mode_from_file_and_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "agent.yaml",
+                "rules: r.yaml\nstrict_mode: true\nunknown_pod_interfaces: allow\npod_interface_patterns: [\"tap*\"]\n",
+            )?;
+            let flags = Flags {
+                config: Some("agent.yaml".into()),
+                ..Flags::default()
+            };
+            let cfg = flags.resolve().map_err(|e| e.to_string())?;
+            assert!(cfg.strict_mode);
+            assert_eq!(cfg.pod_interface_patterns, vec!["tap*".to_string()]);
+            assert!(
+                cfg.drop_patterns().is_empty(),
+                "allow fails open: nothing dropped"
+            );
+            let flags = Flags {
+                unknown_pod_interfaces: Some(UnknownPodInterfaces::Drop),
+                ..flags
+            };
+            let cfg = flags.resolve().map_err(|e| e.to_string())?;
+            assert_eq!(cfg.drop_patterns(), vec!["tap*".to_string()]);
+            let defaults = AgentConfig::default();
+            assert!(!defaults.strict_mode, "strict mode is opt-in");
+            assert!(defaults.drop_patterns().contains(&"veth*".to_string()));
+            for bad in ["*", "a b*", "much-too-long-name*"] {
+                let flags = Flags {
+                    rules: Some("r.yaml".into()),
+                    pod_interface_patterns: vec![bad.into()],
+                    ..Flags::default()
+                };
+                let err = flags.resolve().unwrap_err().to_string();
+                assert!(
+                    err.contains("pod_interface_patterns") && err.contains(bad),
+                    "{err}"
+                );
+            }
             Ok(())
         });
     }

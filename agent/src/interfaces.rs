@@ -177,6 +177,24 @@ impl Discovery {
     }
 }
 
+impl Discovery {
+    /// Every address of the namespace: the node's own, whose traffic to its pods never
+    /// meets the table.
+    pub async fn local_addresses(&self) -> Result<BTreeSet<IpAddr>, InterfaceError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut out = BTreeSet::new();
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(addr) = addrs.try_next().await? {
+            for attr in &addr.attributes {
+                if let AddressAttribute::Address(a) | AddressAttribute::Local(a) = attr {
+                    out.insert(*a);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// A stream that yields once per link or route event (added, removed, changed) in the
 /// current network namespace. Must be created inside a tokio runtime.
 pub fn events() -> Result<impl Stream<Item = ()>, InterfaceError> {

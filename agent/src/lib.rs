@@ -14,6 +14,7 @@ pub mod render;
 pub mod run;
 pub mod source;
 pub mod stream;
+pub mod sweep;
 
 pub use apply::{Applier, ApplyKind, ApplyOutcome, ReconcileOutcome};
 pub use nft::{Nft, NftError};

@@ -29,6 +29,10 @@ const SUPPRESSED: &str = "palisade_flow_log_suppressed_packets_total";
 const SUPPRESSED_HELP: &str =
     "Denied packets not sent to the flow log because its rate limit (in the kernel) was exceeded; they were dropped all the same.";
 
+const UNKNOWN_INTERFACE: &str = "palisade_unknown_interface_packets_total";
+const UNKNOWN_INTERFACE_HELP: &str =
+    "Packets dropped because their pod interface was not enforced yet (no rules for the pod).";
+
 /// Reads the table's named counters with `nft` when scraped.
 pub struct KernelCollector {
     nft: Nft,
@@ -88,6 +92,7 @@ impl KernelCollector {
             (HOST_ADDRESSES, HOST_ADDRESSES_HELP),
             (OVER_CAP, OVER_CAP_HELP),
             (SUPPRESSED, SUPPRESSED_HELP),
+            (UNKNOWN_INTERFACE, UNKNOWN_INTERFACE_HELP),
         ] {
             descs.push(
                 Desc::new(name.into(), help.into(), vec![], Default::default())
@@ -117,6 +122,7 @@ impl Collector for KernelCollector {
             )
         };
         let mut suppressed = 0u64;
+        let unknown = IntCounter::new(UNKNOWN_INTERFACE, UNKNOWN_INTERFACE_HELP).expect("constant");
         match self.nft.counters() {
             Ok(list) => {
                 for (name, p, b) in list {
@@ -148,6 +154,7 @@ impl Collector for KernelCollector {
                             .with_label_values(&[&pod.namespace, &pod.name])
                             .inc_by(p as f64),
                         Some(CounterMeta::FlowLogSuppressed) => suppressed += p,
+                        Some(CounterMeta::UnknownInterface) => unknown.inc_by(p),
                         None => {}
                     }
                 }
@@ -158,6 +165,7 @@ impl Collector for KernelCollector {
         for v in [&packets, &bytes, &deny, &spoof] {
             out.extend(v.collect());
         }
+        out.extend(unknown.collect());
         let err = IntCounter::new(
             "palisade_apply_errors_total",
             "Failed nftables transactions.",

@@ -17,7 +17,9 @@ use crate::metrics;
 use crate::nft::Nft;
 use crate::render::Renderer;
 use crate::render::TABLE;
+use crate::render::{Interfaces, Ruleset, EGRESS_DISPATCH};
 use crate::stream::{Delivered, Enforced, StreamMetrics};
+use crate::sweep::Sweeper;
 use tokio::sync::{mpsc, watch, Notify};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -40,10 +42,8 @@ pub async fn run(
     let source = cfg.source();
     let nft = Nft::local();
     let mut applier = Applier::new(nft.clone());
-    let mut renderer = match cfg.flow_log() {
-        Some(log) => Renderer::with_flow_log(log),
-        None => Renderer::default(),
-    };
+    let mut renderer = Renderer::with_pod_interface_patterns(cfg.drop_patterns());
+    renderer.set_flow_log(cfg.flow_log());
     let stats = applier.stats();
     let cap_stats = applier.stats();
     let registry = metrics::registry(nft.clone(), stats.clone());
@@ -72,6 +72,9 @@ pub async fn run(
     }
     // The stream generation of the state in `rules`, acknowledged once it is in force.
     let mut pending_ack: Option<(u64, u64)> = None;
+    // A restart that finds our table continues enforcement: only pods the kernel's table
+    // did not enforce yet start now (issue 10.4).
+    let mut sweeper = Sweeper::new(cfg.strict_mode, kernel_dispatch(&nft), &registry);
     let registry = Arc::new(registry);
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -175,7 +178,8 @@ pub async fn run(
         if !(dirty || full_check) || Instant::now() < retry_at {
             continue;
         }
-        let desired = match renderer.render(current, &pod_interfaces(current, &routes)) {
+        let interfaces = pod_interfaces(current, &routes);
+        let desired = match renderer.render(current, &interfaces) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "cannot render the rules; keeping the last table");
@@ -235,7 +239,7 @@ pub async fn run(
         match result {
             Ok(what) => {
                 tracing::info!(%what, "applied");
-
+                sweep(&mut sweeper, &discovery, current, &interfaces, &desired).await;
                 if let Some((epoch, generation)) = pending_ack.take() {
                     let _ = enforced_tx.send(Enforced {
                         epoch,
@@ -263,4 +267,62 @@ pub async fn run(
     }
     tracing::info!("stopping; the table stays in force");
     Ok(())
+}
+
+/// The egress dispatch map of the table in the kernel (empty without one): which pods an
+/// earlier run of the agent enforces.
+fn kernel_dispatch(nft: &Nft) -> std::collections::BTreeMap<String, String> {
+    let listed = match nft.list_map(EGRESS_DISPATCH) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Default::default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the dispatch map of an existing table; every pod counts as newly enforced");
+            return Default::default();
+        }
+    };
+    let elements = listed["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["map"]["elem"].as_array())
+        .flatten();
+    elements
+        .filter_map(|e| {
+            let ifname = e[0].as_str()?;
+            let chain = e[1]["jump"]["target"].as_str()?;
+            Some((ifname.to_string(), chain.to_string()))
+        })
+        .collect()
+}
+
+/// After a transaction: the conntrack entries of flows the rules now deny, where
+/// enforcement starts or (strict mode) where the change denies them, are deleted.
+async fn sweep(
+    sweeper: &mut Sweeper,
+    discovery: &Discovery,
+    rules: &NodeRuleSet,
+    interfaces: &Interfaces,
+    table: &Ruleset,
+) {
+    let dispatch = &table.egress_dispatch;
+    if !sweeper.due(rules, interfaces, dispatch) {
+        sweeper.remember(rules, dispatch);
+        return;
+    }
+    let local = match discovery.local_addresses().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the node's addresses; its own flows count as from elsewhere");
+            Default::default()
+        }
+    };
+    let started = Instant::now();
+    match tokio::task::block_in_place(|| sweeper.sweep(rules, interfaces, dispatch, &local)) {
+        Ok(n) => {
+            tracing::info!(deleted = n, took = ?started.elapsed(), "conntrack entries of denied flows deleted")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sweep the conntrack table; established flows the rules deny live on until the next try (next transaction or reconcile)")
+        }
+    }
 }

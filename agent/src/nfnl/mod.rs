@@ -8,6 +8,7 @@
 //! Only the few message kinds the agent needs are encoded, by hand: the attribute layout
 //! is the kernel's UAPI (`linux/netfilter/nf_tables.h`), stable by contract.
 
+pub mod conntrack;
 pub mod counters;
 pub mod digest;
 pub mod events;
@@ -364,7 +365,11 @@ fn set_sndbuf_force(socket: &Socket, size: usize) -> Result<(), NfnlError> {
 }
 
 /// A `SOL_SOCKET` option whose value is a plain C struct or integer.
-fn setsockopt<T>(socket: &Socket, option: libc::c_int, value: &T) -> Result<(), NfnlError> {
+pub(crate) fn setsockopt<T>(
+    socket: &Socket,
+    option: libc::c_int,
+    value: &T,
+) -> Result<(), NfnlError> {
     // SAFETY: a valid socket descriptor and a pointer to a live T of the given size.
     let rc = unsafe {
         libc::setsockopt(

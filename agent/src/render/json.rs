@@ -431,6 +431,49 @@ pub fn base_rule<'a>(chain: &'a str, s: &BaseStatement) -> NfListObject<'a> {
                 data: set_ref(dispatch_map_name(*direction)),
             })]
         }
+        BaseStatement::TcpPickup(direction) => {
+            let key = match direction {
+                Direction::Egress => MetaKey::Iifname,
+                Direction::Ingress => MetaKey::Oifname,
+            };
+            vec![
+                matches(
+                    Expression::Named(NamedExpression::CT(CT {
+                        key: "state".into(),
+                        family: None,
+                        dir: None,
+                    })),
+                    Operator::IN,
+                    Expression::String("new".into()),
+                ),
+                matches(
+                    Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                        payload("tcp", "flags"),
+                        Expression::String("syn".into()),
+                    ))),
+                    Operator::EQ,
+                    Expression::Number(0),
+                ),
+                matches(meta(key), Operator::EQ, set_ref(EGRESS_DISPATCH)),
+                Statement::Drop(None),
+            ]
+        }
+        BaseStatement::UnknownInterface { direction, pattern } => {
+            let key = match direction {
+                Direction::Egress => MetaKey::Iifname,
+                Direction::Ingress => MetaKey::Oifname,
+            };
+            vec![
+                matches(
+                    meta(key),
+                    Operator::EQ,
+                    Expression::String(pattern.clone().into()),
+                ),
+                matches(meta(key), Operator::NEQ, set_ref(EGRESS_DISPATCH)),
+                Statement::Counter(Counter::Named(UNKNOWN_INTERFACE_COUNTER.into())),
+                Statement::Drop(None),
+            ]
+        }
     };
     rule_obj(chain, expr)
 }

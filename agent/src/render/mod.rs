@@ -39,7 +39,16 @@
 //!   NetworkPolicy allow rules and, if the pod is isolated, a default-deny counter + drop;
 //!   otherwise the Baseline tier. The egress entry chain starts with the source check and
 //!   `ct state established,related accept` (above).
-//! * A pod without a known interface has no chains and no dispatch elements.
+//! * A pod without a known interface has no chains and no dispatch elements. An interface
+//!   whose name matches a pod interface pattern ([`DEFAULT_POD_INTERFACE_PATTERNS`]) and
+//!   that is not an enforced pod's (not a key of `egress_dispatch`) is dropped both ways,
+//!   counted as `unknown-interface`, before anything established is accepted: a pod whose
+//!   interface comes up before the agent has its rules sends and receives nothing until
+//!   its rules are in force, and a flow it started earlier does not live on as
+//!   `established`. An empty pattern list (`unknown_pod_interfaces: allow`) fails open.
+//! * A TCP segment of an enforced pod that conntrack takes as new without a SYN (a
+//!   mid-stream pickup, after the agent deleted the entry of a flow the rules deny) is
+//!   dropped ([`BaseStatement::TcpPickup`]), so that a cut connection stays cut.
 //! * Peers are named sets, one per address group and family (`g-…_4`, `g-…_6`), shared
 //!   by every rule and pod that uses them: host groups (pods' and nodes' addresses) are
 //!   plain hash sets of single addresses with a `size` ([`host_set_size`]). CIDR groups
@@ -73,6 +82,30 @@ pub use model::*;
 
 /// Each local pod's host-side interface name.
 pub type Interfaces = BTreeMap<PodKey, String>;
+
+/// Interface names of pods by common CNIs: bridge/ptp/flannel/kindnet `veth…`, Calico
+/// `cali…`, Cilium `lxc…`, AWS VPC CNI `eni…`, GKE `gke…`, Azure `azv…`, and the lab's
+/// own (`palisade-netlab`) `pv…`.
+pub const DEFAULT_POD_INTERFACE_PATTERNS: &[&str] =
+    &["veth*", "cali*", "lxc*", "eni*", "gke*", "azv*", "pv*"];
+
+/// Why a pod interface pattern is refused.
+pub fn check_pod_interface_pattern(pattern: &str) -> Result<(), String> {
+    let stem = pattern.strip_suffix('*').unwrap_or(pattern);
+    if stem.is_empty() {
+        return Err(format!(
+            "pod interface pattern {pattern:?} matches every interface (the node's uplink too)"
+        ));
+    }
+    if pattern.len() > MAX_IFNAME
+        || !stem
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!("pod interface pattern {pattern:?} is not an interface name (letters, digits, '-', '_', '.', at most {MAX_IFNAME} characters) with an optional trailing '*'"));
+    }
+    Ok(())
+}
 
 /// Longest pod part of a chain or counter name before it is replaced by a hash.
 const MAX_POD_PART: usize = 48;
@@ -246,8 +279,10 @@ type GroupSets = Vec<(SetKind, Arc<[SetElement]>)>;
 /// Renders repeatedly, keeping each group's rendered sets until the group changes, so a
 /// change of one group costs that group (expanding 150,000 addresses every time cost more
 /// than the whole kernel transaction of a one-address change). The agent keeps one.
-#[derive(Default)]
 pub struct Renderer {
+    /// Pod interface patterns ([`DEFAULT_POD_INTERFACE_PATTERNS`]) whose unenforced
+    /// interfaces are dropped; empty: they pass (fail open).
+    patterns: Vec<String>,
     /// Group id → (the group it was rendered from, its sets). Holding the `Arc` keeps the
     /// pointer from being reused by another group while the entry lives.
     groups: HashMap<String, (Arc<Group>, GroupSets)>,
@@ -369,12 +404,53 @@ impl RenderedPod {
     }
 }
 
+impl Default for Renderer {
+    fn default() -> Self {
+        Renderer::with_pod_interface_patterns(
+            DEFAULT_POD_INTERFACE_PATTERNS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+        )
+    }
+}
+
 impl Renderer {
-    /// A renderer whose tables send denied packets to the flow log ([`FlowLog`]).
-    pub fn with_flow_log(log: FlowLog) -> Renderer {
+    /// A renderer dropping unenforced interfaces that match `patterns` (checked with
+    /// [`check_pod_interface_pattern`]; the agent's configuration refuses bad ones, and
+    /// one that slips through here is left out with a warning).
+    pub fn with_pod_interface_patterns(patterns: Vec<String>) -> Renderer {
+        let patterns = patterns
+            .into_iter()
+            .filter(|p| match check_pod_interface_pattern(p) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pod interface pattern left out");
+                    false
+                }
+            })
+            .collect();
         Renderer {
-            flow_log: Some(log),
-            ..Renderer::default()
+            patterns,
+            groups: HashMap::new(),
+            pods: HashMap::new(),
+            shapes: BTreeMap::new(),
+            flow_log: None,
+        }
+    }
+
+    /// The default renderer whose tables send denied packets to the flow log ([`FlowLog`]).
+    pub fn with_flow_log(log: FlowLog) -> Renderer {
+        let mut r = Renderer::default();
+        r.set_flow_log(Some(log));
+        r
+    }
+
+    /// Turns the flow log on or off for the next renders.
+    pub fn set_flow_log(&mut self, log: Option<FlowLog>) {
+        if self.flow_log != log {
+            self.pods.clear();
+            self.flow_log = log;
         }
     }
 
@@ -385,13 +461,19 @@ impl Renderer {
         interfaces: &Interfaces,
     ) -> Result<Ruleset, RenderError> {
         let mut out = Ruleset {
-            base_chains: base_chains(),
+            base_chains: base_chains(&self.patterns),
             ..Ruleset::default()
         };
         let flow_log = self.flow_log;
         if flow_log.is_some() {
             out.counters
                 .insert(FLOW_LOG_SUPPRESSED.into(), CounterMeta::FlowLogSuppressed);
+        }
+        if !self.patterns.is_empty() {
+            out.counters.insert(
+                UNKNOWN_INTERFACE_COUNTER.to_string(),
+                CounterMeta::UnknownInterface,
+            );
         }
         let mut cache = HashMap::with_capacity(rules.groups.len());
         for (id, group) in &rules.groups {
@@ -488,26 +570,46 @@ fn render_rest(
     Ok(out)
 }
 
-fn base_chains() -> Vec<BaseChain> {
+fn base_chains(patterns: &[String]) -> Vec<BaseChain> {
+    let unknown = |directions: &[Direction]| {
+        directions
+            .iter()
+            .flat_map(|&direction| {
+                patterns
+                    .iter()
+                    .map(move |pattern| BaseStatement::UnknownInterface {
+                        direction,
+                        pattern: pattern.clone(),
+                    })
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut forward = vec![BaseStatement::Dispatch(Direction::Egress)];
+    forward.extend(unknown(&[Direction::Egress, Direction::Ingress]));
+    forward.extend([
+        BaseStatement::TcpPickup(Direction::Egress),
+        BaseStatement::TcpPickup(Direction::Ingress),
+        BaseStatement::Established,
+        BaseStatement::Dispatch(Direction::Ingress),
+    ]);
+    let mut input = vec![
+        BaseStatement::NeighbourDiscovery,
+        BaseStatement::Dispatch(Direction::Egress),
+    ];
+    input.extend(unknown(&[Direction::Egress]));
+    input.push(BaseStatement::TcpPickup(Direction::Egress));
     vec![
         BaseChain {
             name: "forward",
             hook: "forward",
             priority: 0,
-            statements: vec![
-                BaseStatement::Dispatch(Direction::Egress),
-                BaseStatement::Established,
-                BaseStatement::Dispatch(Direction::Ingress),
-            ],
+            statements: forward,
         },
         BaseChain {
             name: "input",
             hook: "input",
             priority: 0,
-            statements: vec![
-                BaseStatement::NeighbourDiscovery,
-                BaseStatement::Dispatch(Direction::Egress),
-            ],
+            statements: input,
         },
     ]
 }

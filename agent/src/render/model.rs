@@ -15,6 +15,8 @@ use palisade_policy::model::{Direction, PodKey, Protocol, RuleOrigin};
 pub const TABLE: &str = "palisade";
 pub const EGRESS_DISPATCH: &str = "egress_dispatch";
 pub const INGRESS_DISPATCH: &str = "ingress_dispatch";
+/// The counter of packets dropped because their pod interface is not enforced yet.
+pub const UNKNOWN_INTERFACE_COUNTER: &str = "unknown-interface";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IpFamily {
@@ -254,6 +256,21 @@ pub enum BaseStatement {
     NeighbourDiscovery,
     /// `iifname vmap @egress_dispatch` / `oifname vmap @ingress_dispatch`.
     Dispatch(Direction),
+    /// `iifname "veth*" iifname != @egress_dispatch counter name "unknown-interface" drop`
+    /// (`oifname` for [`Direction::Ingress`]): a pod interface the agent does not enforce
+    /// yet carries nothing. Every enforced pod's interface is a key of the egress map.
+    UnknownInterface {
+        direction: Direction,
+        pattern: String,
+    },
+    /// `ct state new tcp flags & syn == 0 iifname @egress_dispatch drop` (`oifname` for
+    /// [`Direction::Ingress`]): no mid-stream pickup of a TCP connection of an enforced
+    /// pod. Once the agent deletes a denied flow's conntrack entry, the kernel (with the
+    /// default `nf_conntrack_tcp_loose`) would take the next segment of either end as a
+    /// new flow; one from the server would be judged in the reverse direction, where the
+    /// policy may allow it, and revive the connection. Every real connection starts with
+    /// a SYN.
+    TcpPickup(Direction),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -280,6 +297,8 @@ pub enum CounterMeta {
     },
     /// Denied packets the flow log's rate limit kept from NFLOG (they were still dropped).
     FlowLogSuppressed,
+    /// Packets of pod interfaces not enforced yet ([`BaseStatement::UnknownInterface`]).
+    UnknownInterface,
 }
 
 /// The whole table.

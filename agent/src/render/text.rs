@@ -159,6 +159,20 @@ pub fn base_statement_text(s: &BaseStatement) -> String {
         BaseStatement::Dispatch(Direction::Ingress) => {
             format!("oifname vmap @{INGRESS_DISPATCH}")
         }
+        BaseStatement::TcpPickup(direction) => {
+            let key = match direction {
+                Direction::Egress => "iifname",
+                Direction::Ingress => "oifname",
+            };
+            format!("ct state new tcp flags & syn == 0 {key} @{EGRESS_DISPATCH} drop")
+        }
+        BaseStatement::UnknownInterface { direction, pattern } => {
+            let key = match direction {
+                Direction::Egress => "iifname",
+                Direction::Ingress => "oifname",
+            };
+            format!("{key} \"{pattern}\" {key} != @{EGRESS_DISPATCH} counter name \"{UNKNOWN_INTERFACE_COUNTER}\" drop")
+        }
     }
 }
 

@@ -57,3 +57,48 @@ pub fn eventually(what: &str, f: impl FnMut() -> bool) {
 pub fn runnable(_test: &str) -> bool {
     super::can_run(&[super::ROOT, super::IP, super::NFT])
 }
+
+/// Starts `palisade-agent --netns NODE --rules FILE --metrics-addr 127.0.0.1:PORT` with
+/// `extra` arguments, polling its inputs every 100 ms.
+pub fn spawn_agent(node: &str, rules: &std::path::Path, port: u16, extra: &[&str]) -> Agent {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+        .args(["--netns", node, "--rules", rules.to_str().unwrap()])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(["--poll-interval-ms", "100"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Agent(child)
+}
+
+/// Writes `rules` (JSON) to `path` by rename, as the agent expects a finished file.
+pub fn write_rules(path: &std::path::Path, rules: &palisade_policy::ruleset::NodeRuleSet) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string(rules).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A directory of its own under the temporary directory, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("palisade-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The value of `series` on the agent's `/metrics`.
+pub fn agent_metric(port: u16, series: &str) -> Option<f64> {
+    let (_, text) = http_get(port, "/metrics")?;
+    super::metric_value(&text, series)
+}

@@ -119,6 +119,17 @@ impl Lab {
 
     /// Adds a pod namespace joined to the node (pods may be added while an agent runs).
     pub fn add_pod(&mut self, name: &str) -> &LabPod {
+        self.add_pod_ordered(name, false)
+    }
+
+    /// [`Lab::add_pod`], with the node's host routes to the pod added last, once the pod
+    /// can already send (as some CNIs order it): its packets are forwarded before the
+    /// agent can know its interface.
+    pub fn add_pod_host_routes_last(&mut self, name: &str) -> &LabPod {
+        self.add_pod_ordered(name, true)
+    }
+
+    fn add_pod_ordered(&mut self, name: &str, host_routes_last: bool) -> &LabPod {
         let i = self.pods.len();
         let (node, id, subnet, tag) = (
             self.node.clone(),
@@ -138,100 +149,7 @@ impl Lab {
         };
         sh(&["ip", "netns", "add", &netns]);
         self.namespaces.push(netns.clone());
-        sh(&[
-            "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-            "netns", &netns,
-        ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node,
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.conf.{veth}.proxy_arp=1"),
-        ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node,
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.conf.{veth}.rp_filter=0"),
-        ]);
-        sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            "fe80::1/64",
-            "dev",
-            &veth,
-            "nodad",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "route",
-            "add",
-            &format!("{ip4}/32"),
-            "dev",
-            &veth,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "-6",
-            "route",
-            "add",
-            &format!("{ip6}/128"),
-            "dev",
-            &veth,
-        ]);
-        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
-        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip4}/32"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip6}/128"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "onlink",
-        ]);
-        sh(&[
-            "ip", "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-        ]);
+        link_pod(&node, &netns, &veth, ip4, ip6, host_routes_last);
         let (ns, pod) = name.split_once('/').unwrap();
         self.pods.push(LabPod {
             key: PodKey::new(ns, pod),
@@ -315,6 +233,14 @@ impl Lab {
             .unwrap()
     }
 
+    /// Deletes the pod's veth and creates it again, as a CNI re-creating a pod's network
+    /// does: same names, same addresses.
+    pub fn recreate_veth(&self, name: &str) {
+        let pod = self.pod(name);
+        sh(&["ip", "-n", &self.node, "link", "del", &pod.veth]);
+        link_pod(&self.node, &pod.netns, &pod.veth, pod.ip4, pod.ip6, false);
+    }
+
     pub fn pod(&self, name: &str) -> &LabPod {
         self.pods
             .iter()
@@ -328,6 +254,115 @@ impl Lab {
             .map(|p| (p.key.clone(), p.veth.clone()))
             .collect::<BTreeMap<_, _>>()
     }
+}
+
+/// Joins pod namespace `netns` to `node` by the veth `veth` (node side) / `eth0`, with
+/// the pod's addresses, host routes and default routes.
+fn link_pod(node: &str, netns: &str, veth: &str, ip4: IpAddr, ip6: IpAddr, host_routes_last: bool) {
+    sh(&[
+        "ip", "-n", node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns",
+        netns,
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        node,
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.conf.{veth}.proxy_arp=1"),
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        node,
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.conf.{veth}.rp_filter=0"),
+    ]);
+    sh(&["ip", "-n", node, "link", "set", veth, "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        node,
+        "addr",
+        "add",
+        "fe80::1/64",
+        "dev",
+        veth,
+        "nodad",
+    ]);
+    if !host_routes_last {
+        host_routes(node, veth, ip4, ip6);
+    }
+    sh(&["ip", "-n", netns, "link", "set", "lo", "up"]);
+    sh(&["ip", "-n", netns, "link", "set", "eth0", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{ip4}/32"),
+        "dev",
+        "eth0",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "onlink",
+    ]);
+    sh(&[
+        "ip", "-n", netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+    ]);
+    if host_routes_last {
+        host_routes(node, veth, ip4, ip6);
+    }
+}
+
+/// The node's routes to a pod's addresses, by which the agent finds its interface.
+fn host_routes(node: &str, veth: &str, ip4: IpAddr, ip6: IpAddr) {
+    sh(&[
+        "ip",
+        "-n",
+        node,
+        "route",
+        "add",
+        &format!("{ip4}/32"),
+        "dev",
+        veth,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        node,
+        "-6",
+        "route",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        veth,
+    ]);
 }
 
 impl Drop for Lab {

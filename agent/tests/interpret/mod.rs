@@ -102,6 +102,23 @@ fn run_base(
             BaseStatement::Established => {}
             // Neighbour discovery is ICMPv6; the packets interpreted here are TCP, UDP, SCTP.
             BaseStatement::NeighbourDiscovery => {}
+            // The first packet of a TCP flow carries a SYN: never a mid-stream pickup.
+            BaseStatement::TcpPickup(_) => {}
+            BaseStatement::UnknownInterface { direction, pattern } => {
+                let ifname = match direction {
+                    Direction::Egress => &pkt.iif,
+                    Direction::Ingress => &pkt.oif,
+                };
+                let matched = ifname.as_ref().is_some_and(|i| {
+                    let stem = pattern.strip_suffix('*');
+                    stem.map_or(i == pattern, |s| i.starts_with(s))
+                        && !rs.egress_dispatch.contains_key(i)
+                });
+                if matched {
+                    counters.push(palisade_agent::render::UNKNOWN_INTERFACE_COUNTER.to_string());
+                    return ChainEnd::Drop;
+                }
+            }
             BaseStatement::Dispatch(direction) => {
                 let ifname = match direction {
                     Direction::Egress => &pkt.iif,

@@ -1,5 +1,5 @@
 //! A random scenario (a small cluster and policies of every kind, from the property tests'
-//! generators driven by the fuzzer's bytes), compiled, must decide every flow as the
+//! generators, their RNG seeded from the fuzzer's bytes), compiled, must decide every flow as the
 //! reference evaluator does: each pod pair in each family at the probe ports, then flows at
 //! any port drawn from the rest of the input. Each node's rule set must also cross the
 //! controller stream intact (encoded, decoded, applied).
@@ -16,20 +16,8 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
-    // The empty input (libFuzzer's first) makes the generators loop inside proptest.
-    if data.len() < 16 {
-        return;
-    }
-    let bytes = palisade_fuzz::rng_bytes(data);
-    let rng = TestRng::from_seed(RngAlgorithm::PassThrough, &bytes);
-    // Few rejections: should the bytes run out, the RNG yields zeros, and a map that
-    // wants two distinct keys would retry its 65,536 default times.
-    let config = Config {
-        max_local_rejects: 64,
-        max_global_rejects: 64,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new_with_rng(config, rng);
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &palisade_fuzz::rng_seed(data));
+    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
     let Ok(tree) = cluster_and_policies().new_tree(&mut runner) else {
         return;
     };

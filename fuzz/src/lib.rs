@@ -14,23 +14,26 @@ pub mod support;
 
 /// A file's bytes as the loaders read them (BOM dropped, UTF-8 checked), or `None` when the
 /// loaders refuse them before parsing; the refusal must say where the bad byte is.
-/// The randomness a generator draws from: the fuzzer's bytes first (so its mutations steer
-/// the choices), then 64 KiB drawn from a generator seeded with them. Past its input
-/// proptest's pass-through RNG yields zeros, and a set or map of two or more distinct
-/// elements built from zeros never completes.
-pub fn rng_bytes(data: &[u8]) -> Vec<u8> {
+/// A 32-byte seed for the generators' RNG, from every byte of the input (its first 32
+/// bytes, mixed with a hash of all of it). Not proptest's pass-through RNG: each of its
+/// forks (every `prop_flat_map`) takes half of what is left, so a deep generator soon
+/// draws zeros, and with zeros some of them never finish.
+pub fn rng_seed(data: &[u8]) -> [u8; 32] {
     let mut x = data.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     }) | 1;
-    let mut out = data.to_vec();
-    for _ in 0..(64 << 10) / 8 {
+    let mut seed = [0u8; 32];
+    for (i, chunk) in seed.chunks_mut(8).enumerate() {
         // xorshift64
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
+        chunk.copy_from_slice(&x.to_le_bytes());
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b ^= data.get(i * 8 + j).copied().unwrap_or(0);
+        }
     }
-    out
+    seed
 }
 
 pub fn text(data: &[u8]) -> Option<String> {

@@ -377,9 +377,9 @@ pub fn pod_from(p: &pb::PodRules, field: &str) -> Result<PodRules, WireError> {
         .enumerate()
         .map(|(i, b)| addr_from_bytes(b, &format!("{field}.ips[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    if ips.is_empty() {
-        return Err(err(format!("{field}.ips"), "a pod needs an address"));
-    }
+    // A pod without an address is one the model allows (a pending pod's rules, should a
+    // source keep it): the agent renders it as sending nothing. Refusing it would refuse
+    // the node's whole update.
     Ok(PodRules {
         namespace: p.namespace.clone(),
         name: p.name.clone(),

@@ -1,7 +1,7 @@
 //! A random scenario (a small cluster and policies of every kind, from the property tests'
 //! generators, their RNG seeded from the fuzzer's bytes), compiled, must decide every flow as the
 //! reference evaluator does: each pod pair in each family at the probe ports, then flows at
-//! any port drawn from the rest of the input. Each node's rule set must also cross the
+//! any port it draws. Each node's rule set must also cross the
 //! controller stream intact (encoded, decoded, applied).
 #![no_main]
 

@@ -173,26 +173,7 @@ impl Lab {
         );
         sh(&["ip", "netns", "add", &netns]);
         self.namespaces.push(netns.clone());
-        sh(&[
-            "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-            "netns", &netns,
-        ]);
-        let proxy_arp = format!("net.ipv4.conf.{veth}.proxy_arp=1");
-        sh(&["ip", "netns", "exec", &node, "sysctl", "-qw", &proxy_arp]);
-        sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            "fe80::1/64",
-            "dev",
-            &veth,
-            "nodad",
-        ]);
-        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
-        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
+        veth_to_node(&node, &netns, &veth);
         for addr in addrs {
             let (len, family) = if addr.is_ipv4() {
                 (32, "-4")
@@ -207,22 +188,7 @@ impl Lab {
                 "ip", "-n", &netns, "addr", "add", &prefix, "dev", "eth0", "nodad",
             ]);
         }
-        sh(&[
-            "ip",
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "onlink",
-        ]);
-        sh(&[
-            "ip", "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-        ]);
+        default_routes_via_node(&netns);
         netns
     }
 
@@ -259,45 +225,10 @@ impl Lab {
 /// Joins pod namespace `netns` to `node` by the veth `veth` (node side) / `eth0`, with
 /// the pod's addresses, host routes and default routes.
 fn link_pod(node: &str, netns: &str, veth: &str, ip4: IpAddr, ip6: IpAddr, host_routes_last: bool) {
-    sh(&[
-        "ip", "-n", node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns",
-        netns,
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        node,
-        "sysctl",
-        "-qw",
-        &format!("net.ipv4.conf.{veth}.proxy_arp=1"),
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        node,
-        "sysctl",
-        "-qw",
-        &format!("net.ipv4.conf.{veth}.rp_filter=0"),
-    ]);
-    sh(&["ip", "-n", node, "link", "set", veth, "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        node,
-        "addr",
-        "add",
-        "fe80::1/64",
-        "dev",
-        veth,
-        "nodad",
-    ]);
+    veth_to_node(node, netns, veth);
     if !host_routes_last {
         host_routes(node, veth, ip4, ip6);
     }
-    sh(&["ip", "-n", netns, "link", "set", "lo", "up"]);
-    sh(&["ip", "-n", netns, "link", "set", "eth0", "up"]);
     sh(&[
         "ip",
         "-n",
@@ -319,6 +250,44 @@ fn link_pod(node: &str, netns: &str, veth: &str, ip4: IpAddr, ip6: IpAddr, host_
         "eth0",
         "nodad",
     ]);
+    default_routes_via_node(netns);
+    if host_routes_last {
+        host_routes(node, veth, ip4, ip6);
+    }
+}
+
+/// A veth from `node` (named `veth` there) to `netns` (`eth0`), up at both ends, with the
+/// node side answering ARP for any address (the pods' gateway 169.254.1.1 among them) and
+/// holding the IPv6 gateway fe80::1.
+fn veth_to_node(node: &str, netns: &str, veth: &str) {
+    sh(&[
+        "ip", "-n", node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns",
+        netns,
+    ]);
+    for setting in [
+        format!("net.ipv4.conf.{veth}.proxy_arp=1"),
+        format!("net.ipv4.conf.{veth}.rp_filter=0"),
+    ] {
+        sh(&["ip", "netns", "exec", node, "sysctl", "-qw", &setting]);
+    }
+    sh(&["ip", "-n", node, "link", "set", veth, "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        node,
+        "addr",
+        "add",
+        "fe80::1/64",
+        "dev",
+        veth,
+        "nodad",
+    ]);
+    sh(&["ip", "-n", netns, "link", "set", "lo", "up"]);
+    sh(&["ip", "-n", netns, "link", "set", "eth0", "up"]);
+}
+
+/// `netns`'s default routes, both families, through the node at the end of its `eth0`.
+fn default_routes_via_node(netns: &str) {
     sh(&[
         "ip",
         "-n",
@@ -335,9 +304,6 @@ fn link_pod(node: &str, netns: &str, veth: &str, ip4: IpAddr, ip6: IpAddr, host_
     sh(&[
         "ip", "-n", netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
     ]);
-    if host_routes_last {
-        host_routes(node, veth, ip4, ip6);
-    }
 }
 
 /// The node's routes to a pod's addresses, by which the agent finds its interface.

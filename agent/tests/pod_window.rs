@@ -445,6 +445,11 @@ fn the_agents_first_start_cuts_what_pods_established_before_it() {
     let started = Instant::now();
     let _agent = s.agent(&[]);
     let ready = started.elapsed();
+    // The sweep follows the first transaction (later than readiness on a loaded machine).
+    let deleted = r#"palisade_conntrack_deleted_total{reason="enforcement_start"}"#;
+    eventually("the sweep at enforcement start", || {
+        s.metric(deleted) >= 1.0
+    });
     std::thread::sleep(Duration::from_millis(100));
     let at_enforcement = s.echo.denied();
     std::thread::sleep(Duration::from_millis(500));

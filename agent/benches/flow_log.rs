@@ -1,14 +1,16 @@
 //! Flow-log benchmark (issue 10): a flood of denied packets from one lab pod, with the
 //! agent's flow log on and off. Pod B is isolated (default deny, no rule allows anything);
-//! pod A sends it UDP datagrams as fast as one thread can, each to another port (every one
-//! a new flow), for `PALISADE_BENCH_SECONDS` (5) per run, runs alternating on and off for
-//! `PALISADE_BENCH_ROUNDS` (3) rounds. Reported per variant, as medians: the flood's rate,
-//! the sender's CPU per datagram (the forwarding path and the table's drop, NFLOG included,
-//! run in its softirq), the agent process's CPU during the flood, and the lines it wrote.
-//! The agent's CPU must follow the kernel's rate limit (10 lines/s and 20 at once per drop
-//! rule), not the flood.
+//! pod A sends it, as fast as one thread can, for `PALISADE_BENCH_SECONDS` (5) per run,
+//! either UDP datagrams each to another port, or TCP SYNs (crafted on a raw socket, each
+//! from another source port, as a SYN flood is): every packet a new flow. Runs alternate
+//! on and off for `PALISADE_BENCH_ROUNDS` (3) rounds per flood kind. Reported per flood and
+//! variant, as medians: the flood's rate, the sender's CPU per packet (the forwarding path
+//! and the table's drop, NFLOG included, run in its softirq), the agent process's CPU
+//! during the flood, and the lines it wrote. The agent's CPU must follow the kernel's rate
+//! limit (10 lines/s and 20 at once per drop rule), not the flood.
 //!
 //! Run (as root): `cargo bench -p palisade-agent --bench flow_log`
+//! (`PALISADE_BENCH_FLOODS`: `udp,syn` by default).
 
 mod common;
 
@@ -21,6 +23,7 @@ use common::lab::Lab;
 use common::{in_netns, median, print_table, sh};
 use palisade_policy::model::{PolicyId, PolicyKind};
 use palisade_policy::ruleset::{DirectionRules, NodeRuleSet, PodRules};
+use socket2::{Domain, Protocol as SocketProtocol, SockAddr, Socket, Type};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -133,16 +136,47 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Datagrams sent from `netns` to `dst`, each to the next port, for `secs`: (sent, CPU).
-fn flood(netns: &str, dst: IpAddr, secs: f64) -> (u64, Duration) {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Flood {
+    Udp,
+    Syn,
+}
+
+impl Flood {
+    fn name(self) -> &'static str {
+        match self {
+            Flood::Udp => "udp",
+            Flood::Syn => "syn",
+        }
+    }
+}
+
+/// Packets sent from `netns` (address `src`) to `dst` for `secs`: (sent, CPU).
+fn flood(kind: Flood, netns: &str, src: IpAddr, dst: IpAddr, secs: f64) -> (u64, Duration) {
     in_netns(netns, move || {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let mut send: Box<dyn FnMut(u64) -> bool> = match kind {
+            Flood::Udp => {
+                let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                Box::new(move |n| {
+                    let port = 1 + (n % 65_000) as u16;
+                    s.send_to(b"x", SocketAddr::new(dst, port)).is_ok()
+                })
+            }
+            Flood::Syn => {
+                let s = Socket::new(Domain::IPV4, Type::RAW, Some(SocketProtocol::TCP))
+                    .expect("raw TCP socket");
+                let to = SockAddr::from(SocketAddr::new(dst, 0));
+                Box::new(move |n| {
+                    let segment = syn(src, dst, 1024 + (n % 64_000) as u16, 80, n as u32);
+                    s.send_to(&segment, &to).is_ok()
+                })
+            }
+        };
         let (start, cpu0) = (Instant::now(), thread_cpu());
         let mut sent = 0u64;
         while start.elapsed().as_secs_f64() < secs {
             for _ in 0..256 {
-                let port = 1 + (sent % 65_000) as u16;
-                if s.send_to(b"x", SocketAddr::new(dst, port)).is_ok() {
+                if send(sent) {
                     sent += 1;
                 }
             }
@@ -153,9 +187,38 @@ fn flood(netns: &str, dst: IpAddr, secs: f64) -> (u64, Duration) {
     .expect("flood thread")
 }
 
-/// One run: (flow log on, datagrams/s, sender ns per datagram, agent CPU ms, lines,
-/// suppressed).
-type Run = (bool, f64, f64, f64, f64, f64);
+/// A TCP SYN segment (no options) with its checksum; the kernel adds the IPv4 header.
+fn syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, seq: u32) -> [u8; 20] {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (src, dst) else {
+        panic!("the SYN flood is IPv4");
+    };
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4; // data offset: 5 words
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&[0, 6, 0, 20]);
+    add(&tcp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    tcp
+}
+
+/// One run: (flood, flow log on, packets/s, sender ns per packet, agent CPU ms, lines,
+/// suppressed, seconds).
+type Run = (Flood, bool, f64, f64, f64, f64, f64, f64);
 
 fn main() {
     if !common::can_run("flow_log") {
@@ -175,76 +238,100 @@ fn main() {
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let port = 20_000 + (std::process::id() % 20_000) as u16;
 
+    let floods: Vec<Flood> = std::env::var("PALISADE_BENCH_FLOODS")
+        .unwrap_or_else(|_| "udp,syn".into())
+        .split(',')
+        .map(|k| match k.trim() {
+            "udp" => Flood::Udp,
+            "syn" => Flood::Syn,
+            other => panic!("PALISADE_BENCH_FLOODS: {other:?} is neither udp nor syn"),
+        })
+        .collect();
+
     let mut results: Vec<Run> = Vec::new();
-    for round in 0..rounds {
-        for flow_log in [round % 2 == 0, round % 2 != 0] {
-            let agent = Agent::start(&lab, &rules_file, flow_log, port);
-            let lines0 = agent.metric("palisade_flow_log_lines_total").unwrap_or(0.0);
-            let supp0 = agent
-                .metric("palisade_flow_log_suppressed_packets_total")
-                .unwrap_or(0.0);
-            let cpu0 = agent.cpu();
-            let (sent, sender_cpu) = flood(&a.netns.name, b.ip4, secs);
-            // Lines still in flight reach the agent within its next reads.
-            std::thread::sleep(Duration::from_millis(300));
-            let agent_cpu = agent.cpu() - cpu0;
-            let lines = agent.metric("palisade_flow_log_lines_total").unwrap_or(0.0) - lines0;
-            let suppressed = agent
-                .metric("palisade_flow_log_suppressed_packets_total")
-                .unwrap_or(0.0)
-                - supp0;
-            results.push((
-                flow_log,
-                sent as f64 / secs,
-                sender_cpu.as_nanos() as f64 / sent.max(1) as f64,
-                agent_cpu.as_secs_f64() * 1000.0,
-                lines,
-                suppressed,
-            ));
-            drop(agent);
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &lab.node.name,
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                "palisade",
-            ]);
+    for &kind in &floods {
+        for round in 0..rounds {
+            for flow_log in [round % 2 == 0, round % 2 != 0] {
+                let agent = Agent::start(&lab, &rules_file, flow_log, port);
+                let lines0 = agent.metric("palisade_flow_log_lines_total").unwrap_or(0.0);
+                let supp0 = agent
+                    .metric("palisade_flow_log_suppressed_packets_total")
+                    .unwrap_or(0.0);
+                let cpu0 = agent.cpu();
+                let (sent, sender_cpu) = flood(kind, &a.netns.name, a.ip4, b.ip4, secs);
+                // Lines still in flight reach the agent within its next reads.
+                std::thread::sleep(Duration::from_millis(300));
+                let agent_cpu = agent.cpu() - cpu0;
+                let lines = agent.metric("palisade_flow_log_lines_total").unwrap_or(0.0) - lines0;
+                let suppressed = agent
+                    .metric("palisade_flow_log_suppressed_packets_total")
+                    .unwrap_or(0.0)
+                    - supp0;
+                results.push((
+                    kind,
+                    flow_log,
+                    sent as f64 / secs,
+                    sender_cpu.as_nanos() as f64 / sent.max(1) as f64,
+                    agent_cpu.as_secs_f64() * 1000.0,
+                    lines,
+                    suppressed,
+                    secs,
+                ));
+                drop(agent);
+                sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &lab.node.name,
+                    "nft",
+                    "delete",
+                    "table",
+                    "inet",
+                    "palisade",
+                ]);
+            }
         }
     }
     let mut rows = vec![vec![
-        "flow log".to_string(),
-        "datagrams/s".into(),
-        "sender ns/datagram".into(),
+        "flood".to_string(),
+        "flow log".into(),
+        "packets/s".into(),
+        "sender ns/packet".into(),
         "agent CPU ms".into(),
         "lines".into(),
         "suppressed".into(),
+        "met the log chain".into(),
     ]];
-    for on in [false, true] {
-        let of = |f: fn(&Run) -> f64| {
-            median(
-                &results
-                    .iter()
-                    .filter(|r| r.0 == on)
-                    .map(f)
-                    .collect::<Vec<_>>(),
-            )
-        };
-        rows.push(vec![
-            if on { "on" } else { "off" }.to_string(),
-            format!("{:.0}", of(|r| r.1)),
-            format!("{:.0}", of(|r| r.2)),
-            format!("{:.1}", of(|r| r.3)),
-            format!("{:.0}", of(|r| r.4)),
-            format!("{:.0}", of(|r| r.5)),
-        ]);
+    for &kind in &floods {
+        for on in [false, true] {
+            let of = |f: fn(&Run) -> f64| {
+                median(
+                    &results
+                        .iter()
+                        .filter(|r| r.0 == kind && r.1 == on)
+                        .map(f)
+                        .collect::<Vec<_>>(),
+                )
+            };
+            rows.push(vec![
+                kind.name().to_string(),
+                if on { "on" } else { "off" }.to_string(),
+                format!("{:.0}", of(|r| r.2)),
+                format!("{:.0}", of(|r| r.3)),
+                format!("{:.1}", of(|r| r.4)),
+                format!("{:.0}", of(|r| r.5)),
+                format!("{:.0}", of(|r| r.6)),
+                if on {
+                    // Each packet is logged or counted as suppressed: its share of those
+                    // sent shows the flood reached the table (veth queues drop the rest).
+                    format!("{:.1} %", of(|r| 100.0 * (r.5 + r.6) / (r.2 * r.7)))
+                } else {
+                    "-".into()
+                },
+            ]);
+        }
     }
-    println!(
-        "Flood of denied datagrams from one pod, {secs} s per run, {rounds} rounds (medians):"
-    );
+    println!("Floods of denied packets from one pod, {secs} s per run, {rounds} rounds (medians):");
     print_table(&rows);
     let _ = std::fs::remove_dir_all(&dir);
 }

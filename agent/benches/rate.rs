@@ -9,7 +9,12 @@
 //!    1,000 TCP + 1,000 UDP port ranges, so every new flow makes the address and the
 //!    port lookups of both rules before it is allowed;
 //! 4. the same rule set as iptables + ipset (kube-router style, `common/iptables.rs`);
-//! 5. variant 2 again: the difference between 2 and 5 is the bench's noise floor.
+//! 5. variant 2 again: the difference between 2 and 5 is the bench's noise floor;
+//! 6. variant 2 without the start-up window's unknown-interface rules (no pod interface
+//!    patterns): the difference to 2 is what those base-chain rules cost every packet.
+//!
+//! Palisade's tables are rendered as the agent renders them by default: with the flow log
+//! (denied packets go through rate-limited NFLOG chains) and the start-up window's rules.
 //!
 //! Variants run interleaved, each round in a different order (rotated, every other round
 //! reversed), so no variant always follows the same one; each run starts at least 2 s after
@@ -51,7 +56,8 @@ use std::time::{Duration, Instant};
 
 use common::lab::Lab;
 use common::{group_id, in_netns, iptables, median, print_table, rule_id, sh, sh_stdin};
-use palisade_agent::{render, Applier, Interfaces, Nft};
+use palisade_agent::render::FlowLog;
+use palisade_agent::{Applier, Interfaces, Nft, Renderer};
 use palisade_policy::model::{Action, Direction, PolicyId, PolicyKind, Protocol, RuleOrigin, Tier};
 use palisade_policy::ruleset::{
     Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance,
@@ -197,15 +203,17 @@ enum Variant {
     Palisade,
     Iptables,
     PalisadeEmptyAgain,
+    PalisadeNoWindow,
 }
 
 impl Variant {
-    const ALL: [Variant; 5] = [
+    const ALL: [Variant; 6] = [
         Variant::None,
         Variant::PalisadeEmpty,
         Variant::Palisade,
         Variant::Iptables,
         Variant::PalisadeEmptyAgain,
+        Variant::PalisadeNoWindow,
     ];
 
     fn label(self) -> &'static str {
@@ -215,6 +223,7 @@ impl Variant {
             Variant::Palisade => "Palisade, policy",
             Variant::Iptables => "iptables+ipset, policy",
             Variant::PalisadeEmptyAgain => "Palisade, no policy (again)",
+            Variant::PalisadeNoWindow => "Palisade, no policy, no window rules",
         }
     }
 
@@ -225,11 +234,12 @@ impl Variant {
             Variant::Palisade => "policy",
             Variant::Iptables => "iptables",
             Variant::PalisadeEmptyAgain => "again",
+            Variant::PalisadeNoWindow => "nowindow",
         }
     }
 
     /// The variants to run: all, or those `PALISADE_BENCH_VARIANTS` names (comma-separated
-    /// keys: none, empty, policy, iptables, again; for profiling one of them alone).
+    /// keys: none, empty, policy, iptables, again, nowindow; for profiling one of them alone).
     fn selected() -> Vec<Variant> {
         match std::env::var("PALISADE_BENCH_VARIANTS") {
             Ok(list) => Variant::ALL
@@ -256,6 +266,24 @@ impl Variant {
     }
 }
 
+/// The agent's renderer with its default configuration: the flow log on (denied packets
+/// go through its rate-limited NFLOG chains; allowed ones never meet them) and the start-up
+/// window's unknown-interface rules, or (`window` false) none of those rules, whose cost
+/// per packet is then the difference to the default.
+fn agent_renderer(window: bool) -> Renderer {
+    let mut renderer = if window {
+        Renderer::default()
+    } else {
+        Renderer::with_pod_interface_patterns(Vec::new())
+    };
+    renderer.set_flow_log(Some(FlowLog {
+        group: 9469,
+        per_second: 10,
+        burst: 20,
+    }));
+    renderer
+}
+
 /// What is loaded in the node namespace for one variant; unloaded on drop.
 struct Loaded<'a> {
     node: &'a str,
@@ -278,13 +306,18 @@ impl<'a> Loaded<'a> {
         };
         match variant {
             Variant::None => {}
-            Variant::PalisadeEmpty | Variant::Palisade | Variant::PalisadeEmptyAgain => {
+            Variant::PalisadeEmpty
+            | Variant::Palisade
+            | Variant::PalisadeEmptyAgain
+            | Variant::PalisadeNoWindow => {
                 let rules = if variant == Variant::Palisade {
                     policy
                 } else {
                     empty
                 };
-                let table = render(rules, ifaces).expect("render");
+                let table = agent_renderer(variant != Variant::PalisadeNoWindow)
+                    .render(rules, ifaces)
+                    .expect("render");
                 Applier::new(Nft::in_netns(node))
                     .apply(&table)
                     .expect("apply palisade table");
@@ -377,7 +410,10 @@ impl Drop for Loaded<'_> {
         };
         match self.variant {
             Variant::None => {}
-            Variant::PalisadeEmpty | Variant::Palisade | Variant::PalisadeEmptyAgain => {
+            Variant::PalisadeEmpty
+            | Variant::Palisade
+            | Variant::PalisadeEmptyAgain
+            | Variant::PalisadeNoWindow => {
                 run(&["nft", "delete", "table", "inet", "palisade"], None)
             }
             Variant::Iptables => {
@@ -743,7 +779,9 @@ fn main() {
     let client_ns = client.netns.name.clone();
 
     let ipt = iptables::render(&policy.rules, &ifaces);
-    let table = render(&policy.rules, &ifaces).expect("render");
+    let table = agent_renderer(true)
+        .render(&policy.rules, &ifaces)
+        .expect("render");
     println!(
         "policy: ingress of {} allows {} /24s (not the client) and the client's /32, each on \
          {} TCP + {} UDP port ranges; {} CPUs, {} client threads, {secs} s per run, {rounds} rounds",

@@ -125,19 +125,19 @@ impl<'a> Sweep<'a> {
             (132, Some(p)) => Some((Protocol::Sctp, p)),
             _ => None,
         };
-        let mut sides = Vec::with_capacity(2);
-        if let Some(&(pod, was)) = self.pods.get(&src) {
-            sides.push((pod, was, Direction::Egress, dst));
-        }
-        if !self.local.contains(&src) {
-            if let Some(&(pod, was)) = self.pods.get(&dst) {
-                sides.push((pod, was, Direction::Ingress, src));
-            }
-        }
+        // Called for every entry of the table: no allocation.
+        let egress = self
+            .pods
+            .get(&src)
+            .map(|&(pod, was)| (pod, was, Direction::Egress, dst));
+        let ingress = (!self.local.contains(&src))
+            .then(|| self.pods.get(&dst))
+            .flatten()
+            .map(|&(pod, was)| (pod, was, Direction::Ingress, src));
         let mut denied_unenforced = false;
         let mut denied = false;
         let mut allowed_before = true;
-        for (pod, was, direction, peer) in sides {
+        for (pod, was, direction, peer) in egress.into_iter().chain(ingress) {
             let now = self.decide(self.rules, pod, direction, peer, protocol, false);
             if now == Some(Verdict::Deny) {
                 denied = true;

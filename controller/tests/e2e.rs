@@ -121,6 +121,28 @@ async fn the_whole_system_enforces_what_the_api_says() {
     s.expect("other trusted", ("other", "x"), db, 5432, true)
         .await;
 
+    // The policy changed to admit web too, and changed back.
+    let admits_web = DB_FROM_API.replace(
+        "    - podSelector: {matchLabels: {app: api}}\n",
+        "    - podSelector: {matchLabels: {app: api}}\n    - podSelector: {matchLabels: {app: web}}\n",
+    );
+    assert_ne!(admits_web, DB_FROM_API, "the change must change the policy");
+    s.kube.apply_yaml(&admits_web).await.expect("apply changed");
+    s.expect(
+        "policy changed to admit web",
+        ("shop", "web"),
+        db,
+        5432,
+        true,
+    )
+    .await;
+    s.kube
+        .apply_yaml(DB_FROM_API)
+        .await
+        .expect("apply original");
+    s.expect("policy changed back", ("shop", "web"), db, 5432, false)
+        .await;
+
     // An admin-tier policy (a CRD kind) created and deleted.
     s.expect("x to web, open", ("other", "x"), web, 8080, true)
         .await;

@@ -199,6 +199,24 @@ impl NfnlSocket {
     /// (or the single answer came). `Ok(None)` when the kernel says the object does not
     /// exist (ENOENT).
     pub(crate) fn request(&mut self, msg: Message) -> Result<Option<Vec<Reply>>, NfnlError> {
+        let mut out = Vec::new();
+        let found = self.request_each(msg, |kind, body| {
+            out.push(Reply {
+                kind,
+                body: body.to_vec(),
+            })
+        })?;
+        Ok(found.then_some(out))
+    }
+
+    /// As [`NfnlSocket::request`], but hands each reply message to `each` as it arrives:
+    /// its type (without the subsystem) and its body after the `nfgenmsg`, uncopied, so a
+    /// dump of a large table costs no allocation per message. `Ok(false)` on ENOENT.
+    pub(crate) fn request_each(
+        &mut self,
+        msg: Message,
+        mut each: impl FnMut(u16, &[u8]),
+    ) -> Result<bool, NfnlError> {
         let seq = self.next_seq();
         let dump = {
             let flags = u16::from_ne_bytes([msg.buf[6], msg.buf[7]]);
@@ -211,7 +229,6 @@ impl NfnlSocket {
             msg.buf[6..8].copy_from_slice(&flags.to_ne_bytes());
         }
         self.socket.send(&msg.finish(seq), 0)?;
-        let mut out = Vec::new();
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 17);
         loop {
             buf.clear();
@@ -232,19 +249,16 @@ impl NfnlSocket {
                     continue;
                 }
                 match kind {
-                    NLMSG_DONE => return Ok(Some(out)),
+                    NLMSG_DONE => return Ok(true),
                     NLMSG_ERROR => {
                         let code = error_code(body)?;
                         return match code {
-                            0 => Ok(Some(out)),
-                            c if c == -libc::ENOENT => Ok(None),
+                            0 => Ok(true),
+                            c if c == -libc::ENOENT => Ok(false),
                             c => Err(NfnlError::Kernel { code: c }),
                         };
                     }
-                    kind => out.push(Reply {
-                        kind: kind & 0xff,
-                        body: body.get(4..).unwrap_or_default().to_vec(),
-                    }),
+                    kind => each(kind & 0xff, body.get(4..).unwrap_or_default()),
                 }
             }
         }

@@ -403,6 +403,7 @@ pub fn network_policy(namespaces: usize) -> impl Strategy<Value = Policy> {
                     ingress: i,
                     egress: e,
                 },
+                enforcement: None,
             })
     })
 }
@@ -468,6 +469,7 @@ pub fn tiered_policy() -> impl Strategy<Value = Policy> {
                     ingress,
                     egress,
                     isolates: Isolation::default(),
+                    enforcement: None,
                 })
         })
 }

@@ -364,6 +364,7 @@ impl Ctx {
             ingress,
             egress,
             isolates: Isolation::default(),
+            enforcement: None,
         };
         self.errs.finish(object, Converted { policy, warnings })
     }

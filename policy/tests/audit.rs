@@ -16,61 +16,7 @@ use palisade_policy::{
     PolicyKind, StagedCompiler, Verdict,
 };
 use proptest::prelude::*;
-use proptest::sample::select;
 use support::*;
-
-const KEY: &str = "palisade.dev/enforcement";
-
-/// A policy annotation: none (namespace or default decides), audit or enforce.
-fn annotation() -> impl Strategy<Value = Option<Enforcement>> {
-    select(vec![
-        None,
-        None,
-        Some(Enforcement::Audit),
-        Some(Enforcement::Enforce),
-    ])
-}
-
-/// A namespace label value: none, audit, enforce, or one that means nothing (enforce).
-fn label_value() -> impl Strategy<Value = Option<&'static str>> {
-    select(vec![None, Some("audit"), Some("enforce"), Some("Audit")])
-}
-
-fn with_label(mut labels: Labels, value: Option<&str>) -> Labels {
-    match value {
-        Some(v) => labels.insert(KEY.to_string(), v.to_string()),
-        None => labels.remove(KEY),
-    };
-    labels
-}
-
-fn default_mode() -> impl Strategy<Value = Enforcement> {
-    select(vec![Enforcement::Enforce, Enforcement::Audit])
-}
-
-/// A generated cluster and policies, with enforcement annotations and namespace labels.
-fn staged_case() -> impl Strategy<Value = (Cluster, Vec<Policy>, Enforcement)> {
-    cluster_and_policies().prop_flat_map(|(cluster, policies)| {
-        let n = policies.len();
-        let m = cluster.namespaces.len();
-        (
-            Just(cluster),
-            Just(policies),
-            proptest::collection::vec(annotation(), n),
-            proptest::collection::vec(label_value(), m),
-            default_mode(),
-        )
-            .prop_map(|(mut cluster, mut policies, notes, labels, default)| {
-                for (p, note) in policies.iter_mut().zip(notes) {
-                    p.enforcement = note;
-                }
-                for (ns, value) in cluster.namespaces.values_mut().zip(labels) {
-                    ns.labels = with_label(std::mem::take(&mut ns.labels), value);
-                }
-                (cluster, policies, default)
-            })
-    })
-}
 
 fn disagreement(
     cluster: &Cluster,

@@ -283,9 +283,16 @@ impl StagedCompiler {
     }
 
     /// The compilers' warnings (of the full view: they are about policies, in either mode),
-    /// and namespaces whose enforcement label has a value that means nothing.
+    /// and [`Self::enforcement_warnings`].
     pub fn warnings(&self) -> Vec<Warning> {
         let mut out = self.all().warnings();
+        out.extend(self.enforcement_warnings());
+        out
+    }
+
+    /// Namespaces whose enforcement label has a value that means nothing.
+    pub fn enforcement_warnings(&self) -> Vec<Warning> {
+        let mut out = Vec::new();
         for ns in self.cluster().namespaces.values() {
             let Some(value) = ns.labels.get(ENFORCEMENT_KEY) else {
                 continue;

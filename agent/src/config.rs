@@ -228,13 +228,9 @@ pub struct Flags {
     pub pod_interface_patterns: Vec<String>,
     /// With --cluster/--policies: the mode of policies that do not set one (audit or
     /// enforce; default enforce).
-    #[arg(long, value_parser = parse_enforcement)]
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_enforcement: Option<palisade_policy::Enforcement>,
-}
-
-fn parse_enforcement(value: &str) -> Result<palisade_policy::Enforcement, String> {
-    palisade_policy::Enforcement::parse(value).ok_or_else(|| format!("{value:?}: audit or enforce"))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -44,6 +44,10 @@ pub struct ControllerConfig {
     pub identity: Option<String>,
     /// Milliseconds between checks of the files, for the file source.
     pub poll_interval_ms: u64,
+    /// The mode (`audit` or `enforce`) of a policy that neither its
+    /// `palisade.dev/enforcement` annotation nor (NetworkPolicies) its namespace's label
+    /// of that name sets.
+    pub default_enforcement: palisade_policy::Enforcement,
 }
 
 impl Default for ControllerConfig {
@@ -65,6 +69,7 @@ impl Default for ControllerConfig {
             lease_name: "palisade-controller".into(),
             identity: None,
             poll_interval_ms: 500,
+            default_enforcement: palisade_policy::Enforcement::Enforce,
         }
     }
 }
@@ -128,6 +133,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The mode of policies that do not set one: audit or enforce (default enforce).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_enforcement: Option<palisade_policy::Enforcement>,
 }
 
 #[derive(Debug, thiserror::Error)]

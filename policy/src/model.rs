@@ -434,6 +434,14 @@ impl Enforcement {
     }
 }
 
+impl std::str::FromStr for Enforcement {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        Enforcement::parse(value).ok_or_else(|| format!("{value:?}: audit or enforce"))
+    }
+}
+
 impl fmt::Display for Enforcement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

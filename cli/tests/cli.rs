@@ -486,21 +486,24 @@ fn bad_probes_and_cluster_objects_are_named() {
 fn explain_shows_both_verdicts_under_audit() {
     let cluster = example("admin-tiers", "cluster.yaml");
     let policies = example("admin-tiers", "policies.yaml");
-    let o = palisadectl(&[
-        "explain",
-        "--cluster",
-        &cluster,
-        "--policies",
-        &policies,
-        "--from",
-        "blog/wordpress",
-        "--to",
-        "payments/ledger",
-        "--port",
-        "443",
-        "--default-enforcement",
-        "audit",
-    ]);
+    let explain = |default: &str| {
+        palisadectl(&[
+            "explain",
+            "--cluster",
+            &cluster,
+            "--policies",
+            &policies,
+            "--from",
+            "blog/wordpress",
+            "--to",
+            "payments/ledger",
+            "--port",
+            "443",
+            "--default-enforcement",
+            default,
+        ])
+    };
+    let o = explain("audit");
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         stdout(&o),
@@ -532,21 +535,7 @@ fn explain_shows_both_verdicts_under_audit() {
         .filter(|p| p.get("audit").is_some())
         .count();
     assert!(audited > 0, "no pod has an audit list");
-    let o = palisadectl(&[
-        "explain",
-        "--cluster",
-        &cluster,
-        "--policies",
-        &policies,
-        "--from",
-        "blog/wordpress",
-        "--to",
-        "payments/ledger",
-        "--port",
-        "443",
-        "--default-enforcement",
-        "off",
-    ]);
+    let o = explain("off");
     assert!(!o.status.success());
     assert!(stderr(&o).contains("audit or enforce"), "{}", stderr(&o));
 }

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::agent::TempDir;
+use common::agent::{agent_metric, TempDir};
 use common::*;
 
 fn cluster_yaml(namespace_labels: &str, a: &LabPod, b: &LabPod) -> String {
@@ -227,4 +227,7 @@ fn audit_mode_counts_and_logs_what_it_would_deny_and_enforces_nothing_more() {
     assert!(connects(b.ip4, 8080).is_ok() && connects(b.ip6, 8080).is_ok());
     let line = find_flow(port, |l| l["verdict"] == "deny" && l["dst"]["port"] == 9090);
     assert_eq!(line["decided_by"]["rule"], "block-9090", "{line}");
+    // Audit chains came and went as incremental transactions, none refused by the kernel.
+    let errors = agent_metric(port, "palisade_apply_errors_total");
+    assert_eq!(errors, Some(0.0), "apply errors");
 }

@@ -200,3 +200,50 @@ impl Flags {
         Ok(cfg)
     }
 }
+
+#[cfg(test)]
+// figment::Jail's closures return figment's (large) error.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use palisade_policy::Enforcement;
+
+    #[test]
+    fn default_enforcement_from_file_env_and_flag() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "controller.yaml",
+                "tls_cert: c.pem\ntls_key: k.pem\ndefault_enforcement: audit\n",
+            )?;
+            let flags =
+                Flags::try_parse_from(["palisade-controller", "--config", "controller.yaml"])
+                    .map_err(|e| e.to_string())?;
+            let mode = |f: &Flags| {
+                f.resolve()
+                    .map(|c| c.default_enforcement)
+                    .map_err(|e| e.to_string())
+            };
+            assert_eq!(mode(&flags)?, Enforcement::Audit);
+            jail.set_env("PALISADE_CONTROLLER_DEFAULT_ENFORCEMENT", "enforce");
+            assert_eq!(mode(&flags)?, Enforcement::Enforce);
+            let flags = Flags::try_parse_from([
+                "palisade-controller",
+                "--config",
+                "controller.yaml",
+                "--default-enforcement",
+                "audit",
+            ])
+            .map_err(|e| e.to_string())?;
+            assert_eq!(mode(&flags)?, Enforcement::Audit);
+            assert!(
+                Flags::try_parse_from(["palisade-controller", "--default-enforcement", "on"])
+                    .is_err()
+            );
+            assert_eq!(
+                ControllerConfig::default().default_enforcement,
+                Enforcement::Enforce
+            );
+            Ok(())
+        });
+    }
+}

@@ -217,6 +217,14 @@ fn audit_mode_counts_and_logs_what_it_would_deny_and_enforces_nothing_more() {
             && l["decided_by"]["kind"] == "rule")),
         "8080 is no would-deny of the Admin rule (phase 1's default deny ones aside)"
     );
+    // The audit rule counts only as would-deny: the enforced table's rule counters do
+    // not carry it.
+    let (_, metrics) = http_get(port, "/metrics").expect("metrics");
+    assert!(
+        !metrics.lines().any(|l| l.starts_with("palisade_rule_packets_total")
+            && l.contains("name=\"no-9090\"")),
+        "no rule counter for the audit policy"
+    );
     let denied = find_flow(port, |l| l["dst"]["port"] == 7070 && l["verdict"] == "deny");
     assert_eq!(denied["decided_by"]["kind"], "default-deny", "{denied}");
 

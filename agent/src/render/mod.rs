@@ -281,6 +281,7 @@ fn flow_log_chain(out: &mut Ruleset, counter: &str, log: FlowLog, end: Verdict) 
 /// the enforced table did.
 fn through_audit_log(
     out: &mut Ruleset,
+    origins: &BTreeMap<String, palisade_policy::model::RuleOrigin>,
     mut rules: Vec<RuleDef>,
     log: Option<FlowLog>,
 ) -> Vec<RuleDef> {
@@ -303,14 +304,10 @@ fn through_audit_log(
             counter
         } else {
             let name = audit_counter(&counter);
-            let meta = out
-                .counters
-                .get(&counter)
-                .cloned()
-                .unwrap_or(CounterMeta::Rule {
-                    id: counter.clone(),
-                    origin: None,
-                });
+            let meta = CounterMeta::Rule {
+                id: counter.clone(),
+                origin: origins.get(&counter).cloned(),
+            };
             out.counters
                 .entry(name.clone())
                 .or_insert_with(|| CounterMeta::Audit(Box::new(meta)));
@@ -475,11 +472,9 @@ impl RenderedPod {
         }
         let rule_ids = [Direction::Egress, Direction::Ingress]
             .into_iter()
-            .flat_map(|direction| {
-                std::iter::once(pod.direction(direction)).chain(pod.audit.direction(direction))
-            })
+            .map(|direction| pod.direction(direction))
             .flat_map(|d| {
-                // As `render_pod` and `rest_rules` pick them.
+                // As `render_pod` and `rest_rules` pick them (audit chains make none).
                 let rest = if d.isolated_by.is_empty() {
                     &d.baseline[..]
                 } else {
@@ -638,9 +633,13 @@ fn render_rest(
     interfaces: &Interfaces,
     mut render_pod: impl FnMut(&mut Ruleset, &PodRules, &PodKey, &str) -> Result<(), RenderError>,
 ) -> Result<Ruleset, RenderError> {
+    let audit_only = audit_only_rules(rules);
     for (id, origin) in &rules.rules {
         if !valid_id(id) {
             return Err(RenderError::BadRuleId(id.clone()));
+        }
+        if audit_only.contains(id.as_str()) {
+            continue;
         }
         out.counters.insert(
             id.clone(),
@@ -667,6 +666,27 @@ fn render_rest(
         render_pod(&mut out, pod, &key, ifname)?;
     }
     Ok(out)
+}
+
+/// Rules that only audit lists reference: they get audit counters (`audit/ID`, for what
+/// they would deny), not rule counters, which count what the enforced table did.
+fn audit_only_rules(rules: &NodeRuleSet) -> BTreeSet<&str> {
+    if rules.pods.iter().all(|p| p.audit.is_empty()) {
+        return BTreeSet::new();
+    }
+    fn ids<'a>(lists: impl Iterator<Item = &'a DirectionRules>) -> BTreeSet<&'a str> {
+        lists
+            .flat_map(|d| d.instances())
+            .map(|i| i.rule.as_str())
+            .collect()
+    }
+    let enforced = ids(rules.pods.iter().flat_map(|p| [&*p.ingress, &*p.egress]));
+    let audit = ids(rules
+        .pods
+        .iter()
+        .flat_map(|p| [p.audit.ingress.as_deref(), p.audit.egress.as_deref()])
+        .flatten());
+    audit.difference(&enforced).copied().collect()
 }
 
 fn base_chains(patterns: &[String]) -> Vec<BaseChain> {
@@ -869,10 +889,10 @@ fn render_pod(
                 &Verdict::Return,
             )?;
             if let Some(list) = audit_rest_rules {
-                let list = through_audit_log(out, list, flow_log);
+                let list = through_audit_log(out, &rules.rules, list, flow_log);
                 out.chains.insert(audit_rest, Arc::new(list));
             }
-            let list = through_audit_log(out, audit_entry, flow_log);
+            let list = through_audit_log(out, &rules.rules, audit_entry, flow_log);
             out.chains
                 .insert(audit_entry_chain(key, direction), Arc::new(list));
         }
@@ -940,7 +960,7 @@ fn view_chains(
                 None => allow.clone(),
             },
         };
-        entry_rules.extend(instance_rules(out, rules, inst, direction, verdict)?);
+        entry_rules.extend(instance_rules(out, rules, inst, direction, verdict, view)?);
     }
     let falls_through = dir_rules.isolated_by.is_empty();
     let end_with_allow = |list: &mut Vec<RuleDef>| {
@@ -1012,7 +1032,14 @@ fn rest_rules(
     let mut list = Vec::new();
     if !dir_rules.isolated_by.is_empty() {
         for inst in &dir_rules.network_policy {
-            list.extend(instance_rules(out, rules, inst, direction, allow.clone())?);
+            list.extend(instance_rules(
+                out,
+                rules,
+                inst,
+                direction,
+                allow.clone(),
+                view,
+            )?);
         }
         let counter = view.default_deny(out, direction);
         list.push(RuleDef {
@@ -1027,7 +1054,7 @@ fn rest_rules(
                 // Pass in the last tier goes on to the default, which allows.
                 Action::Allow | Action::Pass => allow.clone(),
             };
-            list.extend(instance_rules(out, rules, inst, direction, verdict)?);
+            list.extend(instance_rules(out, rules, inst, direction, verdict, view)?);
         }
     }
     Ok(list)
@@ -1041,17 +1068,21 @@ fn instance_rules(
     inst: &RuleInstance,
     direction: Direction,
     verdict: Verdict,
+    view: View<'_>,
 ) -> Result<Vec<RuleDef>, RenderError> {
     if !valid_id(&inst.rule) {
         return Err(RenderError::BadRuleId(inst.rule.clone()));
     }
-    // A rule without a known origin still gets its counter, only without labels.
-    out.counters
-        .entry(inst.rule.clone())
-        .or_insert_with(|| CounterMeta::Rule {
-            id: inst.rule.clone(),
-            origin: None,
-        });
+    // A rule without a known origin still gets its counter, only without labels (in an
+    // audit chain, [`through_audit_log`] makes the counters).
+    if let View::Enforced { .. } = view {
+        out.counters
+            .entry(inst.rule.clone())
+            .or_insert_with(|| CounterMeta::Rule {
+                id: inst.rule.clone(),
+                origin: None,
+            });
+    }
     let peer_end = End::peer_of(direction);
     let mut list = Vec::new();
     let mut emit = |matches: Vec<Match>| {
@@ -1393,6 +1424,77 @@ mod tests {
     }
 
     /// A pod `ns/a` whose ingress allows TCP 80 from group `g-1`.
+    /// Audit chains go through the renderer's cache like the others: a cached render is
+    /// the fresh one, and a pod whose audit list goes leaves no audit chain or counter.
+    #[test]
+    fn audit_chains_come_and_go_through_the_cache() {
+        let log = FlowLog {
+            group: 1,
+            per_second: 10,
+            burst: 20,
+        };
+        let fresh = |rules: &NodeRuleSet, interfaces: &Interfaces| {
+            Renderer::with_flow_log(log)
+                .render(rules, interfaces)
+                .unwrap()
+        };
+        let isolated = Arc::new(DirectionRules {
+            isolated_by: vec![palisade_policy::model::PolicyId {
+                kind: palisade_policy::model::PolicyKind::NetworkPolicy,
+                namespace: Some("ns".into()),
+                name: "audited".into(),
+            }],
+            ..DirectionRules::default()
+        });
+        let pod = |name: &str, audited: bool| PodRules {
+            namespace: "ns".into(),
+            name: name.into(),
+            ips: vec!["10.0.0.9".parse().unwrap()],
+            ingress: Arc::default(),
+            egress: Arc::default(),
+            audit: palisade_policy::AuditRules {
+                ingress: audited.then(|| isolated.clone()),
+                egress: None,
+            },
+        };
+        let mut rules = NodeRuleSet {
+            pods: vec![pod("a", true), pod("b", false)],
+            ..NodeRuleSet::default()
+        };
+        let interfaces: Interfaces = [
+            (PodKey::new("ns", "a"), "veth-a".to_string()),
+            (PodKey::new("ns", "b"), "veth-b".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let mut renderer = Renderer::with_flow_log(log);
+        let first = renderer.render(&rules, &interfaces).unwrap();
+        assert_eq!(first, fresh(&rules, &interfaces));
+        assert_eq!(
+            first.chains["ingress/ns/a"][0].verdict,
+            Verdict::Goto("audit-ingress/ns/a".into())
+        );
+        assert!(first.counters.contains_key("audit/deny-ingress/ns/a"));
+        assert!(
+            !first.chains.contains_key("ingress/ns/b"),
+            "b is as without audit"
+        );
+        // Cached: the same.
+        assert_eq!(renderer.render(&rules, &interfaces).unwrap(), first);
+        // The audit list goes: nothing of it stays.
+        rules.pods[0] = pod("a", false);
+        let plain = renderer.render(&rules, &interfaces).unwrap();
+        assert_eq!(plain, fresh(&rules, &interfaces));
+        assert!(
+            plain.chains.keys().all(|c| !c.contains("audit")),
+            "{:?}",
+            plain.chains.keys()
+        );
+        assert!(plain.counters.keys().all(|c| !c.starts_with(AUDIT_PREFIX)));
+        rules.pods[0] = pod("a", true);
+        assert_eq!(renderer.render(&rules, &interfaces).unwrap(), first);
+    }
+
     fn ingress_from(group: Group) -> (NodeRuleSet, Interfaces) {
         let mut rules = one_group(group);
         rules.pods = vec![PodRules {

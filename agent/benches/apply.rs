@@ -332,6 +332,7 @@ fn node_rules() -> (NodeRuleSet, Groups, Interfaces) {
                     baseline: Default::default(),
                 }
                 .into(),
+                audit: Default::default(),
             });
             interfaces.insert(PodKey::new(&ns, &name), format!("cali{p:08x}"));
         }

@@ -52,6 +52,7 @@ fn rules(lab: &Lab) -> NodeRuleSet {
                 ..DirectionRules::default()
             }),
             egress: Arc::default(),
+            audit: Default::default(),
         }
     };
     NodeRuleSet {

@@ -137,6 +137,7 @@ fn node_rules(lab: &Lab, with_policy: bool) -> Policy {
         ips: vec![p.ip4],
         ingress: ingress.into(),
         egress: Default::default(),
+        audit: Default::default(),
     };
     let mut rules = NodeRuleSet {
         node: "bench".into(),

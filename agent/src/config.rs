@@ -83,6 +83,10 @@ pub struct AgentConfig {
     pub flow_log_burst: u32,
     /// Recent lines kept for `/flows`.
     pub flow_log_capacity: usize,
+    /// With `cluster` and `policies`: the mode (`audit` or `enforce`) of a policy that
+    /// neither its `palisade.dev/enforcement` annotation nor (NetworkPolicies) its
+    /// namespace's label of that name sets.
+    pub default_enforcement: palisade_policy::Enforcement,
 }
 
 /// The explicit choice for pod interfaces that have no rules yet.
@@ -129,6 +133,7 @@ impl Default for AgentConfig {
             flow_log_per_second: 10,
             flow_log_burst: 20,
             flow_log_capacity: 1000,
+            default_enforcement: palisade_policy::Enforcement::Enforce,
         }
     }
 }
@@ -221,6 +226,11 @@ pub struct Flags {
     #[arg(long, value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pod_interface_patterns: Vec<String>,
+    /// With --cluster/--policies: the mode of policies that do not set one (audit or
+    /// enforce; default enforce).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_enforcement: Option<palisade_policy::Enforcement>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -308,7 +318,11 @@ impl AgentConfig {
                 node: self.node.clone()?,
             },
         };
-        Some(Source::from(inputs).with_limits(limits))
+        Some(
+            Source::from(inputs)
+                .with_limits(limits)
+                .with_default_enforcement(self.default_enforcement),
+        )
     }
 }
 
@@ -382,6 +396,59 @@ mod tests {
             jail.set_env("PALISADE_METRICS_ADDR", "127.0.0.1:1234");
             let cfg = flags.resolve().map_err(|e| e.to_string())?;
             assert_eq!(cfg.metrics_addr.port(), 1234);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn default_enforcement_from_file_env_and_flag() {
+        use palisade_policy::Enforcement;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "agent.yaml",
+                "cluster: c.yaml\npolicies: p.yaml\nnode: n1\ndefault_enforcement: audit\n",
+            )?;
+            let flags = Flags {
+                config: Some("agent.yaml".into()),
+                ..Flags::default()
+            };
+            assert_eq!(
+                flags
+                    .resolve()
+                    .map_err(|e| e.to_string())?
+                    .default_enforcement,
+                Enforcement::Audit
+            );
+            jail.set_env("PALISADE_DEFAULT_ENFORCEMENT", "enforce");
+            assert_eq!(
+                flags
+                    .resolve()
+                    .map_err(|e| e.to_string())?
+                    .default_enforcement,
+                Enforcement::Enforce
+            );
+            let flags = Flags::try_parse_from([
+                "palisade-agent",
+                "--config",
+                "agent.yaml",
+                "--default-enforcement",
+                "audit",
+            ])
+            .map_err(|e| e.to_string())?;
+            assert_eq!(
+                flags
+                    .resolve()
+                    .map_err(|e| e.to_string())?
+                    .default_enforcement,
+                Enforcement::Audit
+            );
+            assert!(
+                Flags::try_parse_from(["palisade-agent", "--default-enforcement", "off"]).is_err()
+            );
+            assert_eq!(
+                AgentConfig::default().default_enforcement,
+                Enforcement::Enforce
+            );
             Ok(())
         });
     }

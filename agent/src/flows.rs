@@ -4,7 +4,8 @@
 //! bounded ring that `/flows` serves (most recent last).
 //!
 //! Which rule: the log prefix is the name of the dropping rule's counter, looked up in the
-//! counters of the table in force. Which pods: local pods by their addresses in the node's
+//! counters of the table in force. An audit chain's counter (`audit/COUNTER`) names what
+//! would have denied a packet the enforced rules let through: verdict `would-deny`. Which pods: local pods by their addresses in the node's
 //! rule set; any other address is shown as it is.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -134,12 +135,17 @@ impl FlowLog {
                 .map(|k| k.to_string())
         };
         let rule = both.iter().find_map(|n| n.rules.get(&logged.prefix));
+        // An audit counter names what would have denied a packet the table let through.
+        let (rule, denied) = match rule {
+            Some(CounterMeta::Audit(inner)) => (Some(&**inner), "would-deny"),
+            other => (other, "deny"),
+        };
         let (direction, verdict, decided_by) = match rule {
             Some(CounterMeta::Rule {
                 origin: Some(o), ..
             }) => (
                 o.direction.as_str(),
-                "deny",
+                denied,
                 DecidedBy::Rule {
                     tier: o.tier.as_str().to_string(),
                     policy_kind: o.policy.kind.as_str().to_string(),
@@ -150,7 +156,7 @@ impl FlowLog {
             ),
             Some(CounterMeta::DefaultDeny { pod, direction }) => (
                 direction.as_str(),
-                "deny",
+                denied,
                 DecidedBy::DefaultDeny {
                     pod: pod.to_string(),
                 },
@@ -164,7 +170,7 @@ impl FlowLog {
             ),
             _ => (
                 "unknown",
-                "deny",
+                denied,
                 DecidedBy::Unknown {
                     prefix: logged.prefix.clone(),
                 },
@@ -305,6 +311,7 @@ mod tests {
                 ips: vec!["10.0.0.1".parse().unwrap()],
                 ingress: Default::default(),
                 egress: Default::default(),
+                audit: Default::default(),
             }],
             ..NodeRuleSet::default()
         };
@@ -325,8 +332,22 @@ mod tests {
                 "r-1".to_string(),
                 CounterMeta::Rule {
                     id: "r-1".into(),
-                    origin: Some(origin),
+                    origin: Some(origin.clone()),
                 },
+            ),
+            (
+                "audit/r-1".to_string(),
+                CounterMeta::Audit(Box::new(CounterMeta::Rule {
+                    id: "r-1".into(),
+                    origin: Some(origin),
+                })),
+            ),
+            (
+                "audit/deny-ingress/ns/a".to_string(),
+                CounterMeta::Audit(Box::new(CounterMeta::DefaultDeny {
+                    pod: PodKey::new("ns", "a"),
+                    direction: Direction::Ingress,
+                })),
             ),
             (
                 "deny-ingress/ns/a".to_string(),
@@ -368,6 +389,18 @@ mod tests {
             log.line(&logged("gone")).decided_by,
             DecidedBy::Unknown { .. }
         ));
+        // Audit: the same attribution, verdict "would-deny".
+        let line = log.line(&logged("audit/r-1"));
+        assert_eq!((line.direction, line.verdict), ("egress", "would-deny"));
+        let json = serde_json::to_value(&line).unwrap();
+        assert_eq!(json["verdict"], "would-deny");
+        assert_eq!(json["decided_by"]["policy"], "lockdown");
+        let line = log.line(&logged("audit/deny-ingress/ns/a"));
+        assert_eq!((line.direction, line.verdict), ("ingress", "would-deny"));
+        assert_eq!(
+            line.decided_by,
+            DecidedBy::DefaultDeny { pod: "ns/a".into() }
+        );
 
         // The ring keeps the last `capacity` lines.
         for p in ["r-1", "deny-ingress/ns/a", "gone"] {

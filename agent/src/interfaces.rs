@@ -221,6 +221,7 @@ mod tests {
             ips: ips.iter().map(|a| a.parse().unwrap()).collect(),
             ingress: Default::default(),
             egress: Default::default(),
+            audit: Default::default(),
         };
         let rules = NodeRuleSet {
             pods: vec![

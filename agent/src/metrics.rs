@@ -40,6 +40,29 @@ pub struct KernelCollector {
     descs: Vec<Desc>,
 }
 
+const AUDIT: &str = "palisade_audit_would_deny_packets_total";
+const AUDIT_HELP: &str = "Packets the enforced rules allowed and the full view (policies in audit included) would deny, by the rule that would (for a default deny: kind DefaultDeny, and the pod's namespace and name).";
+
+/// The rule counter labels of a counter's origin: kind, namespace, name (of the policy),
+/// direction, rule (its name or index; its id without an origin), tier.
+fn rule_labels(id: &str, origin: Option<&palisade_policy::model::RuleOrigin>) -> [String; 6] {
+    match origin {
+        Some(o) => [
+            o.policy.kind.as_str().to_string(),
+            o.policy.namespace.clone().unwrap_or_default(),
+            o.policy.name.clone(),
+            o.direction.as_str().to_string(),
+            o.name.clone().unwrap_or_else(|| o.index.to_string()),
+            o.tier.as_str().to_string(),
+        ],
+        None => {
+            let mut labels: [String; 6] = Default::default();
+            labels[4] = id.to_string();
+            labels
+        }
+    }
+}
+
 fn families() -> (CounterVec, CounterVec, CounterVec, CounterVec) {
     (
         counter_vec(
@@ -69,7 +92,8 @@ impl KernelCollector {
     pub fn new(nft: Nft, stats: SharedStats) -> Self {
         let (a, b, c, d) = families();
         let mut descs: Vec<Desc> = Vec::new();
-        for v in [&a, &b, &c, &d] {
+        let audit = counter_vec(AUDIT, AUDIT_HELP, &RULE_LABELS);
+        for v in [&a, &b, &c, &d, &audit] {
             descs.extend(v.desc().into_iter().cloned());
         }
         for (name, help) in [
@@ -110,6 +134,7 @@ impl Collector for KernelCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let (packets, bytes, deny, spoof) = families();
+        let audit = counter_vec(AUDIT, AUDIT_HELP, &RULE_LABELS);
         let (metas, errors, generation, last, hosts, over_cap) = {
             let s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             (
@@ -128,24 +153,28 @@ impl Collector for KernelCollector {
                 for (name, p, b) in list {
                     match metas.get(&name) {
                         Some(CounterMeta::Rule { id, origin }) => {
-                            let labels: [String; 6] = match origin {
-                                Some(o) => [
-                                    o.policy.kind.as_str().to_string(),
-                                    o.policy.namespace.clone().unwrap_or_default(),
-                                    o.policy.name.clone(),
-                                    o.direction.as_str().to_string(),
-                                    o.name.clone().unwrap_or_else(|| o.index.to_string()),
-                                    o.tier.as_str().to_string(),
-                                ],
-                                None => Default::default(),
-                            };
-                            let mut labels = labels;
-                            if origin.is_none() {
-                                labels[4] = id.clone();
-                            }
+                            let labels = rule_labels(id, origin.as_ref());
                             let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
                             packets.with_label_values(&refs).inc_by(p as f64);
                             bytes.with_label_values(&refs).inc_by(b as f64);
+                        }
+                        Some(CounterMeta::Audit(inner)) => {
+                            let labels = match &**inner {
+                                CounterMeta::Rule { id, origin } => {
+                                    rule_labels(id, origin.as_ref())
+                                }
+                                CounterMeta::DefaultDeny { pod, direction } => [
+                                    "DefaultDeny".to_string(),
+                                    pod.namespace.clone(),
+                                    pod.name.clone(),
+                                    direction.as_str().to_string(),
+                                    String::new(),
+                                    String::new(),
+                                ],
+                                _ => continue,
+                            };
+                            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+                            audit.with_label_values(&refs).inc_by(p as f64);
                         }
                         Some(CounterMeta::DefaultDeny { pod, direction }) => deny
                             .with_label_values(&[&pod.namespace, &pod.name, direction.as_str()])
@@ -162,7 +191,7 @@ impl Collector for KernelCollector {
             Err(e) => tracing::warn!(error = %e, "cannot read nftables counters for a scrape"),
         }
         let mut out = Vec::new();
-        for v in [&packets, &bytes, &deny, &spoof] {
+        for v in [&packets, &bytes, &deny, &spoof, &audit] {
             out.extend(v.collect());
         }
         out.extend(unknown.collect());

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use palisade_policy::ruleset::NodeRuleSet;
+use palisade_policy::Enforcement;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -127,6 +128,9 @@ pub struct Source {
     inputs: RuleSource,
     failure: Option<Failure>,
     limits: Limits,
+    /// The mode of policies that neither their annotation nor their namespace sets, when
+    /// compiling from cluster and policy files.
+    default_enforcement: Enforcement,
 }
 
 impl From<RuleSource> for Source {
@@ -135,6 +139,7 @@ impl From<RuleSource> for Source {
             inputs,
             failure: None,
             limits: Limits::default(),
+            default_enforcement: Enforcement::Enforce,
         }
     }
 }
@@ -146,6 +151,11 @@ pub type Loaded = (Result<NodeRuleSet, SourceError>, Option<Duration>);
 impl Source {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    pub fn with_default_enforcement(mut self, default: Enforcement) -> Self {
+        self.default_enforcement = default;
         self
     }
 
@@ -205,7 +215,7 @@ impl Source {
             return None;
         }
         let backoff = repeat.map_or(FIRST_RETRY, |f| (f.backoff * 2).min(MAX_RETRY));
-        let result = self.inputs.load(&self.limits);
+        let result = self.inputs.load(&self.limits, self.default_enforcement);
         match &result {
             Ok(_) => {
                 self.failure = None;
@@ -231,7 +241,7 @@ impl Source {
 }
 
 impl RuleSource {
-    fn load(&self, limits: &Limits) -> Result<NodeRuleSet, SourceError> {
+    fn load(&self, limits: &Limits, default: Enforcement) -> Result<NodeRuleSet, SourceError> {
         match self {
             RuleSource::File(watch) => {
                 parse_rules(&read_input(watch.path(), limits)?, watch.path())
@@ -240,7 +250,7 @@ impl RuleSource {
                 cluster,
                 policies,
                 node,
-            } => compile_within(cluster.path(), policies.path(), node, limits),
+            } => compile_within(cluster.path(), policies.path(), node, limits, default),
         }
     }
 
@@ -260,13 +270,20 @@ impl RuleSource {
 }
 
 /// Loads cluster state and policies (each valid as a whole, or an error) and compiles the
-/// rule set of one node, within the default [`Limits`].
+/// rule set of one node, within the default [`Limits`], policies enforced unless they
+/// say otherwise.
 pub fn compile_for_node(
     cluster: &Path,
     policies: &Path,
     node: &str,
 ) -> Result<NodeRuleSet, SourceError> {
-    compile_within(cluster, policies, node, &Limits::default())
+    compile_within(
+        cluster,
+        policies,
+        node,
+        &Limits::default(),
+        Enforcement::Enforce,
+    )
 }
 
 fn compile_within(
@@ -274,6 +291,7 @@ fn compile_within(
     policies: &Path,
     node: &str,
     limits: &Limits,
+    default: Enforcement,
 ) -> Result<NodeRuleSet, SourceError> {
     let cluster_text = read_input(cluster, limits)?;
     let policies_text = read_input(policies, limits)?;
@@ -285,7 +303,12 @@ fn compile_within(
     for w in &policies.warnings {
         tracing::warn!(warning = %w, "policy warning");
     }
-    palisade_policy::Compiler::new(cluster, policies.policies)
+    // Audit lists only where some policy is in audit (else one compile, as without).
+    let compiler = palisade_policy::StagedCompiler::new(cluster, policies.policies, default);
+    for w in compiler.enforcement_warnings() {
+        tracing::warn!(warning = %w, "policy warning");
+    }
+    compiler
         .node_rule_set(node)
         .ok_or_else(|| SourceError::UnknownNode(node.to_string()))
 }

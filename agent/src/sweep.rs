@@ -367,6 +367,7 @@ mod tests {
             ips: vec![ip(addr)],
             ingress: ingress.into(),
             egress: Default::default(),
+            audit: Default::default(),
         };
         NodeRuleSet {
             node: "n".into(),

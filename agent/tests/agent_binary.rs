@@ -34,6 +34,7 @@ fn isolated_ingress(pod: &str, ips: Vec<std::net::IpAddr>, allow: Vec<RuleInstan
         }
         .into(),
         egress: Default::default(),
+        audit: Default::default(),
     }
 }
 

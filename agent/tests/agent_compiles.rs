@@ -282,18 +282,7 @@ fn denied_flows_are_logged_with_the_rule_that_denied_them() {
         tcp_ok(&a.netns, b.ip4, 8080) && !tcp_ok(&a.netns, b.ip4, 7070)
     });
 
-    let flows = || -> Vec<serde_json::Value> {
-        let Some((200, text)) = http_get(port, "/flows") else {
-            return Vec::new();
-        };
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-        body.lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
+    let flows = || common::agent::flow_lines(port);
     let find = |want: &dyn Fn(&serde_json::Value) -> bool| {
         let mut found = None;
         eventually("the flow's line in /flows", || {

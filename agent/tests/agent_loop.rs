@@ -64,6 +64,7 @@ fn rules(b_ip: IpAddr, allowed: Vec<IpAddr>, b_isolated: bool) -> NodeRuleSet {
             }
             .into(),
             egress: Default::default(),
+            audit: Default::default(),
         })
         .into_iter()
         .collect();

@@ -96,6 +96,7 @@ fn rules(lab: &Lab) -> NodeRuleSet {
             ..DirectionRules::default()
         }
         .into(),
+        audit: Default::default(),
     };
     let pod_b = PodRules {
         namespace: "default".into(),
@@ -113,6 +114,7 @@ fn rules(lab: &Lab) -> NodeRuleSet {
             ..DirectionRules::default()
         }
         .into(),
+        audit: Default::default(),
     };
     NodeRuleSet {
         node: "node-1".into(),

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use palisade_agent::{render_text, Interfaces};
+use palisade_agent::render::{text::to_text, FlowLog};
+use palisade_agent::{render_text, Interfaces, Renderer};
 use palisade_policy::model::PodKey;
 use palisade_policy::ruleset::NodeRuleSet;
 use serde::Deserialize;
@@ -14,6 +15,27 @@ struct GoldenInput {
     /// "namespace/name" → host-side interface.
     interfaces: BTreeMap<String, String>,
     rules: NodeRuleSet,
+    /// The flow log's settings, for inputs that render with it on.
+    #[serde(default)]
+    flow_log: Option<FlowLogInput>,
+}
+
+#[derive(Deserialize)]
+struct FlowLogInput {
+    group: u16,
+    per_second: u32,
+    burst: u32,
+}
+
+fn flow_log(path: &Path) -> Option<FlowLog> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let value: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+    let input: GoldenInput = serde_json::from_value(value).unwrap();
+    input.flow_log.map(|f| FlowLog {
+        group: f.group,
+        per_second: f.per_second,
+        burst: f.burst,
+    })
 }
 
 pub fn load_input(path: &Path) -> (NodeRuleSet, Interfaces) {
@@ -42,7 +64,14 @@ fn golden_renders() {
             continue;
         }
         let (rules, interfaces) = load_input(&path);
-        let text = render_text(&rules, &interfaces).unwrap();
+        let text = match flow_log(&path) {
+            Some(log) => to_text(
+                &Renderer::with_flow_log(log)
+                    .render(&rules, &interfaces)
+                    .unwrap(),
+            ),
+            None => render_text(&rules, &interfaces).unwrap(),
+        };
         let expected_path = path.with_extension("nft");
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(&expected_path, &text).unwrap();

@@ -49,6 +49,7 @@ fn rules(b_ip: IpAddr, isolated: bool) -> NodeRuleSet {
             }
             .into(),
             egress: Default::default(),
+            audit: Default::default(),
         })
         .into_iter()
         .collect();

@@ -78,6 +78,7 @@ fn a_route_to_the_uplink_does_not_bind_it_as_a_pods_interface() {
                 ips: vec![p.ip4],
                 ingress: Default::default(),
                 egress: Default::default(),
+                audit: Default::default(),
             })
             .collect(),
         ..NodeRuleSet::default()

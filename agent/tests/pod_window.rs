@@ -62,6 +62,7 @@ fn rules(a: IpAddr, isolated: &[(&str, IpAddr)]) -> NodeRuleSet {
         ips: vec![a],
         ingress: Default::default(),
         egress: Default::default(),
+        audit: Default::default(),
     }];
     pods.extend(isolated.iter().map(|(name, ip)| {
         PodRules {
@@ -75,6 +76,7 @@ fn rules(a: IpAddr, isolated: &[(&str, IpAddr)]) -> NodeRuleSet {
                 ..DirectionRules::default()
             }
             .into(),
+            audit: Default::default(),
         }
     }));
     NodeRuleSet {

@@ -18,14 +18,20 @@ use palisade_agent::render::{self, Interfaces, Ruleset};
 use palisade_policy::evaluate::evaluate;
 use palisade_policy::{compile, Cluster, Flow, Pod, Policy, Verdict};
 use proptest::prelude::*;
-use support::{cluster_and_policies, config, flows};
+use support::{cluster_and_policies, config, flows, staged_case};
 
 /// Each node's rendered table, every local non-host-network pod on its own veth, with the
 /// flow log on as the agent loads it by default (each drop through its log chain).
 fn tables(cluster: &Cluster, policies: &[Policy]) -> BTreeMap<String, Ruleset> {
-    let rule_sets = compile(cluster, policies);
+    render_all(cluster, &compile(cluster, policies))
+}
+
+fn render_all(
+    cluster: &Cluster,
+    rule_sets: &BTreeMap<String, palisade_policy::NodeRuleSet>,
+) -> BTreeMap<String, Ruleset> {
     let mut out = BTreeMap::new();
-    for (node, set) in &rule_sets {
+    for (node, set) in rule_sets {
         let interfaces: Interfaces = cluster
             .pods
             .values()
@@ -146,6 +152,104 @@ proptest! {
     #[test]
     fn rendered_tables_agree_with_the_evaluator((cluster, policies) in cluster_and_policies()) {
         if let Some(report) = disagreement(&cluster, &policies) {
+            prop_assert!(false, "{}", report);
+        }
+    }
+}
+
+/// The audit counters a flow's hops passed, as (direction, what would have denied it):
+/// `audit/<rule>` counters name the rule's origin, `audit/deny-…` the pod's default deny.
+fn would_denials(
+    tables: &BTreeMap<String, Ruleset>,
+    traces: &[(String, Trace)],
+) -> Vec<(palisade_policy::Direction, palisade_policy::Reason)> {
+    use palisade_agent::render::CounterMeta;
+    let mut out = Vec::new();
+    for (hop, trace) in traces {
+        let node = hop.split(' ').next().unwrap_or_default();
+        for counter in &trace.counters {
+            let Some(CounterMeta::Audit(inner)) = tables[node].counters.get(counter) else {
+                continue;
+            };
+            out.push(match &**inner {
+                CounterMeta::Rule {
+                    origin: Some(o), ..
+                } => (o.direction, palisade_policy::Reason::Rule(o.clone())),
+                CounterMeta::DefaultDeny { direction, .. } => (
+                    *direction,
+                    palisade_policy::Reason::DefaultDeny {
+                        isolated_by: Vec::new(),
+                    },
+                ),
+                other => panic!("audit counter {counter} of {other:?}"),
+            });
+        }
+    }
+    out
+}
+
+/// The would-deny decisions the evaluator says the hops must report: a direction the
+/// enforced rules allow, reached (egress first, then ingress if egress allowed), that the
+/// full view denies.
+fn expected_denials(
+    d: &palisade_policy::AuditDecision,
+) -> Vec<(palisade_policy::Direction, palisade_policy::Reason)> {
+    let mut out = Vec::new();
+    for (enforced, would) in [
+        (&d.enforced.egress, &d.would.egress),
+        (&d.enforced.ingress, &d.would.ingress),
+    ] {
+        if enforced.verdict == Verdict::Deny {
+            break;
+        }
+        if would.verdict == Verdict::Deny {
+            let reason = match &would.reason {
+                palisade_policy::Reason::DefaultDeny { .. } => {
+                    palisade_policy::Reason::DefaultDeny {
+                        isolated_by: Vec::new(),
+                    }
+                }
+                other => other.clone(),
+            };
+            out.push((would.direction, reason));
+        }
+    }
+    out
+}
+
+fn audit_disagreement(
+    cluster: &Cluster,
+    policies: &[Policy],
+    default: palisade_policy::Enforcement,
+) -> Option<String> {
+    let sets = palisade_policy::compile_staged(cluster, policies, default);
+    let tables = render_all(cluster, &sets);
+    for flow in flows(cluster) {
+        let reference =
+            palisade_policy::evaluate::evaluate_audit(cluster, policies, default, &flow)
+                .expect("flows have both ends");
+        let (verdict, traces) = dataplane(cluster, &tables, &flow);
+        let denials = would_denials(&tables, &traces);
+        let expected = expected_denials(&reference);
+        if verdict != reference.enforced.verdict || denials != expected {
+            return Some(format!(
+                "flow {flow}: the rendered tables {verdict} with would-deny {denials:?}, the evaluator says\nenforced {}\nwould {}\nexpected would-deny {expected:?}\nhops: {traces:#?}",
+                reference.enforced, reference.would
+            ));
+        }
+    }
+    None
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// With policies in audit: the tables enforce exactly the enforced view, and count a
+    /// would-deny, by the rule or default deny of the full view, exactly where it denies
+    /// what the enforced view lets through.
+    #[test]
+    fn rendered_audit_chains_agree_with_the_evaluator((cluster, policies, default) in staged_case()) {
+        if let Some(report) = audit_disagreement(&cluster, &policies, default) {
             prop_assert!(false, "{}", report);
         }
     }

@@ -41,6 +41,7 @@ fn rules(lab: &Lab) -> NodeRuleSet {
             ips: vec![p.ip4, p.ip6],
             ingress: ingress.into(),
             egress: DirectionRules::default().into(),
+            audit: Default::default(),
         }
     };
     let c = lab.pod("c");

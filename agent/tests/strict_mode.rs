@@ -58,6 +58,7 @@ fn rules(a: [IpAddr; 2], b: [IpAddr; 2], ports: &[u16]) -> NodeRuleSet {
         ips: ips.to_vec(),
         ingress: ingress.into(),
         egress: Default::default(),
+        audit: Default::default(),
     };
     NodeRuleSet {
         node: "node-1".into(),

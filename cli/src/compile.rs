@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use palisade_policy::Compiler;
+use palisade_policy::StagedCompiler;
 
 use crate::inputs::{print_warnings, ClusterArgs};
 
@@ -29,7 +29,12 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<ExitCode> {
     let inputs = args.inputs.load()?;
-    let compiler = Compiler::new(inputs.cluster, inputs.policies);
+    // The enforced rules, with audit lists where policies in audit change them.
+    let compiler = StagedCompiler::new(
+        inputs.cluster,
+        inputs.policies,
+        args.inputs.default_enforcement,
+    );
     print_warnings(&compiler.warnings());
     let text = match &args.node {
         Some(node) => {

@@ -4,11 +4,14 @@
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use palisade_policy::evaluate::evaluate;
+use palisade_policy::evaluate::evaluate_audit;
 use std::collections::BTreeMap;
 
-use palisade_policy::ruleset::{decide_flow, NodeRuleSet};
-use palisade_policy::{compile, Cluster, Family, Flow, PodKey, Policy, Protocol};
+use palisade_policy::ruleset::{decide_flow_audit, NodeRuleSet};
+use palisade_policy::{
+    compile_staged, AuditDecision, Cluster, Enforcement, Family, Flow, PodKey, Policy, Protocol,
+    Verdict,
+};
 use palisade_resources::core::{Service, TargetPort};
 
 use crate::inputs::ClusterArgs;
@@ -67,10 +70,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let inputs = args.inputs.load()?;
     let cluster = &inputs.cluster;
     let src = pod_key(cluster, &args.from, "--from")?;
+    let default = args.inputs.default_enforcement;
     let known = Compiled {
         cluster,
         policies: &inputs.policies,
-        rule_sets: compile(cluster, &inputs.policies),
+        default,
+        rule_sets: compile_staged(cluster, &inputs.policies, default),
     };
     if let Some(service) = &args.to_service {
         let service = find_service(&inputs.services, service)?;
@@ -203,6 +208,7 @@ fn backends(cluster: &Cluster, service: &Service) -> Vec<PodKey> {
 struct Compiled<'a> {
     cluster: &'a Cluster,
     policies: &'a [Policy],
+    default: Enforcement,
     rule_sets: BTreeMap<String, NodeRuleSet>,
 }
 
@@ -217,6 +223,7 @@ fn explain_flow(
     let Compiled {
         cluster,
         policies,
+        default,
         rule_sets,
     } = known;
     let family = match family {
@@ -234,17 +241,39 @@ fn explain_flow(
         port,
         family,
     };
-    let compiled = decide_flow(cluster, rule_sets, &flow)?;
-    let reference = evaluate(cluster, policies, &flow)?;
+    let compiled = decide_flow_audit(cluster, rule_sets, &flow)?;
+    let reference = evaluate_audit(cluster, policies, *default, &flow)?;
     println!("{flow}");
-    println!("{compiled}");
+    print!("{}", describe(&compiled));
     if compiled != reference {
         bail!(
             "INTERNAL ERROR: the compiled rule sets and the reference evaluator disagree about this flow; please report it.\n\
-             compiled rule sets: {compiled}\nreference evaluator: {reference}"
+             compiled rule sets: {}\nreference evaluator: {}",
+            describe(&compiled),
+            describe(&reference)
         );
     }
     Ok(())
+}
+
+/// The enforced decision, and, when policies in audit change it, what would be.
+fn describe(d: &AuditDecision) -> String {
+    let mut out = format!("{}\n", d.enforced);
+    if !d.differs() {
+        return out;
+    }
+    let effect = if d.would_deny() {
+        "it passes, and is counted and logged as would-deny"
+    } else if d.enforced.verdict == Verdict::Deny && d.would.verdict == Verdict::Allow {
+        "it stays denied: audit never allows what is enforced as denied"
+    } else {
+        "the same verdict, by other rules"
+    };
+    out.push_str(&format!(
+        "would be, with the policies in audit ({effect}): {}\n",
+        d.would
+    ));
+    out
 }
 
 #[cfg(test)]

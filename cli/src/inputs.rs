@@ -28,6 +28,10 @@ pub struct ClusterArgs {
         conflicts_with = "kubeconfig"
     )]
     pub policies: Option<PathBuf>,
+    /// The mode of policies that neither their `palisade.dev/enforcement` annotation nor
+    /// (NetworkPolicies) their namespace's label of that name sets: audit or enforce.
+    #[arg(long, value_name = "MODE", default_value = "enforce")]
+    pub default_enforcement: palisade_policy::Enforcement,
     #[command(flatten)]
     pub kube: KubeArgs,
 }

@@ -479,3 +479,63 @@ fn bad_probes_and_cluster_objects_are_named() {
     }
     assert_eq!(out.lines().last(), Some("0 passed, 2 failed"));
 }
+
+/// Audit: with every policy in audit (the default given), explain shows the enforced
+/// decision and the one that would be, with its rule; compile carries the audit lists.
+#[test]
+fn explain_shows_both_verdicts_under_audit() {
+    let cluster = example("admin-tiers", "cluster.yaml");
+    let policies = example("admin-tiers", "policies.yaml");
+    let explain = |default: &str| {
+        palisadectl(&[
+            "explain",
+            "--cluster",
+            &cluster,
+            "--policies",
+            &policies,
+            "--from",
+            "blog/wordpress",
+            "--to",
+            "payments/ledger",
+            "--port",
+            "443",
+            "--default-enforcement",
+            default,
+        ])
+    };
+    let o = explain("audit");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "blog/wordpress -> payments/ledger TCP/443 (IPv4)\nallow\n  \
+         egress allow: no policy decides; the pod is not isolated in this direction\n  \
+         ingress allow: no policy decides; the pod is not isolated in this direction\n\
+         would be, with the policies in audit (it passes, and is counted and logged as would-deny): deny\n  \
+         egress allow: no policy decides; the pod is not isolated in this direction\n  \
+         ingress deny: by ClusterNetworkPolicy pci-isolation ingress[1] (everyone-else) tier Admin priority 10\n"
+    );
+    let o = palisadectl(&[
+        "compile",
+        "--cluster",
+        &cluster,
+        "--policies",
+        &policies,
+        "--default-enforcement",
+        "audit",
+        "-o",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sets: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let audited = sets
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|s| s["pods"].as_array().unwrap())
+        .filter(|p| p.get("audit").is_some())
+        .count();
+    assert!(audited > 0, "no pod has an audit list");
+    let o = explain("off");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("audit or enforce"), "{}", stderr(&o));
+}

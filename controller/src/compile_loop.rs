@@ -1,5 +1,8 @@
 //! The one writer: source events into the input store, changes into the incremental
 //! compiler, and the nodes they touched into the hub, at most once per `min_interval`.
+//! The compiler is the staged one: where policies in audit (their annotation, their
+//! namespace's label, or the default) change a pod's rules, its state carries audit lists;
+//! a namespace relabel that changes the mode moves its NetworkPolicies between the views.
 //!
 //! Nothing is published before every source has listed everything once (`Synced`): an
 //! agent served from half a cluster would enforce too little.
@@ -8,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_policy::{Change, Compiler, PolicyId};
+use palisade_policy::{Change, Enforcement, PolicyId, StagedCompiler};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
@@ -30,7 +33,9 @@ pub enum Note {
 
 pub struct CompileLoop {
     inputs: Inputs,
-    compiler: Option<Compiler>,
+    compiler: Option<StagedCompiler>,
+    /// The mode of policies that neither their annotation nor their namespace sets.
+    default_enforcement: Enforcement,
     pending: Vec<Change>,
     hub: Arc<Hub>,
     notes: Option<mpsc::UnboundedSender<Note>>,
@@ -45,12 +50,18 @@ impl CompileLoop {
         CompileLoop {
             inputs: Inputs::default(),
             compiler: None,
+            default_enforcement: Enforcement::Enforce,
             pending: Vec::new(),
             hub,
             notes,
             observed: Vec::new(),
             rounds: 0,
         }
+    }
+
+    pub fn with_default_enforcement(mut self, default: Enforcement) -> Self {
+        self.default_enforcement = default;
+        self
     }
 
     pub fn inputs(&self) -> &Inputs {
@@ -105,7 +116,11 @@ impl CompileLoop {
         if self.compiler.is_some() {
             self.pending.extend(applied.changes);
         } else if synced {
-            let compiler = Compiler::new(self.inputs.cluster(), self.inputs.policies());
+            let compiler = StagedCompiler::new(
+                self.inputs.cluster(),
+                self.inputs.policies(),
+                self.default_enforcement,
+            );
             self.log_warnings(&compiler);
             let all: BTreeMap<_, _> = compiler
                 .node_rule_sets()
@@ -131,7 +146,7 @@ impl CompileLoop {
         }
     }
 
-    fn log_warnings(&self, compiler: &Compiler) {
+    fn log_warnings(&self, compiler: &StagedCompiler) {
         for w in compiler.warnings() {
             tracing::warn!(warning = %w, "policy warning");
         }
@@ -150,8 +165,16 @@ impl CompileLoop {
         }
         let started = std::time::Instant::now();
         let mut touched = BTreeSet::new();
+        let mut namespaces = false;
         for change in self.pending.drain(..) {
+            namespaces |= matches!(change, Change::UpsertNamespace(_));
             touched.extend(compiler.apply(change).nodes);
+        }
+        if namespaces {
+            // A namespace's enforcement label may have a value that means nothing.
+            for w in compiler.enforcement_warnings() {
+                tracing::warn!(warning = %w, "policy warning");
+            }
         }
         let changed: BTreeMap<String, _> = touched
             .into_iter()
@@ -195,5 +218,84 @@ impl CompileLoop {
                 self.note_observed();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::objects::Object;
+    use palisade_policy::{Labels, Namespace, Node, ENFORCEMENT_KEY};
+    use palisade_resources::core::PodObject;
+
+    fn namespace(mode: Option<&str>) -> SourceEvent {
+        let mut labels = Labels::new();
+        if let Some(m) = mode {
+            labels.insert(ENFORCEMENT_KEY.into(), m.into());
+        }
+        SourceEvent::Upsert(Object::Namespace(Namespace {
+            name: "shop".into(),
+            labels,
+        }))
+    }
+
+    fn state(hub: &Hub) -> Arc<palisade_policy::NodeRuleSet> {
+        let published = hub.subscribe("n1").borrow().clone();
+        published.expect("n1 published").rules
+    }
+
+    /// The stream carries audit lists: a namespace labelled audit puts its default deny in
+    /// the audit list of its pod, and relabelling it enforce moves the policy into the
+    /// enforced rules (and back), each a publish of the node.
+    #[test]
+    fn namespace_relabel_moves_its_policies_between_the_views() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let mut compile = CompileLoop::new(hub.clone(), None);
+        compile.handle(namespace(Some("audit")));
+        compile.handle(SourceEvent::Upsert(Object::Node(Node {
+            name: "n1".into(),
+            labels: Labels::new(),
+            addresses: vec!["192.168.0.1".parse().unwrap()],
+        })));
+        compile.handle(SourceEvent::Upsert(Object::Pod(PodObject {
+            namespace: "shop".into(),
+            name: "b".into(),
+            labels: Labels::new(),
+            node: Some("n1".into()),
+            ips: vec!["10.0.0.2".parse().unwrap()],
+            host_network: false,
+            ports: Vec::new(),
+        })));
+        let deny_all: serde_json::Value = serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"namespace": "shop", "name": "deny-all"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+        });
+        let converted = palisade_resources::policy_from_value(&deny_all).unwrap();
+        compile.handle(SourceEvent::Upsert(Object::Policy(converted)));
+        compile.handle(SourceEvent::Synced);
+
+        let pod = |s: &palisade_policy::NodeRuleSet| s.pods[0].clone();
+        let audited = pod(&state(&hub));
+        assert!(audited.ingress.isolated_by.is_empty(), "not enforced");
+        let audit = audited.audit.ingress.as_ref().expect("an audit list");
+        assert_eq!(audit.isolated_by[0].name, "deny-all");
+        assert!(hub.spans().keys().any(|id| id.name == "deny-all"));
+
+        compile.handle(namespace(Some("enforce")));
+        compile.flush();
+        let enforced = pod(&state(&hub));
+        assert_eq!(enforced.ingress.isolated_by[0].name, "deny-all");
+        assert!(enforced.audit.is_empty());
+
+        compile.handle(namespace(None));
+        compile.flush();
+        assert_eq!(
+            pod(&state(&hub)),
+            enforced,
+            "unlabelled: the default, enforce"
+        );
     }
 }

@@ -44,6 +44,10 @@ pub struct ControllerConfig {
     pub identity: Option<String>,
     /// Milliseconds between checks of the files, for the file source.
     pub poll_interval_ms: u64,
+    /// The mode (`audit` or `enforce`) of a policy that neither its
+    /// `palisade.dev/enforcement` annotation nor (NetworkPolicies) its namespace's label
+    /// of that name sets.
+    pub default_enforcement: palisade_policy::Enforcement,
 }
 
 impl Default for ControllerConfig {
@@ -65,6 +69,7 @@ impl Default for ControllerConfig {
             lease_name: "palisade-controller".into(),
             identity: None,
             poll_interval_ms: 500,
+            default_enforcement: palisade_policy::Enforcement::Enforce,
         }
     }
 }
@@ -128,6 +133,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The mode of policies that do not set one: audit or enforce (default enforce).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_enforcement: Option<palisade_policy::Enforcement>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,5 +198,52 @@ impl Flags {
             return Err(ConfigError::PartialFileSource);
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+// figment::Jail's closures return figment's (large) error.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use palisade_policy::Enforcement;
+
+    #[test]
+    fn default_enforcement_from_file_env_and_flag() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "controller.yaml",
+                "tls_cert: c.pem\ntls_key: k.pem\ndefault_enforcement: audit\n",
+            )?;
+            let flags =
+                Flags::try_parse_from(["palisade-controller", "--config", "controller.yaml"])
+                    .map_err(|e| e.to_string())?;
+            let mode = |f: &Flags| {
+                f.resolve()
+                    .map(|c| c.default_enforcement)
+                    .map_err(|e| e.to_string())
+            };
+            assert_eq!(mode(&flags)?, Enforcement::Audit);
+            jail.set_env("PALISADE_CONTROLLER_DEFAULT_ENFORCEMENT", "enforce");
+            assert_eq!(mode(&flags)?, Enforcement::Enforce);
+            let flags = Flags::try_parse_from([
+                "palisade-controller",
+                "--config",
+                "controller.yaml",
+                "--default-enforcement",
+                "audit",
+            ])
+            .map_err(|e| e.to_string())?;
+            assert_eq!(mode(&flags)?, Enforcement::Audit);
+            assert!(
+                Flags::try_parse_from(["palisade-controller", "--default-enforcement", "on"])
+                    .is_err()
+            );
+            assert_eq!(
+                ControllerConfig::default().default_enforcement,
+                Enforcement::Enforce
+            );
+            Ok(())
+        });
     }
 }

@@ -42,12 +42,17 @@ pub struct Hub {
 }
 
 /// The policies a node's rules come from, and those that isolate its pods (an isolating
-/// NetworkPolicy without rules is enforced by the default deny it causes).
+/// NetworkPolicy without rules is enforced by the default deny it causes), in audit lists
+/// too (a policy in audit is in force as audit there).
 fn policies_of(rules: &NodeRuleSet) -> BTreeSet<PolicyId> {
     let mut out: BTreeSet<PolicyId> = rules.rules.values().map(|o| o.policy.clone()).collect();
     for pod in &rules.pods {
-        out.extend(pod.ingress.isolated_by.iter().cloned());
-        out.extend(pod.egress.isolated_by.iter().cloned());
+        let audit = [&pod.audit.ingress, &pod.audit.egress]
+            .into_iter()
+            .flatten();
+        for d in [&pod.ingress, &pod.egress].into_iter().chain(audit) {
+            out.extend(d.isolated_by.iter().cloned());
+        }
     }
     out
 }

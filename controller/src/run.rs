@@ -93,7 +93,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     if cfg.files().is_some() {
         notes = None;
     }
-    let compile = CompileLoop::new(hub.clone(), notes);
+    let compile =
+        CompileLoop::new(hub.clone(), notes).with_default_enforcement(cfg.default_enforcement);
     tokio::spawn(compile.run(rx, Duration::from_millis(cfg.min_interval_ms)));
 
     let authorizer: Option<Arc<dyn palisade_httpd::Authorize>> = match (mode, reviews_client) {

@@ -233,3 +233,48 @@ async fn streams_are_refused_without_a_token_or_for_another_node() {
 fn log(c: &Controller) -> String {
     std::fs::read_to_string(c.dir.join("controller.log")).unwrap_or_default()
 }
+
+/// Audit over the stream: a namespace relabelled `palisade.dev/enforcement: audit` moves
+/// its NetworkPolicies out of the enforced rules into audit lists, which the agent
+/// receives exactly as the staged compile gives them; labelled back, they are enforced.
+#[tokio::test]
+async fn a_namespace_in_audit_reaches_the_agent_as_audit_lists() {
+    let c = start("audit");
+    let mut node1 = client(&c, "node-1", "token-of-node-1");
+    let plain = compiled(&c.dir, "node-1");
+    next_state(&mut node1, |r| *r == plain)
+        .await
+        .unwrap_or_else(|| panic!("node-1 never got its rules; log:\n{}", log(&c)));
+    let shop = "metadata: {name: shop, labels: {team: shop, env: prod}}";
+    assert!(CLUSTER.contains(shop), "the demo's shop namespace");
+    let audited = CLUSTER.replace(
+        shop,
+        "metadata: {name: shop, labels: {team: shop, env: prod, palisade.dev/enforcement: audit}}",
+    );
+    write_atomic(&c.dir.join("cluster.yaml"), &audited);
+    let (cluster, _) = palisade_resources::load_cluster(&c.dir.join("cluster.yaml")).unwrap();
+    let policies = palisade_resources::load_policies(&c.dir.join("policies.yaml")).unwrap();
+    let want = palisade_policy::StagedCompiler::new(
+        cluster,
+        policies.policies,
+        palisade_policy::Enforcement::Enforce,
+    )
+    .node_rule_set("node-1")
+    .unwrap();
+    let shop_pods = |r: &NodeRuleSet| r.pods.iter().filter(|p| p.namespace == "shop").count();
+    assert!(
+        want.pods
+            .iter()
+            .filter(|p| p.namespace == "shop")
+            .all(|p| !p.audit.is_empty() && p.ingress.isolated_by.is_empty()),
+        "the shop's pods are not isolated, and audited: {want:#?}"
+    );
+    assert!(shop_pods(&want) > 0, "the demo has shop pods on node-1");
+    next_state(&mut node1, |r| *r == want)
+        .await
+        .unwrap_or_else(|| panic!("the audit lists never arrived; log:\n{}", log(&c)));
+    write_atomic(&c.dir.join("cluster.yaml"), CLUSTER);
+    next_state(&mut node1, |r| *r == plain)
+        .await
+        .unwrap_or_else(|| panic!("enforcing again never arrived; log:\n{}", log(&c)));
+}

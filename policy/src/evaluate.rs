@@ -13,6 +13,7 @@
 //! because that is all a packet carries.
 
 mod ends;
+mod modes;
 mod order;
 mod peers;
 mod selectors;
@@ -20,9 +21,11 @@ mod selectors;
 use std::net::IpAddr;
 
 use crate::model::{
-    Action, Cluster, Direction, Pod, Policy, Protocol, Rule, RuleOrigin, Subject, Tier,
+    Action, Cluster, Direction, Enforcement, Pod, Policy, Protocol, Rule, RuleOrigin, Subject, Tier,
 };
-use crate::verdict::{DirectionDecision, Flow, FlowDecision, FlowError, Reason, Verdict};
+use crate::verdict::{
+    AuditDecision, DirectionDecision, Flow, FlowDecision, FlowError, Reason, Verdict,
+};
 use ends::{ends, exempt, Ends};
 use order::{evaluation_order, identity_order};
 use peers::rule_matches;
@@ -47,6 +50,25 @@ pub fn evaluate(
         verdict: if both { Verdict::Allow } else { Verdict::Deny },
         egress,
         ingress,
+    })
+}
+
+/// The decision about `flow` under audit: enforced (only the policies in `enforce` mode,
+/// `default` for those that say nothing) and what would be (every policy).
+pub fn evaluate_audit(
+    cluster: &Cluster,
+    policies: &[Policy],
+    default: Enforcement,
+    flow: &Flow,
+) -> Result<AuditDecision, FlowError> {
+    let enforced: Vec<Policy> = policies
+        .iter()
+        .filter(|p| modes::is_enforced(cluster, p, default))
+        .cloned()
+        .collect();
+    Ok(AuditDecision {
+        enforced: evaluate(cluster, &enforced, flow)?,
+        would: evaluate(cluster, policies, flow)?,
     })
 }
 

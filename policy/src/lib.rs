@@ -16,8 +16,8 @@ pub mod verdict;
 pub mod workloads;
 
 pub use addrset::AddrSet;
-pub use compile::{compile, Change, Compiler, Touched, Warning};
+pub use compile::{compile, compile_staged, Change, Compiler, StagedCompiler, Touched, Warning};
 pub use model::*;
-pub use ruleset::{NodeRuleSet, PodRules};
+pub use ruleset::{AuditRules, NodeRuleSet, PodRules};
 pub use selector::{LabelSelector, Operator, Requirement};
-pub use verdict::{DirectionDecision, Flow, FlowDecision, Reason, Verdict};
+pub use verdict::{AuditDecision, DirectionDecision, Flow, FlowDecision, Reason, Verdict};

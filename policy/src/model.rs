@@ -392,6 +392,60 @@ pub struct Policy {
     pub egress: Vec<Rule>,
     /// NetworkPolicy `policyTypes` (after defaulting). Unused by tiered policies.
     pub isolates: Isolation,
+    /// The object's own `palisade.dev/enforcement` annotation, if it has one; otherwise
+    /// its namespace's label (NetworkPolicies) or the cluster default decides
+    /// ([`crate::compile::staged::enforcement_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
+}
+
+/// The annotation (on a policy object) and the Namespace label that set a policy's
+/// enforcement mode.
+pub const ENFORCEMENT_KEY: &str = "palisade.dev/enforcement";
+
+/// Whether a policy's decisions are enforced, or only reported as what it would do.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    /// Evaluated beside the enforced policies; what it would deny passes and is counted and
+    /// logged as "would deny".
+    Audit,
+    #[default]
+    Enforce,
+}
+
+impl Enforcement {
+    /// `audit` or `enforce`, exactly as written; anything else is `None`.
+    pub fn parse(value: &str) -> Option<Enforcement> {
+        match value {
+            "audit" => Some(Enforcement::Audit),
+            "enforce" => Some(Enforcement::Enforce),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Audit => "audit",
+            Enforcement::Enforce => "enforce",
+        }
+    }
+}
+
+impl std::str::FromStr for Enforcement {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        Enforcement::parse(value).ok_or_else(|| format!("{value:?}: audit or enforce"))
+    }
+}
+
+impl fmt::Display for Enforcement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Policy {

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::addrset::AddrSet;
 use crate::model::{Action, Cluster, Direction, PolicyId, Protocol, RuleOrigin, Tier};
 use crate::verdict::{
-    exemption, verdict_of, DirectionDecision, Flow, FlowDecision, FlowError, Reason, Verdict,
+    exemption, verdict_of, AuditDecision, DirectionDecision, Flow, FlowDecision, FlowError, Reason,
+    Verdict,
 };
 
 /// `g-` and 16 hex digits of a hash of the group's definition.
@@ -133,6 +134,10 @@ pub struct PodRules {
     /// with equal labels and ports), so a node's rule set costs a count per pod, not a copy.
     pub ingress: Arc<DirectionRules>,
     pub egress: Arc<DirectionRules>,
+    /// The full view (policies in audit included) of the directions where it differs from
+    /// the enforced rules above; empty when no policy in audit changes this pod.
+    #[serde(default, skip_serializing_if = "AuditRules::is_empty")]
+    pub audit: AuditRules,
 }
 
 impl PodRules {
@@ -140,6 +145,37 @@ impl PodRules {
         match direction {
             Direction::Ingress => &self.ingress,
             Direction::Egress => &self.egress,
+        }
+    }
+
+    /// The rules that decide what would be: the audit list where there is one, else the
+    /// enforced rules.
+    pub fn would(&self, direction: Direction) -> &DirectionRules {
+        self.audit
+            .direction(direction)
+            .unwrap_or_else(|| self.direction(direction))
+    }
+}
+
+/// Per direction, the rules of every policy, audit mode included, where they differ from
+/// the enforced ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRules {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Arc<DirectionRules>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Arc<DirectionRules>>,
+}
+
+impl AuditRules {
+    pub fn is_empty(&self) -> bool {
+        self.ingress.is_none() && self.egress.is_none()
+    }
+
+    pub fn direction(&self, direction: Direction) -> Option<&DirectionRules> {
+        match direction {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
         }
     }
 }
@@ -297,6 +333,28 @@ pub fn decide_flow(
     rule_sets: &BTreeMap<String, NodeRuleSet>,
     flow: &Flow,
 ) -> Result<FlowDecision, FlowError> {
+    decide_flow_with(cluster, rule_sets, flow, PodRules::direction)
+}
+
+/// Both verdicts of a flow from compiled rule sets with audit lists: what the enforced
+/// rules decide, and what the full view (the audit lists where present) would.
+pub fn decide_flow_audit(
+    cluster: &Cluster,
+    rule_sets: &BTreeMap<String, NodeRuleSet>,
+    flow: &Flow,
+) -> Result<AuditDecision, FlowError> {
+    Ok(AuditDecision {
+        enforced: decide_flow_with(cluster, rule_sets, flow, PodRules::direction)?,
+        would: decide_flow_with(cluster, rule_sets, flow, PodRules::would)?,
+    })
+}
+
+fn decide_flow_with(
+    cluster: &Cluster,
+    rule_sets: &BTreeMap<String, NodeRuleSet>,
+    flow: &Flow,
+    view: fn(&PodRules, Direction) -> &DirectionRules,
+) -> Result<FlowDecision, FlowError> {
     let ends = flow.endpoints(cluster)?;
     let side = |direction: Direction| {
         if let Some(d) = exemption(&ends, direction) {
@@ -317,7 +375,7 @@ pub fn decide_flow(
             rules: &set.rules,
         };
         matcher.decide(
-            rules.direction(direction),
+            view(rules, direction),
             direction,
             peer,
             flow.protocol,

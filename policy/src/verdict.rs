@@ -173,6 +173,27 @@ impl fmt::Display for FlowDecision {
     }
 }
 
+/// A flow under audit: the decision enforced (the policies in `enforce` mode) and the one
+/// that would be (every policy). Traffic passes on `enforced`; where it passes and `would`
+/// denies, it is reported as "would deny" by the direction that would deny it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AuditDecision {
+    pub enforced: FlowDecision,
+    pub would: FlowDecision,
+}
+
+impl AuditDecision {
+    /// Whether the flow passes and audit would deny it.
+    pub fn would_deny(&self) -> bool {
+        self.enforced.verdict == Verdict::Allow && self.would.verdict == Verdict::Deny
+    }
+
+    /// Whether the two verdicts differ in anything (verdict or reason).
+    pub fn differs(&self) -> bool {
+        self.enforced != self.would
+    }
+}
+
 /// The decision for a direction that policy does not govern.
 pub fn exempt(direction: Direction, reason: Reason) -> DirectionDecision {
     DirectionDecision {

@@ -110,6 +110,7 @@ fn netpol(
         ingress,
         egress,
         isolates: iso,
+        enforcement: None,
     }
 }
 
@@ -333,6 +334,7 @@ pub fn scale_tiered() -> Workload {
             ingress: rules(Direction::Ingress),
             egress: rules(Direction::Egress),
             isolates: Isolation::default(),
+            enforcement: None,
         });
     }
     w

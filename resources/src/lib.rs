@@ -12,6 +12,7 @@
 
 pub mod core;
 pub mod documents;
+mod enforcement;
 pub mod error;
 mod fields;
 mod netpol;

@@ -22,6 +22,7 @@ pub fn network_policy(
 ) -> Result<Converted, ObjectError> {
     let mut errs = Errors::default();
     let name = syntax::metadata(&np.metadata, NameRule::Subdomain, true, &mut errs);
+    let (enforcement, warning) = crate::enforcement::annotation(&np.metadata);
     let namespace = np
         .metadata
         .namespace
@@ -79,14 +80,16 @@ pub fn network_policy(
         ingress,
         egress,
         isolates,
+        enforcement,
     };
-    errs.finish(
-        object,
-        Converted {
-            policy,
-            warnings: Vec::new(),
-        },
-    )
+    let warnings = warning
+        .map(|(path, message)| palisade_policy::Warning {
+            policies: vec![policy.id.clone()],
+            message: format!("{path}: {message}"),
+        })
+        .into_iter()
+        .collect();
+    errs.finish(object, Converted { policy, warnings })
 }
 
 /// `policyTypes` after defaulting: Ingress always, Egress when there are egress rules; or

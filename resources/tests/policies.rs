@@ -473,3 +473,72 @@ fn tiered_names_networks_and_selectors_as_the_crds_check_them() {
         }])
     );
 }
+
+/// The enforcement annotation is read on every kind, through files and API objects alike;
+/// an unknown value is a warning naming the field and the policy is enforced; other
+/// annotations change nothing.
+#[test]
+fn enforcement_annotation_on_every_kind() {
+    use palisade_policy::Enforcement;
+    let text = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: np, namespace: shop, annotations: {palisade.dev/enforcement: audit, other: x}}
+spec: {podSelector: {}}
+---
+apiVersion: policy.networking.k8s.io/v1beta1
+kind: ClusterNetworkPolicy
+metadata: {name: cnp, annotations: {palisade.dev/enforcement: enforce}}
+spec: {tier: Admin, priority: 1, subject: {namespaces: {}}}
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: anp, annotations: {palisade.dev/enforcement: audit}}
+spec: {priority: 1, subject: {namespaces: {}}}
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: {name: default, annotations: {palisade.dev/enforcement: "off"}}
+spec: {subject: {namespaces: {}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: plain, namespace: shop}
+spec: {podSelector: {}}
+"#;
+    let out = parse_policies("p", text).unwrap();
+    let modes: Vec<(String, Option<Enforcement>)> = out
+        .policies
+        .iter()
+        .map(|p| (p.id.name.clone(), p.enforcement))
+        .collect();
+    assert_eq!(
+        modes,
+        vec![
+            ("np".into(), Some(Enforcement::Audit)),
+            ("cnp".into(), Some(Enforcement::Enforce)),
+            ("anp".into(), Some(Enforcement::Audit)),
+            ("default".into(), Some(Enforcement::Enforce)),
+            ("plain".into(), None),
+        ]
+    );
+    let w: Vec<String> = out.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        w,
+        vec![
+            "BaselineAdminNetworkPolicy default: metadata.annotations[palisade.dev/enforcement]: unknown value \"off\" (audit or enforce); the policy is enforced"
+        ]
+    );
+    // The API path converts the same objects the same way.
+    for doc in text.split("---") {
+        let value: serde_json::Value = serde_yaml::from_str(doc).unwrap();
+        let converted = policy_from_value(&value).unwrap();
+        assert!(out.policies.contains(&converted.policy), "{doc}");
+    }
+    // Churn in other annotations is no change.
+    let churned = text.replace("other: x", "other: y");
+    assert_eq!(
+        parse_policies("p", &churned).unwrap().policies,
+        out.policies
+    );
+}

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use palisade_policy::ruleset::{
-    Clause, DirectionRules, Group, PodRules, PortEndpoint, PortRange, RuleInstance,
+    AuditRules, Clause, DirectionRules, Group, PodRules, PortEndpoint, PortRange, RuleInstance,
 };
 use palisade_policy::{
     Action, AddrSet, Direction, PolicyId, PolicyKind, Protocol, RuleOrigin, Tier,
@@ -357,6 +357,14 @@ fn direction_rules_from(
     })
 }
 
+fn audit_from(
+    d: Option<&pb::DirectionRules>,
+    field: &str,
+) -> Result<Option<Arc<DirectionRules>>, WireError> {
+    d.map(|d| direction_rules_from(Some(d), field).map(Arc::new))
+        .transpose()
+}
+
 pub fn pod_to(p: &PodRules) -> pb::PodRules {
     pb::PodRules {
         namespace: p.namespace.clone(),
@@ -364,6 +372,8 @@ pub fn pod_to(p: &PodRules) -> pb::PodRules {
         ips: p.ips.iter().map(addr_to_bytes).collect(),
         ingress: Some(direction_rules_to(&p.ingress)),
         egress: Some(direction_rules_to(&p.egress)),
+        audit_ingress: p.audit.ingress.as_deref().map(direction_rules_to),
+        audit_egress: p.audit.egress.as_deref().map(direction_rules_to),
     }
 }
 
@@ -392,6 +402,10 @@ pub fn pod_from(p: &pb::PodRules, field: &str) -> Result<PodRules, WireError> {
             p.egress.as_ref(),
             &format!("{field}.egress"),
         )?),
+        audit: AuditRules {
+            ingress: audit_from(p.audit_ingress.as_ref(), &format!("{field}.auditIngress"))?,
+            egress: audit_from(p.audit_egress.as_ref(), &format!("{field}.auditEgress"))?,
+        },
     })
 }
 

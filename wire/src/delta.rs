@@ -189,7 +189,12 @@ pub fn apply(
 
 fn check_references(state: &NodeRuleSet) -> Result<(), WireError> {
     for pod in &state.pods {
-        for rule in pod.ingress.instances().chain(pod.egress.instances()) {
+        let audit = [&pod.audit.ingress, &pod.audit.egress]
+            .into_iter()
+            .flatten()
+            .flat_map(|d| d.instances());
+        let instances = pod.ingress.instances().chain(pod.egress.instances());
+        for rule in instances.chain(audit) {
             let at = || format!("pod {}/{} rule {}", pod.namespace, pod.name, rule.rule);
             if !state.rules.contains_key(&rule.rule) {
                 return Err(err(at(), "names a rule the node does not have"));

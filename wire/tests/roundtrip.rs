@@ -140,3 +140,72 @@ fn a_pod_without_an_address_crosses_the_wire() {
     let snapshot = diff(None, &state);
     assert_eq!(apply(&state.node, None, &snapshot).expect("applies"), state);
 }
+
+/// Every scenario's nodes compiled with every policy in audit (audit lists wherever a
+/// policy changes something) and enforced, through snapshots and deltas both ways.
+#[test]
+fn audit_lists_cross_the_wire() {
+    use palisade_policy::{Enforcement, StagedCompiler};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .expect("tests/conformance")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    let (mut with_audit, mut refused) = (0, 0);
+    for dir in dirs {
+        let Ok(s) = palisade_resources::load_scenario(&dir) else {
+            continue;
+        };
+        let audit = StagedCompiler::new(s.cluster.clone(), s.policies.clone(), Enforcement::Audit)
+            .node_rule_sets();
+        let enforced = Compiler::new(s.cluster, s.policies).node_rule_sets();
+        for (node, state) in &audit {
+            if !state.pods.iter().any(|p| !p.audit.is_empty()) {
+                continue;
+            }
+            with_audit += 1;
+            let rebuilt = apply(node, None, &diff(None, state)).expect("a snapshot applies");
+            assert_eq!(&rebuilt, state);
+            let plain = &enforced[node];
+            assert_ne!(
+                diff(None, state).digest,
+                diff(None, plain).digest,
+                "the digest covers the audit lists"
+            );
+            for (old, new) in [(plain, state), (state, plain)] {
+                let rebuilt = apply(node, Some(old), &diff(Some(old), new)).expect("applies");
+                assert_eq!(&rebuilt, new);
+            }
+            // An audit list naming a rule the node does not hold is refused.
+            let enforced_rules: std::collections::BTreeSet<&String> = state
+                .pods
+                .iter()
+                .flat_map(|p| p.ingress.instances().chain(p.egress.instances()))
+                .map(|i| &i.rule)
+                .collect();
+            let audit_only = state
+                .pods
+                .iter()
+                .flat_map(|p| [&p.audit.ingress, &p.audit.egress])
+                .flatten()
+                .flat_map(|d| d.instances())
+                .map(|i| &i.rule)
+                .find(|r| !enforced_rules.contains(r));
+            if let Some(rule) = audit_only {
+                let mut broken = state.clone();
+                broken.rules.remove(rule);
+                let update = diff(None, &broken);
+                assert!(apply(node, None, &update).is_err(), "{rule} missing");
+                refused += 1;
+            }
+        }
+    }
+    assert!(with_audit > 20, "{with_audit} states with audit lists");
+    assert!(
+        refused > 10,
+        "{refused} states refused for a missing audit rule"
+    );
+}

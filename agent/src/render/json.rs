@@ -354,7 +354,8 @@ fn established() -> Statement<'static> {
     )
 }
 
-/// The statements of a verdict: one, but two for [`Verdict::LogDrop`] (log, then drop).
+/// The statements of a verdict: one, but two for [`Verdict::LogDrop`] and
+/// [`Verdict::LogReturn`] (log, then drop or return).
 pub fn verdict_statements(v: &Verdict) -> Vec<Statement<'static>> {
     let one = match v {
         Verdict::Accept => Statement::Accept(None),
@@ -366,15 +367,19 @@ pub fn verdict_statements(v: &Verdict) -> Vec<Statement<'static>> {
         Verdict::Goto(c) => Statement::Goto(JumpTarget {
             target: c.clone().into(),
         }),
-        Verdict::LogDrop { prefix, group } => {
+        Verdict::LogDrop { prefix, group } | Verdict::LogReturn { prefix, group } => {
+            let end = match v {
+                Verdict::LogDrop { .. } => Statement::Drop(None),
+                _ => Statement::Return(None),
+            };
             return vec![
                 Statement::Log(Some(stmt::Log {
                     prefix: Some(prefix.clone().into()),
                     group: Some(u32::from(*group)),
                     ..stmt::Log::new(None)
                 })),
-                Statement::Drop(None),
-            ]
+                end,
+            ];
         }
     };
     vec![one]

@@ -175,6 +175,24 @@ pub fn rest_chain(pod: &PodKey, direction: Direction) -> String {
     format!("{}-rest/{}", direction.as_str(), pod_part(pod))
 }
 
+/// The chains that evaluate a pod's full view (audit) of one direction where the enforced
+/// rules allow: `audit-egress/NS/NAME` and its rest chain.
+pub fn audit_entry_chain(pod: &PodKey, direction: Direction) -> String {
+    format!("audit-{}", entry_chain(pod, direction))
+}
+
+pub fn audit_rest_chain(pod: &PodKey, direction: Direction) -> String {
+    format!("audit-{}", rest_chain(pod, direction))
+}
+
+/// The counter of the would-deny decisions of `counter` (a rule id or a default deny) in an
+/// audit chain.
+pub fn audit_counter(counter: &str) -> String {
+    format!("{AUDIT_PREFIX}{counter}")
+}
+
+pub const AUDIT_PREFIX: &str = "audit/";
+
 pub fn default_deny_counter(pod: &PodKey, direction: Direction) -> String {
     format!("deny-{}/{}", direction.as_str(), pod_part(pod))
 }
@@ -222,28 +240,85 @@ fn through_flow_log(
         let (Verdict::Drop, Some(counter)) = (&rule.verdict, &rule.counter) else {
             continue;
         };
-        let chain = log_chain(counter);
-        out.chains.entry(chain.clone()).or_insert_with(|| {
-            Arc::new(vec![
-                RuleDef {
-                    matches: vec![Match::Limit {
-                        per_second: log.per_second,
-                        burst: log.burst,
-                    }],
-                    counter: None,
-                    verdict: Verdict::LogDrop {
-                        prefix: log_prefix(counter),
-                        group: log.group,
-                    },
-                },
-                RuleDef {
-                    matches: vec![],
-                    counter: Some(FLOW_LOG_SUPPRESSED.into()),
-                    verdict: Verdict::Drop,
-                },
-            ])
-        });
-        rule.verdict = Verdict::Goto(chain);
+        rule.verdict = Verdict::Goto(flow_log_chain(out, counter, log, Verdict::Drop));
+    }
+    rules
+}
+
+/// The chain `log/COUNTER` in `out`: NFLOG within the rate limit, then `end` (drop, or
+/// return for an audit chain's would-deny) either way.
+fn flow_log_chain(out: &mut Ruleset, counter: &str, log: FlowLog, end: Verdict) -> String {
+    let chain = log_chain(counter);
+    out.chains.entry(chain.clone()).or_insert_with(|| {
+        let (prefix, group) = (log_prefix(counter), log.group);
+        let logged = match end {
+            Verdict::Drop => Verdict::LogDrop { prefix, group },
+            _ => Verdict::LogReturn { prefix, group },
+        };
+        Arc::new(vec![
+            RuleDef {
+                matches: vec![Match::Limit {
+                    per_second: log.per_second,
+                    burst: log.burst,
+                }],
+                counter: None,
+                verdict: logged,
+            },
+            RuleDef {
+                matches: vec![],
+                counter: Some(FLOW_LOG_SUPPRESSED.into()),
+                verdict: end,
+            },
+        ])
+    });
+    chain
+}
+
+/// An audit chain's rules as they run: each drop (what the full view would deny) counts in
+/// its audit counter (`audit/COUNTER`), goes to the flow log as "would deny" through a
+/// chain `log/audit/COUNTER` of its own (rate-limited like the others), and returns, so the
+/// enforced decision (allow) stands. Other rules count nothing: their hits are not what
+/// the enforced table did.
+fn through_audit_log(
+    out: &mut Ruleset,
+    origins: &BTreeMap<String, palisade_policy::model::RuleOrigin>,
+    mut rules: Vec<RuleDef>,
+    log: Option<FlowLog>,
+) -> Vec<RuleDef> {
+    for rule in &mut rules {
+        if rule.verdict != Verdict::Drop {
+            if rule
+                .counter
+                .as_ref()
+                .is_some_and(|c| !c.starts_with(AUDIT_PREFIX))
+            {
+                rule.counter = None;
+            }
+            continue;
+        }
+        let Some(counter) = rule.counter.clone() else {
+            rule.verdict = Verdict::Return;
+            continue;
+        };
+        let counter = if counter.starts_with(AUDIT_PREFIX) {
+            counter
+        } else {
+            let name = audit_counter(&counter);
+            let meta = CounterMeta::Rule {
+                id: counter.clone(),
+                origin: origins.get(&counter).cloned(),
+            };
+            out.counters
+                .entry(name.clone())
+                .or_insert_with(|| CounterMeta::Audit(Box::new(meta)));
+            name
+        };
+        rule.counter = Some(counter.clone());
+        let Some(log) = log else {
+            rule.verdict = Verdict::Return;
+            continue;
+        };
+        rule.verdict = Verdict::Goto(flow_log_chain(out, &counter, log, Verdict::Return));
     }
     rules
 }
@@ -299,6 +374,7 @@ struct RenderedPod {
     ips: Vec<IpAddr>,
     ingress: Arc<DirectionRules>,
     egress: Arc<DirectionRules>,
+    audit: palisade_policy::AuditRules,
     chains: Vec<(String, Arc<Vec<RuleDef>>)>,
     /// The pod's own counters (anti-spoofing, default deny).
     counters: Vec<(String, CounterMeta)>,
@@ -316,6 +392,7 @@ impl RenderedPod {
             && self.ips == pod.ips
             && same(&self.ingress, &pod.ingress)
             && same(&self.egress, &pod.egress)
+            && self.audit == pod.audit
     }
 
     fn copy_into(&self, out: &mut Ruleset) {
@@ -349,10 +426,26 @@ impl RenderedPod {
         let mut counters = Vec::new();
         let mut dispatch = Vec::new();
         for direction in [Direction::Egress, Direction::Ingress] {
-            for name in [entry_chain(key, direction), rest_chain(key, direction)] {
+            let names = [
+                entry_chain(key, direction),
+                rest_chain(key, direction),
+                audit_entry_chain(key, direction),
+                audit_rest_chain(key, direction),
+            ];
+            for name in names {
                 if let Some(rules) = out.chains.get(&name) {
-                    // The flow-log chains its drops go to (shared with other pods).
+                    // The flow-log chains its drops go to (shared with other pods), and
+                    // the audit counters its would-deny decisions count in.
                     for rule in rules.iter() {
+                        if let Some(c) = rule
+                            .counter
+                            .as_ref()
+                            .filter(|c| c.starts_with(AUDIT_PREFIX))
+                        {
+                            if let Some(meta) = out.counters.get(c) {
+                                counters.push((c.clone(), meta.clone()));
+                            }
+                        }
                         if let Verdict::Goto(target) = &rule.verdict {
                             if let Some(log) =
                                 target.strip_prefix("log/").and(out.chains.get(target))
@@ -379,9 +472,9 @@ impl RenderedPod {
         }
         let rule_ids = [Direction::Egress, Direction::Ingress]
             .into_iter()
-            .flat_map(|direction| {
-                let d = pod.direction(direction);
-                // As `render_pod` and `rest_rules` pick them.
+            .map(|direction| pod.direction(direction))
+            .flat_map(|d| {
+                // As `render_pod` and `rest_rules` pick them (audit chains make none).
                 let rest = if d.isolated_by.is_empty() {
                     &d.baseline[..]
                 } else {
@@ -397,6 +490,7 @@ impl RenderedPod {
             ips: pod.ips.clone(),
             ingress: pod.ingress.clone(),
             egress: pod.egress.clone(),
+            audit: pod.audit.clone(),
             chains,
             counters,
             dispatch,
@@ -539,9 +633,13 @@ fn render_rest(
     interfaces: &Interfaces,
     mut render_pod: impl FnMut(&mut Ruleset, &PodRules, &PodKey, &str) -> Result<(), RenderError>,
 ) -> Result<Ruleset, RenderError> {
+    let audit_only = audit_only_rules(rules);
     for (id, origin) in &rules.rules {
         if !valid_id(id) {
             return Err(RenderError::BadRuleId(id.clone()));
+        }
+        if audit_only.contains(id.as_str()) {
+            continue;
         }
         out.counters.insert(
             id.clone(),
@@ -568,6 +666,27 @@ fn render_rest(
         render_pod(&mut out, pod, &key, ifname)?;
     }
     Ok(out)
+}
+
+/// Rules that only audit lists reference: they get audit counters (`audit/ID`, for what
+/// they would deny), not rule counters, which count what the enforced table did.
+fn audit_only_rules(rules: &NodeRuleSet) -> BTreeSet<&str> {
+    if rules.pods.iter().all(|p| p.audit.is_empty()) {
+        return BTreeSet::new();
+    }
+    fn ids<'a>(lists: impl Iterator<Item = &'a DirectionRules>) -> BTreeSet<&'a str> {
+        lists
+            .flat_map(|d| d.instances())
+            .map(|i| i.rule.as_str())
+            .collect()
+    }
+    let enforced = ids(rules.pods.iter().flat_map(|p| [&*p.ingress, &*p.egress]));
+    let audit = ids(rules
+        .pods
+        .iter()
+        .flat_map(|p| [p.audit.ingress.as_deref(), p.audit.egress.as_deref()])
+        .flatten());
+    audit.difference(&enforced).copied().collect()
 }
 
 fn base_chains(patterns: &[String]) -> Vec<BaseChain> {
@@ -732,6 +851,13 @@ fn render_pod(
         let dir_rules = pod.direction(direction);
         let entry = entry_chain(key, direction);
         let rest = rest_chain(key, direction);
+        // Where the enforced rules allow, a pod with an audit list goes on to its audit
+        // chain; otherwise it returns (allowed), as without audit.
+        let audit = pod.audit.direction(direction);
+        let allow = match audit {
+            Some(_) => Verdict::Goto(audit_entry_chain(key, direction)),
+            None => Verdict::Return,
+        };
         let mut entry_rules = Vec::new();
         if direction == Direction::Egress {
             entry_rules.extend(anti_spoofing(out, key, &pod.ips));
@@ -741,29 +867,35 @@ fn render_pod(
                 verdict: Verdict::Accept,
             });
         }
-        let rest_rules = rest_rules(out, rules, dir_rules, key, direction)?;
-        let rest_target = (!rest_rules.is_empty()).then(|| rest.clone());
-        for inst in dir_rules.admin.iter() {
-            let verdict = match inst.action {
-                Action::Allow => Verdict::Return,
-                Action::Deny => Verdict::Drop,
-                Action::Pass => match &rest_target {
-                    Some(chain) => Verdict::Goto(chain.clone()),
-                    None => Verdict::Return,
-                },
-            };
-            entry_rules.extend(instance_rules(out, rules, inst, direction, verdict)?);
-        }
-        if let Some(chain) = &rest_target {
-            entry_rules.push(RuleDef {
-                matches: vec![],
-                counter: None,
-                verdict: Verdict::Goto(chain.clone()),
-            });
+        let view = View::Enforced { pod: key };
+        let (view_entry, rest_rules) =
+            view_chains(out, rules, dir_rules, view, direction, &rest, &allow)?;
+        entry_rules.extend(view_entry);
+        if let Some(rest_rules) = rest_rules {
             let rest_rules = through_flow_log(out, rest_rules, flow_log);
             out.chains.insert(rest, Arc::new(rest_rules));
         }
         let entry_rules = through_flow_log(out, entry_rules, flow_log);
+        if let Some(audit) = audit {
+            let audit_rest = audit_rest_chain(key, direction);
+            let view = View::Audit { pod: key };
+            let (audit_entry, audit_rest_rules) = view_chains(
+                out,
+                rules,
+                audit,
+                view,
+                direction,
+                &audit_rest,
+                &Verdict::Return,
+            )?;
+            if let Some(list) = audit_rest_rules {
+                let list = through_audit_log(out, &rules.rules, list, flow_log);
+                out.chains.insert(audit_rest, Arc::new(list));
+            }
+            let list = through_audit_log(out, &rules.rules, audit_entry, flow_log);
+            out.chains
+                .insert(audit_entry_chain(key, direction), Arc::new(list));
+        }
         if entry_rules.is_empty() {
             continue;
         }
@@ -775,6 +907,86 @@ fn render_pod(
         dispatch.insert(ifname.to_string(), entry);
     }
     Ok(())
+}
+
+/// Which view of a pod's direction a chain evaluates: the enforced rules, or the full
+/// view of an audit list (whose drops [`through_audit_log`] turns into would-deny).
+#[derive(Clone, Copy)]
+enum View<'a> {
+    Enforced { pod: &'a PodKey },
+    Audit { pod: &'a PodKey },
+}
+
+impl View<'_> {
+    /// The default deny's counter, created in `out`.
+    fn default_deny(self, out: &mut Ruleset, direction: Direction) -> String {
+        let (View::Enforced { pod } | View::Audit { pod }) = self;
+        let counter = default_deny_counter(pod, direction);
+        let meta = CounterMeta::DefaultDeny {
+            pod: pod.clone(),
+            direction,
+        };
+        let (name, meta) = match self {
+            View::Enforced { .. } => (counter, meta),
+            View::Audit { .. } => (audit_counter(&counter), CounterMeta::Audit(Box::new(meta))),
+        };
+        out.counters.insert(name.clone(), meta);
+        name
+    }
+}
+
+/// One view's chains of a pod's direction: the entry chain's policy rules (the Admin tier,
+/// then a `goto` to the rest chain) and the rest chain (`rest`), if it has rules. A
+/// matching allow takes `allow`; without audit that is `return`, and a chain that runs to
+/// its end allows too, so with audit the last chain ends with `allow` as well.
+fn view_chains(
+    out: &mut Ruleset,
+    rules: &NodeRuleSet,
+    dir_rules: &DirectionRules,
+    view: View<'_>,
+    direction: Direction,
+    rest: &str,
+    allow: &Verdict,
+) -> Result<(Vec<RuleDef>, Option<Vec<RuleDef>>), RenderError> {
+    let mut entry_rules = Vec::new();
+    let mut rest_rules = rest_rules(out, rules, dir_rules, view, direction, allow)?;
+    let rest_target = (!rest_rules.is_empty()).then(|| rest.to_string());
+    for inst in dir_rules.admin.iter() {
+        let verdict = match inst.action {
+            Action::Allow => allow.clone(),
+            Action::Deny => Verdict::Drop,
+            Action::Pass => match &rest_target {
+                Some(chain) => Verdict::Goto(chain.clone()),
+                None => allow.clone(),
+            },
+        };
+        entry_rules.extend(instance_rules(out, rules, inst, direction, verdict, view)?);
+    }
+    let falls_through = dir_rules.isolated_by.is_empty();
+    let end_with_allow = |list: &mut Vec<RuleDef>| {
+        if *allow != Verdict::Return && falls_through {
+            list.push(RuleDef {
+                matches: vec![],
+                counter: None,
+                verdict: allow.clone(),
+            });
+        }
+    };
+    match &rest_target {
+        Some(chain) => {
+            entry_rules.push(RuleDef {
+                matches: vec![],
+                counter: None,
+                verdict: Verdict::Goto(chain.clone()),
+            });
+            end_with_allow(&mut rest_rules);
+            Ok((entry_rules, Some(rest_rules)))
+        }
+        None => {
+            end_with_allow(&mut entry_rules);
+            Ok((entry_rules, None))
+        }
+    }
 }
 
 fn anti_spoofing(out: &mut Ruleset, pod: &PodKey, ips: &[IpAddr]) -> Vec<RuleDef> {
@@ -813,8 +1025,9 @@ fn rest_rules(
     out: &mut Ruleset,
     rules: &NodeRuleSet,
     dir_rules: &DirectionRules,
-    pod: &PodKey,
+    view: View<'_>,
     direction: Direction,
+    allow: &Verdict,
 ) -> Result<Vec<RuleDef>, RenderError> {
     let mut list = Vec::new();
     if !dir_rules.isolated_by.is_empty() {
@@ -824,17 +1037,11 @@ fn rest_rules(
                 rules,
                 inst,
                 direction,
-                Verdict::Return,
+                allow.clone(),
+                view,
             )?);
         }
-        let counter = default_deny_counter(pod, direction);
-        out.counters.insert(
-            counter.clone(),
-            CounterMeta::DefaultDeny {
-                pod: pod.clone(),
-                direction,
-            },
-        );
+        let counter = view.default_deny(out, direction);
         list.push(RuleDef {
             matches: vec![],
             counter: Some(counter),
@@ -845,9 +1052,9 @@ fn rest_rules(
             let verdict = match inst.action {
                 Action::Deny => Verdict::Drop,
                 // Pass in the last tier goes on to the default, which allows.
-                Action::Allow | Action::Pass => Verdict::Return,
+                Action::Allow | Action::Pass => allow.clone(),
             };
-            list.extend(instance_rules(out, rules, inst, direction, verdict)?);
+            list.extend(instance_rules(out, rules, inst, direction, verdict, view)?);
         }
     }
     Ok(list)
@@ -861,17 +1068,21 @@ fn instance_rules(
     inst: &RuleInstance,
     direction: Direction,
     verdict: Verdict,
+    view: View<'_>,
 ) -> Result<Vec<RuleDef>, RenderError> {
     if !valid_id(&inst.rule) {
         return Err(RenderError::BadRuleId(inst.rule.clone()));
     }
-    // A rule without a known origin still gets its counter, only without labels.
-    out.counters
-        .entry(inst.rule.clone())
-        .or_insert_with(|| CounterMeta::Rule {
-            id: inst.rule.clone(),
-            origin: None,
-        });
+    // A rule without a known origin still gets its counter, only without labels (in an
+    // audit chain, [`through_audit_log`] makes the counters).
+    if let View::Enforced { .. } = view {
+        out.counters
+            .entry(inst.rule.clone())
+            .or_insert_with(|| CounterMeta::Rule {
+                id: inst.rule.clone(),
+                origin: None,
+            });
+    }
     let peer_end = End::peer_of(direction);
     let mut list = Vec::new();
     let mut emit = |matches: Vec<Match>| {
@@ -1136,6 +1347,7 @@ mod tests {
                 ..DirectionRules::default()
             }),
             egress: Arc::default(),
+            audit: Default::default(),
         };
         let mut rules = NodeRuleSet::default();
         rules.groups.insert("g-1".into(), hosts(&["10.0.0.1"]));
@@ -1212,6 +1424,77 @@ mod tests {
     }
 
     /// A pod `ns/a` whose ingress allows TCP 80 from group `g-1`.
+    /// Audit chains go through the renderer's cache like the others: a cached render is
+    /// the fresh one, and a pod whose audit list goes leaves no audit chain or counter.
+    #[test]
+    fn audit_chains_come_and_go_through_the_cache() {
+        let log = FlowLog {
+            group: 1,
+            per_second: 10,
+            burst: 20,
+        };
+        let fresh = |rules: &NodeRuleSet, interfaces: &Interfaces| {
+            Renderer::with_flow_log(log)
+                .render(rules, interfaces)
+                .unwrap()
+        };
+        let isolated = Arc::new(DirectionRules {
+            isolated_by: vec![palisade_policy::model::PolicyId {
+                kind: palisade_policy::model::PolicyKind::NetworkPolicy,
+                namespace: Some("ns".into()),
+                name: "audited".into(),
+            }],
+            ..DirectionRules::default()
+        });
+        let pod = |name: &str, audited: bool| PodRules {
+            namespace: "ns".into(),
+            name: name.into(),
+            ips: vec!["10.0.0.9".parse().unwrap()],
+            ingress: Arc::default(),
+            egress: Arc::default(),
+            audit: palisade_policy::AuditRules {
+                ingress: audited.then(|| isolated.clone()),
+                egress: None,
+            },
+        };
+        let mut rules = NodeRuleSet {
+            pods: vec![pod("a", true), pod("b", false)],
+            ..NodeRuleSet::default()
+        };
+        let interfaces: Interfaces = [
+            (PodKey::new("ns", "a"), "veth-a".to_string()),
+            (PodKey::new("ns", "b"), "veth-b".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let mut renderer = Renderer::with_flow_log(log);
+        let first = renderer.render(&rules, &interfaces).unwrap();
+        assert_eq!(first, fresh(&rules, &interfaces));
+        assert_eq!(
+            first.chains["ingress/ns/a"][0].verdict,
+            Verdict::Goto("audit-ingress/ns/a".into())
+        );
+        assert!(first.counters.contains_key("audit/deny-ingress/ns/a"));
+        assert!(
+            !first.chains.contains_key("ingress/ns/b"),
+            "b is as without audit"
+        );
+        // Cached: the same.
+        assert_eq!(renderer.render(&rules, &interfaces).unwrap(), first);
+        // The audit list goes: nothing of it stays.
+        rules.pods[0] = pod("a", false);
+        let plain = renderer.render(&rules, &interfaces).unwrap();
+        assert_eq!(plain, fresh(&rules, &interfaces));
+        assert!(
+            plain.chains.keys().all(|c| !c.contains("audit")),
+            "{:?}",
+            plain.chains.keys()
+        );
+        assert!(plain.counters.keys().all(|c| !c.starts_with(AUDIT_PREFIX)));
+        rules.pods[0] = pod("a", true);
+        assert_eq!(renderer.render(&rules, &interfaces).unwrap(), first);
+    }
+
     fn ingress_from(group: Group) -> (NodeRuleSet, Interfaces) {
         let mut rules = one_group(group);
         rules.pods = vec![PodRules {
@@ -1239,6 +1522,7 @@ mod tests {
                 ..DirectionRules::default()
             }),
             egress: Arc::default(),
+            audit: Default::default(),
         }];
         let interfaces = [(PodKey::new("ns", "a"), "veth-a".to_string())].into();
         (rules, interfaces)

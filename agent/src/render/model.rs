@@ -237,6 +237,11 @@ pub enum Verdict {
         prefix: String,
         group: u16,
     },
+    /// Log, then return: an audit chain's would-deny, which the enforced rules allow.
+    LogReturn {
+        prefix: String,
+        group: u16,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -299,6 +304,8 @@ pub enum CounterMeta {
     FlowLogSuppressed,
     /// Packets of pod interfaces not enforced yet ([`BaseStatement::UnknownInterface`]).
     UnknownInterface,
+    /// The would-deny decisions, in an audit chain, of a rule or a default deny.
+    Audit(Box<CounterMeta>),
 }
 
 /// The whole table.

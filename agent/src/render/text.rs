@@ -136,6 +136,9 @@ pub fn verdict_text(v: &Verdict) -> String {
         Verdict::Jump(c) => format!("jump {c}"),
         Verdict::Goto(c) => format!("goto {c}"),
         Verdict::LogDrop { prefix, group } => format!("log prefix \"{prefix}\" group {group} drop"),
+        Verdict::LogReturn { prefix, group } => {
+            format!("log prefix \"{prefix}\" group {group} return")
+        }
     }
 }
 

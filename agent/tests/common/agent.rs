@@ -102,3 +102,17 @@ pub fn agent_metric(port: u16, series: &str) -> Option<f64> {
     let (_, text) = http_get(port, "/metrics")?;
     super::metric_value(&text, series)
 }
+
+/// The agent's `/flows` on `port`: one JSON value per line (none if it does not answer).
+pub fn flow_lines(port: u16) -> Vec<serde_json::Value> {
+    let Some((200, text)) = http_get(port, "/flows") else {
+        return Vec::new();
+    };
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    body.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

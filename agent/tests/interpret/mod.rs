@@ -165,7 +165,7 @@ fn run_chain(
         match &rule.verdict {
             Verdict::Accept => return ChainEnd::Accept,
             Verdict::Drop | Verdict::LogDrop { .. } => return ChainEnd::Drop,
-            Verdict::Return => return ChainEnd::Return,
+            Verdict::Return | Verdict::LogReturn { .. } => return ChainEnd::Return,
             Verdict::Jump(callee) => match run_chain(rs, callee, pkt, counters, depth + 1) {
                 ChainEnd::Return => {}
                 end => return end,

@@ -8,6 +8,7 @@ mod groups;
 mod index;
 mod instances;
 mod stable_hash;
+pub mod staged;
 #[cfg(test)]
 mod tests;
 
@@ -15,10 +16,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Cluster, Namespace, Node, Pod, PodKey, Policy, PolicyId};
+use crate::model::{Cluster, Enforcement, Namespace, Node, Pod, PodKey, Policy, PolicyId};
 use crate::ruleset::NodeRuleSet;
 
 pub use index::Compiler;
+pub use staged::{enforcement_of, StagedCompiler};
 
 /// One change to the compiler's input.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,4 +58,14 @@ impl std::fmt::Display for Warning {
 /// Compiles everything at once: every node's rule set, keyed by node name.
 pub fn compile(cluster: &Cluster, policies: &[Policy]) -> BTreeMap<String, NodeRuleSet> {
     Compiler::new(cluster.clone(), policies.to_vec()).node_rule_sets()
+}
+
+/// Compiles everything at once with audit: the enforced view, and where it differs the
+/// full view ([`StagedCompiler`]), for every node.
+pub fn compile_staged(
+    cluster: &Cluster,
+    policies: &[Policy],
+    default: Enforcement,
+) -> BTreeMap<String, NodeRuleSet> {
+    StagedCompiler::new(cluster.clone(), policies.to_vec(), default).node_rule_sets()
 }

@@ -75,6 +75,7 @@ fn np(ns: &str, name: &str, sel: &[(&str, &str)], ingress: Vec<Rule>) -> Policy 
             ingress: true,
             egress: false,
         },
+        enforcement: None,
     }
 }
 
@@ -256,6 +257,7 @@ fn tiered_policies_order_and_pass() {
         }],
         egress: vec![],
         isolates: Isolation::default(),
+        enforcement: None,
     };
     policies.push(admin("pass-all", 5, Action::Pass));
     policies.push(admin("deny-all", 10, Action::Deny));

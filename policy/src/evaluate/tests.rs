@@ -192,6 +192,7 @@ fn np(
             ingress: ingress.is_some(),
             egress: egress.is_some(),
         },
+        enforcement: None,
         ingress: ingress.unwrap_or_default(),
         egress: egress.unwrap_or_default(),
     }
@@ -221,6 +222,7 @@ fn tiered(
         ingress,
         egress,
         isolates: Isolation::default(),
+        enforcement: None,
     }
 }
 

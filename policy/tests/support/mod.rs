@@ -12,9 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use palisade_policy::{
-    Action, Cluster, ContainerPort, Family, Flow, Isolation, LabelSelector, Labels, Namespace,
-    NamespaceScope, Node, Operator, Peer, Pod, PodKey, Policy, PolicyId, PolicyKind, PortRule,
-    PortSpec, Protocol, Requirement, Rule, Subject, Tier,
+    Action, Cluster, ContainerPort, Enforcement, Family, Flow, Isolation, LabelSelector, Labels,
+    Namespace, NamespaceScope, Node, Operator, Peer, Pod, PodKey, Policy, PolicyId, PolicyKind,
+    PortRule, PortSpec, Protocol, Requirement, Rule, Subject, Tier,
 };
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -403,6 +403,7 @@ pub fn network_policy(namespaces: usize) -> impl Strategy<Value = Policy> {
                     ingress: i,
                     egress: e,
                 },
+                enforcement: None,
             })
     })
 }
@@ -468,6 +469,7 @@ pub fn tiered_policy() -> impl Strategy<Value = Policy> {
                     ingress,
                     egress,
                     isolates: Isolation::default(),
+                    enforcement: None,
                 })
         })
 }
@@ -498,4 +500,58 @@ pub fn cluster_and_policies() -> impl Strategy<Value = (Cluster, Vec<Policy>)> {
 pub fn nth_pod(cluster: &Cluster, index: usize) -> Option<PodKey> {
     let n = cluster.pods.len();
     (n > 0).then(|| cluster.pods.keys().nth(index % n).cloned())?
+}
+
+/// Audit: the annotation and namespace label of enforcement modes.
+pub const KEY: &str = "palisade.dev/enforcement";
+
+/// A policy annotation: none (namespace or default decides), audit or enforce.
+pub fn annotation() -> impl Strategy<Value = Option<Enforcement>> {
+    select(vec![
+        None,
+        None,
+        Some(Enforcement::Audit),
+        Some(Enforcement::Enforce),
+    ])
+}
+
+/// A namespace label value: none, audit, enforce, or one that means nothing (enforce).
+pub fn label_value() -> impl Strategy<Value = Option<&'static str>> {
+    select(vec![None, Some("audit"), Some("enforce"), Some("Audit")])
+}
+
+pub fn with_label(mut labels: Labels, value: Option<&str>) -> Labels {
+    match value {
+        Some(v) => labels.insert(KEY.to_string(), v.to_string()),
+        None => labels.remove(KEY),
+    };
+    labels
+}
+
+pub fn default_mode() -> impl Strategy<Value = Enforcement> {
+    select(vec![Enforcement::Enforce, Enforcement::Audit])
+}
+
+/// A generated cluster and policies, with enforcement annotations and namespace labels.
+pub fn staged_case() -> impl Strategy<Value = (Cluster, Vec<Policy>, Enforcement)> {
+    cluster_and_policies().prop_flat_map(|(cluster, policies)| {
+        let n = policies.len();
+        let m = cluster.namespaces.len();
+        (
+            Just(cluster),
+            Just(policies),
+            proptest::collection::vec(annotation(), n),
+            proptest::collection::vec(label_value(), m),
+            default_mode(),
+        )
+            .prop_map(|(mut cluster, mut policies, notes, labels, default)| {
+                for (p, note) in policies.iter_mut().zip(notes) {
+                    p.enforcement = note;
+                }
+                for (ns, value) in cluster.namespaces.values_mut().zip(labels) {
+                    ns.labels = with_label(std::mem::take(&mut ns.labels), value);
+                }
+                (cluster, policies, default)
+            })
+    })
 }

@@ -106,6 +106,8 @@ struct Ctx {
     errs: Errors,
     /// `(path, message)` of things that do not stop the policy but weaken it.
     warnings: Vec<(String, String)>,
+    /// The object's `palisade.dev/enforcement` annotation (read with its name).
+    enforcement: Option<palisade_policy::Enforcement>,
 }
 
 /// Converts a `ClusterNetworkPolicy` object (v1alpha2 or v1beta1).
@@ -235,6 +237,7 @@ impl Ctx {
             flavor,
             errs: Errors::default(),
             warnings: Vec::new(),
+            enforcement: None,
         }
     }
 
@@ -242,6 +245,9 @@ impl Ctx {
         &mut self,
         meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     ) -> String {
+        let (enforcement, warning) = crate::enforcement::annotation(meta);
+        self.enforcement = enforcement;
+        self.warnings.extend(warning);
         // Custom resources: apiextensions validates their metadata with NameIsDNSSubdomain.
         syntax::metadata(meta, NameRule::Subdomain, false, &mut self.errs)
     }
@@ -364,6 +370,7 @@ impl Ctx {
             ingress,
             egress,
             isolates: Isolation::default(),
+            enforcement: self.enforcement,
         };
         self.errs.finish(object, Converted { policy, warnings })
     }

@@ -437,6 +437,7 @@ impl Compiler {
                 ips: entry.ips.clone(),
                 ingress: entry.compiled.ingress.clone(),
                 egress: entry.compiled.egress.clone(),
+                audit: Default::default(),
             });
         }
         Some(set)

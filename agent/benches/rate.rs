@@ -27,7 +27,9 @@
 //!
 //! Then the paired measurement, the one to judge the 95 % target by: with the policy table
 //! loaded, the client alternates every 100 ms between B (the policy) and a third pod C on
-//! the same node that no policy isolates, TCP then UDP. Both pods' flows cross the same
+//! the same node that no policy isolates, TCP then UDP; then the same with a policy in
+//! audit beside B's enforced one (issue 10: every allowed new flow runs B's audit chain
+//! too, see [`with_audit`]). Both pods' flows cross the same
 //! table and conntrack table under the same load, so the per-cycle ratio isolates what B's
 //! rules cost; separate runs differ by more than that on a shared machine (compare
 //! "Palisade, no policy" with its repeat).
@@ -195,6 +197,40 @@ fn node_rules(lab: &Lab, with_policy: bool) -> Policy {
         pod(&lab.pods[2], DirectionRules::default()),
     ];
     Policy { rules, client_rule }
+}
+
+/// `rules` with a policy in audit beside the server's enforced one: an Admin tier Deny
+/// rule from the 10,000 CIDRs on the same ports (it never matches the client), so each of
+/// the client's new flows, allowed by the enforced chain, runs the audit chain too, with
+/// the CIDR lookups of both the audit rule and the enforced rules again.
+fn with_audit(rules: &NodeRuleSet) -> NodeRuleSet {
+    let mut rules = rules.clone();
+    let origin = RuleOrigin {
+        policy: PolicyId {
+            kind: PolicyKind::ClusterNetworkPolicy,
+            namespace: None,
+            name: "staged-deny".into(),
+        },
+        tier: Tier::Admin,
+        priority: 10,
+        direction: Direction::Ingress,
+        index: 0,
+        name: Some("no-far-networks".into()),
+    };
+    let id = rule_id(&format!("{origin:?}"));
+    rules.rules.insert(id.clone(), origin);
+    let server = &mut rules.pods[1];
+    let mut full = (*server.ingress).clone();
+    full.admin = Arc::new(vec![RuleInstance {
+        rule: id,
+        action: Action::Deny,
+        clauses: vec![Clause::PeerPort {
+            peers: Some(vec![group_id("cidrs")]),
+            ports: Some(port_ranges()),
+        }],
+    }]);
+    server.audit.ingress = Some(Arc::new(full));
+    rules
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -863,41 +899,52 @@ fn main() {
     }
 
     if paired_secs > 0.0 {
-        // The same pod pair's flows with and without the policy, interleaved finely.
-        let loaded = Loaded::load(
-            &node,
-            Variant::Palisade,
-            &empty.rules,
-            &policy.rules,
-            &ifaces,
+        // The same pod pair's flows with and without the policy, interleaved finely; then
+        // again with a policy in audit beside the enforced one.
+        let audited = with_audit(&policy.rules);
+        let audit_table = agent_renderer(true)
+            .render(&audited, &ifaces)
+            .expect("render");
+        assert!(
+            audit_table
+                .chains
+                .keys()
+                .any(|c| c.starts_with("audit-ingress/")),
+            "the server has an audit chain"
         );
-        check_enforced(&client_ns, src, dst, true);
-        check_enforced(&client_ns, src, open, false);
-        for udp in [false, true] {
-            settle(&node);
-            let (rate, cpu) = run_alternating(
-                &client_ns,
-                src,
-                [open, dst],
-                udp,
-                Duration::from_millis(100),
-                paired_secs,
-            );
-            println!(
-                "{} flows to the pod with the policy vs to a pod without, same table, \
-                 alternating every 100 ms for {paired_secs} s ({} cycles): rate {:.1} % \
-                 (IQR {:.1}-{:.1}), CPU per flow {:.1} % (IQR {:.1}-{:.1})",
-                if udp { "UDP" } else { "TCP" },
-                rate.len(),
-                100.0 * median(&rate),
-                100.0 * quantile(&rate, 0.25),
-                100.0 * quantile(&rate, 0.75),
-                100.0 * median(&cpu),
-                100.0 * quantile(&cpu, 0.25),
-                100.0 * quantile(&cpu, 0.75),
-            );
+        for (what, rules) in [
+            ("the policy", &policy.rules),
+            ("the policy and an audit Admin deny rule", &audited),
+        ] {
+            let loaded = Loaded::load(&node, Variant::Palisade, &empty.rules, rules, &ifaces);
+            check_enforced(&client_ns, src, dst, true);
+            check_enforced(&client_ns, src, open, false);
+            for udp in [false, true] {
+                settle(&node);
+                let (rate, cpu) = run_alternating(
+                    &client_ns,
+                    src,
+                    [open, dst],
+                    udp,
+                    Duration::from_millis(100),
+                    paired_secs,
+                );
+                println!(
+                    "{} flows to the pod with {what} vs to a pod without, same table, \
+                     alternating every 100 ms for {paired_secs} s ({} cycles): rate {:.1} % \
+                     (IQR {:.1}-{:.1}), CPU per flow {:.1} % (IQR {:.1}-{:.1})",
+                    if udp { "UDP" } else { "TCP" },
+                    rate.len(),
+                    100.0 * median(&rate),
+                    100.0 * quantile(&rate, 0.25),
+                    100.0 * quantile(&rate, 0.75),
+                    100.0 * median(&cpu),
+                    100.0 * quantile(&cpu, 0.25),
+                    100.0 * quantile(&cpu, 0.75),
+                );
+            }
+            drop(loaded);
         }
-        drop(loaded);
     }
     if tcp.is_empty() {
         return;

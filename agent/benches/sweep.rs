@@ -274,6 +274,7 @@ fn rules(lab: &Lab, cut_half: bool) -> NodeRuleSet {
                 Default::default()
             },
             egress: Default::default(),
+            audit: Default::default(),
         })
         .collect();
     rules

@@ -44,6 +44,16 @@ pub(crate) fn group_id(key: GroupKey) -> GroupId {
     stable_hash::hex_id("g-", key)
 }
 
+/// The key a group id spells; `None` for a string that is not a group id.
+pub(crate) fn group_key(id: &str) -> Option<GroupKey> {
+    let hex = id.strip_prefix("g-").filter(|h| {
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })?;
+    GroupKey::from_str_radix(hex, 16).ok()
+}
+
 impl GroupDef {
     /// The definition of a peer's group; `None` for a peer that matches nothing.
     pub(crate) fn of_peer(peer: &Peer) -> Option<GroupDef> {

@@ -27,14 +27,14 @@ use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::groups::{group_id, node_members, GroupDef, GroupKey, GroupState, Member};
+use super::groups::{group_id, group_key, node_members, GroupDef, GroupKey, GroupState, Member};
 use super::instances::CompiledPolicy;
 use super::{Change, Touched, Warning};
 use crate::model::{
     Cluster, ContainerPort, Direction, Labels, Namespace, NamespaceScope, Node, Pod, PodKey,
     Policy, PolicyId, RuleOrigin, Subject, Tier,
 };
-use crate::ruleset::{DirectionRules, NodeRuleSet, PodRules, RuleId, RuleInstance};
+use crate::ruleset::{DirectionRules, Group, NodeRuleSet, PodRules, RuleId, RuleInstance};
 use crate::selector::LabelSelector;
 
 static NO_LABELS: Labels = Labels::new();
@@ -440,6 +440,20 @@ impl Compiler {
             });
         }
         Some(set)
+    }
+
+    /// A live group's current members, by id: what a node referencing it holds.
+    pub fn group(&self, id: &str) -> Option<Arc<Group>> {
+        self.groups.get(&group_key(id)?).map(GroupState::group)
+    }
+
+    /// The nodes whose rules reference a live group, in no particular order.
+    pub fn group_nodes(&self, id: &str) -> impl Iterator<Item = &str> {
+        group_key(id)
+            .and_then(|key| self.groups.get(&key))
+            .into_iter()
+            .flat_map(|g| g.nodes.keys())
+            .map(|&n| self.node_names[n as usize].as_str())
     }
 
     pub fn node_rule_sets(&self) -> BTreeMap<String, NodeRuleSet> {

@@ -247,11 +247,12 @@ impl Compiler {
         changed
     }
 
+    /// Reports changed groups as such: the nodes referencing them are found on demand
+    /// ([`Compiler::group_nodes`]), not listed on every change.
     pub(super) fn touch_groups(&self, changed: &BTreeSet<GroupKey>, t: &mut Touched) {
         for gkey in changed {
-            if let Some(g) = self.groups.get(gkey) {
-                t.nodes
-                    .extend(g.nodes.keys().map(|&n| self.node_names[n as usize].clone()));
+            if self.groups.contains_key(gkey) {
+                t.groups.insert(group_id(*gkey));
             }
         }
     }

@@ -115,25 +115,31 @@ impl GroupDef {
                 name,
                 protocol,
             } => {
-                let ports: Vec<u16> = pod.named_ports(name, *protocol).collect();
+                // Cheap tests first: most pods of a scan are not in the peer.
+                let pod_in_peer = match peer.as_deref() {
+                    None | Some(GroupDef::Block { .. }) => true,
+                    Some(p @ GroupDef::Pods { .. }) => p.pod_matches(pod, ns_labels),
+                    // Pods are never node peers (host-network ones are skipped above).
+                    Some(GroupDef::Nodes(_)) | Some(GroupDef::NamedPorts { .. }) => false,
+                };
+                if !pod_in_peer || pod.named_ports(name, *protocol).next().is_none() {
+                    return;
+                }
                 for addr in &pod.ips {
-                    let in_peer = match peer.as_deref() {
-                        None => true,
-                        Some(p @ GroupDef::Pods { .. }) => p.pod_matches(pod, ns_labels),
-                        Some(GroupDef::Block { cidr, except }) => {
-                            cidr.contains(addr) && !except.iter().any(|e| e.contains(addr))
+                    if let Some(GroupDef::Block { cidr, except }) = peer.as_deref() {
+                        let in_block =
+                            cidr.contains(addr) && !except.iter().any(|e| e.contains(addr));
+                        if !in_block {
+                            continue;
                         }
-                        Some(GroupDef::Nodes(_)) | Some(GroupDef::NamedPorts { .. }) => false,
-                    };
-                    if in_peer {
-                        out.extend(ports.iter().map(|&port| {
-                            Member::Endpoint(PortEndpoint {
-                                addr: *addr,
-                                protocol: *protocol,
-                                port,
-                            })
-                        }));
                     }
+                    out.extend(pod.named_ports(name, *protocol).map(|port| {
+                        Member::Endpoint(PortEndpoint {
+                            addr: *addr,
+                            protocol: *protocol,
+                            port,
+                        })
+                    }));
                 }
             }
             GroupDef::Block { .. } | GroupDef::Nodes(_) => {}
@@ -145,6 +151,28 @@ impl GroupDef {
 pub(crate) enum Member {
     Addr(IpAddr),
     Endpoint(PortEndpoint),
+}
+
+impl Member {
+    /// Integers in the order of `Ord`, which compare faster than the nested enums.
+    fn order_key(&self) -> (u8, u8, u128, u8, u16) {
+        fn bits(a: &IpAddr) -> (u8, u128) {
+            match a {
+                IpAddr::V4(v4) => (0, u128::from(u32::from(*v4))),
+                IpAddr::V6(v6) => (1, u128::from(*v6)),
+            }
+        }
+        match self {
+            Member::Addr(a) => {
+                let (family, b) = bits(a);
+                (0, family, b, 0, 0)
+            }
+            Member::Endpoint(e) => {
+                let (family, b) = bits(&e.addr);
+                (1, family, b, e.protocol as u8, e.port)
+            }
+        }
+    }
 }
 
 /// A live group: its members with reference counts (two pods may share an address), the
@@ -193,10 +221,14 @@ impl GroupState {
 
     /// Replaces all members (for groups recomputed as a whole); says whether they changed.
     pub(crate) fn reset(&mut self, members: impl IntoIterator<Item = Member>) -> bool {
-        let mut fresh = BTreeMap::new();
-        for m in members {
-            *fresh.entry(m).or_insert(0) += 1;
-        }
+        // Sorted and counted first, so the map is built in bulk.
+        let mut all: Vec<Member> = members.into_iter().collect();
+        all.sort_unstable_by_key(Member::order_key);
+        debug_assert!(all.is_sorted());
+        let fresh: BTreeMap<Member, u32> = all
+            .chunk_by(|a, b| a == b)
+            .map(|same| (same[0], same.len() as u32))
+            .collect();
         let changed = fresh.keys().ne(self.members.keys());
         self.members = fresh;
         if changed {

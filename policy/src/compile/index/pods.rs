@@ -283,7 +283,7 @@ impl Compiler {
             (old, fresh) => {
                 if let Some(f) = &fresh {
                     t.nodes.insert(self.node_names[f.node as usize].clone());
-                    for (gkey, def) in &f.compiled.defs {
+                    for (gkey, def) in f.compiled.defs() {
                         self.acquire_ref(f.node, *gkey, def);
                     }
                 }
@@ -363,7 +363,6 @@ impl Compiler {
             .get(&pod.namespace)
             .into_iter()
             .flatten()
-            .map(|id| &self.policies[id])
             .filter(|cp| cp.selects(pod, labels))
             .collect();
         let bound = 2 * self.pod_entries.len().max(self.cluster.pods.len()) + 4096;
@@ -379,15 +378,16 @@ impl Compiler {
         nps.sort_by(|a, b| a.policy.id.cmp(&b.policy.id));
         nps.dedup_by(|a, b| a.policy.id == b.policy.id);
         let mut defs = Vec::new();
+        let mut tier_defs = Vec::with_capacity(4);
         let mut build = |direction: Direction| {
             let mut rules = DirectionRules::default();
             for (tier, list) in [
                 (Tier::Admin, &mut rules.admin),
                 (Tier::Baseline, &mut rules.baseline),
             ] {
-                *list = self
-                    .tier_lists
-                    .get(direction, tier, &tiered, pod, &mut defs, bound);
+                let (shared, its_defs) = self.tier_lists.get(direction, tier, &tiered, pod, bound);
+                *list = shared;
+                tier_defs.push(its_defs);
             }
             for cp in nps.iter().filter(|cp| cp.policy.isolates.get(direction)) {
                 rules.isolated_by.push(cp.policy.id.clone());
@@ -404,10 +404,15 @@ impl Compiler {
         let egress = build(Direction::Egress);
         let mut seen = rustc_hash::FxHashSet::default();
         defs.retain(|(key, _)| seen.insert(*key));
+        let tier_defs: [Arc<Defs>; 4] = match tier_defs.try_into() {
+            Ok(parts) => parts,
+            Err(_) => unreachable!("two tiers in two directions"),
+        };
         Compiled {
             ingress: Arc::new(ingress),
             egress: Arc::new(egress),
             defs,
+            tier_defs: self.tier_lists.combined(tier_defs, bound),
         }
     }
 }

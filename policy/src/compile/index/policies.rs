@@ -72,10 +72,7 @@ impl Compiler {
                         .or_default()
                         .insert(pods, ById(cp.clone()));
                 }
-                _ => {
-                    self.tiered
-                        .insert((cp.policy.tier, cp.policy.priority, cp.policy.id.clone()));
-                }
+                _ => self.index_tiered(cp),
             }
         }
         self.np_by_ns = np_by_ns
@@ -101,10 +98,7 @@ impl Compiler {
                 // An upsert always follows `unindex_policy`, so there is no older entry.
                 index.insert(pods, ById(cp.clone()));
             }
-            _ => {
-                self.tiered
-                    .insert((cp.policy.tier, cp.policy.priority, id.clone()));
-            }
+            _ => self.index_tiered(&cp),
         }
         self.policies.insert(id, cp);
     }
@@ -124,10 +118,19 @@ impl Compiler {
                 }
             }
         } else {
-            self.tiered
-                .remove(&(cp.policy.tier, cp.policy.priority, id.clone()));
+            let rank = (cp.policy.tier, cp.policy.priority, id.clone());
+            self.tiered_by_ns_selector
+                .remove(namespaces_required(&cp.policy), &rank);
+            self.tiered.remove(&rank);
         }
         Some(cp)
+    }
+
+    fn index_tiered(&mut self, cp: &CompiledPolicy) {
+        let rank = (cp.policy.tier, cp.policy.priority, cp.policy.id.clone());
+        self.tiered_by_ns_selector
+            .insert(namespaces_required(&cp.policy), rank.clone());
+        self.tiered.insert(rank);
     }
 
     /// The pods a policy selects now.
@@ -189,20 +192,30 @@ impl Compiler {
             let keep = self
                 .policies
                 .get(id)
+                .filter(|cp| cp.policy.tier != Tier::NetworkPolicy)
                 .is_some_and(|cp| namespace_may_match(&cp.policy, &ns, self.ns_labels(&ns)));
-            let rank = |pid: &PolicyId| {
-                let p = &self.policies[pid].policy;
-                (p.tier, p.priority, pid.clone())
-            };
+            fn rank(p: &Policy) -> (Tier, u32, &PolicyId) {
+                (p.tier, p.priority, &p.id)
+            }
             let mut list = self.tiered_by_ns.remove(&ns).unwrap_or_default();
-            list.retain(|p| p != id);
+            list.retain(|p| p.policy.id != *id);
             if keep {
-                let r = rank(id);
-                let at = list.partition_point(|p| rank(p) < r);
-                list.insert(at, id.clone());
+                let cp = &self.policies[id];
+                let r = rank(&cp.policy);
+                let at = list.partition_point(|p| rank(&p.policy) < r);
+                list.insert(at, cp.clone());
             }
             self.tiered_by_ns.insert(ns, list);
         }
+    }
+}
+
+/// The selector a namespace's labels must match for a tiered policy to select pods in it
+/// (everything, for a policy naming its namespace: it is then found by name).
+fn namespaces_required(policy: &Policy) -> &LabelSelector {
+    match &policy.subject {
+        Subject::Namespace { .. } => &EVERYTHING,
+        Subject::Cluster { namespaces, .. } => namespaces,
     }
 }
 

@@ -153,6 +153,25 @@ pub(crate) enum Member {
     Endpoint(PortEndpoint),
 }
 
+/// Members with their counts. Many are sorted and counted first, so the map is built in
+/// bulk; a few (most groups) are inserted.
+fn count_members(mut all: Vec<Member>) -> BTreeMap<Member, u32> {
+    if all.len() <= 16 {
+        let mut fresh = BTreeMap::new();
+        for m in all {
+            *fresh.entry(m).or_insert(0) += 1;
+        }
+        return fresh;
+    }
+    if !all.is_sorted_by_key(Member::order_key) {
+        all.sort_unstable_by_key(Member::order_key);
+    }
+    debug_assert!(all.is_sorted());
+    all.chunk_by(|a, b| a == b)
+        .map(|same| (same[0], same.len() as u32))
+        .collect()
+}
+
 impl Member {
     /// Integers in the order of `Ord`, which compare faster than the nested enums.
     fn order_key(&self) -> (u8, u8, u128, u8, u16) {
@@ -221,14 +240,8 @@ impl GroupState {
 
     /// Replaces all members (for groups recomputed as a whole); says whether they changed.
     pub(crate) fn reset(&mut self, members: impl IntoIterator<Item = Member>) -> bool {
-        // Sorted and counted first, so the map is built in bulk.
-        let mut all: Vec<Member> = members.into_iter().collect();
-        all.sort_unstable_by_key(Member::order_key);
-        debug_assert!(all.is_sorted());
-        let fresh: BTreeMap<Member, u32> = all
-            .chunk_by(|a, b| a == b)
-            .map(|same| (same[0], same.len() as u32))
-            .collect();
+        let all: Vec<Member> = members.into_iter().collect();
+        let fresh = count_members(all);
         let changed = fresh.keys().ne(self.members.keys());
         self.members = fresh;
         if changed {

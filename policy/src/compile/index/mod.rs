@@ -18,8 +18,8 @@ mod selector_index;
 mod tier_lists;
 
 use group_refs::{contribution, contribution_with, group_pod_selector, index_slot, Slot};
-use policies::{namespace_may_match, ById};
-use selector_index::{LabelIndex, SelectorIndex};
+use policies::{namespace_may_match, NpIndex};
+use selector_index::{insert_sorted, remove_sorted, LabelIndex, SelectorIndex};
 use std::collections::{BTreeMap, BTreeSet};
 use tier_lists::{Defs, TierLists};
 
@@ -139,7 +139,7 @@ pub struct Compiler {
     policies: BTreeMap<PolicyId, Arc<CompiledPolicy>>,
     rule_origins: HashMap<RuleId, Arc<RuleOrigin>>,
     /// NetworkPolicies per namespace, by what their pod selectors require.
-    np_by_ns: HashMap<String, SelectorIndex<ById>>,
+    np_by_ns: HashMap<String, NpIndex>,
     /// Tiered policies in evaluation order.
     tiered: BTreeSet<(Tier, u32, PolicyId)>,
     /// Tiered policies by what their subject's namespace selector requires (those naming
@@ -262,12 +262,13 @@ impl Compiler {
                     compiled
                 }
             };
-            match tier_users.get_mut(&(Arc::as_ptr(&compiled.tier_defs) as usize)) {
+            let at = Arc::as_ptr(&compiled.tier_defs) as usize;
+            match tier_users.get_mut(&at) {
                 Some((_, nodes)) => nodes.push(node),
-                None => {
-                    let at = Arc::as_ptr(&compiled.tier_defs) as usize;
+                None if !compiled.tier_defs.is_empty() => {
                     tier_users.insert(at, (compiled.tier_defs.clone(), vec![node]));
                 }
+                None => {}
             }
             match users.get_mut(&(Arc::as_ptr(&compiled) as usize)) {
                 Some((_, nodes)) => nodes.push(node),
@@ -557,6 +558,10 @@ impl Compiler {
     // ----- namespaces -----
 
     fn refresh_tiered_for_namespace(&mut self, ns: &str) {
+        if self.tiered.is_empty() {
+            self.tiered_by_ns.insert(ns.to_string(), Vec::new());
+            return;
+        }
         let labels = self.ns_labels(ns);
         let mut ranks: Vec<&TieredRank> = self
             .tiered_by_ns_selector

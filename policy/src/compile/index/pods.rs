@@ -367,16 +367,17 @@ impl Compiler {
             .collect();
         let bound = 2 * self.pod_entries.len().max(self.cluster.pods.len()) + 4096;
         // In id order, the order of `isolated_by`.
-        let mut nps: Vec<&CompiledPolicy> = self
-            .np_by_ns
-            .get(&pod.namespace)
+        let index = self.np_by_ns.get(&pod.namespace);
+        let mut nps: Vec<&CompiledPolicy> = index
             .into_iter()
             .flat_map(|index| index.candidates(&pod.labels))
             .map(|p| &*p.0)
             .filter(|cp| cp.selects(pod, labels))
             .collect();
-        nps.sort_by(|a, b| a.policy.id.cmp(&b.policy.id));
-        nps.dedup_by(|a, b| a.policy.id == b.policy.id);
+        if !index.is_some_and(NpIndex::sorted_without_repeats) {
+            nps.sort_by(|a, b| a.policy.id.cmp(&b.policy.id));
+            nps.dedup_by(|a, b| a.policy.id == b.policy.id);
+        }
         let mut defs = Vec::new();
         let mut tier_defs = Vec::with_capacity(4);
         let mut build = |direction: Direction| {

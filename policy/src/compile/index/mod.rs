@@ -219,10 +219,8 @@ impl Compiler {
         let mut by_node: HashMap<&str, (u32, Vec<Arc<PodKey>>)> = HashMap::default();
         let mut shapes: HashMap<u64, Vec<(&Pod, Arc<Compiled>)>> = HashMap::default();
         let mut shapes_ns = "";
-        // The nodes of the pods sharing each compilation, and each compilation's tier
-        // groups: their group references are counted one group at a time, which keeps
-        // each group's node table in cache.
-        let mut users: HashMap<usize, (Arc<Compiled>, Vec<u32>)> = HashMap::default();
+        // The nodes of the pods sharing each combination of tier groups: their references
+        // are counted one group at a time, which keeps each group's node table in cache.
         let mut tier_users: HashMap<usize, (Arc<Defs>, Vec<u32>)> = HashMap::default();
         c.pod_entries.reserve(pods.len());
         for (key, pod) in &pods {
@@ -270,14 +268,8 @@ impl Compiler {
                 }
                 None => {}
             }
-            match users.get_mut(&(Arc::as_ptr(&compiled) as usize)) {
-                Some((_, nodes)) => nodes.push(node),
-                None => {
-                    users.insert(
-                        Arc::as_ptr(&compiled) as usize,
-                        (compiled.clone(), vec![node]),
-                    );
-                }
+            for (gkey, def) in &compiled.defs {
+                c.reference_group(node, *gkey, def);
             }
             let entry = PodEntry {
                 node,
@@ -288,11 +280,6 @@ impl Compiler {
         }
         for (defs, nodes) in tier_users.into_values() {
             for (gkey, def) in defs.iter() {
-                c.reference_group_from(&nodes, *gkey, def);
-            }
-        }
-        for (compiled, nodes) in users.into_values() {
-            for (gkey, def) in &compiled.defs {
                 c.reference_group_from(&nodes, *gkey, def);
             }
         }

@@ -66,10 +66,10 @@ impl TierLists {
 
     /// The groups of four lists' groups together, each once.
     pub(super) fn combined(&self, parts: [Arc<Defs>; 4], bound: usize) -> Arc<Defs> {
-        let non_empty: Vec<&Arc<Defs>> = parts.iter().filter(|d| !d.is_empty()).collect();
-        match non_empty.as_slice() {
-            [] => return self.no_defs.clone(),
-            [one] => return Arc::clone(one),
+        let mut non_empty = parts.iter().filter(|d| !d.is_empty());
+        match (non_empty.next(), non_empty.next()) {
+            (None, _) => return self.no_defs.clone(),
+            (Some(one), None) => return Arc::clone(one),
             _ => {}
         }
         let key = parts.each_ref().map(|d| Arc::as_ptr(d) as usize);

@@ -51,8 +51,8 @@ m 'ipblock-except-keeps-last-address' policy/src/addrset.rs \
   'start = if chi >= hi { None } else { chi.succ() };' \
   'start = if chi >= hi { None } else { Some(chi) };'
 m 'priority-order-reversed' policy/src/compile/index/mod.rs \
-  '.iter()\n            .filter(|(_, _, id)| namespace_may_match' \
-  '.iter()\n            .rev()\n            .filter(|(_, _, id)| namespace_may_match'
+  'ranks.sort();' \
+  'ranks.sort_by(|a, b| b.cmp(a));'
 m 'tie-order-kind-swapped' policy/src/model.rs \
   '    ClusterNetworkPolicy,\n    AdminNetworkPolicy,\n' \
   '    AdminNetworkPolicy,\n    ClusterNetworkPolicy,\n'

@@ -11,13 +11,72 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_policy::{Change, Enforcement, PolicyId, StagedCompiler};
+use palisade_policy::{Change, Enforcement, PolicyId, StagedCompiler, Touched};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
-use crate::hub::Hub;
+use crate::hub::{GroupDelta, Hub};
 use crate::inputs::Inputs;
 use crate::objects::{ObjectKey, SourceEvent};
+
+/// Applies `changes` to the compiler and publishes one generation: the nodes whose rules
+/// changed get their state compiled again, the other nodes that hold a changed group get
+/// its new members as a delta. Returns the generation and how many nodes it reached.
+pub fn publish_changes(
+    compiler: &mut StagedCompiler,
+    hub: &Hub,
+    changes: impl IntoIterator<Item = Change>,
+) -> (u64, usize) {
+    let mut touched = Touched::default();
+    let mut namespaces = false;
+    for change in changes {
+        namespaces |= matches!(change, Change::UpsertNamespace(_));
+        touched.extend(compiler.apply(change));
+    }
+    if namespaces {
+        // A namespace's enforcement label may have a value that means nothing.
+        for w in compiler.enforcement_warnings() {
+            tracing::warn!(warning = %w, "policy warning");
+        }
+    }
+    let mut rules_changed = touched.nodes;
+    let mut groups = BTreeMap::new();
+    for id in touched.groups {
+        let Some(group) = compiler.group(&id) else {
+            // Gone: every node that held it lost its reference, so its rules changed.
+            continue;
+        };
+        let mut nodes = Vec::new();
+        for node in compiler.group_nodes(&id) {
+            if rules_changed.contains(node) {
+                continue;
+            }
+            if hub.holds(node) {
+                nodes.push(node.to_string());
+            } else {
+                // Nothing to apply the delta to: the node gets its whole state.
+                rules_changed.insert(node.to_string());
+            }
+        }
+        groups.insert(id, GroupDelta { group, nodes });
+    }
+    let changed: BTreeMap<String, _> = rules_changed
+        .into_iter()
+        .map(|n| {
+            let rules = compiler.node_rule_set(&n);
+            (n, rules)
+        })
+        .collect();
+    let delta_nodes: BTreeSet<&str> = groups
+        .values()
+        .flat_map(|d| &d.nodes)
+        .map(String::as_str)
+        .filter(|n| !changed.contains_key(*n))
+        .collect();
+    let reached = changed.len() + delta_nodes.len();
+    drop(delta_nodes);
+    (hub.publish_with_groups(changed, groups), reached)
+}
 
 /// A note for whoever reports on objects (the status writer).
 #[derive(Clone, Debug, PartialEq)]
@@ -164,27 +223,7 @@ impl CompileLoop {
             return;
         }
         let started = std::time::Instant::now();
-        let mut touched = BTreeSet::new();
-        let mut namespaces = false;
-        for change in self.pending.drain(..) {
-            namespaces |= matches!(change, Change::UpsertNamespace(_));
-            touched.extend(compiler.apply(change).nodes);
-        }
-        if namespaces {
-            // A namespace's enforcement label may have a value that means nothing.
-            for w in compiler.enforcement_warnings() {
-                tracing::warn!(warning = %w, "policy warning");
-            }
-        }
-        let changed: BTreeMap<String, _> = touched
-            .into_iter()
-            .map(|n| {
-                let rules = compiler.node_rule_set(&n);
-                (n, rules)
-            })
-            .collect();
-        let nodes = changed.len();
-        let generation = self.hub.publish(changed);
+        let (generation, nodes) = publish_changes(compiler, &self.hub, self.pending.drain(..));
         self.rounds += 1;
         self.hub
             .metrics

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use palisade_policy::ruleset::{Group, GroupId};
 use palisade_policy::{NodeRuleSet, PolicyId};
 use tokio::sync::watch;
 
@@ -16,6 +17,14 @@ use crate::metrics::Metrics;
 pub struct Published {
     pub generation: u64,
     pub rules: Arc<NodeRuleSet>,
+}
+
+/// A changed address group's new members and the nodes that get them as a delta of
+/// their own: nodes whose rules did not change otherwise.
+#[derive(Clone, Debug)]
+pub struct GroupDelta {
+    pub group: Arc<Group>,
+    pub nodes: Vec<String>,
 }
 
 /// What a node's agent last said about what it enforces.
@@ -88,6 +97,23 @@ impl Hub {
     /// Publishes a new generation: `changed` nodes get their new state (`None`: the node
     /// has nothing to enforce). Marks the hub ready.
     pub fn publish(&self, changed: BTreeMap<String, Option<NodeRuleSet>>) -> u64 {
+        self.publish_with_groups(changed, BTreeMap::new())
+    }
+
+    /// Whether the hub holds a state for `node` that a group delta can be applied to.
+    pub fn holds(&self, node: &str) -> bool {
+        self.states.lock().unwrap().contains_key(node)
+    }
+
+    /// Publishes `changed` nodes as [`Hub::publish`] does and, in the same generation,
+    /// the new members of changed groups to the other nodes that hold them: their state
+    /// is the last one with those groups replaced, nothing compiled again. A node of a
+    /// delta that the hub holds no state for is left alone (see [`Hub::holds`]).
+    pub fn publish_with_groups(
+        &self,
+        changed: BTreeMap<String, Option<NodeRuleSet>>,
+        groups: BTreeMap<GroupId, GroupDelta>,
+    ) -> u64 {
         // Lock order, here and in `subscribe`: states, then nodes. The generation moves
         // under the states lock, so a generation and the states read with it agree.
         let mut states = self.states.lock().unwrap();
@@ -99,6 +125,31 @@ impl Hub {
         let nodes = self.nodes.lock().unwrap();
         let mut status = self.status.lock().unwrap();
         let mut spans = self.spans.lock().unwrap();
+        let mut patches: BTreeMap<&str, Vec<(&GroupId, &Arc<Group>)>> = BTreeMap::new();
+        for (id, delta) in &groups {
+            for node in delta.nodes.iter().filter(|n| !changed.contains_key(*n)) {
+                patches.entry(node).or_default().push((id, &delta.group));
+            }
+        }
+        for (node, patch) in patches {
+            let Some(old) = states.get(node) else {
+                continue;
+            };
+            let mut rules = NodeRuleSet::clone(old);
+            for (id, group) in patch {
+                if let Some(held) = rules.groups.get_mut(id) {
+                    *held = group.clone();
+                }
+            }
+            let rules = Arc::new(rules);
+            states.insert(node.to_string(), rules.clone());
+            if let Some(tx) = nodes.get(node) {
+                tx.send_replace(Some(Published { generation, rules }));
+            }
+            if let Some(s) = status.get_mut(node) {
+                s.published = generation;
+            }
+        }
         for (node, rules) in changed {
             let rules = Arc::new(rules.unwrap_or_else(|| NodeRuleSet {
                 node: node.clone(),

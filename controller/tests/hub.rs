@@ -80,3 +80,83 @@ fn new_subscribers_during_publications_neither_hang_nor_get_a_mislabelled_state(
     publisher.join().unwrap();
     subscriber.join().unwrap();
 }
+
+/// A pod's labels change and it joins a group that rules on many nodes reference: those
+/// nodes get the group's new members as a delta of their own, and what the hub then holds
+/// for every node is what a full compile gives, with a digest the agent's check accepts.
+#[test]
+fn a_changed_group_reaches_the_nodes_holding_it_as_a_group_delta() {
+    group_delta_case(palisade_policy::Enforcement::Enforce);
+}
+
+/// The same with every policy in audit: the group is referenced from audit lists only.
+#[test]
+fn a_changed_group_of_audit_lists_reaches_its_nodes_as_a_group_delta() {
+    group_delta_case(palisade_policy::Enforcement::Audit);
+}
+
+fn group_delta_case(default: palisade_policy::Enforcement) {
+    use palisade_controller::compile_loop::publish_changes;
+    use palisade_policy::workloads::scale_sized;
+    use palisade_policy::{Change, StagedCompiler};
+
+    let w = scale_sized(12, 12, 12);
+    let mut compiler = StagedCompiler::new(w.cluster, w.policies, default);
+    assert_eq!(
+        compiler.has_audit(),
+        default == palisade_policy::Enforcement::Audit
+    );
+    let hub = Hub::new(Arc::new(Metrics::new()));
+    hub.publish(
+        compiler
+            .node_rule_sets()
+            .into_iter()
+            .map(|(n, r)| (n, Some(r)))
+            .collect(),
+    );
+    let nodes: Vec<String> = compiler.nodes().into_iter().map(String::from).collect();
+    let before: BTreeMap<String, Arc<NodeRuleSet>> = nodes
+        .iter()
+        .map(|n| (n.clone(), hub.subscribe(n).borrow().clone().unwrap().rules))
+        .collect();
+    // app-0 pods are the DNS servers of namespace ns-10 (role infra), which every
+    // namespace's default deny lets its pods reach: app-1 becoming app-0 changes a group
+    // that rules on every node reference.
+    let mut pod = compiler
+        .cluster()
+        .pods
+        .values()
+        .find(|p| {
+            p.namespace == "ns-10" && p.labels.get("app").map(String::as_str) == Some("app-1")
+        })
+        .unwrap()
+        .clone();
+    let own_node = pod.node.clone();
+    pod.labels.insert("app".into(), "app-0".into());
+    let (generation, reached) = publish_changes(&mut compiler, &hub, [Change::UpsertPod(pod)]);
+    let mut deltas_only = 0;
+    for node in &nodes {
+        let published = hub.subscribe(node).borrow().clone().unwrap();
+        let compiled = compiler.node_rule_set(node).unwrap();
+        assert_eq!(
+            *published.rules, compiled,
+            "{node}: the hub's state is the compiled one"
+        );
+        let update = palisade_wire::diff(Some(&before[node]), &published.rules);
+        palisade_wire::delta::apply(node, Some(&before[node]), &update)
+            .unwrap_or_else(|e| panic!("{node}: the agent refuses the update: {e}"));
+        if *node != own_node {
+            assert_eq!(published.generation, generation, "{node} is reached");
+            assert!(
+                !update.upsert_groups.is_empty()
+                    && update.upsert_pods.is_empty()
+                    && update.upsert_rules.is_empty()
+                    && update.remove_groups.is_empty(),
+                "{node}: only the group changes: {update:?}"
+            );
+            deltas_only += 1;
+        }
+    }
+    assert!(deltas_only >= 6, "the group is held on most nodes");
+    assert_eq!(reached, nodes.len());
+}

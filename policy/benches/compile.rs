@@ -37,35 +37,54 @@ fn ms(d: Duration) -> f64 {
 
 struct Samples {
     times: Vec<Duration>,
+    /// Nodes whose rules changed.
     touched: Vec<usize>,
+    /// Nodes that only receive group deltas: they reference a changed group.
+    group_delta: Vec<usize>,
 }
 
 impl Samples {
     fn report(mut self, what: &str) {
         self.times.sort();
         self.touched.sort();
+        self.group_delta.sort();
         let n = self.times.len();
         println!(
-            "  {what:<22} median {:>8.3} ms  p90 {:>8.3} ms  max {:>8.3} ms  | nodes touched median {} max {}  ({n} samples)",
+            "  {what:<22} median {:>8.3} ms  p90 {:>8.3} ms  max {:>8.3} ms  | nodes touched: rules median {} max {}, group deltas median {} max {}  ({n} samples)",
             ms(self.times[n / 2]),
             ms(self.times[n * 9 / 10]),
             ms(self.times[n - 1]),
             self.touched[n / 2],
             self.touched[n - 1],
+            self.group_delta[n / 2],
+            self.group_delta[n - 1],
         );
     }
+}
+
+/// The nodes that receive a group delta and nothing else after `t`.
+fn group_delta_nodes(compiler: &Compiler, t: &Touched) -> usize {
+    let nodes: std::collections::BTreeSet<&str> = t
+        .groups
+        .iter()
+        .flat_map(|g| compiler.group_nodes(g))
+        .filter(|n| !t.nodes.contains(*n))
+        .collect();
+    nodes.len()
 }
 
 fn measure(compiler: &mut Compiler, changes: impl Iterator<Item = (Change, Change)>) -> Samples {
     let mut s = Samples {
         times: Vec::new(),
         touched: Vec::new(),
+        group_delta: Vec::new(),
     };
     for (change, undo) in changes {
         let start = Instant::now();
         let t = compiler.apply(change);
         s.times.push(start.elapsed());
         s.touched.push(t.nodes.len());
+        s.group_delta.push(group_delta_nodes(compiler, &t));
         compiler.apply(undo);
     }
     s

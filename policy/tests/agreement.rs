@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use palisade_policy::evaluate::evaluate;
 use palisade_policy::ruleset::decide_flow;
 use palisade_policy::verdict::FlowError;
-use palisade_policy::{compile, Change, Cluster, Compiler, Flow, NodeRuleSet, Policy, PolicyId};
+use palisade_policy::{
+    compile, Change, Cluster, Compiler, Flow, NodeRuleSet, Policy, PolicyId, Touched,
+};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use support::*;
@@ -176,15 +178,8 @@ proptest! {
             let after = compiler.node_rule_sets();
             let full = compile(&cluster, &list);
             prop_assert_eq!(&after, &full, "after {:?}", change);
-            let nodes: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-            for node in nodes {
-                if before.get(node) != after.get(node) {
-                    prop_assert!(
-                        touched.nodes.contains(node),
-                        "{:?} changed node {}'s rule set but touched only {:?}",
-                        change, node, touched.nodes
-                    );
-                }
+            if let Some(problem) = unreported(&compiler, &before, &after, &touched) {
+                prop_assert!(false, "{:?}: {}", change, problem);
             }
             before = after;
         }
@@ -336,18 +331,55 @@ fn assert_incremental(cluster: &Cluster, policies: &[Policy], change: Change) {
     let after = compiler.node_rule_sets();
     let list: Vec<Policy> = by_id.into_values().collect();
     assert_eq!(after, compile(&cluster, &list), "after {change:?}");
+    if let Some(problem) = unreported(&compiler, &before, &after, &touched) {
+        panic!("{change:?}: {problem}");
+    }
+}
+
+/// What a change failed to report, if anything: every node whose rule set changed is in
+/// `touched.nodes`, or differs only in groups of `touched.groups`, is among the nodes
+/// referencing each of them, and gets exactly its new state by taking their new members
+/// from the compiler (what the controller sends it).
+fn unreported(
+    compiler: &Compiler,
+    before: &BTreeMap<String, NodeRuleSet>,
+    after: &BTreeMap<String, NodeRuleSet>,
+    touched: &Touched,
+) -> Option<String> {
     let nodes: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
     for node in nodes {
-        if before.get(node) != after.get(node) {
-            assert!(
-                touched.nodes.contains(node),
-                "{change:?} changed node {node}: {:?} -> {:?}, touched only {:?}",
-                before.get(node),
-                after.get(node),
+        let (old, new) = (before.get(node), after.get(node));
+        if old == new || touched.nodes.contains(node) {
+            continue;
+        }
+        let (Some(old), Some(new)) = (old, new) else {
+            return Some(format!(
+                "node {node} came or went, touched only {:?}",
                 touched.nodes
-            );
+            ));
+        };
+        let mut patched = old.clone();
+        for id in &touched.groups {
+            if let Some(held) = patched.groups.get_mut(id) {
+                if !compiler.group_nodes(id).any(|n| n == node) {
+                    return Some(format!(
+                        "node {node} holds changed group {id} but is not among its nodes"
+                    ));
+                }
+                match compiler.group(id) {
+                    Some(g) => *held = g,
+                    None => return Some(format!("changed group {id} is not live")),
+                }
+            }
+        }
+        if patched != *new {
+            return Some(format!(
+                "node {node} changed: {old:?} -> {new:?}, touched only {:?} and groups {:?}",
+                touched.nodes, touched.groups
+            ));
         }
     }
+    None
 }
 
 /// Found by `incremental_compile_equals_full_compile`: a host-network pod on a node without a

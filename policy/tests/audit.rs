@@ -197,13 +197,34 @@ proptest! {
             prop_assert_eq!(&after, &full, "after {:?}", change);
             let nodes: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
             for node in nodes {
-                if before.get(node) != after.get(node) {
-                    prop_assert!(
-                        touched.nodes.contains(node),
-                        "{:?} changed node {}'s rule set but touched only {:?}",
-                        change, node, touched.nodes
-                    );
+                let (old, new) = (before.get(node), after.get(node));
+                if old == new || touched.nodes.contains(node) {
+                    continue;
                 }
+                // Otherwise only groups of `touched.groups` changed there, and the node
+                // is among their nodes: the controller sends it their new members alone.
+                let (Some(old), Some(new)) = (old, new) else {
+                    return Err(TestCaseError::fail(format!(
+                        "{change:?}: node {node} came or went, touched only {:?}",
+                        touched.nodes
+                    )));
+                };
+                let mut patched = old.clone();
+                for id in &touched.groups {
+                    if let Some(held) = patched.groups.get_mut(id) {
+                        prop_assert!(
+                            compiler.group_nodes(id).contains(node.as_str()),
+                            "{:?}: node {} holds changed group {} but is not among its nodes",
+                            change, node, id
+                        );
+                        *held = compiler.group(id).expect("a changed group held is live");
+                    }
+                }
+                prop_assert_eq!(
+                    &patched, new,
+                    "{:?} changed node {}'s rule set but touched only {:?} and groups {:?}",
+                    change, node, touched.nodes, touched.groups
+                );
             }
             let any_audit = list.iter().any(|p| {
                 palisade_policy::compile::enforcement_of(p, &cluster, default) == Enforcement::Audit

@@ -44,6 +44,16 @@ pub(crate) fn group_id(key: GroupKey) -> GroupId {
     stable_hash::hex_id("g-", key)
 }
 
+/// The key a group id spells; `None` for a string that is not a group id.
+pub(crate) fn group_key(id: &str) -> Option<GroupKey> {
+    let hex = id.strip_prefix("g-").filter(|h| {
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })?;
+    GroupKey::from_str_radix(hex, 16).ok()
+}
+
 impl GroupDef {
     /// The definition of a peer's group; `None` for a peer that matches nothing.
     pub(crate) fn of_peer(peer: &Peer) -> Option<GroupDef> {
@@ -105,25 +115,31 @@ impl GroupDef {
                 name,
                 protocol,
             } => {
-                let ports: Vec<u16> = pod.named_ports(name, *protocol).collect();
+                // Cheap tests first: most pods of a scan are not in the peer.
+                let pod_in_peer = match peer.as_deref() {
+                    None | Some(GroupDef::Block { .. }) => true,
+                    Some(p @ GroupDef::Pods { .. }) => p.pod_matches(pod, ns_labels),
+                    // Pods are never node peers (host-network ones are skipped above).
+                    Some(GroupDef::Nodes(_)) | Some(GroupDef::NamedPorts { .. }) => false,
+                };
+                if !pod_in_peer || pod.named_ports(name, *protocol).next().is_none() {
+                    return;
+                }
                 for addr in &pod.ips {
-                    let in_peer = match peer.as_deref() {
-                        None => true,
-                        Some(p @ GroupDef::Pods { .. }) => p.pod_matches(pod, ns_labels),
-                        Some(GroupDef::Block { cidr, except }) => {
-                            cidr.contains(addr) && !except.iter().any(|e| e.contains(addr))
+                    if let Some(GroupDef::Block { cidr, except }) = peer.as_deref() {
+                        let in_block =
+                            cidr.contains(addr) && !except.iter().any(|e| e.contains(addr));
+                        if !in_block {
+                            continue;
                         }
-                        Some(GroupDef::Nodes(_)) | Some(GroupDef::NamedPorts { .. }) => false,
-                    };
-                    if in_peer {
-                        out.extend(ports.iter().map(|&port| {
-                            Member::Endpoint(PortEndpoint {
-                                addr: *addr,
-                                protocol: *protocol,
-                                port,
-                            })
-                        }));
                     }
+                    out.extend(pod.named_ports(name, *protocol).map(|port| {
+                        Member::Endpoint(PortEndpoint {
+                            addr: *addr,
+                            protocol: *protocol,
+                            port,
+                        })
+                    }));
                 }
             }
             GroupDef::Block { .. } | GroupDef::Nodes(_) => {}
@@ -135,6 +151,47 @@ impl GroupDef {
 pub(crate) enum Member {
     Addr(IpAddr),
     Endpoint(PortEndpoint),
+}
+
+/// Members with their counts. Many are sorted and counted first, so the map is built in
+/// bulk; a few (most groups) are inserted.
+fn count_members(mut all: Vec<Member>) -> BTreeMap<Member, u32> {
+    if all.len() <= 16 {
+        let mut fresh = BTreeMap::new();
+        for m in all {
+            *fresh.entry(m).or_insert(0) += 1;
+        }
+        return fresh;
+    }
+    if !all.is_sorted_by_key(Member::order_key) {
+        all.sort_unstable_by_key(Member::order_key);
+    }
+    debug_assert!(all.is_sorted());
+    all.chunk_by(|a, b| a == b)
+        .map(|same| (same[0], same.len() as u32))
+        .collect()
+}
+
+impl Member {
+    /// Integers in the order of `Ord`, which compare faster than the nested enums.
+    fn order_key(&self) -> (u8, u8, u128, u8, u16) {
+        fn bits(a: &IpAddr) -> (u8, u128) {
+            match a {
+                IpAddr::V4(v4) => (0, u128::from(u32::from(*v4))),
+                IpAddr::V6(v6) => (1, u128::from(*v6)),
+            }
+        }
+        match self {
+            Member::Addr(a) => {
+                let (family, b) = bits(a);
+                (0, family, b, 0, 0)
+            }
+            Member::Endpoint(e) => {
+                let (family, b) = bits(&e.addr);
+                (1, family, b, e.protocol as u8, e.port)
+            }
+        }
+    }
 }
 
 /// A live group: its members with reference counts (two pods may share an address), the
@@ -183,10 +240,8 @@ impl GroupState {
 
     /// Replaces all members (for groups recomputed as a whole); says whether they changed.
     pub(crate) fn reset(&mut self, members: impl IntoIterator<Item = Member>) -> bool {
-        let mut fresh = BTreeMap::new();
-        for m in members {
-            *fresh.entry(m).or_insert(0) += 1;
-        }
+        let all: Vec<Member> = members.into_iter().collect();
+        let fresh = count_members(all);
         let changed = fresh.keys().ne(self.members.keys());
         self.members = fresh;
         if changed {

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Cluster, Enforcement, Namespace, Node, Pod, PodKey, Policy, PolicyId};
-use crate::ruleset::NodeRuleSet;
+use crate::ruleset::{GroupId, NodeRuleSet};
 
 pub use index::Compiler;
 pub use staged::{enforcement_of, StagedCompiler};
@@ -35,10 +35,25 @@ pub enum Change {
     RemovePolicy(PolicyId),
 }
 
-/// What a change did: the nodes whose rule sets differ now.
+/// What a change did: the nodes whose rules differ now, and the address groups whose
+/// members differ now.
+///
+/// A changed group is a change of its own: the nodes that reference it
+/// ([`Compiler::group_nodes`]) hold it unchanged in every other respect, so each of them
+/// needs the group's new members ([`Compiler::group`]) and nothing else, unless it is
+/// also in `nodes`. A node in `nodes` may differ in anything, groups included.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Touched {
     pub nodes: BTreeSet<String>,
+    pub groups: BTreeSet<GroupId>,
+}
+
+impl Touched {
+    /// Adds what another change did (for a batch of changes published together).
+    pub fn extend(&mut self, other: Touched) {
+        self.nodes.extend(other.nodes);
+        self.groups.extend(other.groups);
+    }
 }
 
 /// Something worth a human's attention that does not stop compilation.

@@ -10,12 +10,13 @@
 //! direction ([`crate::ruleset::AuditRules`]) only where it differs from the enforced one.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::{Change, Compiler, Touched, Warning};
 use crate::model::{
     Cluster, Enforcement, Namespace, Policy, PolicyId, PolicyKind, ENFORCEMENT_KEY,
 };
-use crate::ruleset::NodeRuleSet;
+use crate::ruleset::{Group, NodeRuleSet};
 
 /// The mode a policy is in: its own annotation, else (NetworkPolicies) its namespace's
 /// label, else the cluster default. An unknown label value fails closed: `enforce`.
@@ -132,9 +133,9 @@ impl StagedCompiler {
 
     fn forward(&mut self, change: Change, t: &mut Touched) {
         if let Some(full) = &mut self.full {
-            t.nodes.extend(full.apply(change.clone()).nodes);
+            t.extend(full.apply(change.clone()));
         }
-        t.nodes.extend(self.enforced.apply(change).nodes);
+        t.extend(self.enforced.apply(change));
     }
 
     fn set_mode(&mut self, id: &PolicyId, mode: Option<Enforcement>) -> Option<Enforcement> {
@@ -172,17 +173,14 @@ impl StagedCompiler {
             self.ensure_full();
         }
         if let Some(full) = &mut self.full {
-            t.nodes
-                .extend(full.apply(Change::UpsertPolicy(policy.clone())).nodes);
+            t.extend(full.apply(Change::UpsertPolicy(policy.clone())));
         }
         match mode {
             Enforcement::Enforce => {
-                t.nodes
-                    .extend(self.enforced.apply(Change::UpsertPolicy(policy)).nodes);
+                t.extend(self.enforced.apply(Change::UpsertPolicy(policy)));
             }
             Enforcement::Audit if old == Some(Enforcement::Enforce) => {
-                t.nodes
-                    .extend(self.enforced.apply(Change::RemovePolicy(id)).nodes);
+                t.extend(self.enforced.apply(Change::RemovePolicy(id)));
             }
             Enforcement::Audit => {}
         }
@@ -192,12 +190,10 @@ impl StagedCompiler {
     fn remove_policy(&mut self, id: PolicyId, t: &mut Touched) {
         let old = self.set_mode(&id, None);
         if let Some(full) = &mut self.full {
-            t.nodes
-                .extend(full.apply(Change::RemovePolicy(id.clone())).nodes);
+            t.extend(full.apply(Change::RemovePolicy(id.clone())));
         }
         if old == Some(Enforcement::Enforce) {
-            t.nodes
-                .extend(self.enforced.apply(Change::RemovePolicy(id)).nodes);
+            t.extend(self.enforced.apply(Change::RemovePolicy(id)));
         }
         self.drop_full_if_unused();
     }
@@ -221,16 +217,31 @@ impl StagedCompiler {
                 Enforcement::Audit => {
                     self.ensure_full();
                     let id = policy.id;
-                    t.nodes
-                        .extend(self.enforced.apply(Change::RemovePolicy(id)).nodes);
+                    t.extend(self.enforced.apply(Change::RemovePolicy(id)));
                 }
                 Enforcement::Enforce => {
-                    t.nodes
-                        .extend(self.enforced.apply(Change::UpsertPolicy(policy)).nodes);
+                    t.extend(self.enforced.apply(Change::UpsertPolicy(policy)));
                 }
             }
         }
         self.drop_full_if_unused();
+    }
+
+    /// A live group's members. Ids name definitions, and members follow from the cluster
+    /// alone, so a group both views hold is the same in each.
+    pub fn group(&self, id: &str) -> Option<Arc<Group>> {
+        self.enforced
+            .group(id)
+            .or_else(|| self.full.as_ref()?.group(id))
+    }
+
+    /// The nodes whose rules (enforced or audit lists) reference a live group, each once.
+    pub fn group_nodes(&self, id: &str) -> BTreeSet<&str> {
+        let mut nodes: BTreeSet<&str> = self.enforced.group_nodes(id).collect();
+        if let Some(full) = &self.full {
+            nodes.extend(full.group_nodes(id));
+        }
+        nodes
     }
 
     /// One node's enforced rule set, with the full view of each pod's direction where it

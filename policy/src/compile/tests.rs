@@ -204,9 +204,14 @@ fn incremental_updates_match_full_compile_and_touch_only_affected_nodes() {
     current.pods.insert(new_api.key(), new_api.clone());
     let touched = compiler.apply(Change::UpsertPod(new_api));
     assert_eq!(compiler.node_rule_sets(), compile(&current, &policies));
+    let db_group_nodes: Vec<&str> = touched
+        .groups
+        .iter()
+        .flat_map(|g| compiler.group_nodes(g))
+        .collect();
     assert!(
-        touched.nodes.contains("n1"),
-        "db's group changed: {touched:?}"
+        db_group_nodes.contains(&"n1") && !touched.nodes.contains("n1"),
+        "db's group changed, and only its group: {touched:?}"
     );
     assert!(
         touched.nodes.contains("n2"),
@@ -218,7 +223,10 @@ fn incremental_updates_match_full_compile_and_touch_only_affected_nodes() {
     other.labels.insert("version".into(), "2".into());
     current.pods.insert(other.key(), other.clone());
     let touched = compiler.apply(Change::UpsertPod(other));
-    assert!(touched.nodes.is_empty(), "{touched:?}");
+    assert!(
+        touched.nodes.is_empty() && touched.groups.is_empty(),
+        "{touched:?}"
+    );
     assert_eq!(compiler.node_rule_sets(), compile(&current, &policies));
 
     // Removing a policy and putting it back restores the original sets exactly.

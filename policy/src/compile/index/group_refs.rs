@@ -16,6 +16,16 @@ impl Compiler {
     /// Counts a reference from `node`, creating the group without members if it is new (the
     /// full compile computes all members at the end).
     pub(super) fn reference_group(&mut self, node: u32, gkey: GroupKey, def: &Arc<GroupDef>) {
+        self.reference_group_from(&[node], gkey, def);
+    }
+
+    /// [`Compiler::reference_group`] for one pod on each of `nodes`.
+    pub(super) fn reference_group_from(
+        &mut self,
+        nodes: &[u32],
+        gkey: GroupKey,
+        def: &Arc<GroupDef>,
+    ) {
         let g = match self.groups.get_mut(&gkey) {
             Some(g) => g,
             None => {
@@ -25,7 +35,9 @@ impl Compiler {
                     .or_insert_with(|| GroupState::new(def.clone()))
             }
         };
-        *g.nodes.entry(node).or_insert(0) += 1;
+        for &node in nodes {
+            *g.nodes.entry(node).or_insert(0) += 1;
+        }
     }
 
     pub(super) fn release_refs<'a>(&mut self, node: u32, refs: impl Iterator<Item = &'a GroupKey>) {

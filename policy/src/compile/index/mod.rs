@@ -18,26 +18,28 @@ mod selector_index;
 mod tier_lists;
 
 use group_refs::{contribution, contribution_with, group_pod_selector, index_slot, Slot};
-use policies::{namespace_may_match, ById};
-use selector_index::{LabelIndex, SelectorIndex};
+use policies::{namespace_may_match, NpIndex};
+use selector_index::{insert_sorted, remove_sorted, LabelIndex, SelectorIndex};
 use std::collections::{BTreeMap, BTreeSet};
-use tier_lists::TierLists;
+use tier_lists::{Defs, TierLists};
 
 use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::groups::{group_id, node_members, GroupDef, GroupKey, GroupState, Member};
+use super::groups::{group_id, group_key, node_members, GroupDef, GroupKey, GroupState, Member};
 use super::instances::CompiledPolicy;
 use super::{Change, Touched, Warning};
 use crate::model::{
     Cluster, ContainerPort, Direction, Labels, Namespace, NamespaceScope, Node, Pod, PodKey,
     Policy, PolicyId, RuleOrigin, Subject, Tier,
 };
-use crate::ruleset::{DirectionRules, NodeRuleSet, PodRules, RuleId, RuleInstance};
+use crate::ruleset::{DirectionRules, Group, NodeRuleSet, PodRules, RuleId, RuleInstance};
 use crate::selector::LabelSelector;
 
 static NO_LABELS: Labels = Labels::new();
+/// A tiered policy's place in evaluation order.
+type TieredRank = (Tier, u32, PolicyId);
 /// Whether to scan a namespace of `pods` pods instead of looking up candidates in the pod
 /// label index: cheaper for a small one. Debug builds (the property tests') always use
 /// the index, whose results are a superset of a scan's, so that every path of it is tested.
@@ -54,7 +56,17 @@ static EVERYTHING: LabelSelector = LabelSelector {
 struct Compiled {
     ingress: Arc<DirectionRules>,
     egress: Arc<DirectionRules>,
-    defs: Vec<(GroupKey, Arc<GroupDef>)>,
+    /// The groups its NetworkPolicy rules reference.
+    defs: Defs,
+    /// The groups its tier lists reference, shared with every pod that has those lists.
+    /// A group of both kinds is referenced twice, and counted (and released) twice.
+    tier_defs: Arc<Defs>,
+}
+
+impl Compiled {
+    fn defs(&self) -> impl Iterator<Item = &(GroupKey, Arc<GroupDef>)> {
+        self.tier_defs.iter().chain(&self.defs)
+    }
 }
 
 /// Pods of a namespace with equal labels and ports share one compilation. An entry names a
@@ -91,7 +103,7 @@ struct PodEntry {
 
 impl PodEntry {
     fn refs(&self) -> impl Iterator<Item = &GroupKey> {
-        self.compiled.defs.iter().map(|(key, _)| key)
+        self.compiled.defs().map(|(key, _)| key)
     }
 }
 
@@ -127,11 +139,15 @@ pub struct Compiler {
     policies: BTreeMap<PolicyId, Arc<CompiledPolicy>>,
     rule_origins: HashMap<RuleId, Arc<RuleOrigin>>,
     /// NetworkPolicies per namespace, by what their pod selectors require.
-    np_by_ns: HashMap<String, SelectorIndex<ById>>,
+    np_by_ns: HashMap<String, NpIndex>,
     /// Tiered policies in evaluation order.
     tiered: BTreeSet<(Tier, u32, PolicyId)>,
-    /// Per namespace, the tiered policies whose subject's namespace selector matches it.
-    tiered_by_ns: HashMap<String, Vec<PolicyId>>,
+    /// Tiered policies by what their subject's namespace selector requires (those naming
+    /// one namespace are residual), so a namespace meets only those that can select it.
+    tiered_by_ns_selector: SelectorIndex<TieredRank>,
+    /// Per namespace, the tiered policies whose subject's namespace selector matches it,
+    /// in evaluation order.
+    tiered_by_ns: HashMap<String, Vec<Arc<CompiledPolicy>>>,
     /// Pods per namespace (a count: the pods themselves are a range of `cluster.pods`).
     pods_by_ns: HashMap<String, usize>,
     /// Pods by namespace and label, for selectors that require a label.
@@ -168,6 +184,7 @@ impl Compiler {
             rule_origins: HashMap::default(),
             np_by_ns: HashMap::default(),
             tiered: BTreeSet::new(),
+            tiered_by_ns_selector: SelectorIndex::default(),
             tiered_by_ns: HashMap::default(),
             pods_by_ns: HashMap::default(),
             pod_labels: LabelIndex::default(),
@@ -202,6 +219,9 @@ impl Compiler {
         let mut by_node: HashMap<&str, (u32, Vec<Arc<PodKey>>)> = HashMap::default();
         let mut shapes: HashMap<u64, Vec<(&Pod, Arc<Compiled>)>> = HashMap::default();
         let mut shapes_ns = "";
+        // The nodes of the pods sharing each combination of tier groups: their references
+        // are counted one group at a time, which keeps each group's node table in cache.
+        let mut tier_users: HashMap<usize, (Arc<Defs>, Vec<u32>)> = HashMap::default();
         c.pod_entries.reserve(pods.len());
         for (key, pod) in &pods {
             let key = Arc::new(key.clone());
@@ -240,6 +260,14 @@ impl Compiler {
                     compiled
                 }
             };
+            let at = Arc::as_ptr(&compiled.tier_defs) as usize;
+            match tier_users.get_mut(&at) {
+                Some((_, nodes)) => nodes.push(node),
+                None if !compiled.tier_defs.is_empty() => {
+                    tier_users.insert(at, (compiled.tier_defs.clone(), vec![node]));
+                }
+                None => {}
+            }
             for (gkey, def) in &compiled.defs {
                 c.reference_group(node, *gkey, def);
             }
@@ -249,6 +277,11 @@ impl Compiler {
                 compiled,
             };
             c.pod_entries.insert(key, entry);
+        }
+        for (defs, nodes) in tier_users.into_values() {
+            for (gkey, def) in defs.iter() {
+                c.reference_group_from(&nodes, *gkey, def);
+            }
         }
         // Keys arrive sorted, so each set is built in bulk.
         c.pods_by_node = by_node
@@ -327,6 +360,20 @@ impl Compiler {
                             .unwrap_or(&[]);
                         for ns in candidates.iter().filter(|ns| sel.matches(&ns.labels)) {
                             members_in(&ns.name, &g.def, &mut out);
+                        }
+                    }
+                    Slot::NamespaceSelector(sel) => {
+                        for (ns, _) in self.namespaces_matching(sel) {
+                            members_in(ns, &g.def, &mut out);
+                        }
+                    }
+                    // Named ports on any pod: one pass over the namespaces, each one's
+                    // labels read once.
+                    Slot::PortName(_) => {
+                        for (labels, pods) in pods_by_ns.values() {
+                            for pod in pods {
+                                g.def.contribution(pod, labels, &mut out);
+                            }
                         }
                     }
                     _ => out = self.compute_members(&g.def),
@@ -443,6 +490,20 @@ impl Compiler {
         Some(set)
     }
 
+    /// A live group's current members, by id: what a node referencing it holds.
+    pub fn group(&self, id: &str) -> Option<Arc<Group>> {
+        self.groups.get(&group_key(id)?).map(GroupState::group)
+    }
+
+    /// The nodes whose rules reference a live group, in no particular order.
+    pub fn group_nodes(&self, id: &str) -> impl Iterator<Item = &str> {
+        group_key(id)
+            .and_then(|key| self.groups.get(&key))
+            .into_iter()
+            .flat_map(|g| g.nodes.keys())
+            .map(|&n| self.node_names[n as usize].as_str())
+    }
+
     pub fn node_rule_sets(&self) -> BTreeMap<String, NodeRuleSet> {
         self.nodes()
             .into_iter()
@@ -485,14 +546,23 @@ impl Compiler {
     // ----- namespaces -----
 
     fn refresh_tiered_for_namespace(&mut self, ns: &str) {
+        if self.tiered.is_empty() {
+            self.tiered_by_ns.insert(ns.to_string(), Vec::new());
+            return;
+        }
         let labels = self.ns_labels(ns);
-        let ids: Vec<PolicyId> = self
-            .tiered
-            .iter()
+        let mut ranks: Vec<&TieredRank> = self
+            .tiered_by_ns_selector
+            .candidates(labels)
             .filter(|(_, _, id)| namespace_may_match(&self.policies[id].policy, ns, labels))
-            .map(|(_, _, id)| id.clone())
             .collect();
-        self.tiered_by_ns.insert(ns.to_string(), ids);
+        ranks.sort();
+        ranks.dedup();
+        let list = ranks
+            .into_iter()
+            .map(|(_, _, id)| self.policies[id].clone())
+            .collect();
+        self.tiered_by_ns.insert(ns.to_string(), list);
     }
 
     fn set_namespace(&mut self, name: String, new: Option<Namespace>, t: &mut Touched) {

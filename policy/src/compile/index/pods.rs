@@ -247,11 +247,12 @@ impl Compiler {
         changed
     }
 
+    /// Reports changed groups as such: the nodes referencing them are found on demand
+    /// ([`Compiler::group_nodes`]), not listed on every change.
     pub(super) fn touch_groups(&self, changed: &BTreeSet<GroupKey>, t: &mut Touched) {
         for gkey in changed {
-            if let Some(g) = self.groups.get(gkey) {
-                t.nodes
-                    .extend(g.nodes.keys().map(|&n| self.node_names[n as usize].clone()));
+            if self.groups.contains_key(gkey) {
+                t.groups.insert(group_id(*gkey));
             }
         }
     }
@@ -282,7 +283,7 @@ impl Compiler {
             (old, fresh) => {
                 if let Some(f) = &fresh {
                     t.nodes.insert(self.node_names[f.node as usize].clone());
-                    for (gkey, def) in &f.compiled.defs {
+                    for (gkey, def) in f.compiled.defs() {
                         self.acquire_ref(f.node, *gkey, def);
                     }
                 }
@@ -362,31 +363,32 @@ impl Compiler {
             .get(&pod.namespace)
             .into_iter()
             .flatten()
-            .map(|id| &self.policies[id])
             .filter(|cp| cp.selects(pod, labels))
             .collect();
         let bound = 2 * self.pod_entries.len().max(self.cluster.pods.len()) + 4096;
         // In id order, the order of `isolated_by`.
-        let mut nps: Vec<&CompiledPolicy> = self
-            .np_by_ns
-            .get(&pod.namespace)
+        let index = self.np_by_ns.get(&pod.namespace);
+        let mut nps: Vec<&CompiledPolicy> = index
             .into_iter()
             .flat_map(|index| index.candidates(&pod.labels))
             .map(|p| &*p.0)
             .filter(|cp| cp.selects(pod, labels))
             .collect();
-        nps.sort_by(|a, b| a.policy.id.cmp(&b.policy.id));
-        nps.dedup_by(|a, b| a.policy.id == b.policy.id);
+        if !index.is_some_and(NpIndex::sorted_without_repeats) {
+            nps.sort_by(|a, b| a.policy.id.cmp(&b.policy.id));
+            nps.dedup_by(|a, b| a.policy.id == b.policy.id);
+        }
         let mut defs = Vec::new();
+        let mut tier_defs = Vec::with_capacity(4);
         let mut build = |direction: Direction| {
             let mut rules = DirectionRules::default();
             for (tier, list) in [
                 (Tier::Admin, &mut rules.admin),
                 (Tier::Baseline, &mut rules.baseline),
             ] {
-                *list = self
-                    .tier_lists
-                    .get(direction, tier, &tiered, pod, &mut defs, bound);
+                let (shared, its_defs) = self.tier_lists.get(direction, tier, &tiered, pod, bound);
+                *list = shared;
+                tier_defs.push(its_defs);
             }
             for cp in nps.iter().filter(|cp| cp.policy.isolates.get(direction)) {
                 rules.isolated_by.push(cp.policy.id.clone());
@@ -403,10 +405,15 @@ impl Compiler {
         let egress = build(Direction::Egress);
         let mut seen = rustc_hash::FxHashSet::default();
         defs.retain(|(key, _)| seen.insert(*key));
+        let tier_defs: [Arc<Defs>; 4] = match tier_defs.try_into() {
+            Ok(parts) => parts,
+            Err(_) => unreachable!("two tiers in two directions"),
+        };
         Compiled {
             ingress: Arc::new(ingress),
             egress: Arc::new(egress),
             defs,
+            tier_defs: self.tier_lists.combined(tier_defs, bound),
         }
     }
 }

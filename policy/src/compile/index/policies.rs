@@ -27,6 +27,75 @@ impl Ord for ById {
     }
 }
 
+/// A namespace's NetworkPolicies: a list while they are few (testing each costs less than
+/// a lookup), indexed by what their pod selectors require beyond that. Debug builds (the
+/// property tests') always index, so that the index is what they test.
+pub(super) enum NpIndex {
+    Few(Vec<ById>),
+    Many(SelectorIndex<ById>),
+}
+
+/// Whether a namespace with `n` NetworkPolicies can take one more into its list.
+fn room_for_one_more(n: usize) -> bool {
+    !cfg!(debug_assertions) && n < 8
+}
+
+impl Default for NpIndex {
+    fn default() -> Self {
+        NpIndex::Few(Vec::new())
+    }
+}
+
+impl NpIndex {
+    pub(super) fn insert(&mut self, item: ById) {
+        match self {
+            NpIndex::Few(list) if room_for_one_more(list.len()) => insert_sorted(list, item),
+            NpIndex::Few(list) => {
+                let mut index = SelectorIndex::default();
+                for p in std::mem::take(list).into_iter().chain([item]) {
+                    let cp = p.0.clone();
+                    index.insert(subject_pods(&cp.policy), p);
+                }
+                *self = NpIndex::Many(index);
+            }
+            NpIndex::Many(index) => {
+                let cp = item.0.clone();
+                index.insert(subject_pods(&cp.policy), item);
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, item: &ById) {
+        match self {
+            NpIndex::Few(list) => remove_sorted(list, item),
+            NpIndex::Many(index) => index.remove(subject_pods(&item.0.policy), item),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        match self {
+            NpIndex::Few(list) => list.is_empty(),
+            NpIndex::Many(index) => index.is_empty(),
+        }
+    }
+
+    /// Whether [`NpIndex::candidates`] come in id order, each once.
+    pub(super) fn sorted_without_repeats(&self) -> bool {
+        matches!(self, NpIndex::Few(_))
+    }
+
+    /// Every policy that may select a pod with `labels` (a superset, possibly with
+    /// repeats).
+    pub(super) fn candidates<'a>(&'a self, labels: &'a Labels) -> impl Iterator<Item = &'a ById> {
+        let (few, many) = match self {
+            NpIndex::Few(list) => (&list[..], None),
+            NpIndex::Many(index) => (&[][..], Some(index)),
+        };
+        few.iter()
+            .chain(many.into_iter().flat_map(move |i| i.candidates(labels)))
+    }
+}
+
 /// The pod selector of a policy's subject.
 pub(super) fn subject_pods(policy: &Policy) -> &LabelSelector {
     match &policy.subject {
@@ -57,7 +126,7 @@ impl Compiler {
             }
             same
         });
-        let mut np_by_ns: HashMap<&str, SelectorIndex<ById>> = HashMap::default();
+        let mut np_by_ns: HashMap<&str, NpIndex> = HashMap::default();
         self.rule_origins
             .reserve(compiled.iter().map(|cp| cp.all_rules().count()).sum());
         for cp in &compiled {
@@ -66,16 +135,13 @@ impl Compiler {
                     .insert(rule.id.clone(), rule.origin.clone());
             }
             match (&cp.policy.tier, &cp.policy.subject) {
-                (Tier::NetworkPolicy, Subject::Namespace { namespace, pods }) => {
+                (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) => {
                     np_by_ns
                         .entry(namespace)
                         .or_default()
-                        .insert(pods, ById(cp.clone()));
+                        .insert(ById(cp.clone()));
                 }
-                _ => {
-                    self.tiered
-                        .insert((cp.policy.tier, cp.policy.priority, cp.policy.id.clone()));
-                }
+                _ => self.index_tiered(cp),
             }
         }
         self.np_by_ns = np_by_ns
@@ -96,15 +162,12 @@ impl Compiler {
                 .insert(rule.id.clone(), rule.origin.clone());
         }
         match (&cp.policy.tier, &cp.policy.subject) {
-            (Tier::NetworkPolicy, Subject::Namespace { namespace, pods }) => {
+            (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) => {
                 let index = self.np_by_ns.entry(namespace.clone()).or_default();
                 // An upsert always follows `unindex_policy`, so there is no older entry.
-                index.insert(pods, ById(cp.clone()));
+                index.insert(ById(cp.clone()));
             }
-            _ => {
-                self.tiered
-                    .insert((cp.policy.tier, cp.policy.priority, id.clone()));
-            }
+            _ => self.index_tiered(&cp),
         }
         self.policies.insert(id, cp);
     }
@@ -114,20 +177,29 @@ impl Compiler {
         for rule in cp.all_rules() {
             self.rule_origins.remove(&rule.id);
         }
-        if let (Tier::NetworkPolicy, Subject::Namespace { namespace, pods }) =
+        if let (Tier::NetworkPolicy, Subject::Namespace { namespace, .. }) =
             (&cp.policy.tier, &cp.policy.subject)
         {
             if let Some(s) = self.np_by_ns.get_mut(namespace) {
-                s.remove(pods, &ById(cp.clone()));
+                s.remove(&ById(cp.clone()));
                 if s.is_empty() {
                     self.np_by_ns.remove(namespace);
                 }
             }
         } else {
-            self.tiered
-                .remove(&(cp.policy.tier, cp.policy.priority, id.clone()));
+            let rank = (cp.policy.tier, cp.policy.priority, id.clone());
+            self.tiered_by_ns_selector
+                .remove(namespaces_required(&cp.policy), &rank);
+            self.tiered.remove(&rank);
         }
         Some(cp)
+    }
+
+    fn index_tiered(&mut self, cp: &CompiledPolicy) {
+        let rank = (cp.policy.tier, cp.policy.priority, cp.policy.id.clone());
+        self.tiered_by_ns_selector
+            .insert(namespaces_required(&cp.policy), rank.clone());
+        self.tiered.insert(rank);
     }
 
     /// The pods a policy selects now.
@@ -189,20 +261,30 @@ impl Compiler {
             let keep = self
                 .policies
                 .get(id)
+                .filter(|cp| cp.policy.tier != Tier::NetworkPolicy)
                 .is_some_and(|cp| namespace_may_match(&cp.policy, &ns, self.ns_labels(&ns)));
-            let rank = |pid: &PolicyId| {
-                let p = &self.policies[pid].policy;
-                (p.tier, p.priority, pid.clone())
-            };
+            fn rank(p: &Policy) -> (Tier, u32, &PolicyId) {
+                (p.tier, p.priority, &p.id)
+            }
             let mut list = self.tiered_by_ns.remove(&ns).unwrap_or_default();
-            list.retain(|p| p != id);
+            list.retain(|p| p.policy.id != *id);
             if keep {
-                let r = rank(id);
-                let at = list.partition_point(|p| rank(p) < r);
-                list.insert(at, id.clone());
+                let cp = &self.policies[id];
+                let r = rank(&cp.policy);
+                let at = list.partition_point(|p| rank(&p.policy) < r);
+                list.insert(at, cp.clone());
             }
             self.tiered_by_ns.insert(ns, list);
         }
+    }
+}
+
+/// The selector a namespace's labels must match for a tiered policy to select pods in it
+/// (everything, for a policy naming its namespace: it is then found by name).
+fn namespaces_required(policy: &Policy) -> &LabelSelector {
+    match &policy.subject {
+        Subject::Namespace { .. } => &EVERYTHING,
+        Subject::Cluster { namespaces, .. } => namespaces,
     }
 }
 

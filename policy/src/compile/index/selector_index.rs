@@ -39,13 +39,13 @@ pub(crate) fn pair_hash(scope: &str, key: &str, value: &str) -> u64 {
     h.finish()
 }
 
-fn insert_sorted<T: Ord>(list: &mut Vec<T>, item: T) {
+pub(super) fn insert_sorted<T: Ord>(list: &mut Vec<T>, item: T) {
     if let Err(at) = list.binary_search(&item) {
         list.insert(at, item);
     }
 }
 
-fn remove_sorted<T: Ord>(list: &mut Vec<T>, item: &T) {
+pub(super) fn remove_sorted<T: Ord>(list: &mut Vec<T>, item: &T) {
     if let Ok(at) = list.binary_search(item) {
         list.remove(at);
     }

@@ -19,16 +19,27 @@ struct Entry {
     /// `None` when no rule of the list depends on the pod's named ports.
     ports: Option<Vec<ContainerPort>>,
     list: Arc<Vec<RuleInstance>>,
-    defs: Vec<(GroupKey, Arc<GroupDef>)>,
+    defs: Arc<Defs>,
 }
+
+/// Groups a list references, each once.
+pub(super) type Defs = Vec<(GroupKey, Arc<GroupDef>)>;
+
+/// The groups of a pod's four lists together, by the lists' groups' addresses. The entry
+/// holds those, so the addresses stay theirs.
+type Combined = HashMap<[usize; 4], ([Arc<Defs>; 4], Arc<Defs>)>;
 
 /// The shared lists. Valid until a tiered policy changes (then `clear`): a list depends
 /// only on its policies and the facts in its key.
 #[derive(Default)]
 pub(super) struct TierLists {
     entries: Mutex<(usize, HashMap<u64, Vec<Entry>>)>,
+    /// Pods with the same four lists share their groups too: one count per pod, not one
+    /// per group of each list, and no merging of the lists' groups per pod.
+    combined: Mutex<Combined>,
     /// The list of pods that no policy of a tier selects, shared by all of them.
     empty: Arc<Vec<RuleInstance>>,
+    no_defs: Arc<Defs>,
 }
 
 /// Whether a policy's rules in `direction` mean something different on pods with
@@ -47,6 +58,38 @@ impl TierLists {
     pub(super) fn clear(&self) {
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         *e = (0, HashMap::default());
+        self.combined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The groups of four lists' groups together, each once.
+    pub(super) fn combined(&self, parts: [Arc<Defs>; 4], bound: usize) -> Arc<Defs> {
+        let mut non_empty = parts.iter().filter(|d| !d.is_empty());
+        match (non_empty.next(), non_empty.next()) {
+            (None, _) => return self.no_defs.clone(),
+            (Some(one), None) => return Arc::clone(one),
+            _ => {}
+        }
+        let key = parts.each_ref().map(|d| Arc::as_ptr(d) as usize);
+        let mut map = self.combined.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, defs)) = map.get(&key) {
+            return defs.clone();
+        }
+        let mut seen = rustc_hash::FxHashSet::default();
+        let defs: Defs = parts
+            .iter()
+            .flat_map(|d| d.iter())
+            .filter(|(k, _)| seen.insert(*k))
+            .cloned()
+            .collect();
+        let defs = Arc::new(defs);
+        if map.len() > bound {
+            map.clear();
+        }
+        map.insert(key, (parts, defs.clone()));
+        defs
     }
 
     /// The list of `tier` in `direction` for `pod`, which `policies` (in evaluation order,
@@ -57,11 +100,10 @@ impl TierLists {
         tier: Tier,
         policies: &[&Arc<CompiledPolicy>],
         pod: &Pod,
-        defs: &mut Vec<(GroupKey, Arc<GroupDef>)>,
         bound: usize,
-    ) -> Arc<Vec<RuleInstance>> {
+    ) -> (Arc<Vec<RuleInstance>>, Arc<Defs>) {
         if !policies.iter().any(|cp| cp.policy.tier == tier) {
-            return self.empty.clone();
+            return (self.empty.clone(), self.no_defs.clone());
         }
         let policies: Vec<&Arc<CompiledPolicy>> = policies
             .iter()
@@ -96,8 +138,7 @@ impl TierLists {
             })
         });
         if let Some(e) = found {
-            defs.extend(e.defs.iter().cloned());
-            return e.list.clone();
+            return (e.list.clone(), e.defs.clone());
         }
         let mut list = Vec::new();
         let mut own_defs = Vec::new();
@@ -110,7 +151,7 @@ impl TierLists {
         let mut seen = rustc_hash::FxHashSet::default();
         own_defs.retain(|(key, _)| seen.insert(*key));
         let list = Arc::new(list);
-        defs.extend(own_defs.iter().cloned());
+        let own_defs = Arc::new(own_defs);
         // Label and port churn can leave combinations no pod has; a bound keeps them few.
         if *count > bound {
             map.clear();
@@ -123,8 +164,8 @@ impl TierLists {
             policies: policies.into_iter().cloned().collect(),
             ports: ports.cloned(),
             list: list.clone(),
-            defs: own_defs,
+            defs: own_defs.clone(),
         });
-        list
+        (list, own_defs)
     }
 }

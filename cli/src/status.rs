@@ -74,8 +74,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     } else {
         print!("{}", render(&summary, &nodes, leader.as_deref()));
     }
-    let all_enforced = summary.policies.iter().all(|p| p.enforced());
-    Ok(if all_enforced {
+    // A policy in audit is in force as its owners chose: not a reason to fail.
+    let all_in_force = summary.policies.iter().all(|p| p.in_force());
+    Ok(if all_in_force {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(3)
@@ -198,6 +199,7 @@ mod tests {
                     span: 2,
                 },
                 rejected: None,
+                audit: false,
             }],
         );
         let text = render(

@@ -86,6 +86,9 @@ pub enum Note {
     /// The policy at this `metadata.generation` is in what the hub has published (sent
     /// only after that publish, so acknowledgements from then on cover it).
     Observed(PolicyId, i64),
+    /// The policy's mode, when it is first known and whenever it changes (its annotation,
+    /// its namespace's label): the status says "in audit" rather than "enforced".
+    Mode(PolicyId, Enforcement),
     /// The policy is gone.
     Gone(PolicyId),
 }
@@ -100,6 +103,8 @@ pub struct CompileLoop {
     notes: Option<mpsc::UnboundedSender<Note>>,
     /// Generations seen since the last publish, noted once it is out.
     observed: Vec<(PolicyId, i64)>,
+    /// The modes last noted.
+    modes: BTreeMap<PolicyId, Enforcement>,
     /// Publish rounds so far (for tests and the bench: bursts must coalesce).
     pub rounds: u64,
 }
@@ -114,6 +119,7 @@ impl CompileLoop {
             hub,
             notes,
             observed: Vec::new(),
+            modes: BTreeMap::new(),
             rounds: 0,
         }
     }
@@ -169,6 +175,7 @@ impl CompileLoop {
             }
             for id in applied.gone {
                 self.observed.retain(|(o, _)| *o != id);
+                self.modes.remove(&id);
                 let _ = tx.send(Note::Gone(id));
             }
         }
@@ -195,13 +202,23 @@ impl CompileLoop {
     }
 
     fn note_observed(&mut self) {
-        if self.compiler.is_none() {
+        let Some(compiler) = &self.compiler else {
             return;
+        };
+        let Some(tx) = &self.notes else {
+            self.observed.clear();
+            return;
+        };
+        // Modes first, so that a policy is never reported enforced that is in audit.
+        for policy in compiler.policies() {
+            let mode = compiler.mode(&policy.id).unwrap_or(Enforcement::Enforce);
+            if self.modes.get(&policy.id) != Some(&mode) {
+                self.modes.insert(policy.id.clone(), mode);
+                let _ = tx.send(Note::Mode(policy.id.clone(), mode));
+            }
         }
         for (id, generation) in self.observed.drain(..) {
-            if let Some(tx) = &self.notes {
-                let _ = tx.send(Note::Observed(id, generation));
-            }
+            let _ = tx.send(Note::Observed(id, generation));
         }
     }
 

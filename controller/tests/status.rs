@@ -109,10 +109,12 @@ async fn wait_condition(s: &System, name: &str, want: (&str, &str)) -> i64 {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let agents: Vec<String> = s.agents.iter().map(|a| a.process.tail()).collect();
     panic!(
-        "condition of {name}: want {want:?}, last {last:?}\ncontrollers:\n{}\n--\n{}",
+        "condition of {name}: want {want:?}, last {last:?}\ncontrollers:\n{}\n--\n{}\nagents:\n{}",
         s.replicas[0].process.tail(),
-        s.replicas[1].process.tail()
+        s.replicas[1].process.tail(),
+        agents.join("\n--\n")
     );
 }
 
@@ -209,6 +211,35 @@ async fn enforcement_is_counted_across_replicas_and_shown_where_users_look() {
     assert_eq!(code, 3, "not everything is enforced: {out}");
     assert!(out.contains("node-b  not connected"), "{out}");
     s.start_agent_to("node-b", &[1]).await;
+    wait_condition(&s, "shop-guard", ("True", "enforced on 2 of 2 nodes")).await;
+
+    // In audit, the policy is in force as chosen, and says it enforces nothing.
+    let audit = changed.replace(
+        "metadata: {name: shop-guard}",
+        "metadata: {name: shop-guard, annotations: {palisade.dev/enforcement: audit}}",
+    );
+    assert_ne!(audit, changed);
+    s.kube.apply_yaml(&audit).await.unwrap();
+    wait_condition(
+        &s,
+        "shop-guard",
+        (
+            "False",
+            "in audit on 2 of 2 nodes: nothing is dropped for it, what it would deny is counted and logged as would-deny",
+        ),
+    )
+    .await;
+    let (code, out, err) = palisadectl(&s, &["status"]);
+    assert_eq!(
+        code, 0,
+        "a policy in audit is in force as chosen: {out}{err}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("AdminNetworkPolicy shop-guard"))
+        .unwrap_or_default();
+    assert!(line.ends_with("InAudit"), "{out}");
+    s.kube.apply_yaml(&changed).await.unwrap();
     wait_condition(&s, "shop-guard", ("True", "enforced on 2 of 2 nodes")).await;
 
     // compile and explain against the live cluster, no files.

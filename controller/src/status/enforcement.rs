@@ -119,22 +119,23 @@ pub struct PolicyState {
     pub count: Count,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected: Option<String>,
+    /// In audit: what it would deny passes, counted and logged as would-deny.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
 }
 
 impl PolicyState {
     pub fn message(&self) -> String {
+        let (enforced, span) = (self.count.enforced, self.count.span);
         match &self.rejected {
             Some(error) => format!(
-                "not enforced: {error}; its last accepted version stays in force on {} of {} nodes",
-                self.count.enforced, self.count.span
+                "not enforced: {error}; its last accepted version stays in force on {enforced} of {span} nodes"
             ),
-            None if self.count.span == 0 => {
-                "enforced on 0 of 0 nodes: no node has a pod it applies to".into()
-            }
-            None => format!(
-                "enforced on {} of {} nodes",
-                self.count.enforced, self.count.span
+            None if self.audit => format!(
+                "in audit on {enforced} of {span} nodes: nothing is dropped for it, what it would deny is counted and logged as would-deny"
             ),
+            None if span == 0 => "enforced on 0 of 0 nodes: no node has a pod it applies to".into(),
+            None => format!("enforced on {enforced} of {span} nodes"),
         }
     }
 
@@ -142,14 +143,23 @@ impl PolicyState {
     pub fn reason(&self) -> &'static str {
         if self.rejected.is_some() {
             "Rejected"
-        } else if self.count.complete() {
-            "Enforced"
-        } else {
+        } else if !self.count.complete() {
             "Pending"
+        } else if self.audit {
+            "InAudit"
+        } else {
+            "Enforced"
         }
     }
 
+    /// Accepted and enforced on every node it applies to.
     pub fn enforced(&self) -> bool {
+        self.in_force() && !self.audit
+    }
+
+    /// Accepted and in force, in its mode (enforced or in audit), on every node it applies
+    /// to: nothing is pending.
+    pub fn in_force(&self) -> bool {
         self.rejected.is_none() && self.count.complete()
     }
 }
@@ -158,6 +168,7 @@ impl PolicyState {
 pub fn policies(
     observed: &BTreeMap<PolicyId, i64>,
     invalid: &BTreeMap<PolicyId, String>,
+    audit: &BTreeSet<PolicyId>,
     spans: &BTreeMap<PolicyId, BTreeSet<String>>,
     nodes: &BTreeMap<String, NodeState>,
 ) -> Vec<PolicyState> {
@@ -168,6 +179,7 @@ pub fn policies(
             generation: *generation,
             count: count(spans.get(id), nodes),
             rejected: invalid.get(id).cloned(),
+            audit: audit.contains(id),
         })
         .collect()
 }
@@ -248,7 +260,7 @@ mod tests {
         ]);
         let observed = BTreeMap::from([(id("both"), 3), (id("one"), 1), (id("none"), 2)]);
         let invalid = BTreeMap::from([(id("one"), "spec.ingress[0]: bad".to_string())]);
-        let states = policies(&observed, &invalid, &spans, &nodes);
+        let states = policies(&observed, &invalid, &BTreeSet::new(), &spans, &nodes);
         let by_name = |n: &str| states.iter().find(|s| s.policy.name == n).unwrap();
         assert_eq!(by_name("both").reason(), "Pending");
         assert_eq!(by_name("both").message(), "enforced on 1 of 2 nodes");
@@ -258,5 +270,32 @@ mod tests {
         assert!(!by_name("one").enforced());
         assert_eq!(by_name("none").reason(), "Enforced");
         assert!(by_name("none").enforced());
+    }
+
+    #[test]
+    fn a_policy_in_audit_is_in_force_but_not_enforced() {
+        let nodes = merge(&BTreeMap::from([(
+            "a".to_string(),
+            report(&[("n1", true), ("n2", false)]),
+        )]));
+        let spans = BTreeMap::from([
+            (id("staged"), ["n1"].map(String::from).into()),
+            (id("staged-pending"), ["n1", "n2"].map(String::from).into()),
+        ]);
+        let observed = BTreeMap::from([(id("staged"), 1), (id("staged-pending"), 1)]);
+        let audit: BTreeSet<PolicyId> = [id("staged"), id("staged-pending")].into();
+        let states = policies(&observed, &BTreeMap::new(), &audit, &spans, &nodes);
+        let by_name = |n: &str| states.iter().find(|s| s.policy.name == n).unwrap();
+        let staged = by_name("staged");
+        assert_eq!(staged.reason(), "InAudit");
+        assert!(staged.message().starts_with("in audit on 1 of 1 nodes"));
+        assert!(staged.in_force() && !staged.enforced());
+        let pending = by_name("staged-pending");
+        assert_eq!(pending.reason(), "Pending");
+        assert!(!pending.in_force());
+        // The summary that palisadectl reads keeps the mode.
+        let json = serde_json::to_string(staged).unwrap();
+        let back: PolicyState = serde_json::from_str(&json).unwrap();
+        assert!(back.audit, "{json}");
     }
 }

@@ -15,13 +15,13 @@ mod lease;
 pub mod report;
 mod summary;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::Api;
-use palisade_policy::PolicyId;
+use palisade_policy::{Enforcement, PolicyId};
 use tokio::sync::mpsc;
 
 use crate::compile_loop::Note;
@@ -63,6 +63,8 @@ struct State {
     warned: BTreeMap<ObjectKey, String>,
     /// Policies in the published state, at their `metadata.generation`.
     observed: BTreeMap<PolicyId, i64>,
+    /// Policies in audit.
+    audit: BTreeSet<PolicyId>,
     /// What was last written per policy, and since when its condition has had its status.
     written: BTreeMap<PolicyId, (PolicyState, Time)>,
     /// The previous round's states: Events are written only for states that held a round.
@@ -84,8 +86,16 @@ impl State {
             Note::Observed(id, generation) => {
                 self.observed.insert(id, generation);
             }
+            Note::Mode(id, mode) => {
+                if mode == Enforcement::Audit {
+                    self.audit.insert(id);
+                } else {
+                    self.audit.remove(&id);
+                }
+            }
             Note::Gone(id) => {
                 self.observed.remove(&id);
+                self.audit.remove(&id);
                 self.written.remove(&id);
                 self.previous.remove(&id);
             }
@@ -188,7 +198,13 @@ impl StatusWriter {
                 _ => None,
             })
             .collect();
-        let policies = enforcement::policies(&state.observed, &invalid, &self.hub.spans(), &nodes);
+        let policies = enforcement::policies(
+            &state.observed,
+            &invalid,
+            &state.audit,
+            &self.hub.spans(),
+            &nodes,
+        );
         let mut writes = 0;
         for p in &policies {
             if writes >= WRITES_PER_ROUND {
@@ -211,12 +227,13 @@ impl StatusWriter {
                 // NetworkPolicy: an Event once the count has held for a round.
                 writes += 1;
                 let note = format!("{} (generation {})", p.message(), p.generation);
-                let reason = if p.enforced() {
-                    "Enforced"
+                let (kind, reason) = if p.enforced() {
+                    ("Normal", "Enforced")
+                } else if p.in_force() {
+                    ("Normal", "InAudit")
                 } else {
-                    "NotEnforced"
+                    ("Warning", "NotEnforced")
                 };
-                let kind = if p.enforced() { "Normal" } else { "Warning" };
                 self.event(&ObjectKey::Policy(p.policy.clone()), kind, reason, note)
                     .await;
                 let since = Time(k8s_openapi::jiff::Timestamp::now());

@@ -39,10 +39,15 @@ pub fn palisadectl_binary() -> PathBuf {
     sibling_binary("palisadectl", "palisadectl")
 }
 
+/// Another package's binary beside this one, built (or found fresh) once per test process:
+/// a binary left from an older tree would speak an older stream (a digest the controller
+/// refuses, for one), so existing is not enough.
 fn sibling_binary(package: &str, name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_palisade-controller"));
     let sibling = bin.with_file_name(name);
-    if !sibling.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == package) {
         // Benches run from target/release, tests from target/debug.
         let release = bin.parent().is_some_and(|d| d.ends_with("release"));
         let status = Command::new(env!("CARGO"))
@@ -51,6 +56,7 @@ fn sibling_binary(package: &str, name: &str) -> PathBuf {
             .status()
             .expect("cargo build");
         assert!(status.success(), "building {package}");
+        built.push(package.to_string());
     }
     sibling
 }

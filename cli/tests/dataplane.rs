@@ -29,17 +29,16 @@ fn agent() -> PathBuf {
     agent
 }
 
-/// The controller binary, built beside palisadectl for the demo.
+/// The controller binary, built beside palisadectl for the demo (always through cargo, as
+/// the agent: one left from older sources would speak an older stream).
 fn controller() -> String {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_palisadectl"));
     let controller = bin.with_file_name("palisade-controller");
-    if !controller.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "palisade-controller"])
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building palisade-controller");
-    }
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "palisade-controller"])
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building palisade-controller");
     controller.display().to_string()
 }
 

@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use palisade_policy::evaluate::evaluate;
 use palisade_policy::ruleset::decide_flow;
@@ -127,36 +127,6 @@ impl Op {
     }
 }
 
-/// The model's meaning of a change, applied to plain collections.
-fn apply(cluster: &mut Cluster, policies: &mut BTreeMap<PolicyId, Policy>, change: &Change) {
-    match change.clone() {
-        Change::UpsertPod(p) => {
-            cluster.pods.insert(p.key(), p);
-        }
-        Change::RemovePod(k) => {
-            cluster.pods.remove(&k);
-        }
-        Change::UpsertNamespace(n) => {
-            cluster.namespaces.insert(n.name.clone(), n);
-        }
-        Change::RemoveNamespace(n) => {
-            cluster.namespaces.remove(&n);
-        }
-        Change::UpsertNode(n) => {
-            cluster.nodes.insert(n.name.clone(), n);
-        }
-        Change::RemoveNode(n) => {
-            cluster.nodes.remove(&n);
-        }
-        Change::UpsertPolicy(p) => {
-            policies.insert(p.id.clone(), p);
-        }
-        Change::RemovePolicy(id) => {
-            policies.remove(&id);
-        }
-    }
-}
-
 proptest! {
     #![proptest_config(config())]
 
@@ -178,7 +148,7 @@ proptest! {
             let after = compiler.node_rule_sets();
             let full = compile(&cluster, &list);
             prop_assert_eq!(&after, &full, "after {:?}", change);
-            if let Some(problem) = unreported(&compiler, &before, &after, &touched) {
+            if let Some(problem) = unreported_by(&compiler, &before, &after, &touched) {
                 prop_assert!(false, "{:?}: {}", change, problem);
             }
             before = after;
@@ -331,55 +301,9 @@ fn assert_incremental(cluster: &Cluster, policies: &[Policy], change: Change) {
     let after = compiler.node_rule_sets();
     let list: Vec<Policy> = by_id.into_values().collect();
     assert_eq!(after, compile(&cluster, &list), "after {change:?}");
-    if let Some(problem) = unreported(&compiler, &before, &after, &touched) {
+    if let Some(problem) = unreported_by(&compiler, &before, &after, &touched) {
         panic!("{change:?}: {problem}");
     }
-}
-
-/// What a change failed to report, if anything: every node whose rule set changed is in
-/// `touched.nodes`, or differs only in groups of `touched.groups`, is among the nodes
-/// referencing each of them, and gets exactly its new state by taking their new members
-/// from the compiler (what the controller sends it).
-fn unreported(
-    compiler: &Compiler,
-    before: &BTreeMap<String, NodeRuleSet>,
-    after: &BTreeMap<String, NodeRuleSet>,
-    touched: &Touched,
-) -> Option<String> {
-    let nodes: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-    for node in nodes {
-        let (old, new) = (before.get(node), after.get(node));
-        if old == new || touched.nodes.contains(node) {
-            continue;
-        }
-        let (Some(old), Some(new)) = (old, new) else {
-            return Some(format!(
-                "node {node} came or went, touched only {:?}",
-                touched.nodes
-            ));
-        };
-        let mut patched = old.clone();
-        for id in &touched.groups {
-            if let Some(held) = patched.groups.get_mut(id) {
-                if !compiler.group_nodes(id).any(|n| n == node) {
-                    return Some(format!(
-                        "node {node} holds changed group {id} but is not among its nodes"
-                    ));
-                }
-                match compiler.group(id) {
-                    Some(g) => *held = g,
-                    None => return Some(format!("changed group {id} is not live")),
-                }
-            }
-        }
-        if patched != *new {
-            return Some(format!(
-                "node {node} changed: {old:?} -> {new:?}, touched only {:?} and groups {:?}",
-                touched.nodes, touched.groups
-            ));
-        }
-    }
-    None
 }
 
 /// Found by `incremental_compile_equals_full_compile`: a host-network pod on a node without a
@@ -398,4 +322,20 @@ fn regression_pod_moving_to_an_unknown_node_touches_it() {
     let cluster = small_cluster(&[(0, 0, Stack::V4), (0, 0, Stack::V4)]);
     let moved = pod(0, 0, 2, Stack::HostNetwork, Default::default(), vec![]);
     assert_incremental(&cluster, &[], Change::UpsertPod(moved));
+}
+
+/// [`unreported`] for a plain compiler.
+fn unreported_by(
+    compiler: &Compiler,
+    before: &BTreeMap<String, NodeRuleSet>,
+    after: &BTreeMap<String, NodeRuleSet>,
+    touched: &Touched,
+) -> Option<String> {
+    unreported(
+        before,
+        after,
+        touched,
+        |id| compiler.group(id),
+        |id, node| compiler.group_nodes(id).any(|n| n == node),
+    )
 }

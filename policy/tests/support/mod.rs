@@ -9,12 +9,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
+use palisade_policy::ruleset::Group;
 use palisade_policy::{
-    Action, Cluster, ContainerPort, Enforcement, Family, Flow, Isolation, LabelSelector, Labels,
-    Namespace, NamespaceScope, Node, Operator, Peer, Pod, PodKey, Policy, PolicyId, PolicyKind,
-    PortRule, PortSpec, Protocol, Requirement, Rule, Subject, Tier,
+    Action, Change, Cluster, ContainerPort, Enforcement, Family, Flow, Isolation, LabelSelector,
+    Labels, Namespace, NamespaceScope, Node, NodeRuleSet, Operator, Peer, Pod, PodKey, Policy,
+    PolicyId, PolicyKind, PortRule, PortSpec, Protocol, Requirement, Rule, Subject, Tier, Touched,
 };
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -554,4 +556,82 @@ pub fn staged_case() -> impl Strategy<Value = (Cluster, Vec<Policy>, Enforcement
                 (cluster, policies, default)
             })
     })
+}
+
+/// The model's meaning of a change, applied to plain collections.
+pub fn apply(cluster: &mut Cluster, policies: &mut BTreeMap<PolicyId, Policy>, change: &Change) {
+    match change.clone() {
+        Change::UpsertPod(p) => {
+            cluster.pods.insert(p.key(), p);
+        }
+        Change::RemovePod(k) => {
+            cluster.pods.remove(&k);
+        }
+        Change::UpsertNamespace(n) => {
+            cluster.namespaces.insert(n.name.clone(), n);
+        }
+        Change::RemoveNamespace(n) => {
+            cluster.namespaces.remove(&n);
+        }
+        Change::UpsertNode(n) => {
+            cluster.nodes.insert(n.name.clone(), n);
+        }
+        Change::RemoveNode(n) => {
+            cluster.nodes.remove(&n);
+        }
+        Change::UpsertPolicy(p) => {
+            policies.insert(p.id.clone(), p);
+        }
+        Change::RemovePolicy(id) => {
+            policies.remove(&id);
+        }
+    }
+}
+
+/// What a change failed to report, if anything: every node whose rule set changed is in
+/// `touched.nodes`, or differs only in groups of `touched.groups`, is among the nodes
+/// referencing each of them, and gets exactly its new state by taking their new members
+/// from the compiler (what the controller sends it). `group` gives a group's members,
+/// `references(group, node)` whether the compiler has the node among the group's.
+pub fn unreported(
+    before: &BTreeMap<String, NodeRuleSet>,
+    after: &BTreeMap<String, NodeRuleSet>,
+    touched: &Touched,
+    group: impl Fn(&str) -> Option<Arc<Group>>,
+    references: impl Fn(&str, &str) -> bool,
+) -> Option<String> {
+    let nodes: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    for node in nodes {
+        let (old, new) = (before.get(node), after.get(node));
+        if old == new || touched.nodes.contains(node) {
+            continue;
+        }
+        let (Some(old), Some(new)) = (old, new) else {
+            return Some(format!(
+                "node {node} came or went, touched only {:?}",
+                touched.nodes
+            ));
+        };
+        let mut patched = old.clone();
+        for id in &touched.groups {
+            if let Some(held) = patched.groups.get_mut(id) {
+                if !references(id, node) {
+                    return Some(format!(
+                        "node {node} holds changed group {id} but is not among its nodes"
+                    ));
+                }
+                match group(id) {
+                    Some(g) => *held = g,
+                    None => return Some(format!("changed group {id} is not live")),
+                }
+            }
+        }
+        if patched != *new {
+            return Some(format!(
+                "node {node} changed: {old:?} -> {new:?}, touched only {:?} and groups {:?}",
+                touched.nodes, touched.groups
+            ));
+        }
+    }
+    None
 }

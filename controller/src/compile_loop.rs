@@ -197,28 +197,34 @@ impl CompileLoop {
             self.compiler = Some(compiler);
             self.hub.publish(all);
             self.rounds += 1;
+            self.note_modes();
             self.note_observed();
         }
     }
 
     fn note_observed(&mut self) {
-        let Some(compiler) = &self.compiler else {
+        if self.compiler.is_none() {
+            return;
+        }
+        for (id, generation) in self.observed.drain(..) {
+            if let Some(tx) = &self.notes {
+                let _ = tx.send(Note::Observed(id, generation));
+            }
+        }
+    }
+
+    /// Notes the modes that changed. Only a compile changes them, so this runs after one,
+    /// before [`Self::note_observed`]: a policy is never reported enforced that is in audit.
+    fn note_modes(&mut self) {
+        let (Some(compiler), Some(tx)) = (&self.compiler, &self.notes) else {
             return;
         };
-        let Some(tx) = &self.notes else {
-            self.observed.clear();
-            return;
-        };
-        // Modes first, so that a policy is never reported enforced that is in audit.
         for policy in compiler.policies() {
             let mode = compiler.mode(&policy.id).unwrap_or(Enforcement::Enforce);
             if self.modes.get(&policy.id) != Some(&mode) {
                 self.modes.insert(policy.id.clone(), mode);
                 let _ = tx.send(Note::Mode(policy.id.clone(), mode));
             }
-        }
-        for (id, generation) in self.observed.drain(..) {
-            let _ = tx.send(Note::Observed(id, generation));
         }
     }
 
@@ -247,6 +253,7 @@ impl CompileLoop {
             .compile_duration
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(generation, nodes, took = ?started.elapsed(), "published");
+        self.note_modes();
         self.note_observed();
     }
 

@@ -233,6 +233,7 @@ async fn session(
                 .map(palisade_wire::digest)
                 .unwrap_or_default(),
             shared_lists: true,
+            group_patches: true,
         })),
     })
     .await?;

@@ -17,6 +17,8 @@
 //!
 //! `cargo bench -p palisade-controller --bench fanout`; `FANOUT_QUICK=1` for a small run
 //! (500 nodes, 100 agents, 5 repetitions); `FANOUT_AGENTS`, `FANOUT_REPS` override.
+//! `FANOUT_TIERED=1` adds *scale-tiered*'s 200 Admin and Baseline policies;
+//! `FANOUT_INLINE=1` makes the agents ones from before shared lists (every list inline).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
@@ -52,12 +54,16 @@ struct Size {
     reps: usize,
 }
 
+fn flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 fn size() -> Size {
-    let quick = std::env::var("FANOUT_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let quick = flag("FANOUT_QUICK");
     let mut s = if quick {
         Size {
             nodes: 500,
@@ -214,8 +220,12 @@ async fn controller(dir: PathBuf) -> anyhow::Result<()> {
     let size = size();
     let agents: BTreeSet<String> = agent_nodes(size.agents).into_iter().collect();
     let started = Instant::now();
-    let w =
+    let mut w =
         palisade_policy::workloads::scale_sized(size.nodes, size.namespaces, size.per_namespace);
+    if flag("FANOUT_TIERED") {
+        w.policies
+            .extend(palisade_policy::workloads::tiered_policies());
+    }
     let mut events = files::events(
         w.cluster,
         Vec::new(),
@@ -434,7 +444,8 @@ async fn stream(
             node: node.to_string(),
             agent_version: "fanout-bench".into(),
             enforced_digest: Vec::new(),
-            shared_lists: true,
+            shared_lists: !flag("FANOUT_INLINE"),
+            group_patches: !flag("FANOUT_INLINE"),
         })),
     })
     .await?;

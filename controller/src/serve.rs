@@ -97,13 +97,9 @@ impl RuleStream for RuleService {
                 "this token may read node {node:?} only"
             )));
         }
-        tracing::info!(%node, agent = %hello.agent_version, shared_lists = hello.shared_lists, "agent connected");
-        // Agents from before shared lists read only inline ones.
-        let form = if hello.shared_lists {
-            palisade_wire::Form::SharedLists
-        } else {
-            palisade_wire::Form::Inline
-        };
+        tracing::info!(%node, agent = %hello.agent_version, shared_lists = hello.shared_lists, group_patches = hello.group_patches, "agent connected");
+        // Older agents get only what they read.
+        let form = palisade_wire::Form::of_hello(&hello);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(feed(
             self.hub.clone(),

@@ -309,6 +309,7 @@ async fn first_update(
                     agent_version: "test".into(),
                     enforced_digest: Vec::new(),
                     shared_lists,
+                    group_patches: shared_lists,
                 })),
             };
             let mut request =

@@ -272,6 +272,14 @@ pub fn scale_sized(n_nodes: usize, n_ns: usize, per_ns: usize) -> Workload {
 /// *Scale* plus 200 cluster-wide policies (100 Admin, 100 Baseline) of 25 rules each.
 pub fn scale_tiered() -> Workload {
     let mut w = scale();
+    w.policies.extend(tiered_policies());
+    w
+}
+
+/// The 200 cluster-wide policies of *scale-tiered* (100 Admin, 100 Baseline, 25 rules
+/// each, selecting namespaces `team=team-<k % 50>`).
+pub fn tiered_policies() -> Vec<Policy> {
+    let mut policies = Vec::new();
     for k in 0..200u32 {
         let tier = if k < 100 { Tier::Admin } else { Tier::Baseline };
         let team = format!("team-{}", k % 50);
@@ -319,7 +327,7 @@ pub fn scale_tiered() -> Workload {
                 })
                 .collect()
         };
-        w.policies.push(Policy {
+        policies.push(Policy {
             id: PolicyId {
                 kind: PolicyKind::ClusterNetworkPolicy,
                 namespace: None,
@@ -337,7 +345,7 @@ pub fn scale_tiered() -> Workload {
             enforcement: None,
         });
     }
-    w
+    policies
 }
 
 /// 25,000 namespaces `app=<ns>` with 4 pods each on 1,000 nodes; per namespace a

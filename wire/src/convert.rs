@@ -123,20 +123,39 @@ fn check_range<T: PartialOrd>(first: T, last: T, field: &str) -> Result<(), Wire
     Ok(())
 }
 
+fn endpoints_to<'a>(eps: impl IntoIterator<Item = &'a PortEndpoint>) -> Vec<pb::PortEndpoint> {
+    eps.into_iter()
+        .map(|e| pb::PortEndpoint {
+            address: addr_to_bytes(&e.addr),
+            protocol: protocol_to(e.protocol),
+            port: e.port.into(),
+        })
+        .collect()
+}
+
+fn endpoints_from(
+    eps: &[pb::PortEndpoint],
+    field: &str,
+) -> Result<BTreeSet<PortEndpoint>, WireError> {
+    let mut out = BTreeSet::new();
+    for (i, e) in eps.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        out.insert(PortEndpoint {
+            addr: addr_from_bytes(&e.address, &format!("{f}.address"))?,
+            protocol: protocol_from(e.protocol, &format!("{f}.protocol"))?,
+            port: port_from(e.port, &format!("{f}.port"))?,
+        });
+    }
+    Ok(out)
+}
+
 pub fn group_to(id: &str, g: &Group) -> pb::AddressGroup {
     use pb::address_group::Body;
     let body = match g {
         Group::Addresses(a) => Body::Addresses(addrset_to(a)),
         Group::Hosts(a) => Body::Hosts(addrset_to(a)),
         Group::NamedPorts(eps) => Body::NamedPorts(pb::NamedPorts {
-            endpoints: eps
-                .iter()
-                .map(|e| pb::PortEndpoint {
-                    address: addr_to_bytes(&e.addr),
-                    protocol: protocol_to(e.protocol),
-                    port: e.port.into(),
-                })
-                .collect(),
+            endpoints: endpoints_to(eps),
         }),
     };
     pb::AddressGroup {
@@ -153,21 +172,82 @@ pub fn group_from(g: &pb::AddressGroup, field: &str) -> Result<(String, Group), 
             Group::Addresses(addrset_from(a, &format!("{field}.addresses"))?)
         }
         Some(Body::Hosts(a)) => Group::Hosts(addrset_from(a, &format!("{field}.hosts"))?),
-        Some(Body::NamedPorts(n)) => {
-            let mut eps = BTreeSet::new();
-            for (i, e) in n.endpoints.iter().enumerate() {
-                let f = format!("{field}.namedPorts.endpoints[{i}]");
-                eps.insert(PortEndpoint {
-                    addr: addr_from_bytes(&e.address, &format!("{f}.address"))?,
-                    protocol: protocol_from(e.protocol, &format!("{f}.protocol"))?,
-                    port: port_from(e.port, &format!("{f}.port"))?,
-                });
-            }
-            Group::NamedPorts(eps)
-        }
+        Some(Body::NamedPorts(n)) => Group::NamedPorts(endpoints_from(
+            &n.endpoints,
+            &format!("{field}.namedPorts.endpoints"),
+        )?),
         None => return Err(err(field, "a group needs a body")),
     };
     Ok((g.id.clone(), group))
+}
+
+/// The patch that turns `old` into `new`, if both are of one kind.
+pub fn group_patch(id: &str, old: &Group, new: &Group) -> Option<pb::GroupPatch> {
+    let patch = pb::GroupPatch {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    match (old, new) {
+        (Group::Addresses(o), Group::Addresses(n)) | (Group::Hosts(o), Group::Hosts(n)) => {
+            Some(pb::GroupPatch {
+                add: Some(addrset_to(&n.difference(o))),
+                remove: Some(addrset_to(&o.difference(n))),
+                ..patch
+            })
+        }
+        (Group::NamedPorts(o), Group::NamedPorts(n)) => Some(pb::GroupPatch {
+            add_endpoints: endpoints_to(n.difference(o)),
+            remove_endpoints: endpoints_to(o.difference(n)),
+            ..patch
+        }),
+        _ => None,
+    }
+}
+
+/// `old` with `patch` applied.
+pub fn apply_group_patch(
+    old: &Group,
+    patch: &pb::GroupPatch,
+    field: &str,
+) -> Result<Group, WireError> {
+    let ranges = |set: &Option<pb::AddrSet>, name: &str| match set {
+        Some(s) => addrset_from(s, &format!("{field}.{name}")),
+        None => Ok(AddrSet::new()),
+    };
+    let endpoints_given = !patch.add_endpoints.is_empty() || !patch.remove_endpoints.is_empty();
+    let ranges_given = patch
+        .add
+        .as_ref()
+        .is_some_and(|a| !a.v4.is_empty() || !a.v6.is_empty())
+        || patch
+            .remove
+            .as_ref()
+            .is_some_and(|r| !r.v4.is_empty() || !r.v6.is_empty());
+    let patched = |set: &AddrSet| -> Result<AddrSet, WireError> {
+        if endpoints_given {
+            return Err(err(field, "endpoints patch an address group"));
+        }
+        let mut out = set.difference(&ranges(&patch.remove, "remove")?);
+        out.union_with(&ranges(&patch.add, "add")?);
+        Ok(out)
+    };
+    Ok(match old {
+        Group::Addresses(a) => Group::Addresses(patched(a)?),
+        Group::Hosts(a) => Group::Hosts(patched(a)?),
+        Group::NamedPorts(eps) => {
+            if ranges_given {
+                return Err(err(field, "address ranges patch a named-port group"));
+            }
+            let remove =
+                endpoints_from(&patch.remove_endpoints, &format!("{field}.removeEndpoints"))?;
+            let mut out: BTreeSet<PortEndpoint> = eps.difference(&remove).copied().collect();
+            out.extend(endpoints_from(
+                &patch.add_endpoints,
+                &format!("{field}.addEndpoints"),
+            )?);
+            Group::NamedPorts(out)
+        }
+    })
 }
 
 /// Ids end up as nftables object names: keep them to what the compiler makes.
@@ -329,13 +409,35 @@ fn instances_from(list: &[pb::RuleInstance], field: &str) -> Result<Vec<RuleInst
         .collect()
 }
 
-/// How Admin and Baseline lists cross the wire.
+/// What the receiving agent reads, from its Hello: each newer feature is sent only to
+/// agents that say they read it, so controllers and agents can be upgraded in any order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Form {
-    /// Named by id, each sent once per node (`NodeUpdate.upsert_lists`).
-    SharedLists,
-    /// Spelled out in every pod: what agents before shared lists read.
-    Inline,
+pub struct Form {
+    /// Admin and Baseline lists named by id, each sent once per node
+    /// (`NodeUpdate.upsert_lists`), instead of spelled out in every pod.
+    pub shared_lists: bool,
+    /// A changed group as the members it gained and lost (`NodeUpdate.patch_groups`).
+    pub group_patches: bool,
+}
+
+impl Form {
+    /// What this version reads.
+    pub const CURRENT: Form = Form {
+        shared_lists: true,
+        group_patches: true,
+    };
+    /// What agents before either feature read.
+    pub const INLINE: Form = Form {
+        shared_lists: false,
+        group_patches: false,
+    };
+
+    pub fn of_hello(hello: &pb::Hello) -> Form {
+        Form {
+            shared_lists: hello.shared_lists,
+            group_patches: hello.group_patches,
+        }
+    }
 }
 
 /// The lists a node holds, by id.
@@ -361,7 +463,9 @@ pub fn tier_list_from(l: &pb::TierList, field: &str) -> Result<TierList, WireErr
 
 fn list_to(l: &TierList, form: Form) -> (Vec<pb::RuleInstance>, String) {
     match form {
-        Form::SharedLists if !l.is_empty() => (Vec::new(), l.id().to_string()),
+        Form {
+            shared_lists: true, ..
+        } if !l.is_empty() => (Vec::new(), l.id().to_string()),
         _ => (l.iter().map(instance_to).collect(), String::new()),
     }
 }

@@ -7,21 +7,22 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use palisade_policy::ruleset::{Clause, Group, PodRules};
+use palisade_policy::ruleset::{Clause, Group, PodRules, RuleInstance, TierList};
 use palisade_policy::NodeRuleSet;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::convert::{
-    addr_from_bytes, addr_to_bytes, err, group_from, group_to, pod_from, pod_lists, pod_to,
-    rule_from, rule_to, tier_list_from, tier_list_to, Form, Lists, WireError,
+    addr_from_bytes, addr_to_bytes, apply_group_patch, err, group_from, group_patch, group_to,
+    pod_from, pod_lists, pod_to, rule_from, rule_to, tier_list_from, tier_list_to, Form, Lists,
+    WireError,
 };
 use crate::pb;
 
-/// The whole state as one update in the shared-list form (generation and digest left for
+/// The whole state as one update in this version's form (generation and digest left for
 /// the caller).
 pub fn snapshot(state: &NodeRuleSet) -> pb::NodeUpdate {
-    snapshot_in(state, Form::SharedLists)
+    snapshot_in(state, Form::CURRENT)
 }
 
 pub fn snapshot_in(state: &NodeRuleSet, form: Form) -> pb::NodeUpdate {
@@ -36,11 +37,12 @@ pub fn snapshot_in(state: &NodeRuleSet, form: Form) -> pb::NodeUpdate {
         upsert_rules: state.rules.iter().map(|(id, o)| rule_to(id, o)).collect(),
         remove_rules: Vec::new(),
         digest: Vec::new(),
-        upsert_lists: match form {
-            Form::SharedLists => lists_of(state).values().map(|l| tier_list_to(l)).collect(),
-            Form::Inline => Vec::new(),
+        upsert_lists: match form.shared_lists {
+            true => lists_of(state).values().map(|l| tier_list_to(l)).collect(),
+            false => Vec::new(),
         },
-        shared_lists: form == Form::SharedLists,
+        shared_lists: form.shared_lists,
+        patch_groups: Vec::new(),
     }
 }
 
@@ -63,19 +65,25 @@ fn addresses_to(state: &NodeRuleSet) -> pb::NodeAddresses {
     }
 }
 
-/// The digest of the state in the shared-list form.
+/// The digest of the state in this version's form.
 pub fn digest(state: &NodeRuleSet) -> Vec<u8> {
-    digest_in(state, Form::SharedLists)
+    digest_in(state, Form::CURRENT)
 }
 
+/// The digest of the state's snapshot in `form`; of the form's parts, only the lists'
+/// (named or inline) changes a snapshot.
 pub fn digest_in(state: &NodeRuleSet, form: Form) -> Vec<u8> {
+    let form = Form {
+        group_patches: false,
+        ..form
+    };
     Sha256::digest(snapshot_in(state, form).encode_to_vec()).to_vec()
 }
 
-/// The update that turns `old` (`None`: nothing, send a snapshot) into `new`, in the
-/// shared-list form, with `new`'s digest.
+/// The update that turns `old` (`None`: nothing, send a snapshot) into `new`, in this
+/// version's form, with `new`'s digest.
 pub fn diff(old: Option<&NodeRuleSet>, new: &NodeRuleSet) -> pb::NodeUpdate {
-    diff_in(old, new, Form::SharedLists)
+    diff_in(old, new, Form::CURRENT)
 }
 
 /// The update that turns `old` (`None`: nothing, send a snapshot) into `new`, with `new`'s
@@ -90,7 +98,7 @@ pub fn diff_in(old: Option<&NodeRuleSet>, new: &NodeRuleSet, form: Form) -> pb::
     };
     let mut update = pb::NodeUpdate {
         digest,
-        shared_lists: form == Form::SharedLists,
+        shared_lists: form.shared_lists,
         ..Default::default()
     };
     if old.node_addresses != new.node_addresses {
@@ -99,6 +107,13 @@ pub fn diff_in(old: Option<&NodeRuleSet>, new: &NodeRuleSet, form: Form) -> pb::
     for (id, g) in &new.groups {
         match old.groups.get(id) {
             Some(o) if Arc::ptr_eq(o, g) || o == g => {}
+            Some(o) if form.group_patches => {
+                let whole = group_to(id, g);
+                match group_patch(id, o, g) {
+                    Some(p) if p.encoded_len() < whole.encoded_len() => update.patch_groups.push(p),
+                    _ => update.upsert_groups.push(whole),
+                }
+            }
             _ => update.upsert_groups.push(group_to(id, g)),
         }
     }
@@ -118,7 +133,7 @@ pub fn diff_in(old: Option<&NodeRuleSet>, new: &NodeRuleSet, form: Form) -> pb::
         .iter()
         .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
         .collect();
-    let mut held = (form == Form::SharedLists).then(|| lists_of(old));
+    let mut held = form.shared_lists.then(|| lists_of(old));
     for (key, p) in &new_pods {
         if old_pods.get(key) == Some(p) {
             continue;
@@ -166,6 +181,7 @@ pub fn is_empty(update: &pb::NodeUpdate) -> bool {
         && update.upsert_rules.is_empty()
         && update.remove_rules.is_empty()
         && update.upsert_lists.is_empty()
+        && update.patch_groups.is_empty()
 }
 
 /// Applies an update to `old` (ignored for a snapshot) and returns the new state, or an
@@ -205,16 +221,27 @@ pub fn apply(
         let (id, group) = group_from(g, &format!("upsertGroups[{i}]"))?;
         state.groups.insert(id, Arc::new(group));
     }
-    let form = if update.shared_lists {
-        Form::SharedLists
-    } else {
-        Form::Inline
+    for (i, p) in update.patch_groups.iter().enumerate() {
+        let field = format!("patchGroups[{i}]");
+        let old = state.groups.get(&p.id).ok_or_else(|| {
+            err(
+                format!("{field}.id"),
+                format!("patches group {}, which the node does not hold", p.id),
+            )
+        })?;
+        let patched = apply_group_patch(old, p, &field)?;
+        state.groups.insert(p.id.clone(), Arc::new(patched));
+    }
+    // What this update uses; the reader reads every form.
+    let form = Form {
+        shared_lists: update.shared_lists,
+        group_patches: true,
     };
-    let mut lists = match (form, update.snapshot) {
-        (Form::SharedLists, false) => lists_of(&state),
+    let mut lists = match (form.shared_lists, update.snapshot) {
+        (true, false) => lists_of(&state),
         _ => Lists::new(),
     };
-    if form == Form::Inline && !update.upsert_lists.is_empty() {
+    if !form.shared_lists && !update.upsert_lists.is_empty() {
         return Err(err("upsertLists", "lists come only with sharedLists"));
     }
     for (i, l) in update.upsert_lists.iter().enumerate() {
@@ -251,35 +278,47 @@ pub fn apply(
 }
 
 fn check_references(state: &NodeRuleSet) -> Result<(), WireError> {
+    // Pods share their Admin and Baseline lists: each is checked once, not once per pod.
+    let mut checked: std::collections::HashSet<*const TierList> = Default::default();
     for pod in &state.pods {
-        let audit = [&pod.audit.ingress, &pod.audit.egress]
+        let directions = [Some(&pod.ingress), Some(&pod.egress)]
             .into_iter()
-            .flatten()
-            .flat_map(|d| d.instances());
-        let instances = pod.ingress.instances().chain(pod.egress.instances());
-        for rule in instances.chain(audit) {
-            let at = || format!("pod {}/{} rule {}", pod.namespace, pod.name, rule.rule);
-            if !state.rules.contains_key(&rule.rule) {
-                return Err(err(at(), "names a rule the node does not have"));
+            .chain([pod.audit.ingress.as_ref(), pod.audit.egress.as_ref()])
+            .flatten();
+        for d in directions {
+            let lists = [&d.admin, &d.baseline]
+                .into_iter()
+                .filter(|l| checked.insert(Arc::as_ptr(l)))
+                .flat_map(|l| l.iter());
+            for rule in d.network_policy.iter().chain(lists) {
+                check_instance(state, pod, rule)?;
             }
-            for clause in &rule.clauses {
-                let ids: Vec<&String> = match clause {
-                    Clause::PeerPort { peers, .. } => peers.iter().flatten().collect(),
-                    Clause::NamedPort { group } => vec![group],
-                };
-                for id in ids {
-                    match (state.groups.get(id), clause) {
-                        (None, _) => {
-                            return Err(err(at(), format!("names group {id}, which is missing")))
-                        }
-                        (Some(g), Clause::NamedPort { .. })
-                            if !matches!(**g, Group::NamedPorts(_)) =>
-                        {
-                            return Err(err(at(), format!("group {id} is not a named-port group")))
-                        }
-                        _ => {}
-                    }
+        }
+    }
+    Ok(())
+}
+
+fn check_instance(
+    state: &NodeRuleSet,
+    pod: &PodRules,
+    rule: &RuleInstance,
+) -> Result<(), WireError> {
+    let at = || format!("pod {}/{} rule {}", pod.namespace, pod.name, rule.rule);
+    if !state.rules.contains_key(&rule.rule) {
+        return Err(err(at(), "names a rule the node does not have"));
+    }
+    for clause in &rule.clauses {
+        let ids: Vec<&String> = match clause {
+            Clause::PeerPort { peers, .. } => peers.iter().flatten().collect(),
+            Clause::NamedPort { group } => vec![group],
+        };
+        for id in ids {
+            match (state.groups.get(id), clause) {
+                (None, _) => return Err(err(at(), format!("names group {id}, which is missing"))),
+                (Some(g), Clause::NamedPort { .. }) if !matches!(**g, Group::NamedPorts(_)) => {
+                    return Err(err(at(), format!("group {id} is not a named-port group")))
                 }
+                _ => {}
             }
         }
     }

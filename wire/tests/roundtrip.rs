@@ -222,7 +222,7 @@ fn the_inline_form_rebuilds_every_state() {
     let states = states();
     let mut with_lists = 0;
     for (i, new) in states.iter().enumerate() {
-        let snap = diff_in(None, new, Form::Inline);
+        let snap = diff_in(None, new, Form::INLINE);
         assert!(snap.upsert_lists.is_empty() && !snap.shared_lists);
         assert_eq!(apply(&new.node, None, &snap).expect("applies"), *new);
         if list_count(new) > 0 {
@@ -236,7 +236,7 @@ fn the_inline_form_rebuilds_every_state() {
         for old in states.iter().skip(i % 5).step_by(23).take(4) {
             let mut old = old.clone();
             old.node = new.node.clone();
-            let delta = diff_in(Some(&old), new, Form::Inline);
+            let delta = diff_in(Some(&old), new, Form::INLINE);
             assert_eq!(apply(&new.node, Some(&old), &delta).expect("applies"), *new);
         }
     }
@@ -281,7 +281,7 @@ fn shared_lists_cross_once_per_node() {
             );
         }
     }
-    let inline = diff_in(None, shared, Form::Inline);
+    let inline = diff_in(None, shared, Form::INLINE);
     use prost::Message;
     assert!(snap.encoded_len() < inline.encoded_len());
     assert_eq!(apply(&shared.node, None, &snap).expect("applies"), *shared);
@@ -364,4 +364,64 @@ fn a_list_that_is_missing_or_misnamed_is_refused() {
     old_form.shared_lists = false;
     let e = apply(&s.node, None, &old_form).unwrap_err();
     assert_eq!(e.field, "upsertLists", "{e}");
+}
+
+/// A group that gains and loses a member crosses as a patch of those two, not whole;
+/// agents that do not read patches get it whole; a patch of a group the node does not
+/// hold, or of the wrong kind, is refused.
+#[test]
+fn changed_groups_cross_as_patches() {
+    use palisade_policy::ruleset::Group;
+    use palisade_wire::{diff_in, Form};
+    use std::sync::Arc;
+    let states = states();
+    let (s, id) = states
+        .iter()
+        .find_map(|s| {
+            s.groups
+                .iter()
+                .find(|(_, g)| matches!(&***g, Group::Hosts(_)))
+                .map(|(id, _)| (s, id.clone()))
+        })
+        .expect("a state with a host group");
+    // The group with 50 members (every other address: none merge), then one fewer and
+    // one more.
+    let host = |i: u32| std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a63_0000 + 2 * i));
+    let members = |range: std::ops::Range<u32>| {
+        Arc::new(Group::Hosts(palisade_policy::AddrSet::from_addrs(
+            range.map(host),
+        )))
+    };
+    let mut base = s.clone();
+    base.groups.insert(id.clone(), members(0..50));
+    let s = &base;
+    let mut changed = s.clone();
+    changed.groups.insert(id.clone(), members(1..51));
+    let delta = diff(Some(s), &changed);
+    assert!(delta.upsert_groups.is_empty(), "{delta:?}");
+    assert_eq!(delta.patch_groups.len(), 1);
+    let patch = &delta.patch_groups[0];
+    assert_eq!(patch.id, id);
+    assert_eq!(patch.add.as_ref().map(|a| a.v4.len()), Some(1));
+    assert_eq!(patch.remove.as_ref().map(|r| r.v4.len()), Some(1));
+    assert_eq!(apply(&s.node, Some(s), &delta).expect("applies"), changed);
+
+    let whole = diff_in(Some(s), &changed, Form::INLINE);
+    assert!(whole.patch_groups.is_empty());
+    assert_eq!(whole.upsert_groups.len(), 1);
+    assert_eq!(apply(&s.node, Some(s), &whole).expect("applies"), changed);
+
+    let mut unheld = delta.clone();
+    unheld.patch_groups[0].id = "g-00000000000000ff".into();
+    let e = apply(&s.node, Some(s), &unheld).unwrap_err();
+    assert_eq!(e.field, "patchGroups[0].id", "{e}");
+
+    let mut wrong_kind = delta;
+    wrong_kind.patch_groups[0].add_endpoints = vec![pb::PortEndpoint {
+        address: vec![10, 0, 0, 1],
+        protocol: pb::Protocol::Tcp as i32,
+        port: 80,
+    }];
+    let e = apply(&s.node, Some(s), &wrong_kind).unwrap_err();
+    assert_eq!(e.field, "patchGroups[0]", "{e}");
 }

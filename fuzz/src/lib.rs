@@ -129,6 +129,17 @@ pub mod seeds {
             .map(|(u, generation)| palisade_wire::pb::NodeUpdate { generation, ..u })
             .collect();
             out.push((format!("{}.bin", s.name), super::frame(&updates)));
+            // The same stream as an agent from before shared lists and patches gets it.
+            let inline = palisade_wire::Form::INLINE;
+            let updates: Vec<_> = [
+                palisade_wire::diff_in(None, full, inline),
+                palisade_wire::diff_in(Some(full), other, inline),
+            ]
+            .into_iter()
+            .zip(1..)
+            .map(|(u, generation)| palisade_wire::pb::NodeUpdate { generation, ..u })
+            .collect();
+            out.push((format!("{}-inline.bin", s.name), super::frame(&updates)));
         }
         out
     }

@@ -949,7 +949,10 @@ mod tiered {
                     ));
                 }
             }
-            lists.insert((tier, direction), Arc::new(list.into()));
+            // Typed through the field: a list is whatever the rule set's lists are.
+            let mut typed = DirectionRules::default();
+            typed.admin = Arc::new(list.into());
+            lists.insert((tier, direction), typed.admin);
         }
         for (i, pod) in b.rules.pods.iter_mut().enumerate() {
             let isolated = (i / PODS_PER_NAMESPACE) % 2 == 0;

@@ -43,6 +43,7 @@ use palisade_policy::model::{
 };
 use palisade_policy::ruleset::{
     Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortEndpoint, PortRange, RuleInstance,
+    TierList,
 };
 use palisade_policy::AddrSet;
 
@@ -327,14 +328,14 @@ fn node_rules() -> (NodeRuleSet, Groups, Interfaces) {
                 name: name.clone(),
                 ips: vec![IpAddr::V4(Ipv4Addr::new(10, 244, 7, p as u8 + 2))],
                 ingress: DirectionRules {
-                    admin: admin_in.clone().into(),
+                    admin: TierList::from(admin_in.clone()).into(),
                     isolated_by: isolated_by.clone(),
                     network_policy: ingress.clone(),
                     baseline: Default::default(),
                 }
                 .into(),
                 egress: DirectionRules {
-                    admin: admin_out.clone().into(),
+                    admin: TierList::from(admin_out.clone()).into(),
                     isolated_by: isolated_by.clone(),
                     network_policy: egress.clone(),
                     baseline: Default::default(),

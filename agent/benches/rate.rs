@@ -221,14 +221,16 @@ fn with_audit(rules: &NodeRuleSet) -> NodeRuleSet {
     rules.rules.insert(id.clone(), origin);
     let server = &mut rules.pods[1];
     let mut full = (*server.ingress).clone();
-    full.admin = Arc::new(vec![RuleInstance {
-        rule: id,
-        action: Action::Deny,
-        clauses: vec![Clause::PeerPort {
-            peers: Some(vec![group_id("cidrs")]),
-            ports: Some(port_ranges()),
-        }],
-    }]);
+    full.admin = Arc::new(palisade_policy::ruleset::TierList::new(vec![
+        RuleInstance {
+            rule: id,
+            action: Action::Deny,
+            clauses: vec![Clause::PeerPort {
+                peers: Some(vec![group_id("cidrs")]),
+                ports: Some(port_ranges()),
+            }],
+        },
+    ]));
     server.audit.ingress = Some(Arc::new(full));
     rules
 }

@@ -232,6 +232,7 @@ async fn session(
                 .as_deref()
                 .map(palisade_wire::digest)
                 .unwrap_or_default(),
+            shared_lists: true,
         })),
     })
     .await?;

@@ -20,9 +20,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use palisade_policy::model::{Direction, PodKey, Protocol};
-use palisade_policy::ruleset::{Clause, DirectionRules, Matcher, NodeRuleSet, PodRules};
+use palisade_policy::ruleset::{Clause, DirectionRules, Matcher, NodeRuleSet, PodRules, TierList};
 use palisade_policy::verdict::Verdict;
 
 use crate::render::{entry_chain, Interfaces};
@@ -322,10 +323,10 @@ fn portless(rules: &DirectionRules) -> DirectionRules {
             .collect::<Vec<_>>()
     };
     DirectionRules {
-        admin: keep(&rules.admin).into(),
+        admin: Arc::new(TierList::new(keep(&rules.admin))),
         isolated_by: rules.isolated_by.clone(),
         network_policy: keep(&rules.network_policy),
-        baseline: keep(&rules.baseline).into(),
+        baseline: Arc::new(TierList::new(keep(&rules.baseline))),
     }
 }
 

@@ -92,7 +92,13 @@ fn rules(lab: &Lab) -> NodeRuleSet {
         ips: vec![a.ip4, a.ip6],
         ingress: Default::default(),
         egress: DirectionRules {
-            admin: vec![instance(R_A_DENY, Action::Deny, G_B, &[9090])].into(),
+            admin: palisade_policy::ruleset::TierList::from(vec![instance(
+                R_A_DENY,
+                Action::Deny,
+                G_B,
+                &[9090],
+            )])
+            .into(),
             ..DirectionRules::default()
         }
         .into(),

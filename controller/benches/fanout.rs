@@ -434,6 +434,7 @@ async fn stream(
             node: node.to_string(),
             agent_version: "fanout-bench".into(),
             enforced_digest: Vec::new(),
+            shared_lists: true,
         })),
     })
     .await?;

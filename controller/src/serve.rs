@@ -97,13 +97,20 @@ impl RuleStream for RuleService {
                 "this token may read node {node:?} only"
             )));
         }
-        tracing::info!(%node, agent = %hello.agent_version, "agent connected");
+        tracing::info!(%node, agent = %hello.agent_version, shared_lists = hello.shared_lists, "agent connected");
+        // Agents from before shared lists read only inline ones.
+        let form = if hello.shared_lists {
+            palisade_wire::Form::SharedLists
+        } else {
+            palisade_wire::Form::Inline
+        };
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(feed(
             self.hub.clone(),
             self.auth.clone(),
             token,
             node,
+            form,
             inbound,
             tx,
         ));
@@ -117,6 +124,7 @@ async fn feed(
     auth: Arc<Authenticator>,
     token: String,
     node: String,
+    form: palisade_wire::Form,
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<NodeUpdate, Status>>,
 ) {
@@ -144,7 +152,7 @@ async fn feed(
                     break;
                 }
                 let Some(published) = states.borrow_and_update().clone() else { continue };
-                let mut update = palisade_wire::diff(sent.as_deref(), &published.rules);
+                let mut update = palisade_wire::diff_in(sent.as_deref(), &published.rules, form);
                 update.generation = published.generation;
                 hub.metrics.bytes_sent.inc_by(update.encoded_len() as u64);
                 if tx.send(Ok(update)).await.is_err() {

@@ -278,3 +278,91 @@ async fn a_namespace_in_audit_reaches_the_agent_as_audit_lists() {
         .await
         .unwrap_or_else(|| panic!("enforcing again never arrived; log:\n{}", log(&c)));
 }
+
+/// The first update of a stream whose Hello says `shared_lists`, from a bare client.
+async fn first_update(
+    c: &Controller,
+    node: &str,
+    token: &str,
+    shared_lists: bool,
+) -> palisade_wire::pb::NodeUpdate {
+    use palisade_wire::pb::{
+        agent_message, rule_stream_client::RuleStreamClient, AgentMessage, Hello,
+    };
+    use tokio_stream::StreamExt as _;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let ca = std::fs::read(&c.ca).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = async {
+            let channel = Endpoint::from_shared(c.url.clone())?
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(&ca))
+                        .domain_name("localhost"),
+                )?
+                .connect()
+                .await?;
+            let hello = AgentMessage {
+                kind: Some(agent_message::Kind::Hello(Hello {
+                    node: node.to_string(),
+                    agent_version: "test".into(),
+                    enforced_digest: Vec::new(),
+                    shared_lists,
+                })),
+            };
+            let mut request =
+                tonic::Request::new(tokio_stream::iter([hello]).chain(tokio_stream::pending()));
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse()?);
+            let mut updates = RuleStreamClient::new(channel)
+                .watch(request)
+                .await?
+                .into_inner();
+            updates
+                .message()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("the stream ended"))
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(update)) => return update,
+            other if Instant::now() > deadline => {
+                panic!("no first update: {other:?}; log:\n{}", log(c))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// An agent from before shared lists says nothing of them in its Hello, and gets every
+/// Admin and Baseline list inline with the inline form's digest; one that reads them gets
+/// each list once. Both rebuild the compiled state exactly.
+#[tokio::test]
+async fn agents_before_shared_lists_get_them_inline() {
+    let c = start("forms");
+    let want = compiled(&c.dir, "node-1");
+    let lists = palisade_wire::delta::lists_of(&want);
+    assert!(
+        !lists.is_empty(),
+        "the demo's ClusterNetworkPolicy gives node-1's pods lists"
+    );
+    for shared in [false, true] {
+        let first = first_update(&c, "node-1", "token-of-node-1", shared).await;
+        assert!(first.snapshot);
+        assert_eq!(first.shared_lists, shared);
+        assert_eq!(
+            first.upsert_lists.len(),
+            if shared { lists.len() } else { 0 }
+        );
+        let inline_admin = first
+            .upsert_pods
+            .iter()
+            .flat_map(|p| [&p.ingress, &p.egress])
+            .flatten()
+            .any(|d| !d.admin.is_empty() || !d.baseline.is_empty());
+        assert_eq!(inline_admin, !shared);
+        let got = palisade_wire::apply("node-1", None, &first).expect("the update applies");
+        assert_eq!(got, want);
+    }
+}

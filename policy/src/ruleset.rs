@@ -26,6 +26,8 @@ use crate::verdict::{
 pub type GroupId = String;
 /// `r-` and 16 hex digits of a hash of the rule's origin.
 pub type RuleId = String;
+/// `l-` and 16 hex digits of a hash of the list's instances.
+pub type ListId = String;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PortRange {
@@ -95,21 +97,164 @@ pub struct RuleInstance {
     pub clauses: Vec<Clause>,
 }
 
+/// An Admin or Baseline tier's rule instances for the pods that the same tiered policies
+/// select alike. Many pods share one list, so it has an id of its own (derived from its
+/// content): the stream sends a list once per node and the agent renders it as one chain.
+/// Serialized as the plain sequence of its instances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierList {
+    id: ListId,
+    instances: Vec<RuleInstance>,
+}
+
+impl TierList {
+    pub fn new(instances: Vec<RuleInstance>) -> Self {
+        TierList {
+            id: list_id(&instances),
+            instances,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn instances(&self) -> &[RuleInstance] {
+        &self.instances
+    }
+}
+
+impl Default for TierList {
+    fn default() -> Self {
+        TierList::new(Vec::new())
+    }
+}
+
+impl From<Vec<RuleInstance>> for TierList {
+    fn from(instances: Vec<RuleInstance>) -> Self {
+        TierList::new(instances)
+    }
+}
+
+impl std::ops::Deref for TierList {
+    type Target = [RuleInstance];
+
+    fn deref(&self) -> &[RuleInstance] {
+        &self.instances
+    }
+}
+
+impl Serialize for TierList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.instances.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for TierList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<RuleInstance>::deserialize(d).map(TierList::new)
+    }
+}
+
+/// FNV-1a over every field of the instances, each field closed by a byte that no field
+/// contains (ids are ASCII), so different lists cannot stream the same bytes. Public ids
+/// (chain names, the stream) need a hash that is stable across runs, builds and platforms.
+fn list_id(instances: &[RuleInstance]) -> ListId {
+    struct Fnv(u64);
+    impl Fnv {
+        fn bytes(&mut self, b: &[u8]) {
+            for x in b {
+                self.0 = (self.0 ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        fn field(&mut self, b: &[u8]) {
+            self.bytes(b);
+            self.bytes(&[0xff]);
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    for inst in instances {
+        h.field(inst.rule.as_bytes());
+        h.field(inst.action.as_str().as_bytes());
+        for clause in &inst.clauses {
+            match clause {
+                Clause::PeerPort { peers, ports } => {
+                    h.field(b"peer-port");
+                    match peers {
+                        None => h.field(b"any-peer"),
+                        Some(ids) => {
+                            for id in ids {
+                                h.field(id.as_bytes());
+                            }
+                            h.field(b"peers-end");
+                        }
+                    }
+                    match ports {
+                        None => h.field(b"any-port"),
+                        Some(ranges) => {
+                            for r in ranges {
+                                h.bytes(r.protocol.as_str().as_bytes());
+                                h.bytes(&r.start.to_le_bytes());
+                                h.field(&r.end.to_le_bytes());
+                            }
+                            h.field(b"ports-end");
+                        }
+                    }
+                }
+                Clause::NamedPort { group } => {
+                    h.field(b"named-port");
+                    h.field(group.as_bytes());
+                }
+            }
+        }
+        h.field(b"instance-end");
+    }
+    let mut id = String::with_capacity(18);
+    id.push_str("l-");
+    for shift in (0..16).rev() {
+        id.push(char::from(
+            b"0123456789abcdef"[((h.0 >> (shift * 4)) & 0xf) as usize],
+        ));
+    }
+    id
+}
+
 /// The rules that govern one direction of one pod, in evaluation order.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DirectionRules {
     /// Admin tier, by priority then written order; first match decides (or passes).
     /// Shared (like `baseline`) between every pod that the same tiered policies select
     /// with the same facts (named ports), whatever its namespace or node.
-    pub admin: Arc<Vec<RuleInstance>>,
+    pub admin: Arc<TierList>,
     /// The NetworkPolicies that isolate the pod in this direction; empty: not isolated, and
     /// the Baseline tier decides.
     pub isolated_by: Vec<PolicyId>,
     /// Allow rules of the isolating NetworkPolicies (any match allows).
     pub network_policy: Vec<RuleInstance>,
     /// Baseline tier, consulted only when the pod is not isolated.
-    pub baseline: Arc<Vec<RuleInstance>>,
+    pub baseline: Arc<TierList>,
+}
+
+impl TierList {
+    /// The empty list, shared: most pods have one in some tier, and making it anew would
+    /// cost an allocation and a hash each.
+    pub fn empty() -> Arc<TierList> {
+        static EMPTY: std::sync::LazyLock<Arc<TierList>> =
+            std::sync::LazyLock::new(|| Arc::new(TierList::new(Vec::new())));
+        EMPTY.clone()
+    }
+}
+
+impl Default for DirectionRules {
+    fn default() -> Self {
+        DirectionRules {
+            admin: TierList::empty(),
+            isolated_by: Vec::new(),
+            network_policy: Vec::new(),
+            baseline: TierList::empty(),
+        }
+    }
 }
 
 impl DirectionRules {
@@ -386,4 +531,68 @@ fn decide_flow_with(
         side(Direction::Egress),
         side(Direction::Ingress),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(rule: &str, action: Action, port: u16) -> RuleInstance {
+        RuleInstance {
+            rule: rule.to_string(),
+            action,
+            clauses: vec![Clause::PeerPort {
+                peers: Some(vec!["g-0000000000000001".into()]),
+                ports: Some(vec![PortRange {
+                    protocol: Protocol::Tcp,
+                    start: port,
+                    end: port,
+                }]),
+            }],
+        }
+    }
+
+    /// List ids name agents' chains and cross the stream between builds of different
+    /// versions: the same list must get the same id everywhere, so the value is pinned.
+    #[test]
+    fn list_ids_are_pinned_and_follow_content() {
+        let a = instance("r-0000000000000001", Action::Allow, 80);
+        let b = instance("r-0000000000000002", Action::Deny, 80);
+        let list = TierList::new(vec![a.clone(), b.clone()]);
+        // FNV-1a of the byte stream `list_id` documents, computed apart from this code.
+        assert_eq!(list.id(), "l-813a9356d8c88905");
+        let others = [
+            TierList::new(vec![b.clone(), a.clone()]),
+            TierList::new(vec![a.clone()]),
+            TierList::new(vec![a.clone(), instance("r-0000000000000002", Action::Pass, 80)]),
+            TierList::new(vec![a.clone(), instance("r-0000000000000002", Action::Deny, 81)]),
+            TierList::default(),
+        ];
+        for other in &others {
+            assert_ne!(other.id(), list.id(), "{other:?}");
+        }
+        let mut any_peer = a.clone();
+        any_peer.clauses = vec![Clause::PeerPort {
+            peers: None,
+            ports: None,
+        }];
+        let mut named = a;
+        named.clauses = vec![Clause::NamedPort {
+            group: "g-0000000000000001".into(),
+        }];
+        assert_ne!(
+            TierList::new(vec![any_peer]).id(),
+            TierList::new(vec![named]).id()
+        );
+    }
+
+    #[test]
+    fn a_list_serializes_as_its_instances() {
+        let list = TierList::new(vec![instance("r-0000000000000001", Action::Allow, 80)]);
+        let json = serde_json::to_value(&list).unwrap();
+        assert_eq!(json, serde_json::to_value(list.instances()).unwrap());
+        let back: TierList = serde_json::from_value(json).unwrap();
+        assert_eq!(back, list);
+        assert_eq!(back.id(), list.id());
+    }
 }

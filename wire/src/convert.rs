@@ -1,12 +1,13 @@
 //! The compiled form to protobuf messages and back. Encoding is total; decoding checks
 //! addresses, enums, port numbers and address ranges and names the field that is wrong.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use palisade_policy::ruleset::{
     AuditRules, Clause, DirectionRules, Group, PodRules, PortEndpoint, PortRange, RuleInstance,
+    TierList,
 };
 use palisade_policy::{
     Action, AddrSet, Direction, PolicyId, PolicyKind, Protocol, RuleOrigin, Tier,
@@ -328,24 +329,88 @@ fn instances_from(list: &[pb::RuleInstance], field: &str) -> Result<Vec<RuleInst
         .collect()
 }
 
-fn direction_rules_to(d: &DirectionRules) -> pb::DirectionRules {
+/// How Admin and Baseline lists cross the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// Named by id, each sent once per node (`NodeUpdate.upsert_lists`).
+    SharedLists,
+    /// Spelled out in every pod: what agents before shared lists read.
+    Inline,
+}
+
+/// The lists a node holds, by id.
+pub type Lists = BTreeMap<String, Arc<TierList>>;
+
+pub fn tier_list_to(l: &TierList) -> pb::TierList {
+    pb::TierList {
+        id: l.id().to_string(),
+        instances: l.iter().map(instance_to).collect(),
+    }
+}
+
+pub fn tier_list_from(l: &pb::TierList, field: &str) -> Result<TierList, WireError> {
+    let list = TierList::new(instances_from(&l.instances, &format!("{field}.instances"))?);
+    if list.id() != l.id {
+        return Err(err(
+            format!("{field}.id"),
+            format!("{:?} is not the id of its instances ({})", l.id, list.id()),
+        ));
+    }
+    Ok(list)
+}
+
+fn list_to(l: &TierList, form: Form) -> (Vec<pb::RuleInstance>, String) {
+    match form {
+        Form::SharedLists if !l.is_empty() => (Vec::new(), l.id().to_string()),
+        _ => (l.iter().map(instance_to).collect(), String::new()),
+    }
+}
+
+fn list_from(
+    inline: &[pb::RuleInstance],
+    id: &str,
+    lists: &Lists,
+    field: &str,
+) -> Result<Arc<TierList>, WireError> {
+    match (inline.is_empty(), id.is_empty()) {
+        (_, true) if inline.is_empty() => Ok(TierList::empty()),
+        (_, true) => Ok(Arc::new(TierList::new(instances_from(inline, field)?))),
+        (true, false) => lists.get(id).cloned().ok_or_else(|| {
+            err(
+                format!("{field}List"),
+                format!("names list {id}, which the node does not hold"),
+            )
+        }),
+        (false, false) => Err(err(
+            format!("{field}List"),
+            "a list is either inline or named, not both",
+        )),
+    }
+}
+
+fn direction_rules_to(d: &DirectionRules, form: Form) -> pb::DirectionRules {
+    let (admin, admin_list) = list_to(&d.admin, form);
+    let (baseline, baseline_list) = list_to(&d.baseline, form);
     pb::DirectionRules {
-        admin: d.admin.iter().map(instance_to).collect(),
+        admin,
         isolated_by: d.isolated_by.iter().map(policy_to).collect(),
         network_policy: d.network_policy.iter().map(instance_to).collect(),
-        baseline: d.baseline.iter().map(instance_to).collect(),
+        baseline,
+        admin_list,
+        baseline_list,
     }
 }
 
 fn direction_rules_from(
     d: Option<&pb::DirectionRules>,
     field: &str,
+    lists: &Lists,
 ) -> Result<DirectionRules, WireError> {
     let Some(d) = d else {
         return Ok(DirectionRules::default());
     };
     Ok(DirectionRules {
-        admin: instances_from(&d.admin, &format!("{field}.admin"))?.into(),
+        admin: list_from(&d.admin, &d.admin_list, lists, &format!("{field}.admin"))?,
         isolated_by: d
             .isolated_by
             .iter()
@@ -353,31 +418,55 @@ fn direction_rules_from(
             .map(|(i, p)| policy_from(p, &format!("{field}.isolatedBy[{i}]")))
             .collect::<Result<_, _>>()?,
         network_policy: instances_from(&d.network_policy, &format!("{field}.networkPolicy"))?,
-        baseline: instances_from(&d.baseline, &format!("{field}.baseline"))?.into(),
+        baseline: list_from(
+            &d.baseline,
+            &d.baseline_list,
+            lists,
+            &format!("{field}.baseline"),
+        )?,
     })
 }
 
 fn audit_from(
     d: Option<&pb::DirectionRules>,
     field: &str,
+    lists: &Lists,
 ) -> Result<Option<Arc<DirectionRules>>, WireError> {
-    d.map(|d| direction_rules_from(Some(d), field).map(Arc::new))
+    d.map(|d| direction_rules_from(Some(d), field, lists).map(Arc::new))
         .transpose()
 }
 
-pub fn pod_to(p: &PodRules) -> pb::PodRules {
+/// Every non-empty Admin and Baseline list a pod references, audit lists included.
+pub fn pod_lists(p: &PodRules) -> impl Iterator<Item = &Arc<TierList>> {
+    [Some(&p.ingress), Some(&p.egress)]
+        .into_iter()
+        .chain([p.audit.ingress.as_ref(), p.audit.egress.as_ref()])
+        .flatten()
+        .flat_map(|d| [&d.admin, &d.baseline])
+        .filter(|l| !l.is_empty())
+}
+
+pub fn pod_to(p: &PodRules, form: Form) -> pb::PodRules {
     pb::PodRules {
         namespace: p.namespace.clone(),
         name: p.name.clone(),
         ips: p.ips.iter().map(addr_to_bytes).collect(),
-        ingress: Some(direction_rules_to(&p.ingress)),
-        egress: Some(direction_rules_to(&p.egress)),
-        audit_ingress: p.audit.ingress.as_deref().map(direction_rules_to),
-        audit_egress: p.audit.egress.as_deref().map(direction_rules_to),
+        ingress: Some(direction_rules_to(&p.ingress, form)),
+        egress: Some(direction_rules_to(&p.egress, form)),
+        audit_ingress: p
+            .audit
+            .ingress
+            .as_deref()
+            .map(|d| direction_rules_to(d, form)),
+        audit_egress: p
+            .audit
+            .egress
+            .as_deref()
+            .map(|d| direction_rules_to(d, form)),
     }
 }
 
-pub fn pod_from(p: &pb::PodRules, field: &str) -> Result<PodRules, WireError> {
+pub fn pod_from(p: &pb::PodRules, field: &str, lists: &Lists) -> Result<PodRules, WireError> {
     if p.namespace.is_empty() || p.name.is_empty() {
         return Err(err(field, "a pod needs a namespace and a name"));
     }
@@ -397,14 +486,24 @@ pub fn pod_from(p: &pb::PodRules, field: &str) -> Result<PodRules, WireError> {
         ingress: Arc::new(direction_rules_from(
             p.ingress.as_ref(),
             &format!("{field}.ingress"),
+            lists,
         )?),
         egress: Arc::new(direction_rules_from(
             p.egress.as_ref(),
             &format!("{field}.egress"),
+            lists,
         )?),
         audit: AuditRules {
-            ingress: audit_from(p.audit_ingress.as_ref(), &format!("{field}.auditIngress"))?,
-            egress: audit_from(p.audit_egress.as_ref(), &format!("{field}.auditEgress"))?,
+            ingress: audit_from(
+                p.audit_ingress.as_ref(),
+                &format!("{field}.auditIngress"),
+                lists,
+            )?,
+            egress: audit_from(
+                p.audit_egress.as_ref(),
+                &format!("{field}.auditEgress"),
+                lists,
+            )?,
         },
     })
 }

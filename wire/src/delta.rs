@@ -13,25 +13,48 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::convert::{
-    addr_from_bytes, addr_to_bytes, err, group_from, group_to, pod_from, pod_to, rule_from,
-    rule_to, WireError,
+    addr_from_bytes, addr_to_bytes, err, group_from, group_to, pod_from, pod_lists, pod_to,
+    rule_from, rule_to, tier_list_from, tier_list_to, Form, Lists, WireError,
 };
 use crate::pb;
 
-/// The whole state as one update (generation and digest left for the caller).
+/// The whole state as one update in the shared-list form (generation and digest left for
+/// the caller).
 pub fn snapshot(state: &NodeRuleSet) -> pb::NodeUpdate {
+    snapshot_in(state, Form::SharedLists)
+}
+
+pub fn snapshot_in(state: &NodeRuleSet, form: Form) -> pb::NodeUpdate {
     pb::NodeUpdate {
         generation: 0,
         snapshot: true,
         node_addresses: Some(addresses_to(state)),
         upsert_groups: state.groups.iter().map(|(id, g)| group_to(id, g)).collect(),
         remove_groups: Vec::new(),
-        upsert_pods: state.pods.iter().map(pod_to).collect(),
+        upsert_pods: state.pods.iter().map(|p| pod_to(p, form)).collect(),
         remove_pods: Vec::new(),
         upsert_rules: state.rules.iter().map(|(id, o)| rule_to(id, o)).collect(),
         remove_rules: Vec::new(),
         digest: Vec::new(),
+        upsert_lists: match form {
+            Form::SharedLists => lists_of(state).values().map(|l| tier_list_to(l)).collect(),
+            Form::Inline => Vec::new(),
+        },
+        shared_lists: form == Form::SharedLists,
     }
+}
+
+/// The lists the state's pods reference, by id.
+pub fn lists_of(state: &NodeRuleSet) -> Lists {
+    let mut lists = Lists::new();
+    for pod in &state.pods {
+        for l in pod_lists(pod) {
+            if !lists.contains_key(l.id()) {
+                lists.insert(l.id().to_string(), l.clone());
+            }
+        }
+    }
+    lists
 }
 
 fn addresses_to(state: &NodeRuleSet) -> pb::NodeAddresses {
@@ -40,22 +63,34 @@ fn addresses_to(state: &NodeRuleSet) -> pb::NodeAddresses {
     }
 }
 
+/// The digest of the state in the shared-list form.
 pub fn digest(state: &NodeRuleSet) -> Vec<u8> {
-    Sha256::digest(snapshot(state).encode_to_vec()).to_vec()
+    digest_in(state, Form::SharedLists)
+}
+
+pub fn digest_in(state: &NodeRuleSet, form: Form) -> Vec<u8> {
+    Sha256::digest(snapshot_in(state, form).encode_to_vec()).to_vec()
+}
+
+/// The update that turns `old` (`None`: nothing, send a snapshot) into `new`, in the
+/// shared-list form, with `new`'s digest.
+pub fn diff(old: Option<&NodeRuleSet>, new: &NodeRuleSet) -> pb::NodeUpdate {
+    diff_in(old, new, Form::SharedLists)
 }
 
 /// The update that turns `old` (`None`: nothing, send a snapshot) into `new`, with `new`'s
-/// digest. Groups, pods and rules that did not change are not in it.
-pub fn diff(old: Option<&NodeRuleSet>, new: &NodeRuleSet) -> pb::NodeUpdate {
-    let digest = digest(new);
+/// digest. Groups, pods, rules and lists that did not change are not in it.
+pub fn diff_in(old: Option<&NodeRuleSet>, new: &NodeRuleSet, form: Form) -> pb::NodeUpdate {
+    let digest = digest_in(new, form);
     let Some(old) = old else {
         return pb::NodeUpdate {
             digest,
-            ..snapshot(new)
+            ..snapshot_in(new, form)
         };
     };
     let mut update = pb::NodeUpdate {
         digest,
+        shared_lists: form == Form::SharedLists,
         ..Default::default()
     };
     if old.node_addresses != new.node_addresses {
@@ -83,11 +118,22 @@ pub fn diff(old: Option<&NodeRuleSet>, new: &NodeRuleSet) -> pb::NodeUpdate {
         .iter()
         .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
         .collect();
+    let mut held = (form == Form::SharedLists).then(|| lists_of(old));
     for (key, p) in &new_pods {
-        if old_pods.get(key) != Some(p) {
-            update.upsert_pods.push(pod_to(p));
+        if old_pods.get(key) == Some(p) {
+            continue;
+        }
+        update.upsert_pods.push(pod_to(p, form));
+        if let Some(held) = &mut held {
+            for l in pod_lists(p) {
+                if !held.contains_key(l.id()) {
+                    update.upsert_lists.push(tier_list_to(l));
+                    held.insert(l.id().to_string(), l.clone());
+                }
+            }
         }
     }
+    update.upsert_lists.sort_by(|a, b| a.id.cmp(&b.id));
     for (ns, name) in old_pods.keys().filter(|k| !new_pods.contains_key(*k)) {
         update.remove_pods.push(pb::PodRef {
             namespace: ns.to_string(),
@@ -119,6 +165,7 @@ pub fn is_empty(update: &pb::NodeUpdate) -> bool {
         && update.remove_pods.is_empty()
         && update.upsert_rules.is_empty()
         && update.remove_rules.is_empty()
+        && update.upsert_lists.is_empty()
 }
 
 /// Applies an update to `old` (ignored for a snapshot) and returns the new state, or an
@@ -158,6 +205,22 @@ pub fn apply(
         let (id, group) = group_from(g, &format!("upsertGroups[{i}]"))?;
         state.groups.insert(id, Arc::new(group));
     }
+    let form = if update.shared_lists {
+        Form::SharedLists
+    } else {
+        Form::Inline
+    };
+    let mut lists = match (form, update.snapshot) {
+        (Form::SharedLists, false) => lists_of(&state),
+        _ => Lists::new(),
+    };
+    if form == Form::Inline && !update.upsert_lists.is_empty() {
+        return Err(err("upsertLists", "lists come only with sharedLists"));
+    }
+    for (i, l) in update.upsert_lists.iter().enumerate() {
+        let list = tier_list_from(l, &format!("upsertLists[{i}]"))?;
+        lists.insert(l.id.clone(), Arc::new(list));
+    }
     let mut pods: BTreeMap<(String, String), PodRules> = std::mem::take(&mut state.pods)
         .into_iter()
         .map(|p| ((p.namespace.clone(), p.name.clone()), p))
@@ -166,7 +229,7 @@ pub fn apply(
         pods.remove(&(p.namespace.clone(), p.name.clone()));
     }
     for (i, p) in update.upsert_pods.iter().enumerate() {
-        let pod = pod_from(p, &format!("upsertPods[{i}]"))?;
+        let pod = pod_from(p, &format!("upsertPods[{i}]"), &lists)?;
         pods.insert((pod.namespace.clone(), pod.name.clone()), pod);
     }
     state.pods = pods.into_values().collect();
@@ -178,7 +241,7 @@ pub fn apply(
         state.rules.insert(id, origin);
     }
     check_references(&state)?;
-    if digest(&state) != update.digest {
+    if digest_in(&state, form) != update.digest {
         return Err(err(
             "digest",
             "the state after this update differs from the controller's",

@@ -14,7 +14,7 @@ pub mod pb {
     tonic::include_proto!("palisade.v1");
 }
 
-pub use convert::WireError;
-pub use delta::{apply, diff, digest, snapshot};
+pub use convert::{Form, WireError};
+pub use delta::{apply, diff, diff_in, digest, digest_in, snapshot};
 
 pub use palisade_policy::NodeRuleSet;

@@ -209,3 +209,159 @@ fn audit_lists_cross_the_wire() {
         "{refused} states refused for a missing audit rule"
     );
 }
+
+fn list_count(state: &NodeRuleSet) -> usize {
+    palisade_wire::delta::lists_of(state).len()
+}
+
+/// Agents before shared lists get every list inline, and the inline form rebuilds every
+/// state through snapshots and deltas as the shared one does.
+#[test]
+fn the_inline_form_rebuilds_every_state() {
+    use palisade_wire::{diff_in, Form};
+    let states = states();
+    let mut with_lists = 0;
+    for (i, new) in states.iter().enumerate() {
+        let snap = diff_in(None, new, Form::Inline);
+        assert!(snap.upsert_lists.is_empty() && !snap.shared_lists);
+        assert_eq!(apply(&new.node, None, &snap).expect("applies"), *new);
+        if list_count(new) > 0 {
+            with_lists += 1;
+            assert_ne!(
+                snap.digest,
+                diff(None, new).digest,
+                "the form is in the digest"
+            );
+        }
+        for old in states.iter().skip(i % 5).step_by(23).take(4) {
+            let mut old = old.clone();
+            old.node = new.node.clone();
+            let delta = diff_in(Some(&old), new, Form::Inline);
+            assert_eq!(apply(&new.node, Some(&old), &delta).expect("applies"), *new);
+        }
+    }
+    assert!(with_lists > 30, "{with_lists} states with tier lists");
+}
+
+/// A node carries each list once: a snapshot names every list in its pods by id and sends
+/// it once; a delta sends only the lists the node does not hold yet.
+#[test]
+fn shared_lists_cross_once_per_node() {
+    use palisade_wire::{diff_in, Form};
+    let states = states();
+    let shared = states
+        .iter()
+        .max_by_key(|s| {
+            let refs: usize = s
+                .pods
+                .iter()
+                .map(|p| palisade_wire::convert::pod_lists(p).count())
+                .sum();
+            refs - list_count(s)
+        })
+        .expect("states");
+    let lists = list_count(shared);
+    let refs: usize = shared
+        .pods
+        .iter()
+        .map(|p| palisade_wire::convert::pod_lists(p).count())
+        .sum();
+    assert!(
+        refs > lists,
+        "some list is shared by pods ({refs} refs, {lists} lists)"
+    );
+    let snap = diff(None, shared);
+    assert_eq!(snap.upsert_lists.len(), lists);
+    assert!(snap.shared_lists);
+    for p in &snap.upsert_pods {
+        for d in [&p.ingress, &p.egress].into_iter().flatten() {
+            assert!(
+                d.admin.is_empty() && d.baseline.is_empty(),
+                "named, not inline"
+            );
+        }
+    }
+    let inline = diff_in(None, shared, Form::Inline);
+    use prost::Message;
+    assert!(snap.encoded_len() < inline.encoded_len());
+    assert_eq!(apply(&shared.node, None, &snap).expect("applies"), *shared);
+
+    // Without one pod, then with it again: the list it shares is held, nothing is resent.
+    let (i, pod) = shared
+        .pods
+        .iter()
+        .enumerate()
+        .find(|(i, p)| {
+            palisade_wire::convert::pod_lists(p).next().is_some()
+                && shared.pods.iter().enumerate().any(|(j, q)| {
+                    j != *i
+                        && palisade_wire::convert::pod_lists(q).any(|l| {
+                            l.id() == p.ingress.admin.id() || l.id() == p.egress.admin.id()
+                        })
+                })
+        })
+        .expect("a pod sharing a list");
+    let mut without = shared.clone();
+    without.pods.remove(i);
+    let back = diff(Some(&without), shared);
+    let own: std::collections::BTreeSet<&str> = palisade_wire::convert::pod_lists(pod)
+        .map(|l| l.id())
+        .filter(|id| !palisade_wire::delta::lists_of(&without).contains_key(*id))
+        .collect();
+    let sent: std::collections::BTreeSet<&str> =
+        back.upsert_lists.iter().map(|l| l.id.as_str()).collect();
+    assert_eq!(sent, own, "only the lists the node lacks");
+    assert_eq!(
+        apply(&shared.node, Some(&without), &back).expect("applies"),
+        *shared
+    );
+
+    // The empty node, then everything: every list once.
+    let mut empty = shared.clone();
+    empty.pods.clear();
+    let all = diff(Some(&empty), shared);
+    assert_eq!(all.upsert_lists.len(), lists);
+}
+
+#[test]
+fn a_list_that_is_missing_or_misnamed_is_refused() {
+    let states = states();
+    let s = states
+        .iter()
+        .find(|s| list_count(s) > 0)
+        .expect("a state with lists");
+    let snap = diff(None, s);
+
+    let mut missing = snap.clone();
+    missing.upsert_lists.remove(0);
+    let e = apply(&s.node, None, &missing).unwrap_err();
+    assert!(e.field.ends_with("List"), "{e}");
+    assert!(e.message.contains("does not hold"), "{e}");
+
+    let mut misnamed = snap.clone();
+    misnamed.upsert_lists[0].instances.pop();
+    let e = apply(&s.node, None, &misnamed).unwrap_err();
+    assert_eq!(e.field, "upsertLists[0].id", "{e}");
+
+    let mut both = snap.clone();
+    let pod = both
+        .upsert_pods
+        .iter_mut()
+        .find(|p| {
+            p.ingress.as_ref().is_some_and(|d| !d.admin_list.is_empty())
+                || p.egress.as_ref().is_some_and(|d| !d.admin_list.is_empty())
+        })
+        .expect("a pod naming an admin list");
+    for d in [&mut pod.ingress, &mut pod.egress].into_iter().flatten() {
+        if !d.admin_list.is_empty() {
+            d.admin = snap.upsert_lists[0].instances.clone();
+        }
+    }
+    let e = apply(&s.node, None, &both).unwrap_err();
+    assert!(e.message.contains("not both"), "{e}");
+
+    let mut old_form = snap;
+    old_form.shared_lists = false;
+    let e = apply(&s.node, None, &old_form).unwrap_err();
+    assert_eq!(e.field, "upsertLists", "{e}");
+}

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::model::PortSpec;
+use crate::ruleset::TierList;
 
 struct Entry {
     direction: Direction,
@@ -18,7 +19,7 @@ struct Entry {
     policies: Vec<Arc<CompiledPolicy>>,
     /// `None` when no rule of the list depends on the pod's named ports.
     ports: Option<Vec<ContainerPort>>,
-    list: Arc<Vec<RuleInstance>>,
+    list: Arc<TierList>,
     defs: Arc<Defs>,
 }
 
@@ -37,8 +38,6 @@ pub(super) struct TierLists {
     /// Pods with the same four lists share their groups too: one count per pod, not one
     /// per group of each list, and no merging of the lists' groups per pod.
     combined: Mutex<Combined>,
-    /// The list of pods that no policy of a tier selects, shared by all of them.
-    empty: Arc<Vec<RuleInstance>>,
     no_defs: Arc<Defs>,
 }
 
@@ -101,9 +100,9 @@ impl TierLists {
         policies: &[&Arc<CompiledPolicy>],
         pod: &Pod,
         bound: usize,
-    ) -> (Arc<Vec<RuleInstance>>, Arc<Defs>) {
+    ) -> (Arc<TierList>, Arc<Defs>) {
         if !policies.iter().any(|cp| cp.policy.tier == tier) {
-            return (self.empty.clone(), self.no_defs.clone());
+            return (TierList::empty(), self.no_defs.clone());
         }
         let policies: Vec<&Arc<CompiledPolicy>> = policies
             .iter()
@@ -150,7 +149,7 @@ impl TierLists {
         drop_unreachable(&mut list);
         let mut seen = rustc_hash::FxHashSet::default();
         own_defs.retain(|(key, _)| seen.insert(*key));
-        let list = Arc::new(list);
+        let list = Arc::new(TierList::new(list));
         let own_defs = Arc::new(own_defs);
         // Label and port churn can leave combinations no pod has; a bound keeps them few.
         if *count > bound {

@@ -100,24 +100,10 @@ use std::sync::Arc;
 
 use palisade_policy::model::{Action, Direction, PodKey, Protocol};
 use palisade_policy::ruleset::{
-    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance,
+    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance, TierList,
 };
 
 pub use model::*;
-
-/// Before `palisade_policy::ruleset::TierList` (issue 11), a tier list is a plain vector
-/// and its id a hash of it, as the policy crate will make it.
-type TierList = Vec<RuleInstance>;
-
-trait ListId {
-    fn id(&self) -> String;
-}
-
-impl ListId for Vec<RuleInstance> {
-    fn id(&self) -> String {
-        format!("l-{:016x}", fnv64(&format!("{self:?}")))
-    }
-}
 
 /// Each local pod's host-side interface name.
 pub type Interfaces = BTreeMap<PodKey, String>;
@@ -740,10 +726,10 @@ impl Renderer {
             // The shared tier chains it goes to, each rendered once.
             for (tier, direction, list) in shared_lists(pod) {
                 let id = list.id();
-                if !valid_id(&id) {
+                if !valid_id(id) {
                     return Err(RenderError::BadListId(id.to_string()));
                 }
-                let name = tier.chain(direction, &id);
+                let name = tier.chain(direction, id);
                 if let Some(done) = lists.get(&name) {
                     if !same_list(&done.list, list) {
                         return Err(RenderError::ListIdCollision(id.to_string()));
@@ -856,7 +842,7 @@ fn render_shared(
     }
     let chain = through_flow_log(out, chain, flow_log);
     out.chains
-        .insert(tier.chain(direction, &list.id()), Arc::new(chain));
+        .insert(tier.chain(direction, list.id()), Arc::new(chain));
     Ok(())
 }
 
@@ -1168,7 +1154,7 @@ fn shared_view(
         (Some(rest_chain(key, direction)), Some(list))
     } else if !dir_rules.baseline.is_empty() {
         let id = dir_rules.baseline.id();
-        (Some(baseline_chain(direction, &id)), None)
+        (Some(baseline_chain(direction, id)), None)
     } else {
         (None, None)
     };
@@ -1179,7 +1165,7 @@ fn shared_view(
     };
     let mut tail = Vec::new();
     if !dir_rules.admin.is_empty() {
-        tail.push(goto(admin_chain(direction, &dir_rules.admin.id())));
+        tail.push(goto(admin_chain(direction, dir_rules.admin.id())));
         if let Some(rest) = rest {
             out.rest_dispatch_mut(direction)
                 .insert(ifname.to_string(), rest);

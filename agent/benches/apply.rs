@@ -917,7 +917,11 @@ mod tiered {
             (Tier::Baseline, Direction::Ingress),
             (Tier::Baseline, Direction::Egress),
         ] {
-            let offset = if tier == Tier::Admin { 0 } else { TIERED_POLICIES };
+            let offset = if tier == Tier::Admin {
+                0
+            } else {
+                TIERED_POLICIES
+            };
             let mut list = Vec::new();
             for k in offset..offset + TIERED_POLICIES {
                 let name: &'static str = Box::leak(format!("cnp-{k}").into_boxed_str());
@@ -991,13 +995,20 @@ mod tiered {
     }
 
     /// `rules` with one more pod (like the first one, on a new interface).
-    fn with_pod(rules: &NodeRuleSet, interfaces: &Interfaces, i: usize) -> (NodeRuleSet, Interfaces) {
+    fn with_pod(
+        rules: &NodeRuleSet,
+        interfaces: &Interfaces,
+        i: usize,
+    ) -> (NodeRuleSet, Interfaces) {
         let mut rules = rules.clone();
         let mut interfaces = interfaces.clone();
         let mut pod = rules.pods[0].clone();
         pod.name = format!("new-{i}");
         pod.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 244, 8, i as u8 + 2))];
-        interfaces.insert(PodKey::new(&pod.namespace, &pod.name), format!("calinew{i:04}"));
+        interfaces.insert(
+            PodKey::new(&pod.namespace, &pod.name),
+            format!("calinew{i:04}"),
+        );
         rules.pods.push(pod);
         (rules, interfaces)
     }

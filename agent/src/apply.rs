@@ -40,9 +40,7 @@ use crate::nfnl::{digest, scratch};
 use crate::nfnl::{NfnlError, NfnlSocket};
 use crate::nft::{Nft, NftError};
 use crate::render::json::{self, replace_all};
-use crate::render::{
-    CounterMeta, Ruleset, SetElement, SetKind, DISPATCH_MAPS, TABLE,
-};
+use crate::render::{CounterMeta, Ruleset, SetElement, SetKind, DISPATCH_MAPS, TABLE};
 
 /// What the metrics read: shared between the applier and the collector.
 #[derive(Debug)]

@@ -171,7 +171,11 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
     // Dispatch entries (of the entry and the rest-dispatch maps) that go away or point
     // elsewhere stop steering traffic first.
     let mut to_add: Vec<(&'static str, &String, &String)> = Vec::new();
-    for ((map, old, _), (_, new, _)) in applied.dispatch_maps().into_iter().zip(desired.dispatch_maps()) {
+    for ((map, old, _), (_, new, _)) in applied
+        .dispatch_maps()
+        .into_iter()
+        .zip(desired.dispatch_maps())
+    {
         let stale: Vec<(&String, &String)> = old
             .iter()
             .filter(|(k, v)| new.get(*k) != Some(*v))

@@ -564,8 +564,14 @@ mod tests {
         let others = [
             TierList::new(vec![b.clone(), a.clone()]),
             TierList::new(vec![a.clone()]),
-            TierList::new(vec![a.clone(), instance("r-0000000000000002", Action::Pass, 80)]),
-            TierList::new(vec![a.clone(), instance("r-0000000000000002", Action::Deny, 81)]),
+            TierList::new(vec![
+                a.clone(),
+                instance("r-0000000000000002", Action::Pass, 80),
+            ]),
+            TierList::new(vec![
+                a.clone(),
+                instance("r-0000000000000002", Action::Deny, 81),
+            ]),
             TierList::default(),
         ];
         for other in &others {

@@ -1129,7 +1129,8 @@ fn render_pod(
             continue;
         }
         out.chains.insert(entry.clone(), Arc::new(entry_rules));
-        out.dispatch_mut(direction).insert(ifname.to_string(), entry);
+        out.dispatch_mut(direction)
+            .insert(ifname.to_string(), entry);
     }
     Ok(())
 }

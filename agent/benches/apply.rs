@@ -925,7 +925,7 @@ mod tiered {
             let mut list = Vec::new();
             for k in offset..offset + TIERED_POLICIES {
                 let name: &'static str = Box::leak(format!("cnp-{k}").into_boxed_str());
-                for r in 0..RULES_PER_POLICY {
+                for (r, cidr) in cidrs.iter().enumerate() {
                     let action = match (tier, r % 3) {
                         (Tier::Admin, 0) => Action::Pass,
                         (_, 1) => Action::Deny,
@@ -934,7 +934,7 @@ mod tiered {
                     let peer = match r % 4 {
                         0 => groups.pods[(k + r) % POD_GROUPS].clone(),
                         1 => groups.pods[r % 6].clone(),
-                        2 => cidrs[r].clone(),
+                        2 => cidr.clone(),
                         _ => groups.corp.clone(),
                     };
                     let clause = match r % 3 {
@@ -954,13 +954,10 @@ mod tiered {
                     ));
                 }
             }
-            // Typed through the field: a list is whatever the rule set's lists are.
-            let mut typed = DirectionRules::default();
-            typed.admin = Arc::new(list.into());
-            lists.insert((tier, direction), typed.admin);
+            lists.insert((tier, direction), Arc::new(TierList::new(list)));
         }
         for (i, pod) in b.rules.pods.iter_mut().enumerate() {
-            let isolated = (i / PODS_PER_NAMESPACE) % 2 == 0;
+            let isolated = (i / PODS_PER_NAMESPACE).is_multiple_of(2);
             for direction in [Direction::Ingress, Direction::Egress] {
                 let d = match direction {
                     Direction::Ingress => Arc::make_mut(&mut pod.ingress),
@@ -968,7 +965,7 @@ mod tiered {
                 };
                 let mut admin = (*d.admin).to_vec();
                 admin.extend(lists[&(Tier::Admin, direction)].iter().cloned());
-                d.admin = Arc::new(admin.into());
+                d.admin = Arc::new(TierList::new(admin));
                 d.baseline = lists[&(Tier::Baseline, direction)].clone();
                 if !isolated {
                     d.isolated_by.clear();

@@ -30,8 +30,8 @@
 //! the same node that no policy isolates, TCP then UDP; then the same with a policy in
 //! audit beside B's enforced one (issue 10: every allowed new flow runs B's audit chain
 //! too, see [`with_audit`]); then with the 200 tiered policies of issue 11 on the client's
-egress and the server's ingress, which every new flow to B walks to their last rules
-([`with_tiered`]). Both pods' flows cross the same
+//! egress and the server's ingress, which every new flow to B walks to their last rules
+//! ([`with_tiered`]). Both pods' flows cross the same
 //! table and conntrack table under the same load, so the per-cycle ratio isolates what B's
 //! rules cost; separate runs differ by more than that on a shared machine (compare
 //! "Palisade, no policy" with its repeat).

@@ -1067,9 +1067,12 @@ mod tiered {
                 let changed = with_extra_address(&r0, &g0, &extra);
                 let t0 = Instant::now();
                 let desired = renderer.render(&changed, &i0).expect("render");
+                let t1 = Instant::now();
                 let outcome = applier.apply(&desired).expect("incremental apply");
                 assert_eq!(outcome.kind, ApplyKind::Incremental);
                 out.push(("address", ms(t0.elapsed())));
+                out.push(("address_render", ms(t1 - t0)));
+                out.push(("address_kernel", ms(outcome.duration)));
             }
             let (mut rules, mut interfaces) = (with_extra_address(&r0, &g0, &extra), i0);
             for i in 0..INCREMENTAL_REPS {
@@ -1078,9 +1081,13 @@ mod tiered {
                 (rules, interfaces) = (changed.clone(), more.clone());
                 let t0 = Instant::now();
                 let desired = renderer.render(&changed, &more).expect("render");
+                let t1 = Instant::now();
                 let outcome = applier.apply(&desired).expect("incremental apply");
                 assert_eq!(outcome.kind, ApplyKind::Incremental);
                 out.push(("pod", ms(t0.elapsed())));
+                out.push(("pod_render", ms(t1 - t0)));
+                out.push(("pod_nft", phase_ms(&outcome, phase::NFT)));
+                out.push(("pod_readback", phase_ms(&outcome, phase::READ_BACK)));
             }
             out
         })
@@ -1099,6 +1106,15 @@ mod tiered {
             s.median("full_kernel"),
             s.median("address"),
             s.median("pod")
+        );
+        println!(
+            "  of which: one address: render {:.2}, kernel {:.2}; one pod: render {:.2}, nft \
+             transaction {:.2}, read-back {:.2}",
+            s.median("address_render"),
+            s.median("address_kernel"),
+            s.median("pod_render"),
+            s.median("pod_nft"),
+            s.median("pod_readback")
         );
     }
 }

@@ -17,6 +17,14 @@
 //! Run (as root): `cargo bench -p palisade-agent --bench apply`
 //! (`PALISADE_BENCH_IPTABLES=legacy` measures iptables-legacy instead of the system's
 //! default iptables backend.)
+//!
+//! Tiered variant (issue 11; `PALISADE_BENCH_VARIANT=tiered` runs it alone,
+//! `PALISADE_BENCH_VARIANT=all` after the base bench): the same node with 100 Admin and
+//! 100 Baseline ClusterNetworkPolicies of 25 rules each in both directions on top, selecting
+//! every pod (modelled on `palisade_policy::workloads::scale_tiered`; the pods of odd
+//! namespaces are not isolated, so the Baseline tier decides for them). Palisade only:
+//! full apply (median of 3), and incremental applies (render + `Applier::apply`): one
+//! address added to one group, and one pod added (medians of 10).
 
 mod common;
 
@@ -528,6 +536,16 @@ fn main() {
     if !common::can_run("apply") {
         return;
     }
+    let variant = std::env::var("PALISADE_BENCH_VARIANT").unwrap_or_default();
+    if variant != "tiered" {
+        base_bench();
+    }
+    if variant == "tiered" || variant == "all" {
+        tiered::run();
+    }
+}
+
+fn base_bench() {
     iptables::self_check();
     let (rules, groups, interfaces) = node_rules();
     let rendered = render(&rules, &interfaces).expect("render");
@@ -864,4 +882,239 @@ fn main() {
             f2(s.median("p_counters_nft")),
         ],
     ]);
+}
+
+/// The tiered variant (see the module docs).
+mod tiered {
+    use super::*;
+
+    const TIERED_POLICIES: usize = 100;
+    const RULES_PER_POLICY: usize = 25;
+    const FULL_REPS: usize = 3;
+    const INCREMENTAL_REPS: usize = 10;
+
+    /// The base node with the tiered lists on top: one Admin and one Baseline list per
+    /// direction, shared (one allocation) by every pod as the compiler shares them.
+    pub fn node_rules() -> (NodeRuleSet, Groups, Interfaces) {
+        use Protocol::Tcp;
+        let (rules, groups, interfaces) = super::node_rules();
+        let mut b = Builder { rules };
+        // 25 CIDR groups, one /24 per rule index (the workload's `ipBlock` peers).
+        let cidrs: Vec<String> = (0..RULES_PER_POLICY)
+            .map(|r| {
+                let id = group_id(&format!("tier-cidr-{r}"));
+                let net = format!("192.168.{}.0/24", 100 + r);
+                b.rules
+                    .groups
+                    .insert(id.clone(), Arc::new(Group::Addresses(block(&net, &[]))));
+                id
+            })
+            .collect();
+        let mut lists = BTreeMap::new();
+        for (tier, direction) in [
+            (Tier::Admin, Direction::Ingress),
+            (Tier::Admin, Direction::Egress),
+            (Tier::Baseline, Direction::Ingress),
+            (Tier::Baseline, Direction::Egress),
+        ] {
+            let offset = if tier == Tier::Admin {
+                0
+            } else {
+                TIERED_POLICIES
+            };
+            let mut list = Vec::new();
+            for k in offset..offset + TIERED_POLICIES {
+                let name: &'static str = Box::leak(format!("cnp-{k}").into_boxed_str());
+                for (r, cidr) in cidrs.iter().enumerate() {
+                    let action = match (tier, r % 3) {
+                        (Tier::Admin, 0) => Action::Pass,
+                        (_, 1) => Action::Deny,
+                        _ => Action::Allow,
+                    };
+                    let peer = match r % 4 {
+                        0 => groups.pods[(k + r) % POD_GROUPS].clone(),
+                        1 => groups.pods[r % 6].clone(),
+                        2 => cidr.clone(),
+                        _ => groups.corp.clone(),
+                    };
+                    let clause = match r % 3 {
+                        0 => peer_port(&[&peer], ports(&[(Tcp, 8000 + r as u16, 8100)])),
+                        1 => Clause::NamedPort {
+                            group: groups.metrics.clone(),
+                        },
+                        _ => peer_port(&[&peer], None),
+                    };
+                    list.push(b.instance(
+                        (PolicyKind::ClusterNetworkPolicy, None, name),
+                        (tier, (k % 100 * 10) as u32),
+                        direction,
+                        r,
+                        action,
+                        vec![clause],
+                    ));
+                }
+            }
+            lists.insert((tier, direction), Arc::new(TierList::new(list)));
+        }
+        for (i, pod) in b.rules.pods.iter_mut().enumerate() {
+            let isolated = (i / PODS_PER_NAMESPACE).is_multiple_of(2);
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let d = match direction {
+                    Direction::Ingress => Arc::make_mut(&mut pod.ingress),
+                    Direction::Egress => Arc::make_mut(&mut pod.egress),
+                };
+                let mut admin = (*d.admin).to_vec();
+                admin.extend(lists[&(Tier::Admin, direction)].iter().cloned());
+                d.admin = Arc::new(TierList::new(admin));
+                d.baseline = lists[&(Tier::Baseline, direction)].clone();
+                if !isolated {
+                    d.isolated_by.clear();
+                    d.network_policy.clear();
+                }
+            }
+        }
+        // The base admin rules come first in every pod alike, so the pods of one
+        // direction still share one Admin list.
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let first = match direction {
+                Direction::Ingress => b.rules.pods[0].ingress.admin.clone(),
+                Direction::Egress => b.rules.pods[0].egress.admin.clone(),
+            };
+            for pod in &mut b.rules.pods {
+                let d = match direction {
+                    Direction::Ingress => Arc::make_mut(&mut pod.ingress),
+                    Direction::Egress => Arc::make_mut(&mut pod.egress),
+                };
+                d.admin = first.clone();
+            }
+        }
+        (b.rules, groups, interfaces)
+    }
+
+    /// `rules` with one more pod (like the first one, on a new interface).
+    fn with_pod(
+        rules: &NodeRuleSet,
+        interfaces: &Interfaces,
+        i: usize,
+    ) -> (NodeRuleSet, Interfaces) {
+        let mut rules = rules.clone();
+        let mut interfaces = interfaces.clone();
+        let mut pod = rules.pods[0].clone();
+        pod.name = format!("new-{i}");
+        pod.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 244, 8, i as u8 + 2))];
+        interfaces.insert(
+            PodKey::new(&pod.namespace, &pod.name),
+            format!("calinew{i:04}"),
+        );
+        rules.pods.push(pod);
+        (rules, interfaces)
+    }
+
+    pub fn run() {
+        let (rules, groups, interfaces) = node_rules();
+        let t = Instant::now();
+        let rendered = render(&rules, &interfaces).expect("render");
+        let render_ms = ms(t.elapsed());
+        let nft_rules: usize = rendered.chains.values().map(|c| c.len()).sum();
+        println!();
+        println!(
+            "tiered variant: {} pods ({} isolated both ways), {} groups, {} rules; \
+             nftables: {} chains, {} rules (first render {render_ms:.0} ms)",
+            rules.pods.len(),
+            rules
+                .pods
+                .iter()
+                .filter(|p| !p.ingress.isolated_by.is_empty())
+                .count(),
+            rules.groups.len(),
+            rules.rules.len(),
+            rendered.chains.len(),
+            nft_rules
+        );
+        drop(rendered);
+        let mut s = Samples::default();
+        for rep in 0..FULL_REPS {
+            let ns = Netns::new(unique("pbt-"));
+            let (r, i) = (rules.clone(), interfaces.clone());
+            let (full, kernel) = common::in_netns(&ns.name, move || {
+                let t0 = Instant::now();
+                let desired = render(&r, &i).expect("render");
+                let out = Applier::new(Nft::local())
+                    .apply(&desired)
+                    .expect("full apply");
+                assert_eq!(out.kind, ApplyKind::Full);
+                (ms(t0.elapsed()), ms(out.duration))
+            })
+            .join()
+            .expect("tiered full apply thread");
+            eprintln!("tiered full apply rep {rep}: {full:.1} ms (kernel {kernel:.1} ms)");
+            s.push("full", full);
+            s.push("full_kernel", kernel);
+        }
+
+        let ns = Netns::new(unique("pbu-"));
+        let (r0, g0, i0) = (rules.clone(), groups.pods[0].clone(), interfaces.clone());
+        let samples = common::in_netns(&ns.name, move || {
+            let mut applier = Applier::new(Nft::local());
+            let mut renderer = Renderer::default();
+            applier
+                .apply(&renderer.render(&r0, &i0).expect("render"))
+                .expect("initial apply");
+            let mut out = Vec::new();
+            let mut extra = Vec::new();
+            for i in 0..INCREMENTAL_REPS {
+                extra.push(extra_address(i));
+                let changed = with_extra_address(&r0, &g0, &extra);
+                let t0 = Instant::now();
+                let desired = renderer.render(&changed, &i0).expect("render");
+                let t1 = Instant::now();
+                let outcome = applier.apply(&desired).expect("incremental apply");
+                assert_eq!(outcome.kind, ApplyKind::Incremental);
+                out.push(("address", ms(t0.elapsed())));
+                out.push(("address_render", ms(t1 - t0)));
+                out.push(("address_kernel", ms(outcome.duration)));
+            }
+            let (mut rules, mut interfaces) = (with_extra_address(&r0, &g0, &extra), i0);
+            for i in 0..INCREMENTAL_REPS {
+                // Each step adds one pod to the table of the previous step.
+                let (changed, more) = with_pod(&rules, &interfaces, i);
+                (rules, interfaces) = (changed.clone(), more.clone());
+                let t0 = Instant::now();
+                let desired = renderer.render(&changed, &more).expect("render");
+                let t1 = Instant::now();
+                let outcome = applier.apply(&desired).expect("incremental apply");
+                assert_eq!(outcome.kind, ApplyKind::Incremental);
+                out.push(("pod", ms(t0.elapsed())));
+                out.push(("pod_render", ms(t1 - t0)));
+                out.push(("pod_nft", phase_ms(&outcome, phase::NFT)));
+                out.push(("pod_readback", phase_ms(&outcome, phase::READ_BACK)));
+            }
+            out
+        })
+        .join()
+        .expect("tiered incremental thread");
+        for (key, v) in samples {
+            s.push(key, v);
+        }
+        drop(ns);
+        println!(
+            "Tiered variant, ms: full apply (render + Applier::apply incl. read-back; median of \
+             {FULL_REPS}) {:.1} (kernel {:.1}; target ≤ 500); incremental, render + \
+             Applier::apply (median of {INCREMENTAL_REPS}): one address {:.2}, one pod added \
+             {:.2} (target ≤ 5)",
+            s.median("full"),
+            s.median("full_kernel"),
+            s.median("address"),
+            s.median("pod")
+        );
+        println!(
+            "  of which: one address: render {:.2}, kernel {:.2}; one pod: render {:.2}, nft \
+             transaction {:.2}, read-back {:.2}",
+            s.median("address_render"),
+            s.median("address_kernel"),
+            s.median("pod_render"),
+            s.median("pod_nft"),
+            s.median("pod_readback")
+        );
+    }
 }

@@ -29,7 +29,9 @@
 //! loaded, the client alternates every 100 ms between B (the policy) and a third pod C on
 //! the same node that no policy isolates, TCP then UDP; then the same with a policy in
 //! audit beside B's enforced one (issue 10: every allowed new flow runs B's audit chain
-//! too, see [`with_audit`]). Both pods' flows cross the same
+//! too, see [`with_audit`]); then with the 200 tiered policies of issue 11 on the client's
+//! egress and the server's ingress, which every new flow to B walks to their last rules
+//! ([`with_tiered`]). Both pods' flows cross the same
 //! table and conntrack table under the same load, so the per-cycle ratio isolates what B's
 //! rules cost; separate runs differ by more than that on a shared machine (compare
 //! "Palisade, no policy" with its repeat).
@@ -62,7 +64,7 @@ use palisade_agent::render::FlowLog;
 use palisade_agent::{Applier, Interfaces, Nft, Renderer};
 use palisade_policy::model::{Action, Direction, PolicyId, PolicyKind, Protocol, RuleOrigin, Tier};
 use palisade_policy::ruleset::{
-    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance,
+    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance, TierList,
 };
 use palisade_policy::AddrSet;
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -232,6 +234,162 @@ fn with_audit(rules: &NodeRuleSet) -> NodeRuleSet {
         },
     ]));
     server.audit.ingress = Some(Arc::new(full));
+    rules
+}
+
+/// `rules` with the 200 tiered policies of issue 11 (100 Admin, 100 Baseline, 25 rules
+/// each, modelled on `palisade_policy::workloads::scale_tiered`) on the client's egress and
+/// the server's ingress, the server no longer isolated by its NetworkPolicy: every new
+/// flow from the client to the server walks the client's Admin and Baseline lists (2,500
+/// rules each) and then the server's, none of whose rules match it, to the last Baseline
+/// rules, which allow it on the policy's ports and deny the rest. The client's Admin list
+/// starts with an allow of everything to the third pod, the paired measurement's
+/// reference, whose flows thus skip the lists.
+fn with_tiered(rules: &NodeRuleSet, lab: &Lab) -> NodeRuleSet {
+    let mut rules = rules.clone();
+    let (client, server, open) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    let mut group = |name: &str, g: Group| {
+        let id = group_id(name);
+        rules.groups.insert(id.clone(), Arc::new(g));
+        id
+    };
+    let hosts = |addrs: Vec<IpAddr>| Group::Hosts(AddrSet::from_addrs(addrs));
+    let elsewhere: Vec<String> = (0..20u8)
+        .map(|g| {
+            let addrs = (1..=50u8).map(|h| IpAddr::V4(Ipv4Addr::new(10, 99, g, h * 2)));
+            group(&format!("tier-pods-{g}"), hosts(addrs.collect()))
+        })
+        .collect();
+    let cidrs: Vec<String> = (0..25u8)
+        .map(|r| {
+            let net = format!("192.168.{r}.0/24").parse().expect("literal");
+            group(
+                &format!("tier-cidr-{r}"),
+                Group::Addresses(AddrSet::from_block(&net, &[])),
+            )
+        })
+        .collect();
+    let to_open = group("tier-open", hosts(vec![open.ip4]));
+    let to_server = group("tier-server", hosts(vec![server.ip4]));
+    let from_client = group("tier-client", hosts(vec![client.ip4]));
+    let mut instance = |name: &str, tier: Tier, direction, index, action, clause: Clause| {
+        let origin = RuleOrigin {
+            policy: PolicyId {
+                kind: PolicyKind::ClusterNetworkPolicy,
+                namespace: None,
+                name: name.to_string(),
+            },
+            tier,
+            priority: 0,
+            direction,
+            index,
+            name: None,
+        };
+        let id = rule_id(&format!("{origin:?}"));
+        rules.rules.insert(id.clone(), origin);
+        RuleInstance {
+            rule: id,
+            action,
+            clauses: vec![clause],
+        }
+    };
+    let peer = |peers: &str, ports: Option<Vec<PortRange>>| Clause::PeerPort {
+        peers: Some(vec![peers.to_string()]),
+        ports,
+    };
+    let mut list = |tier: Tier, direction: Direction| -> Vec<RuleInstance> {
+        let first = if tier == Tier::Admin { 0 } else { 100 };
+        let mut out = Vec::new();
+        for k in first..first + 100usize {
+            for r in 0..25usize {
+                let action = match (tier, r % 3) {
+                    (Tier::Admin, 0) => Action::Pass,
+                    (_, 1) => Action::Deny,
+                    _ => Action::Allow,
+                };
+                let peers = match r % 4 {
+                    0 => &elsewhere[(k + r) % 20],
+                    1 => &elsewhere[r % 6],
+                    2 => &cidrs[r],
+                    _ => &cidrs[(k + r) % 25],
+                };
+                let ports = match r % 3 {
+                    0 => Some(vec![PortRange {
+                        protocol: Protocol::Tcp,
+                        start: 8000 + r as u16,
+                        end: 8100,
+                    }]),
+                    1 => Some(vec![PortRange {
+                        protocol: Protocol::Udp,
+                        start: 9000 + r as u16,
+                        end: 9000 + r as u16,
+                    }]),
+                    _ => None,
+                };
+                let name = format!("cnp-{k}");
+                out.push(instance(
+                    &name,
+                    tier,
+                    direction,
+                    r,
+                    action,
+                    peer(peers, ports),
+                ));
+            }
+        }
+        out
+    };
+    let (admin_out, admin_in) = (
+        list(Tier::Admin, Direction::Egress),
+        list(Tier::Admin, Direction::Ingress),
+    );
+    let (mut baseline_out, mut baseline_in) = (
+        list(Tier::Baseline, Direction::Egress),
+        list(Tier::Baseline, Direction::Ingress),
+    );
+    let mut admin_out_all = vec![instance(
+        "tier-open",
+        Tier::Admin,
+        Direction::Egress,
+        0,
+        Action::Allow,
+        peer(&to_open, None),
+    )];
+    admin_out_all.extend(admin_out);
+    for (list, direction, peers) in [
+        (&mut baseline_out, Direction::Egress, &to_server),
+        (&mut baseline_in, Direction::Ingress, &from_client),
+    ] {
+        list.push(instance(
+            "tier-probe",
+            Tier::Baseline,
+            direction,
+            0,
+            Action::Allow,
+            peer(peers, Some(port_ranges())),
+        ));
+        list.push(instance(
+            "tier-probe",
+            Tier::Baseline,
+            direction,
+            1,
+            Action::Deny,
+            Clause::PeerPort {
+                peers: None,
+                ports: None,
+            },
+        ));
+    }
+    rules.pods[0].egress = Arc::new(DirectionRules {
+        admin: Arc::new(TierList::new(admin_out_all)),
+        baseline: Arc::new(TierList::new(baseline_out)),
+        ..DirectionRules::default()
+    });
+    rules.pods[1].ingress = Arc::new(DirectionRules {
+        admin: Arc::new(TierList::new(admin_in)),
+        baseline: Arc::new(TierList::new(baseline_in)),
+        ..DirectionRules::default()
+    });
     rules
 }
 
@@ -914,9 +1072,15 @@ fn main() {
                 .any(|c| c.starts_with("audit-ingress/")),
             "the server has an audit chain"
         );
+        let tiered = with_tiered(&policy.rules, &lab);
         for (what, rules) in [
             ("the policy", &policy.rules),
             ("the policy and an audit Admin deny rule", &audited),
+            (
+                "the 200 tiered policies (on its ingress and the client's egress; to the \
+                 other pod the client's first Admin rule allows)",
+                &tiered,
+            ),
         ] {
             let loaded = Loaded::load(&node, Variant::Palisade, &empty.rules, rules, &ifaces);
             check_enforced(&client_ns, src, dst, true);

@@ -17,7 +17,7 @@
 //!   host set elements is one netlink batch, anything else one nft transaction.
 //! * After each transaction that changed more than host set elements, the table is read
 //!   back over netlink ([`crate::nfnl::image`]: chains, rules, set declarations, objects
-//!   and the two dispatch maps, without handles and counter values, plus a digest of each
+//!   and the dispatch maps, without handles and counter values, plus a digest of each
 //!   set's elements ([`crate::nfnl::digest`]); host sets' digests are computed from the
 //!   elements loaded, not read back). After a host-element batch the image's digests are
 //!   updated from the batch's own elements. [`Applier::reconcile`] reads the table again,
@@ -40,9 +40,7 @@ use crate::nfnl::{digest, scratch};
 use crate::nfnl::{NfnlError, NfnlSocket};
 use crate::nft::{Nft, NftError};
 use crate::render::json::{self, replace_all};
-use crate::render::{
-    CounterMeta, Ruleset, SetElement, SetKind, EGRESS_DISPATCH, INGRESS_DISPATCH, TABLE,
-};
+use crate::render::{CounterMeta, Ruleset, SetElement, SetKind, DISPATCH_MAPS, TABLE};
 
 /// What the metrics read: shared between the applier and the collector.
 #[derive(Debug)]
@@ -449,7 +447,7 @@ impl Applier {
             .collect();
         self.nft.apply(&cmds)?;
         let Some(mut image) = self
-            .with_socket(|s| image::read(s, scratch::TABLE, &[EGRESS_DISPATCH, INGRESS_DISPATCH]))
+            .with_socket(|s| image::read(s, scratch::TABLE, &DISPATCH_MAPS))
             .map_err(netlink_error)?
         else {
             return Ok(None);
@@ -550,7 +548,7 @@ impl Applier {
     /// every apply would cost more than loading them did; a reconcile reads them all.
     fn read_image(&mut self, loaded: Option<&Ruleset>) -> Result<Option<TableImage>, NftError> {
         let Some(mut image) = self
-            .with_socket(|s| image::read(s, TABLE, &[EGRESS_DISPATCH, INGRESS_DISPATCH]))
+            .with_socket(|s| image::read(s, TABLE, &DISPATCH_MAPS))
             .map_err(netlink_error)?
         else {
             return Ok(None);
@@ -603,6 +601,8 @@ fn same_table(applied: &Ruleset, desired: &Ruleset) -> bool {
         && applied.counters == desired.counters
         && applied.egress_dispatch == desired.egress_dispatch
         && applied.ingress_dispatch == desired.ingress_dispatch
+        && applied.egress_rest_dispatch == desired.egress_rest_dispatch
+        && applied.ingress_rest_dispatch == desired.ingress_rest_dispatch
         && applied.sets.len() == desired.sets.len()
         && applied
             .sets

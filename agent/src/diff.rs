@@ -1,15 +1,15 @@
 //! Planning one incremental transaction from the applied table to the desired one: set
 //! elements added and removed, changed chains flushed and refilled, dispatch elements for
-//! new and gone pods, objects created before and deleted after their users.
+//! new and gone pods (in the entry and the rest-dispatch maps), objects created before and
+//! deleted after their users: a shared tier chain is created with the first pod that
+//! refers to it and deleted in the transaction in which the last reference goes, after it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use palisade_policy::model::Direction;
-
 use crate::nfnl::setelem::{self, Op};
 use crate::render::json::{self, Command};
-use crate::render::{Ruleset, SetElement, SetKind};
+use crate::render::{Ruleset, SetElement, SetKind, DISPATCH_MAPS};
 
 /// One step of an incremental transaction.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,11 +168,14 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
         cmds.push(json::add(json::chain(name)));
     }
 
-    // Dispatch entries that go away or point elsewhere stop steering traffic first.
-    let mut to_add: Vec<(Direction, &String, &String)> = Vec::new();
-    for direction in [Direction::Egress, Direction::Ingress] {
-        let (old, new) = (applied.dispatch(direction), desired.dispatch(direction));
-        let map = json::dispatch_map_name(direction);
+    // Dispatch entries (of the entry and the rest-dispatch maps) that go away or point
+    // elsewhere stop steering traffic first.
+    let mut to_add: Vec<(&'static str, &String, &String)> = Vec::new();
+    for ((map, old, _), (_, new, _)) in applied
+        .dispatch_maps()
+        .into_iter()
+        .zip(desired.dispatch_maps())
+    {
         let stale: Vec<(&String, &String)> = old
             .iter()
             .filter(|(k, v)| new.get(*k) != Some(*v))
@@ -183,7 +186,7 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
         to_add.extend(
             new.iter()
                 .filter(|(k, v)| old.get(*k) != Some(*v))
-                .map(|(k, v)| (direction, k, v)),
+                .map(|(k, v)| (map, k, v)),
         );
     }
 
@@ -204,20 +207,21 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
         cmds.push(json::flush_chain(name));
     }
 
-    for direction in [Direction::Egress, Direction::Ingress] {
+    // New elements once the chains they go to hold their rules.
+    for map in DISPATCH_MAPS {
         let entries: Vec<(&String, &String)> = to_add
             .iter()
-            .filter(|(d, _, _)| *d == direction)
+            .filter(|(m, _, _)| *m == map)
             .map(|(_, k, v)| (*k, *v))
             .collect();
         if !entries.is_empty() {
-            cmds.push(json::add(json::dispatch_elements(
-                json::dispatch_map_name(direction),
-                entries,
-            )));
+            cmds.push(json::add(json::dispatch_elements(map, entries)));
         }
     }
 
+    // Gone chains last: a chain that a rule or a map element refers to cannot be deleted,
+    // and every reference to them is gone by now (stale elements deleted, referring
+    // chains refilled or flushed).
     for name in gone_chains {
         cmds.push(json::delete(json::chain(name)));
     }

@@ -1,6 +1,6 @@
 //! The ruleset as `nft -j` commands, built from the `nftables` crate's schema types.
 //!
-//! The crate's schema has no `verdict` data type for maps, so the two dispatch maps are
+//! The crate's schema has no `verdict` data type for maps, so the dispatch maps are
 //! declared with a hand-written object of the same JSON schema; everything else is the
 //! crate's types, serialized.
 
@@ -143,7 +143,9 @@ pub fn add_dispatch_map(name: &str) -> Command {
     json!({"add": {"map": {"family": "inet", "table": TABLE, "name": name, "type": "ifname", "map": "verdict"}}})
 }
 
-/// `add element` / `delete element` body for a dispatch map.
+/// `add element` / `delete element` body for a dispatch map: `jump` elements, but `goto`
+/// for the rest-dispatch maps (a shared Admin chain goes on at the pod's rest chain, whose
+/// `return` must allow, as from the pod's entry chain).
 pub fn dispatch_elements<'a>(
     map: &'a str,
     entries: impl IntoIterator<Item = (&'a String, &'a String)>,
@@ -156,11 +158,17 @@ pub fn dispatch_elements<'a>(
             entries
                 .into_iter()
                 .map(|(ifname, chain)| {
+                    let target = JumpTarget {
+                        target: chain.as_str().into(),
+                    };
+                    let verdict = if is_rest_map(map) {
+                        nftables::expr::Verdict::Goto(target)
+                    } else {
+                        nftables::expr::Verdict::Jump(target)
+                    };
                     Expression::List(vec![
                         Expression::String(ifname.as_str().into()),
-                        Expression::Verdict(nftables::expr::Verdict::Jump(JumpTarget {
-                            target: chain.as_str().into(),
-                        })),
+                        Expression::Verdict(verdict),
                     ])
                 })
                 .collect(),
@@ -172,6 +180,26 @@ pub fn dispatch_map_name(direction: Direction) -> &'static str {
     match direction {
         Direction::Egress => EGRESS_DISPATCH,
         Direction::Ingress => INGRESS_DISPATCH,
+    }
+}
+
+pub fn rest_dispatch_map_name(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Egress => EGRESS_REST_DISPATCH,
+        Direction::Ingress => INGRESS_REST_DISPATCH,
+    }
+}
+
+fn is_rest_map(map: &str) -> bool {
+    map == EGRESS_REST_DISPATCH || map == INGRESS_REST_DISPATCH
+}
+
+/// The interface a direction's dispatch looks at: the incoming one for egress, the
+/// outgoing one for ingress.
+fn ifname_key(direction: Direction) -> MetaKey {
+    match direction {
+        Direction::Egress => MetaKey::Iifname,
+        Direction::Ingress => MetaKey::Oifname,
     }
 }
 
@@ -367,6 +395,10 @@ pub fn verdict_statements(v: &Verdict) -> Vec<Statement<'static>> {
         Verdict::Goto(c) => Statement::Goto(JumpTarget {
             target: c.clone().into(),
         }),
+        Verdict::RestDispatch(direction) => Statement::VerdictMap(stmt::VerdictMap {
+            key: meta(ifname_key(*direction)),
+            data: set_ref(rest_dispatch_map_name(*direction)),
+        }),
         Verdict::LogDrop { prefix, group } | Verdict::LogReturn { prefix, group } => {
             let end = match v {
                 Verdict::LogDrop { .. } => Statement::Drop(None),
@@ -427,20 +459,13 @@ pub fn base_rule<'a>(chain: &'a str, s: &BaseStatement) -> NfListObject<'a> {
             Statement::Accept(None),
         ],
         BaseStatement::Dispatch(direction) => {
-            let key = match direction {
-                Direction::Egress => MetaKey::Iifname,
-                Direction::Ingress => MetaKey::Oifname,
-            };
             vec![Statement::VerdictMap(stmt::VerdictMap {
-                key: meta(key),
+                key: meta(ifname_key(*direction)),
                 data: set_ref(dispatch_map_name(*direction)),
             })]
         }
         BaseStatement::TcpPickup(direction) => {
-            let key = match direction {
-                Direction::Egress => MetaKey::Iifname,
-                Direction::Ingress => MetaKey::Oifname,
-            };
+            let key = ifname_key(*direction);
             vec![
                 matches(
                     Expression::Named(NamedExpression::CT(CT {
@@ -464,10 +489,7 @@ pub fn base_rule<'a>(chain: &'a str, s: &BaseStatement) -> NfListObject<'a> {
             ]
         }
         BaseStatement::UnknownInterface { direction, pattern } => {
-            let key = match direction {
-                Direction::Egress => MetaKey::Iifname,
-                Direction::Ingress => MetaKey::Oifname,
-            };
+            let key = ifname_key(*direction);
             vec![
                 matches(
                     meta(key),
@@ -504,8 +526,9 @@ pub fn create_unhooked(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) ->
             cmds.push(add(elements(name, &s.elements)));
         }
     }
-    cmds.push(add_dispatch_map(EGRESS_DISPATCH));
-    cmds.push(add_dispatch_map(INGRESS_DISPATCH));
+    for map in DISPATCH_MAPS {
+        cmds.push(add_dispatch_map(map));
+    }
     for name in rs.chains.keys() {
         cmds.push(add(chain(name)));
     }
@@ -514,13 +537,9 @@ pub fn create_unhooked(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) ->
             cmds.push(add(rule(name, r)));
         }
     }
-    for direction in [Direction::Egress, Direction::Ingress] {
-        let entries = rs.dispatch(direction);
+    for (map, entries, _) in rs.dispatch_maps() {
         if !entries.is_empty() {
-            cmds.push(add(dispatch_elements(
-                dispatch_map_name(direction),
-                entries,
-            )));
+            cmds.push(add(dispatch_elements(map, entries)));
         }
     }
     cmds

@@ -33,12 +33,33 @@
 //! * There is no `output` chain: traffic the node itself (kubelet probes, host-network pods)
 //!   sends to its local pods is always allowed, as docs/design.md specifies. Replies of pods
 //!   to it are `established`.
-//! * Per pod and direction an entry chain (`egress/NS/NAME`, `ingress/NS/NAME`) holds the
-//!   Admin tier (Allow → counter + return, Deny → counter + drop, Pass → counter + goto the
-//!   rest chain) and ends with `goto` the rest chain (`egress-rest/NS/NAME`): the
-//!   NetworkPolicy allow rules and, if the pod is isolated, a default-deny counter + drop;
-//!   otherwise the Baseline tier. The egress entry chain starts with the source check and
-//!   `ct state established,related accept` (above).
+//! * Per pod and direction an entry chain (`egress/NS/NAME`, `ingress/NS/NAME`). The
+//!   egress entry chain starts with the source check and `ct state established,related
+//!   accept` (above). Then, if the pod has an Admin list, `goto admin-DIRECTION/<list id>`;
+//!   else `goto` where its rest goes: the rest chain `DIRECTION-rest/NS/NAME` if the pod is
+//!   isolated (the NetworkPolicy allow rules, then a default-deny counter + drop), else the
+//!   Baseline list's chain `baseline-DIRECTION/<list id>`; with neither the chain ends,
+//!   which returns (allows).
+//! * Tier lists are shared chains (issue 11): the compiler shares each Admin and Baseline
+//!   list between every pod that the same tiered policies select alike, and each list
+//!   renders once per node and direction, named by its id, whatever the number of pods
+//!   that use it, so the table grows with pods plus tiered rules, not their product. An
+//!   Admin chain: Allow → counter + `return` (the pod's entry chain went there by `goto`,
+//!   so the return goes straight back to the base chain: allowed in this direction), Deny
+//!   → counter + drop, Pass → counter + `goto pass-DIRECTION`; at its end, as the only
+//!   rule of `pass-DIRECTION`, the rest-dispatch lookup `iifname vmap
+//!   @egress_rest_dispatch` (`oifname vmap @ingress_rest_dispatch`), whose elements are
+//!   `"IFNAME" : goto <where that pod's rest goes>` (the rest chain, or the Baseline chain).
+//!   The lookup is keyed by the interface the base chain dispatched on, so it finds the pod
+//!   the chain runs for; a pod with nothing after its Admin tier has no element, the lookup
+//!   misses, and the chain's end returns (allowed). That is why Pass has a chain of its
+//!   own: a lookup that misses ends only its rule, and a Pass must not go on with the
+//!   Admin rules after it. A Baseline chain: Deny → counter + drop, Allow and Pass →
+//!   counter + `return`, its end returns. Every step is a `goto` from the `jump` of the
+//!   base chain's dispatch, so any `return` lands in the base chain and the jump stack
+//!   never grows past one. A direction with an audit list keeps its tiers in the pod's own
+//!   chains (Admin rules in the entry chain, Pass → `goto` the rest chain, the Baseline
+//!   tier in the rest chain): there an allow is `goto audit-…`, not `return`.
 //! * A pod without a known interface has no chains and no dispatch elements. An interface
 //!   whose name matches a pod interface pattern ([`DEFAULT_POD_INTERFACE_PATTERNS`]) and
 //!   that is not an enforced pod's (not a key of `egress_dispatch`) is dropped both ways,
@@ -62,7 +83,11 @@
 //!   8000-8100 }`). A clause with several groups renders one rule per group and family
 //!   (sharing the group's set instead of making a per-rule union).
 //! * Every compiled rule has a named counter (its rule id, shared across pods); isolated
-//!   pods have `deny-ingress/…`/`deny-egress/…` counters.
+//!   pods have `deny-ingress/…`/`deny-egress/…` counters. A shared tier chain's rule
+//!   counts in that counter exactly what the per-pod copies counted together before:
+//!   counters are per policy rule, not per pod. Per-pod attribution of a tier rule's
+//!   denials comes from the flow log, whose line names the rule (its `log/RULE` chain's
+//!   prefix) and both ends, with the local pod by name.
 
 pub mod json;
 pub mod model;
@@ -75,7 +100,7 @@ use std::sync::Arc;
 
 use palisade_policy::model::{Action, Direction, PodKey, Protocol};
 use palisade_policy::ruleset::{
-    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance,
+    Clause, DirectionRules, Group, NodeRuleSet, PodRules, PortRange, RuleInstance, TierList,
 };
 
 pub use model::*;
@@ -124,6 +149,10 @@ pub enum RenderError {
     BadGroupId(String),
     #[error("rule id {0:?} is not a valid nftables name (letters, digits, '-' and '_', at most {MAX_ID} characters)")]
     BadRuleId(String),
+    #[error("tier list id {0:?} is not a valid nftables name (letters, digits, '-' and '_', at most {MAX_ID} characters)")]
+    BadListId(String),
+    #[error("two different tier lists have the same id {0:?}")]
+    ListIdCollision(String),
     #[error("host group {group} holds {count} addresses, more than the {MAX_HOSTS_PER_GROUP} one node can load as single elements")]
     TooManyHosts { group: String, count: u128 },
 }
@@ -173,6 +202,24 @@ pub fn entry_chain(pod: &PodKey, direction: Direction) -> String {
 
 pub fn rest_chain(pod: &PodKey, direction: Direction) -> String {
     format!("{}-rest/{}", direction.as_str(), pod_part(pod))
+}
+
+/// The shared chain of an Admin tier list in one direction: `admin-egress/l-…`, one per
+/// node whatever the number of pods that use the list.
+pub fn admin_chain(direction: Direction, list: &str) -> String {
+    format!("admin-{}/{list}", direction.as_str())
+}
+
+/// The shared chain of a Baseline tier list in one direction: `baseline-ingress/l-…`.
+pub fn baseline_chain(direction: Direction, list: &str) -> String {
+    format!("baseline-{}/{list}", direction.as_str())
+}
+
+/// The chain a Pass of a shared Admin chain goes to: the rest-dispatch lookup alone, so
+/// that a pod without a rest chain (the lookup misses) returns, allowed, instead of going
+/// on with the Admin rules after the Pass.
+pub fn pass_chain(direction: Direction) -> String {
+    format!("pass-{}", direction.as_str())
 }
 
 /// The chains that evaluate a pod's full view (audit) of one direction where the enforced
@@ -364,8 +411,80 @@ pub struct Renderer {
     /// Each pod's rendered chains, valid while the sets (names and kinds: what a rule can
     /// refer to) stay as in `shapes`.
     pods: HashMap<PodKey, RenderedPod>,
+    /// Each shared tier chain (by name) rendered, valid like `pods`.
+    lists: HashMap<String, RenderedList>,
     shapes: BTreeMap<String, SetKind>,
     flow_log: Option<FlowLog>,
+}
+
+/// What one shared tier chain rendered to, and from what.
+struct RenderedList {
+    list: Arc<TierList>,
+    /// The chain, the flow-log chains its drops go to and the pass chain it goes to.
+    chains: Vec<(String, Arc<Vec<RuleDef>>)>,
+    rule_ids: Vec<String>,
+}
+
+impl RenderedList {
+    fn copy_into(&self, out: &mut Ruleset) {
+        for (name, rules) in &self.chains {
+            out.chains.insert(name.clone(), rules.clone());
+        }
+        insert_rule_counters(out, &self.rule_ids);
+    }
+
+    fn extract(out: &Ruleset, name: &str, list: &Arc<TierList>) -> RenderedList {
+        let mut chains = Vec::new();
+        chain_with_targets(out, name, &mut chains);
+        RenderedList {
+            list: list.clone(),
+            rule_ids: rule_counters(out, &chains),
+            chains,
+        }
+    }
+}
+
+/// `name`'s rules in `out` with those of the shared chains its rules go to (flow-log
+/// chains, the pass chain), into `chains`.
+fn chain_with_targets(out: &Ruleset, name: &str, chains: &mut Vec<(String, Arc<Vec<RuleDef>>)>) {
+    let Some(rules) = out.chains.get(name) else {
+        return;
+    };
+    for rule in rules.iter() {
+        if let Verdict::Goto(target) = &rule.verdict {
+            let shared = target.starts_with("log/") || target.starts_with("pass-");
+            if let Some(chain) = out.chains.get(target).filter(|_| shared) {
+                chains.push((target.clone(), chain.clone()));
+            }
+        }
+    }
+    chains.push((name.to_string(), rules.clone()));
+}
+
+/// The rule counters (not audit, not a pod's own) that `chains` count in.
+fn rule_counters(out: &Ruleset, chains: &[(String, Arc<Vec<RuleDef>>)]) -> Vec<String> {
+    let mut ids: Vec<String> = chains
+        .iter()
+        .flat_map(|(_, rules)| rules.iter())
+        .filter_map(|rule| rule.counter.as_ref())
+        .filter(|c| matches!(out.counters.get(*c), Some(CounterMeta::Rule { .. })))
+        .cloned()
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// The counters of `ids` without an origin, where the rule set gave none.
+fn insert_rule_counters(out: &mut Ruleset, ids: &[String]) {
+    for id in ids {
+        out.counters
+            .entry(id.clone())
+            .or_insert_with(|| CounterMeta::Rule {
+                id: id.clone(),
+                origin: None,
+            });
+    }
 }
 
 /// What one pod rendered to, and from what.
@@ -383,6 +502,8 @@ struct RenderedPod {
     rule_ids: Vec<String>,
     /// (direction, entry chain) of the dispatch elements.
     dispatch: Vec<(Direction, String)>,
+    /// (direction, rest chain) of the rest-dispatch elements.
+    rest_dispatch: Vec<(Direction, String)>,
 }
 
 impl RenderedPod {
@@ -402,20 +523,14 @@ impl RenderedPod {
         for (name, meta) in &self.counters {
             out.counters.insert(name.clone(), meta.clone());
         }
-        for id in &self.rule_ids {
-            out.counters
-                .entry(id.clone())
-                .or_insert_with(|| CounterMeta::Rule {
-                    id: id.clone(),
-                    origin: None,
-                });
-        }
+        insert_rule_counters(out, &self.rule_ids);
         for (direction, entry) in &self.dispatch {
-            let dispatch = match direction {
-                Direction::Egress => &mut out.egress_dispatch,
-                Direction::Ingress => &mut out.ingress_dispatch,
-            };
-            dispatch.insert(self.ifname.clone(), entry.clone());
+            out.dispatch_mut(*direction)
+                .insert(self.ifname.clone(), entry.clone());
+        }
+        for (direction, rest) in &self.rest_dispatch {
+            out.rest_dispatch_mut(*direction)
+                .insert(self.ifname.clone(), rest.clone());
         }
     }
 
@@ -425,6 +540,7 @@ impl RenderedPod {
         let mut chains = Vec::new();
         let mut counters = Vec::new();
         let mut dispatch = Vec::new();
+        let mut rest_dispatch = Vec::new();
         for direction in [Direction::Egress, Direction::Ingress] {
             let names = [
                 entry_chain(key, direction),
@@ -434,8 +550,7 @@ impl RenderedPod {
             ];
             for name in names {
                 if let Some(rules) = out.chains.get(&name) {
-                    // The flow-log chains its drops go to (shared with other pods), and
-                    // the audit counters its would-deny decisions count in.
+                    // The audit counters its would-deny decisions count in.
                     for rule in rules.iter() {
                         if let Some(c) = rule
                             .counter
@@ -446,20 +561,17 @@ impl RenderedPod {
                                 counters.push((c.clone(), meta.clone()));
                             }
                         }
-                        if let Verdict::Goto(target) = &rule.verdict {
-                            if let Some(log) =
-                                target.strip_prefix("log/").and(out.chains.get(target))
-                            {
-                                chains.push((target.clone(), log.clone()));
-                            }
-                        }
                     }
-                    chains.push((name, rules.clone()));
+                    // With the flow-log chains its drops go to (shared with other pods).
+                    chain_with_targets(out, &name, &mut chains);
                 }
             }
             let entry = entry_chain(key, direction);
             if out.dispatch(direction).get(ifname) == Some(&entry) {
                 dispatch.push((direction, entry));
+            }
+            if let Some(rest) = out.rest_dispatch(direction).get(ifname) {
+                rest_dispatch.push((direction, rest.clone()));
             }
             let deny = default_deny_counter(key, direction);
             if let Some(meta) = out.counters.get(&deny) {
@@ -470,22 +582,8 @@ impl RenderedPod {
         if let Some(meta) = out.counters.get(&spoof) {
             counters.push((spoof, meta.clone()));
         }
-        let rule_ids = [Direction::Egress, Direction::Ingress]
-            .into_iter()
-            .map(|direction| pod.direction(direction))
-            .flat_map(|d| {
-                // As `render_pod` and `rest_rules` pick them (audit chains make none).
-                let rest = if d.isolated_by.is_empty() {
-                    &d.baseline[..]
-                } else {
-                    &d.network_policy[..]
-                };
-                d.admin.iter().chain(rest)
-            })
-            .map(|inst| inst.rule.clone())
-            .collect();
         RenderedPod {
-            rule_ids,
+            rule_ids: rule_counters(out, &chains),
             ifname: ifname.to_string(),
             ips: pod.ips.clone(),
             ingress: pod.ingress.clone(),
@@ -494,6 +592,7 @@ impl RenderedPod {
             chains,
             counters,
             dispatch,
+            rest_dispatch,
         }
     }
 }
@@ -528,6 +627,7 @@ impl Renderer {
             patterns,
             groups: HashMap::new(),
             pods: HashMap::new(),
+            lists: HashMap::new(),
             shapes: BTreeMap::new(),
             flow_log: None,
         }
@@ -544,6 +644,7 @@ impl Renderer {
     pub fn set_flow_log(&mut self, log: Option<FlowLog>) {
         if self.flow_log != log {
             self.pods.clear();
+            self.lists.clear();
             self.flow_log = log;
         }
     }
@@ -606,9 +707,11 @@ impl Renderer {
         if shapes != self.shapes {
             // A rule's matches depend on which sets exist: render every pod anew.
             self.pods.clear();
+            self.lists.clear();
             self.shapes = shapes;
         }
         let mut pods = HashMap::with_capacity(rules.pods.len());
+        let mut lists: HashMap<String, RenderedList> = HashMap::new();
         let out = render_rest(out, rules, interfaces, |out, pod, key, ifname| {
             match self.pods.remove(key) {
                 Some(cached) if cached.rendered_from(pod, ifname) => {
@@ -620,11 +723,127 @@ impl Renderer {
                     pods.insert(key.clone(), RenderedPod::extract(out, pod, key, ifname));
                 }
             }
+            // The shared tier chains it goes to, each rendered once.
+            for (tier, direction, list) in shared_lists(pod) {
+                let id = list.id();
+                if !valid_id(id) {
+                    return Err(RenderError::BadListId(id.to_string()));
+                }
+                let name = tier.chain(direction, id);
+                if let Some(done) = lists.get(&name) {
+                    if !same_list(&done.list, list) {
+                        return Err(RenderError::ListIdCollision(id.to_string()));
+                    }
+                    continue;
+                }
+                let rendered = match self.lists.remove(&name) {
+                    Some(cached) if same_list(&cached.list, list) => {
+                        cached.copy_into(out);
+                        cached
+                    }
+                    _ => {
+                        render_shared(out, rules, tier, direction, list, flow_log)?;
+                        RenderedList::extract(out, &name, list)
+                    }
+                };
+                lists.insert(name, rendered);
+            }
             Ok(())
         });
-        self.pods = if out.is_ok() { pods } else { HashMap::new() };
+        let ok = out.is_ok();
+        self.pods = if ok { pods } else { HashMap::new() };
+        self.lists = if ok { lists } else { HashMap::new() };
         out
     }
+}
+
+fn same_list(a: &Arc<TierList>, b: &Arc<TierList>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+/// The tier whose lists render as shared chains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SharedTier {
+    Admin,
+    Baseline,
+}
+
+impl SharedTier {
+    fn chain(self, direction: Direction, list: &str) -> String {
+        match self {
+            SharedTier::Admin => admin_chain(direction, list),
+            SharedTier::Baseline => baseline_chain(direction, list),
+        }
+    }
+}
+
+/// The shared tier lists a pod's enforced chains go to: in each direction without an
+/// audit list, its Admin list (if not empty) and, if it is not isolated there, its
+/// Baseline list (if not empty). A direction with an audit list renders its tiers into
+/// the pod's own chains, whose allow is a `goto` to the audit chain, not a `return`.
+fn shared_lists(pod: &PodRules) -> Vec<(SharedTier, Direction, &Arc<TierList>)> {
+    let mut out = Vec::new();
+    for direction in [Direction::Egress, Direction::Ingress] {
+        if pod.audit.direction(direction).is_some() {
+            continue;
+        }
+        let d = pod.direction(direction);
+        if !d.admin.is_empty() {
+            out.push((SharedTier::Admin, direction, &d.admin));
+        }
+        if d.isolated_by.is_empty() && !d.baseline.is_empty() {
+            out.push((SharedTier::Baseline, direction, &d.baseline));
+        }
+    }
+    out
+}
+
+/// Renders a shared tier chain into `out`. Admin: Allow → counter + `return` (the chain
+/// is reached by `goto` from the pod's entry chain, so this returns to the base chain:
+/// allowed in this direction), Deny → counter + drop, Pass → counter + `goto` the pass
+/// chain, and at the end the rest-dispatch lookup: on at the rest chain of the pod whose
+/// interface this is, or, without one, the end of the chain, which returns (allows).
+/// Baseline (reached by `goto` from a pod's entry chain, or as its rest-dispatch element):
+/// Deny → counter + drop, Allow and Pass → counter + `return`, the end returns.
+fn render_shared(
+    out: &mut Ruleset,
+    rules: &NodeRuleSet,
+    tier: SharedTier,
+    direction: Direction,
+    list: &TierList,
+    flow_log: Option<FlowLog>,
+) -> Result<(), RenderError> {
+    let mut chain = Vec::new();
+    for inst in list.iter() {
+        let verdict = match (tier, inst.action) {
+            (_, Action::Deny) => Verdict::Drop,
+            (SharedTier::Admin, Action::Pass) => {
+                let pass = pass_chain(direction);
+                out.chains.entry(pass.clone()).or_insert_with(|| {
+                    Arc::new(vec![RuleDef {
+                        matches: vec![],
+                        counter: None,
+                        verdict: Verdict::RestDispatch(direction),
+                    }])
+                });
+                Verdict::Goto(pass)
+            }
+            // Pass in the last tier goes on to the default, which allows.
+            (_, Action::Allow | Action::Pass) => Verdict::Return,
+        };
+        chain.extend(instance_rules(out, rules, inst, direction, verdict, true)?);
+    }
+    if tier == SharedTier::Admin {
+        chain.push(RuleDef {
+            matches: vec![],
+            counter: None,
+            verdict: Verdict::RestDispatch(direction),
+        });
+    }
+    let chain = through_flow_log(out, chain, flow_log);
+    out.chains
+        .insert(tier.chain(direction, list.id()), Arc::new(chain));
+    Ok(())
 }
 
 fn render_rest(
@@ -867,10 +1086,20 @@ fn render_pod(
                 verdict: Verdict::Accept,
             });
         }
-        let view = View::Enforced { pod: key };
-        let (view_entry, rest_rules) =
-            view_chains(out, rules, dir_rules, view, direction, &rest, &allow)?;
-        entry_rules.extend(view_entry);
+        let (tail, rest_rules) = match audit {
+            // The tiers in the pod's own chains: their allow is the audit chain.
+            Some(_) => view_chains(
+                out,
+                rules,
+                dir_rules,
+                View::Enforced { pod: key },
+                direction,
+                &rest,
+                &allow,
+            )?,
+            None => shared_view(out, rules, dir_rules, key, ifname, direction)?,
+        };
+        entry_rules.extend(tail);
         if let Some(rest_rules) = rest_rules {
             let rest_rules = through_flow_log(out, rest_rules, flow_log);
             out.chains.insert(rest, Arc::new(rest_rules));
@@ -900,13 +1129,52 @@ fn render_pod(
             continue;
         }
         out.chains.insert(entry.clone(), Arc::new(entry_rules));
-        let dispatch = match direction {
-            Direction::Egress => &mut out.egress_dispatch,
-            Direction::Ingress => &mut out.ingress_dispatch,
-        };
-        dispatch.insert(ifname.to_string(), entry);
+        out.dispatch_mut(direction)
+            .insert(ifname.to_string(), entry);
     }
     Ok(())
+}
+
+/// A direction's enforced chains with its tier lists shared ([`render_shared`]): the end
+/// of the pod's entry chain (`goto` the Admin chain if the list is not empty, else `goto`
+/// where the rest goes) and its rest chain, if it is isolated (the NetworkPolicy allow
+/// rules, then the default deny). Where the rest goes, `DIRECTION-rest/NS/NAME` or, if the
+/// pod is not isolated, the shared Baseline chain, is the pod's rest-dispatch element
+/// (`ifname`) when an Admin chain has to find it; without either, allowed.
+fn shared_view(
+    out: &mut Ruleset,
+    rules: &NodeRuleSet,
+    dir_rules: &DirectionRules,
+    key: &PodKey,
+    ifname: &str,
+    direction: Direction,
+) -> Result<(Vec<RuleDef>, Option<Vec<RuleDef>>), RenderError> {
+    let (rest, rest_rules) = if !dir_rules.isolated_by.is_empty() {
+        let view = View::Enforced { pod: key };
+        let list = rest_rules(out, rules, dir_rules, view, direction, &Verdict::Return)?;
+        (Some(rest_chain(key, direction)), Some(list))
+    } else if !dir_rules.baseline.is_empty() {
+        let id = dir_rules.baseline.id();
+        (Some(baseline_chain(direction, id)), None)
+    } else {
+        (None, None)
+    };
+    let goto = |chain: String| RuleDef {
+        matches: vec![],
+        counter: None,
+        verdict: Verdict::Goto(chain),
+    };
+    let mut tail = Vec::new();
+    if !dir_rules.admin.is_empty() {
+        tail.push(goto(admin_chain(direction, dir_rules.admin.id())));
+        if let Some(rest) = rest {
+            out.rest_dispatch_mut(direction)
+                .insert(ifname.to_string(), rest);
+        }
+    } else if let Some(rest) = rest {
+        tail.push(goto(rest));
+    }
+    Ok((tail, rest_rules))
 }
 
 /// Which view of a pod's direction a chain evaluates: the enforced rules, or the full
@@ -918,6 +1186,12 @@ enum View<'a> {
 }
 
 impl View<'_> {
+    /// Whether the view's rules count in their rule counters (an audit chain's do not:
+    /// [`through_audit_log`] gives them audit counters).
+    fn enforced(self) -> bool {
+        matches!(self, View::Enforced { .. })
+    }
+
     /// The default deny's counter, created in `out`.
     fn default_deny(self, out: &mut Ruleset, direction: Direction) -> String {
         let (View::Enforced { pod } | View::Audit { pod }) = self;
@@ -960,7 +1234,14 @@ fn view_chains(
                 None => allow.clone(),
             },
         };
-        entry_rules.extend(instance_rules(out, rules, inst, direction, verdict, view)?);
+        entry_rules.extend(instance_rules(
+            out,
+            rules,
+            inst,
+            direction,
+            verdict,
+            view.enforced(),
+        )?);
     }
     let falls_through = dir_rules.isolated_by.is_empty();
     let end_with_allow = |list: &mut Vec<RuleDef>| {
@@ -1038,7 +1319,7 @@ fn rest_rules(
                 inst,
                 direction,
                 allow.clone(),
-                view,
+                view.enforced(),
             )?);
         }
         let counter = view.default_deny(out, direction);
@@ -1054,7 +1335,14 @@ fn rest_rules(
                 // Pass in the last tier goes on to the default, which allows.
                 Action::Allow | Action::Pass => allow.clone(),
             };
-            list.extend(instance_rules(out, rules, inst, direction, verdict, view)?);
+            list.extend(instance_rules(
+                out,
+                rules,
+                inst,
+                direction,
+                verdict,
+                view.enforced(),
+            )?);
         }
     }
     Ok(list)
@@ -1068,14 +1356,14 @@ fn instance_rules(
     inst: &RuleInstance,
     direction: Direction,
     verdict: Verdict,
-    view: View<'_>,
+    enforced: bool,
 ) -> Result<Vec<RuleDef>, RenderError> {
     if !valid_id(&inst.rule) {
         return Err(RenderError::BadRuleId(inst.rule.clone()));
     }
     // A rule without a known origin still gets its counter, only without labels (in an
     // audit chain, [`through_audit_log`] makes the counters).
-    if let View::Enforced { .. } = view {
+    if enforced {
         out.counters
             .entry(inst.rule.clone())
             .or_insert_with(|| CounterMeta::Rule {

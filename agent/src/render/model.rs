@@ -15,6 +15,10 @@ use palisade_policy::model::{Direction, PodKey, Protocol, RuleOrigin};
 pub const TABLE: &str = "palisade";
 pub const EGRESS_DISPATCH: &str = "egress_dispatch";
 pub const INGRESS_DISPATCH: &str = "ingress_dispatch";
+/// Interface → the pod's rest chain, for the shared Admin chains' Pass and end
+/// ([`Verdict::RestDispatch`]).
+pub const EGRESS_REST_DISPATCH: &str = "egress_rest_dispatch";
+pub const INGRESS_REST_DISPATCH: &str = "ingress_rest_dispatch";
 /// The counter of packets dropped because their pod interface is not enforced yet.
 pub const UNKNOWN_INTERFACE_COUNTER: &str = "unknown-interface";
 
@@ -231,6 +235,12 @@ pub enum Verdict {
     Return,
     Jump(String),
     Goto(String),
+    /// `iifname vmap @egress_rest_dispatch` (`oifname vmap @ingress_rest_dispatch` for
+    /// ingress): a shared Admin chain going on at the rest chain of the pod it runs for,
+    /// found by that pod's interface (the maps' elements are `goto`). Not final: a miss
+    /// (a pod without a rest chain) goes on with the next rule, or returns at the chain's
+    /// end.
+    RestDispatch(Direction),
     /// `log prefix "P" group G drop`: the packet goes to NFLOG group `group` (the agent's
     /// flow log), then is dropped.
     LogDrop {
@@ -317,6 +327,10 @@ pub struct Ruleset {
     /// Interface name → chain, per dispatch map.
     pub egress_dispatch: BTreeMap<String, String>,
     pub ingress_dispatch: BTreeMap<String, String>,
+    /// Interface name → the pod's rest chain (or shared Baseline chain), per rest-dispatch
+    /// map: only for pods whose entry chain goes to a shared Admin chain.
+    pub egress_rest_dispatch: BTreeMap<String, String>,
+    pub ingress_rest_dispatch: BTreeMap<String, String>,
     /// Regular (non-base) chains. Shared like set elements: a pod whose rules did not
     /// change keeps its chains' allocations from render to render.
     pub chains: BTreeMap<String, Arc<Vec<RuleDef>>>,
@@ -329,4 +343,44 @@ impl Ruleset {
             Direction::Ingress => &self.ingress_dispatch,
         }
     }
+
+    pub fn dispatch_mut(&mut self, direction: Direction) -> &mut BTreeMap<String, String> {
+        match direction {
+            Direction::Egress => &mut self.egress_dispatch,
+            Direction::Ingress => &mut self.ingress_dispatch,
+        }
+    }
+
+    pub fn rest_dispatch_mut(&mut self, direction: Direction) -> &mut BTreeMap<String, String> {
+        match direction {
+            Direction::Egress => &mut self.egress_rest_dispatch,
+            Direction::Ingress => &mut self.ingress_rest_dispatch,
+        }
+    }
+
+    pub fn rest_dispatch(&self, direction: Direction) -> &BTreeMap<String, String> {
+        match direction {
+            Direction::Egress => &self.egress_rest_dispatch,
+            Direction::Ingress => &self.ingress_rest_dispatch,
+        }
+    }
+
+    /// Every dispatch map: (name, elements, whether its elements are `goto` rather than
+    /// `jump`), in the order the table declares them.
+    pub fn dispatch_maps(&self) -> [(&'static str, &BTreeMap<String, String>, bool); 4] {
+        [
+            (EGRESS_DISPATCH, &self.egress_dispatch, false),
+            (INGRESS_DISPATCH, &self.ingress_dispatch, false),
+            (EGRESS_REST_DISPATCH, &self.egress_rest_dispatch, true),
+            (INGRESS_REST_DISPATCH, &self.ingress_rest_dispatch, true),
+        ]
+    }
 }
+
+/// The names of every dispatch map, as [`Ruleset::dispatch_maps`] orders them.
+pub const DISPATCH_MAPS: [&str; 4] = [
+    EGRESS_DISPATCH,
+    INGRESS_DISPATCH,
+    EGRESS_REST_DISPATCH,
+    INGRESS_REST_DISPATCH,
+];

@@ -135,6 +135,10 @@ pub fn verdict_text(v: &Verdict) -> String {
         Verdict::Return => "return".into(),
         Verdict::Jump(c) => format!("jump {c}"),
         Verdict::Goto(c) => format!("goto {c}"),
+        Verdict::RestDispatch(Direction::Egress) => format!("iifname vmap @{EGRESS_REST_DISPATCH}"),
+        Verdict::RestDispatch(Direction::Ingress) => {
+            format!("oifname vmap @{INGRESS_REST_DISPATCH}")
+        }
         Verdict::LogDrop { prefix, group } => format!("log prefix \"{prefix}\" group {group} drop"),
         Verdict::LogReturn { prefix, group } => {
             format!("log prefix \"{prefix}\" group {group} return")
@@ -212,15 +216,13 @@ pub fn to_text(rs: &Ruleset) -> String {
         }
         let _ = writeln!(s, "\t}}\n");
     }
-    for (name, entries) in [
-        (EGRESS_DISPATCH, &rs.egress_dispatch),
-        (INGRESS_DISPATCH, &rs.ingress_dispatch),
-    ] {
+    for (name, entries, goto) in rs.dispatch_maps() {
         let _ = writeln!(s, "\tmap {name} {{\n\t\ttype ifname : verdict");
+        let verb = if goto { "goto" } else { "jump" };
         if !entries.is_empty() {
             let list: Vec<String> = entries
                 .iter()
-                .map(|(ifname, chain)| format!("\"{ifname}\" : jump {chain}"))
+                .map(|(ifname, chain)| format!("\"{ifname}\" : {verb} {chain}"))
                 .collect();
             let _ = writeln!(s, "\t\telements = {{ {} }}", list.join(",\n\t\t\t     "));
         }

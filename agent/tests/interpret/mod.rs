@@ -8,7 +8,7 @@
 //! `accept` ends only that base chain (a `drop` ends the packet); the end of a base chain
 //! is its policy (accept); `jump` returns to the next rule after the callee returns or
 //! runs off its end; `goto` does not return, so the callee's return goes to the caller's
-//! caller; in an `inet` table a payload match of the other family (`ip saddr` on an IPv6
+//! caller; a verdict-map lookup that misses goes on with the next rule; in an `inet` table a payload match of the other family (`ip saddr` on an IPv6
 //! packet) is false, since nft adds the `meta nfproto` dependency.
 
 #![allow(dead_code)]
@@ -171,6 +171,19 @@ fn run_chain(
                 end => return end,
             },
             Verdict::Goto(callee) => return run_chain(rs, callee, pkt, counters, depth + 1),
+            // A verdict-map lookup: its elements are `goto`; a miss ends only this rule.
+            Verdict::RestDispatch(direction) => {
+                let ifname = match direction {
+                    Direction::Egress => &pkt.iif,
+                    Direction::Ingress => &pkt.oif,
+                };
+                let target = ifname
+                    .as_ref()
+                    .and_then(|i| rs.rest_dispatch(*direction).get(i));
+                if let Some(callee) = target {
+                    return run_chain(rs, callee, pkt, counters, depth + 1);
+                }
+            }
         }
     }
     ChainEnd::Return

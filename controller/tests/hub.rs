@@ -147,8 +147,9 @@ fn group_delta_case(default: palisade_policy::Enforcement) {
             .unwrap_or_else(|e| panic!("{node}: the agent refuses the update: {e}"));
         if *node != own_node {
             assert_eq!(published.generation, generation, "{node} is reached");
+            // A group the node holds crosses whole or as a patch, whichever is smaller.
             assert!(
-                !update.upsert_groups.is_empty()
+                update.upsert_groups.len() + update.patch_groups.len() > 0
                     && update.upsert_pods.is_empty()
                     && update.upsert_rules.is_empty()
                     && update.remove_groups.is_empty(),

@@ -227,6 +227,11 @@ fn parse_range(text: &str) -> Result<(IpAddr, IpAddr), ParseRangeError> {
     if let Some((lo, hi)) = text.split_once('-') {
         let lo = IpAddr::from_str(lo).map_err(|_| err())?;
         let hi = IpAddr::from_str(hi).map_err(|_| err())?;
+        // An inverted range is no set of addresses; taking it would break every range
+        // computation after it.
+        if hi < lo {
+            return Err(err());
+        }
         return Ok((lo, hi));
     }
     if text.contains('/') {
@@ -309,6 +314,17 @@ mod tests {
                 prop_assert_eq!(d.contains(v6), a.contains(v6) && !b.contains(v6), "{}", x);
             }
         }
+    }
+
+    /// The fuzzer found a rules file with a range whose end lay below its start: taken,
+    /// it broke the set's invariant and later arithmetic overflowed.
+    #[test]
+    fn an_inverted_range_is_refused() {
+        let err = serde_json::from_str::<AddrSet>(r#"["fd00::9-fd00::1"]"#).unwrap_err();
+        assert!(err.to_string().contains("fd00::9-fd00::1"), "{err}");
+        assert!(serde_json::from_str::<AddrSet>(r#"["10.0.0.9-10.0.0.1"]"#).is_err());
+        let ok: AddrSet = serde_json::from_str(r#"["10.0.0.1-10.0.0.9", "fd00::1"]"#).unwrap();
+        assert_eq!(ok.len(), 2);
     }
 
     #[test]

@@ -160,63 +160,49 @@ impl<'de> Deserialize<'de> for TierList {
 /// contains (ids are ASCII), so different lists cannot stream the same bytes. Public ids
 /// (chain names, the stream) need a hash that is stable across runs, builds and platforms.
 fn list_id(instances: &[RuleInstance]) -> ListId {
-    struct Fnv(u64);
-    impl Fnv {
-        fn bytes(&mut self, b: &[u8]) {
-            for x in b {
-                self.0 = (self.0 ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        fn field(&mut self, b: &[u8]) {
-            self.bytes(b);
-            self.bytes(&[0xff]);
-        }
+    use crate::compile::stable_hash::{hex_id, Fnv};
+    fn field(h: &mut Fnv, b: &[u8]) {
+        h.bytes(b);
+        h.bytes(&[0xff]);
     }
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut h = Fnv::new();
     for inst in instances {
-        h.field(inst.rule.as_bytes());
-        h.field(inst.action.as_str().as_bytes());
+        field(&mut h, inst.rule.as_bytes());
+        field(&mut h, inst.action.as_str().as_bytes());
         for clause in &inst.clauses {
             match clause {
                 Clause::PeerPort { peers, ports } => {
-                    h.field(b"peer-port");
+                    field(&mut h, b"peer-port");
                     match peers {
-                        None => h.field(b"any-peer"),
+                        None => field(&mut h, b"any-peer"),
                         Some(ids) => {
                             for id in ids {
-                                h.field(id.as_bytes());
+                                field(&mut h, id.as_bytes());
                             }
-                            h.field(b"peers-end");
+                            field(&mut h, b"peers-end");
                         }
                     }
                     match ports {
-                        None => h.field(b"any-port"),
+                        None => field(&mut h, b"any-port"),
                         Some(ranges) => {
                             for r in ranges {
                                 h.bytes(r.protocol.as_str().as_bytes());
                                 h.bytes(&r.start.to_le_bytes());
-                                h.field(&r.end.to_le_bytes());
+                                field(&mut h, &r.end.to_le_bytes());
                             }
-                            h.field(b"ports-end");
+                            field(&mut h, b"ports-end");
                         }
                     }
                 }
                 Clause::NamedPort { group } => {
-                    h.field(b"named-port");
-                    h.field(group.as_bytes());
+                    field(&mut h, b"named-port");
+                    field(&mut h, group.as_bytes());
                 }
             }
         }
-        h.field(b"instance-end");
+        field(&mut h, b"instance-end");
     }
-    let mut id = String::with_capacity(18);
-    id.push_str("l-");
-    for shift in (0..16).rev() {
-        id.push(char::from(
-            b"0123456789abcdef"[((h.0 >> (shift * 4)) & 0xf) as usize],
-        ));
-    }
-    id
+    hex_id("l-", h.finish())
 }
 
 /// The rules that govern one direction of one pod, in evaluation order.

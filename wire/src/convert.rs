@@ -477,8 +477,8 @@ fn list_from(
     field: &str,
 ) -> Result<Arc<TierList>, WireError> {
     match (inline.is_empty(), id.is_empty()) {
-        (_, true) if inline.is_empty() => Ok(TierList::empty()),
-        (_, true) => Ok(Arc::new(TierList::new(instances_from(inline, field)?))),
+        (true, true) => Ok(TierList::empty()),
+        (false, true) => Ok(Arc::new(TierList::new(instances_from(inline, field)?))),
         (true, false) => lists.get(id).cloned().ok_or_else(|| {
             err(
                 format!("{field}List"),

@@ -37,9 +37,10 @@ pub fn snapshot_in(state: &NodeRuleSet, form: Form) -> pb::NodeUpdate {
         upsert_rules: state.rules.iter().map(|(id, o)| rule_to(id, o)).collect(),
         remove_rules: Vec::new(),
         digest: Vec::new(),
-        upsert_lists: match form.shared_lists {
-            true => lists_of(state).values().map(|l| tier_list_to(l)).collect(),
-            false => Vec::new(),
+        upsert_lists: if form.shared_lists {
+            lists_of(state).values().map(|l| tier_list_to(l)).collect()
+        } else {
+            Vec::new()
         },
         shared_lists: form.shared_lists,
         patch_groups: Vec::new(),

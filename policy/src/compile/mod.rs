@@ -7,7 +7,7 @@
 mod groups;
 mod index;
 mod instances;
-mod stable_hash;
+pub(crate) mod stable_hash;
 pub mod staged;
 #[cfg(test)]
 mod tests;

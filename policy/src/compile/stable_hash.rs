@@ -1,4 +1,5 @@
-//! Stable content hashes for group and rule ids: FNV-1a over a value's `Debug` text.
+//! Stable content hashes for group and rule ids: FNV-1a over a value's `Debug` text. List
+//! ids (`ruleset::TierList`) stream their own fields into the same [`Fnv`].
 //!
 //! The ids are public (agents key sets and counters by them, golden files spell them), so
 //! their input is fixed: the `Debug` form. Going through `fmt` for it cost a fifth of a full
@@ -26,7 +27,7 @@ impl Fnv {
         self.0
     }
 
-    fn bytes(&mut self, s: &[u8]) {
+    pub(crate) fn bytes(&mut self, s: &[u8]) {
         for b in s {
             self.0 ^= u64::from(*b);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);

@@ -1,6 +1,6 @@
 //! No unprotected window (issue 10.4), with the real agent binary and real datagrams in
 //! network namespaces of their own. Pod c may send UDP to a's port 5001 only (egress
-//! isolated); from the moment its interface is up it sends to a's 5000 (denied) and 5001
+//! isolated) and receives no new flow (ingress isolated); from the moment its interface is up it sends to a's 5000 (denied) and 5001
 //! (allowed) in turn, and a echoes what it gets, so that a flow the kernel let through
 //! becomes `established`. No datagram to 5000 may arrive:
 //! - when c's rules arrive late (its interface is dropped as unknown until then), and the
@@ -69,7 +69,14 @@ fn rules(a: IpAddr, isolated: &[(&str, IpAddr)]) -> NodeRuleSet {
             namespace: "default".into(),
             name: name.to_string(),
             ips: vec![*ip],
-            ingress: Default::default(),
+            // Ingress isolated too: when the sweep deletes c → a:5000, an echo still in
+            // flight from a:5000 would otherwise open the reversed flow a → c (which the
+            // rules allow), and c's datagrams to 5000 would pass as its replies.
+            ingress: DirectionRules {
+                isolated_by: vec![np("ingress")],
+                ..DirectionRules::default()
+            }
+            .into(),
             egress: DirectionRules {
                 isolated_by: vec![np("egress")],
                 network_policy: vec![allow.clone()],

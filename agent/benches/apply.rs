@@ -1036,18 +1036,23 @@ mod tiered {
         for rep in 0..FULL_REPS {
             let ns = Netns::new(unique("pbt-"));
             let (r, i) = (rules.clone(), interfaces.clone());
-            let (full, kernel) = common::in_netns(&ns.name, move || {
+            let (full, kernel, phases) = common::in_netns(&ns.name, move || {
                 let t0 = Instant::now();
                 let desired = render(&r, &i).expect("render");
                 let out = Applier::new(Nft::local())
                     .apply(&desired)
                     .expect("full apply");
                 assert_eq!(out.kind, ApplyKind::Full);
-                (ms(t0.elapsed()), ms(out.duration))
+                let phases: Vec<String> = out
+                    .phases
+                    .iter()
+                    .map(|(name, d)| format!("{name} {:.1}", ms(*d)))
+                    .collect();
+                (ms(t0.elapsed()), ms(out.duration), phases.join(", "))
             })
             .join()
             .expect("tiered full apply thread");
-            eprintln!("tiered full apply rep {rep}: {full:.1} ms (kernel {kernel:.1} ms)");
+            eprintln!("tiered full apply rep {rep}: {full:.1} ms ({phases})");
             s.push("full", full);
             s.push("full_kernel", kernel);
         }

@@ -39,7 +39,8 @@ use crate::nfnl::setelem::{self, Change, Op};
 use crate::nfnl::{digest, scratch};
 use crate::nfnl::{NfnlError, NfnlSocket};
 use crate::nft::{Nft, NftError};
-use crate::render::json::{self, replace_all};
+use crate::render::json;
+use crate::render::text;
 use crate::render::{CounterMeta, Ruleset, SetElement, SetKind, DISPATCH_MAPS, TABLE};
 
 /// What the metrics read: shared between the applier and the collector.
@@ -51,8 +52,8 @@ pub struct ApplyStats {
     pub last_success_unix: Option<f64>,
     /// Durations of successful transactions (the `nft` run alone).
     pub apply_duration: Histogram,
-    /// Named counter → what it counts, for the table in force.
-    pub counters: BTreeMap<String, CounterMeta>,
+    /// Named counter → what it counts, for the table in force (the applied table's map).
+    pub counters: Arc<BTreeMap<String, CounterMeta>>,
     /// Host set elements of the last rule set rendered ([`host_addresses`]).
     pub host_addresses: u64,
     /// Whether that rule set was refused for exceeding `max_host_addresses`.
@@ -74,7 +75,7 @@ impl Default for ApplyStats {
             last_success_unix: None,
             apply_duration: Histogram::with_opts(opts)
                 .expect("constant histogram options are valid"),
-            counters: BTreeMap::new(),
+            counters: Arc::default(),
             host_addresses: 0,
             over_cap: false,
         }
@@ -230,11 +231,7 @@ impl Applier {
             Plan::Unchanged => {
                 // Labels may still have changed (a rule's origin).
                 self.applied = Some(carry_sizes(applied, desired));
-                let mut stats = self.lock();
-                if stats.counters != desired.counters {
-                    stats.counters = desired.counters.clone();
-                }
-                drop(stats);
+                self.lock().counters = desired.counters.clone();
                 return Ok(ApplyOutcome {
                     kind: ApplyKind::Unchanged,
                     commands: 0,
@@ -249,8 +246,12 @@ impl Applier {
         let over_netlink = elements_only(&steps);
         // Host set elements alone: the image's only change is those sets' element counts
         // and digests, known without reading the table again (the point of this path is
-        // speed). Any other change re-reads the image (a netlink dump, ~20 ms).
+        // speed). Any other change reads again what it touched.
         let keep_image = over_netlink && self.image.is_some();
+        let image = match keep_image {
+            true => Image::Keep,
+            false => Image::Refresh(touched(applied, desired)),
+        };
         if keep_image {
             if let Some(image) = &mut self.image {
                 for step in &steps {
@@ -304,7 +305,7 @@ impl Applier {
             result.map(|()| steps.len()),
             next,
             phases,
-            keep_image,
+            image,
         )
     }
 
@@ -323,7 +324,13 @@ impl Applier {
             match adopted {
                 Ok(Some(current)) => {
                     self.image = Some(current);
-                    return self.finish(ApplyKind::Adopted, Ok(0), desired.clone(), phases, true);
+                    return self.finish(
+                        ApplyKind::Adopted,
+                        Ok(0),
+                        desired.clone(),
+                        phases,
+                        Image::Keep,
+                    );
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -336,7 +343,13 @@ impl Applier {
         } else {
             self.replace(desired, &mut phases)
         };
-        self.finish(ApplyKind::Full, result, desired.clone(), phases, false)
+        self.finish(
+            ApplyKind::Full,
+            result,
+            desired.clone(),
+            phases,
+            Image::Read,
+        )
     }
 
     /// The full replacement as one nft transaction, even when no table exists (for
@@ -344,7 +357,13 @@ impl Applier {
     pub fn apply_replace(&mut self, desired: &Ruleset) -> Result<ApplyOutcome, NftError> {
         let mut phases = Vec::new();
         let result = self.replace(desired, &mut phases);
-        self.finish(ApplyKind::Full, result, desired.clone(), phases, false)
+        self.finish(
+            ApplyKind::Full,
+            result,
+            desired.clone(),
+            phases,
+            Image::Read,
+        )
     }
 
     fn replace(
@@ -352,9 +371,14 @@ impl Applier {
         desired: &Ruleset,
         phases: &mut Vec<(&'static str, Duration)>,
     ) -> Result<usize, NftError> {
-        let cmds = replace_all(desired);
-        timed(phases, phase::NFT, || self.nft.apply(&cmds))?;
-        Ok(cmds.len())
+        // One transaction: `add` so that the delete cannot fail, then the table anew.
+        let replace = format!(
+            "add table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+            text::to_text(desired)
+        );
+        let objects = 3 + text::unhooked_objects(desired, |_| true) + desired.base_chains.len();
+        timed(phases, phase::NFT, || self.nft.apply_text(replace))?;
+        Ok(objects)
     }
 
     /// The three-step first load (module docs).
@@ -363,11 +387,16 @@ impl Applier {
         desired: &Ruleset,
         phases: &mut Vec<(&'static str, Duration)>,
     ) -> Result<usize, NftError> {
-        let mut unhooked = vec![json::create_table()];
-        unhooked.extend(json::create_unhooked(desired, |kind| {
-            !setelem::handles(kind)
-        }));
-        timed(phases, phase::NFT_UNHOOKED, || self.nft.apply(&unhooked))?;
+        // `create`: fails if a table appeared meanwhile, rather than merge into it.
+        let with_elements = |kind| !setelem::handles(kind);
+        let unhooked = format!(
+            "create table inet {TABLE}\n{}",
+            text::unhooked_text(desired, with_elements)
+        );
+        let objects = 1 + text::unhooked_objects(desired, with_elements);
+        timed(phases, phase::NFT_UNHOOKED, || {
+            self.nft.apply_text(unhooked)
+        })?;
         let changes: Vec<Change<'_>> = desired
             .sets
             .iter()
@@ -395,7 +424,7 @@ impl Applier {
             }
             return Err(e);
         }
-        Ok(unhooked.len() + changes.len() + hook.len())
+        Ok(objects + changes.len() + hook.len())
     }
 
     /// The kernel's table (its image), if it is exactly what `desired` loads; `None` when
@@ -476,7 +505,7 @@ impl Applier {
         result: Result<usize, NftError>,
         next: Ruleset,
         mut phases: Vec<(&'static str, Duration)>,
-        keep_image: bool,
+        image: Image,
     ) -> Result<ApplyOutcome, NftError> {
         let duration = phases.iter().map(|(_, d)| *d).sum();
         let commands = match result {
@@ -497,18 +526,25 @@ impl Applier {
             stats
                 .apply_duration
                 .observe(Duration::as_secs_f64(&duration));
-            // Compared first: cloning hundreds of labels costs more than comparing them.
-            if stats.counters != next.counters {
-                stats.counters = next.counters.clone();
-            }
+            stats.counters = next.counters.clone();
         }
-        if !keep_image {
-            // Best effort: without an image the next reconcile rewrites the table.
-            self.image = timed(&mut phases, phase::READ_BACK, || {
-                self.read_image(Some(&next))
-            })
-            .ok()
-            .flatten();
+        // Best effort: without an image the next reconcile rewrites the table.
+        match image {
+            Image::Keep => {}
+            Image::Read => {
+                self.image = timed(&mut phases, phase::READ_BACK, || {
+                    self.read_image(Some(&next))
+                })
+                .ok()
+                .flatten();
+            }
+            Image::Refresh(touched) => {
+                self.image = timed(&mut phases, phase::READ_BACK, || {
+                    self.refresh_image(&touched, &next)
+                })
+                .ok()
+                .flatten();
+            }
         }
         self.applied = Some(next);
         Ok(ApplyOutcome {
@@ -533,10 +569,14 @@ impl Applier {
             return Ok(ReconcileOutcome::InSync);
         }
 
-        if current.is_some() && current != self.image && self.image.is_some() {
-            tracing::warn!(
-                "nftables table inet palisade was changed outside the agent; rewriting it"
-            );
+        if let (Some(now), Some(believed)) = (&current, &self.image) {
+            if now != believed {
+                let changed = believed.differences(now, 5).join(", ");
+                tracing::warn!(
+                    changed,
+                    "nftables table inet palisade was changed outside the agent; rewriting it"
+                );
+            }
         }
         self.apply_full(desired)?;
         Ok(ReconcileOutcome::Repaired)
@@ -553,7 +593,20 @@ impl Applier {
         else {
             return Ok(None);
         };
+        self.fill_digests(&mut image, loaded)?;
+        Ok(Some(image))
+    }
+
+    /// The digests `image` lacks: host sets' from `loaded` where given, the others read.
+    fn fill_digests(
+        &mut self,
+        image: &mut TableImage,
+        loaded: Option<&Ruleset>,
+    ) -> Result<(), NftError> {
         for name in image.set_names().to_vec() {
+            if image.digest(&name).is_some() {
+                continue;
+            }
             let host = loaded
                 .and_then(|r| r.sets.get(&name))
                 .filter(|s| setelem::handles(s.kind));
@@ -567,7 +620,31 @@ impl Applier {
                 image.set_digest(&name, d);
             }
         }
-        Ok(Some(image))
+        Ok(())
+    }
+
+    /// The image after an incremental transaction: the one before with what the
+    /// transaction touched read again ([`image::refresh`]); a whole read without one.
+    fn refresh_image(
+        &mut self,
+        touched: &Touched,
+        loaded: &Ruleset,
+    ) -> Result<Option<TableImage>, NftError> {
+        let Some(mut current) = self.image.take() else {
+            return self.read_image(Some(loaded));
+        };
+        let exists = self
+            .with_socket(|s| image::refresh(s, TABLE, &DISPATCH_MAPS, &mut current, &touched.image))
+            .map_err(netlink_error)?;
+        if !exists {
+            return Ok(None);
+        }
+        // The dispatch maps are small: their digests are read again every time.
+        for name in touched.sets.iter().map(String::as_str).chain(DISPATCH_MAPS) {
+            current.forget_digest(name);
+        }
+        self.fill_digests(&mut current, Some(loaded))?;
+        Ok(Some(current))
     }
 
     fn with_socket<T>(
@@ -590,6 +667,63 @@ impl Applier {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ApplyStats> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What becomes of the image after a transaction.
+enum Image {
+    /// It is up to date (or was updated on the way).
+    Keep,
+    /// Read again whole.
+    Read,
+    /// Read again where the transaction touched it.
+    Refresh(Touched),
+}
+
+/// What an incremental transaction from `applied` to `desired` changes, for the image.
+struct Touched {
+    image: image::Touched,
+    /// Sets created or whose elements changed: their digests are computed or read again.
+    sets: Vec<String>,
+}
+
+fn touched(applied: &Ruleset, desired: &Ruleset) -> Touched {
+    fn differ<'a, V: PartialEq>(
+        a: &'a BTreeMap<String, V>,
+        b: &'a BTreeMap<String, V>,
+    ) -> Vec<String> {
+        let changed = b
+            .iter()
+            .filter(|(k, v)| a.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone());
+        let gone = a.keys().filter(|k| !b.contains_key(*k)).cloned();
+        changed.chain(gone).collect()
+    }
+    let counters = if Arc::ptr_eq(&applied.counters, &desired.counters) {
+        Vec::new()
+    } else {
+        let (a, b) = (&*applied.counters, &*desired.counters);
+        let added = b.keys().filter(|k| !a.contains_key(*k));
+        let gone = a.keys().filter(|k| !b.contains_key(*k));
+        added.chain(gone).cloned().collect()
+    };
+    let sets = desired
+        .sets
+        .iter()
+        .filter(|(name, set)| {
+            applied
+                .sets
+                .get(*name)
+                .is_none_or(|old| old.kind != set.kind || old.elements != set.elements)
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    Touched {
+        image: image::Touched {
+            chains: differ(&applied.chains, &desired.chains),
+            counters,
+        },
+        sets,
     }
 }
 

@@ -112,6 +112,10 @@ fn element_delta(old: &[SetElement], new: &[SetElement]) -> (Vec<SetElement>, Ve
 }
 
 fn keys_only_in<'a, V>(a: &'a BTreeMap<String, V>, b: &BTreeMap<String, V>) -> Vec<&'a String> {
+    if std::ptr::eq(a, b) {
+        // A render that changed no counter hands on the applied map itself.
+        return Vec::new();
+    }
     a.keys().filter(|k| !b.contains_key(*k)).collect()
 }
 
@@ -265,7 +269,7 @@ mod tests {
 
     fn base() -> Ruleset {
         let mut rs = Ruleset::default();
-        rs.counters.insert(
+        rs.counters_mut().insert(
             "r-1".into(),
             CounterMeta::Rule {
                 id: "r-1".into(),
@@ -400,7 +404,7 @@ mod tests {
     #[test]
     fn new_pod_adds_chain_rules_and_dispatch_in_order() {
         let mut new = base();
-        new.counters.insert(
+        new.counters_mut().insert(
             "spoof/ns/b".into(),
             CounterMeta::Spoofed {
                 pod: palisade_policy::model::PodKey::new("ns", "b"),
@@ -437,7 +441,7 @@ mod tests {
         let mut new = base();
         new.chains.clear();
         new.egress_dispatch.clear();
-        new.counters.clear();
+        new.counters_mut().clear();
         new.sets.clear();
         let Plan::Incremental(cmds) = plan(&base(), &new) else {
             panic!("expected incremental")

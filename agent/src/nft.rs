@@ -53,11 +53,21 @@ impl Nft {
     /// `nftables::helper::apply_ruleset_raw`, which lets nft's stderr go to ours and so
     /// loses the reason of a failure.)
     pub fn apply(&self, cmds: &[Command]) -> Result<(), NftError> {
-        let payload = payload_of(cmds);
+        self.run_file(&["-j", "-f", "-"], payload_of(cmds))
+    }
+
+    /// Runs nft text ([`crate::render::text`]) as one transaction: all or nothing. For
+    /// whole tables: nft 1.0 reads text in about half the time of the same table as JSON
+    /// (0.24 s against 0.6 s for 11,000 rules).
+    pub fn apply_text(&self, text: String) -> Result<(), NftError> {
+        self.run_file(&["-f", "-"], text)
+    }
+
+    fn run_file(&self, args: &[&str], payload: String) -> Result<(), NftError> {
         let (program, prefix) = self.program_and_prefix();
         let mut child = Process::new(program)
             .args(prefix)
-            .args(["-j", "-f", "-"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

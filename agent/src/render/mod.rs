@@ -355,7 +355,7 @@ fn through_audit_log(
                 id: counter.clone(),
                 origin: origins.get(&counter).cloned(),
             };
-            out.counters
+            out.counters_mut()
                 .entry(name.clone())
                 .or_insert_with(|| CounterMeta::Audit(Box::new(meta)));
             name
@@ -395,6 +395,9 @@ pub fn render(rules: &NodeRuleSet, interfaces: &Interfaces) -> Result<Ruleset, R
     Renderer::default().render(rules, interfaces)
 }
 
+/// Counter name → what it counts (a [`Ruleset`]'s counters).
+type CounterMap = BTreeMap<String, CounterMeta>;
+
 /// The sets a group renders to: (kind, elements) per family, empty ones included.
 type GroupSets = Vec<(SetKind, Arc<[SetElement]>)>;
 
@@ -415,6 +418,12 @@ pub struct Renderer {
     lists: HashMap<String, RenderedList>,
     shapes: BTreeMap<String, SetKind>,
     flow_log: Option<FlowLog>,
+    /// The counters of the last render and the rule origins they were labelled from:
+    /// handed on as they are while no pod or list renders anew, none goes and the origins
+    /// stay (rebuilding 10,000 rule counters cost more than the rest of a one-address
+    /// render).
+    counters: Arc<CounterMap>,
+    counters_from: Option<BTreeMap<String, palisade_policy::model::RuleOrigin>>,
 }
 
 /// What one shared tier chain rendered to, and from what.
@@ -430,7 +439,10 @@ impl RenderedList {
         for (name, rules) in &self.chains {
             out.chains.insert(name.clone(), rules.clone());
         }
-        insert_rule_counters(out, &self.rule_ids);
+    }
+
+    fn insert_counters(&self, counters: &mut CounterMap) {
+        insert_rule_counters(counters, &self.rule_ids);
     }
 
     fn extract(out: &Ruleset, name: &str, list: &Arc<TierList>) -> RenderedList {
@@ -476,9 +488,12 @@ fn rule_counters(out: &Ruleset, chains: &[(String, Arc<Vec<RuleDef>>)]) -> Vec<S
 }
 
 /// The counters of `ids` without an origin, where the rule set gave none.
-fn insert_rule_counters(out: &mut Ruleset, ids: &[String]) {
+fn insert_rule_counters(counters: &mut CounterMap, ids: &[String]) {
     for id in ids {
-        out.counters
+        if counters.contains_key(id) {
+            continue;
+        }
+        counters
             .entry(id.clone())
             .or_insert_with(|| CounterMeta::Rule {
                 id: id.clone(),
@@ -520,10 +535,6 @@ impl RenderedPod {
         for (name, rules) in &self.chains {
             out.chains.insert(name.clone(), rules.clone());
         }
-        for (name, meta) in &self.counters {
-            out.counters.insert(name.clone(), meta.clone());
-        }
-        insert_rule_counters(out, &self.rule_ids);
         for (direction, entry) in &self.dispatch {
             out.dispatch_mut(*direction)
                 .insert(self.ifname.clone(), entry.clone());
@@ -532,6 +543,13 @@ impl RenderedPod {
             out.rest_dispatch_mut(*direction)
                 .insert(self.ifname.clone(), rest.clone());
         }
+    }
+
+    fn insert_counters(&self, counters: &mut CounterMap) {
+        for (name, meta) in &self.counters {
+            counters.insert(name.clone(), meta.clone());
+        }
+        insert_rule_counters(counters, &self.rule_ids);
     }
 
     /// Reads back what [`render_pod`] put into `out` for this pod (its names are fixed
@@ -630,6 +648,8 @@ impl Renderer {
             lists: HashMap::new(),
             shapes: BTreeMap::new(),
             flow_log: None,
+            counters: Arc::default(),
+            counters_from: None,
         }
     }
 
@@ -643,10 +663,17 @@ impl Renderer {
     /// Turns the flow log on or off for the next renders.
     pub fn set_flow_log(&mut self, log: Option<FlowLog>) {
         if self.flow_log != log {
-            self.pods.clear();
-            self.lists.clear();
+            self.forget_renders();
             self.flow_log = log;
         }
+    }
+
+    /// Drops what the next render could reuse of pods, lists and counters: every pod and
+    /// list renders anew, and the counters are rebuilt.
+    fn forget_renders(&mut self) {
+        self.pods.clear();
+        self.lists.clear();
+        self.counters_from = None;
     }
 
     /// As [`render`], reusing the sets of groups that did not change since the last call.
@@ -660,16 +687,6 @@ impl Renderer {
             ..Ruleset::default()
         };
         let flow_log = self.flow_log;
-        if flow_log.is_some() {
-            out.counters
-                .insert(FLOW_LOG_SUPPRESSED.into(), CounterMeta::FlowLogSuppressed);
-        }
-        if !self.patterns.is_empty() {
-            out.counters.insert(
-                UNKNOWN_INTERFACE_COUNTER.to_string(),
-                CounterMeta::UnknownInterface,
-            );
-        }
         let mut cache = HashMap::with_capacity(rules.groups.len());
         for (id, group) in &rules.groups {
             if !valid_id(id) {
@@ -706,12 +723,12 @@ impl Renderer {
             out.sets.iter().map(|(n, s)| (n.clone(), s.kind)).collect();
         if shapes != self.shapes {
             // A rule's matches depend on which sets exist: render every pod anew.
-            self.pods.clear();
-            self.lists.clear();
+            self.forget_renders();
             self.shapes = shapes;
         }
         let mut pods = HashMap::with_capacity(rules.pods.len());
         let mut lists: HashMap<String, RenderedList> = HashMap::new();
+        let mut rendered_anew = false;
         let out = render_rest(out, rules, interfaces, |out, pod, key, ifname| {
             match self.pods.remove(key) {
                 Some(cached) if cached.rendered_from(pod, ifname) => {
@@ -719,6 +736,7 @@ impl Renderer {
                     pods.insert(key.clone(), cached);
                 }
                 _ => {
+                    rendered_anew = true;
                     render_pod(out, rules, pod, key, ifname, flow_log)?;
                     pods.insert(key.clone(), RenderedPod::extract(out, pod, key, ifname));
                 }
@@ -742,6 +760,7 @@ impl Renderer {
                         cached
                     }
                     _ => {
+                        rendered_anew = true;
                         render_shared(out, rules, tier, direction, list, flow_log)?;
                         RenderedList::extract(out, &name, list)
                     }
@@ -750,10 +769,41 @@ impl Renderer {
             }
             Ok(())
         });
-        let ok = out.is_ok();
-        self.pods = if ok { pods } else { HashMap::new() };
-        self.lists = if ok { lists } else { HashMap::new() };
-        out
+        let Ok(mut out) = out else {
+            self.forget_renders();
+            return out;
+        };
+        // What is left in the caches rendered last time and not now.
+        let same_items = !rendered_anew && self.pods.is_empty() && self.lists.is_empty();
+        if same_items && self.counters_from.as_ref() == Some(&rules.rules) {
+            out.counters = self.counters.clone();
+        } else {
+            let counters = out.counters_mut();
+            if flow_log.is_some() {
+                counters.insert(FLOW_LOG_SUPPRESSED.into(), CounterMeta::FlowLogSuppressed);
+            }
+            if !self.patterns.is_empty() {
+                counters.insert(
+                    UNKNOWN_INTERFACE_COUNTER.to_string(),
+                    CounterMeta::UnknownInterface,
+                );
+            }
+            insert_origin_counters(counters, rules);
+            for pod in pods.values() {
+                pod.insert_counters(counters);
+            }
+            for list in lists.values() {
+                list.insert_counters(counters);
+            }
+            if out.counters == self.counters {
+                out.counters = self.counters.clone();
+            }
+            self.counters = out.counters.clone();
+            self.counters_from = Some(rules.rules.clone());
+        }
+        self.pods = pods;
+        self.lists = lists;
+        Ok(out)
     }
 }
 
@@ -852,21 +902,8 @@ fn render_rest(
     interfaces: &Interfaces,
     mut render_pod: impl FnMut(&mut Ruleset, &PodRules, &PodKey, &str) -> Result<(), RenderError>,
 ) -> Result<Ruleset, RenderError> {
-    let audit_only = audit_only_rules(rules);
-    for (id, origin) in &rules.rules {
-        if !valid_id(id) {
-            return Err(RenderError::BadRuleId(id.clone()));
-        }
-        if audit_only.contains(id.as_str()) {
-            continue;
-        }
-        out.counters.insert(
-            id.clone(),
-            CounterMeta::Rule {
-                id: id.clone(),
-                origin: Some(origin.clone()),
-            },
-        );
+    if let Some(id) = rules.rules.keys().find(|id| !valid_id(id)) {
+        return Err(RenderError::BadRuleId(id.clone()));
     }
     let mut taken: BTreeSet<&str> = BTreeSet::new();
     for pod in &rules.pods {
@@ -885,6 +922,24 @@ fn render_rest(
         render_pod(&mut out, pod, &key, ifname)?;
     }
     Ok(out)
+}
+
+/// The labelled counter of every rule of the rule set but those only audit lists
+/// reference; over the unlabelled ones that rendering pods and lists made.
+fn insert_origin_counters(counters: &mut CounterMap, rules: &NodeRuleSet) {
+    let audit_only = audit_only_rules(rules);
+    for (id, origin) in &rules.rules {
+        if audit_only.contains(id.as_str()) {
+            continue;
+        }
+        counters.insert(
+            id.clone(),
+            CounterMeta::Rule {
+                id: id.clone(),
+                origin: Some(origin.clone()),
+            },
+        );
+    }
 }
 
 /// Rules that only audit lists reference: they get audit counters (`audit/ID`, for what
@@ -1204,7 +1259,7 @@ impl View<'_> {
             View::Enforced { .. } => (counter, meta),
             View::Audit { .. } => (audit_counter(&counter), CounterMeta::Audit(Box::new(meta))),
         };
-        out.counters.insert(name.clone(), meta);
+        out.counters_mut().insert(name.clone(), meta);
         name
     }
 }
@@ -1272,7 +1327,7 @@ fn view_chains(
 
 fn anti_spoofing(out: &mut Ruleset, pod: &PodKey, ips: &[IpAddr]) -> Vec<RuleDef> {
     let counter = spoof_counter(pod);
-    out.counters
+    out.counters_mut()
         .insert(counter.clone(), CounterMeta::Spoofed { pod: pod.clone() });
     [IpFamily::V4, IpFamily::V6]
         .into_iter()
@@ -1364,7 +1419,7 @@ fn instance_rules(
     // A rule without a known origin still gets its counter, only without labels (in an
     // audit chain, [`through_audit_log`] makes the counters).
     if enforced {
-        out.counters
+        out.counters_mut()
             .entry(inst.rule.clone())
             .or_insert_with(|| CounterMeta::Rule {
                 id: inst.rule.clone(),
@@ -1658,6 +1713,8 @@ mod tests {
         assert_eq!(second, render(&rules, &interfaces).unwrap());
         let chain = "ingress-rest/ns/a";
         assert!(Arc::ptr_eq(&first.chains[chain], &second.chains[chain]));
+        // And no counter changed: the map is handed on, not rebuilt.
+        assert!(Arc::ptr_eq(&first.counters, &second.counters));
 
         // One pod's rules change, another moves to a new interface, and the group gains
         // an IPv6 set (a new set a rule can refer to): all as a fresh render.
@@ -1709,6 +1766,14 @@ mod tests {
                 ..
             }
         ));
+
+        // The pods go while the group empties (its sets go, so every cache is dropped,
+        // and nothing renders anew): their counters go with them.
+        rules.pods.clear();
+        rules.groups.insert("g-1".into(), hosts(&[]));
+        let emptied = renderer.render(&rules, &moved).unwrap();
+        assert!(!emptied.counters.contains_key("deny-ingress/ns/b"));
+        assert_eq!(emptied, render(&rules, &moved).unwrap());
     }
 
     /// A pod `ns/a` whose ingress allows TCP 80 from group `g-1`.

@@ -322,7 +322,10 @@ pub enum CounterMeta {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ruleset {
     pub base_chains: Vec<BaseChain>,
-    pub counters: BTreeMap<String, CounterMeta>,
+    /// Shared: a render that changes no counter hands on the previous map, so comparing
+    /// and cloning the table stay cheap with thousands of rule counters (`Arc`'s `Eq`
+    /// short-circuits on the pointer). Change it through [`Ruleset::counters_mut`].
+    pub counters: Arc<BTreeMap<String, CounterMeta>>,
     pub sets: BTreeMap<String, SetDef>,
     /// Interface name → chain, per dispatch map.
     pub egress_dispatch: BTreeMap<String, String>,
@@ -337,6 +340,10 @@ pub struct Ruleset {
 }
 
 impl Ruleset {
+    pub fn counters_mut(&mut self) -> &mut BTreeMap<String, CounterMeta> {
+        Arc::make_mut(&mut self.counters)
+    }
+
     pub fn dispatch(&self, direction: Direction) -> &BTreeMap<String, String> {
         match direction {
             Direction::Egress => &self.egress_dispatch,

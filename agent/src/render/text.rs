@@ -196,6 +196,34 @@ fn set_type_text(kind: SetKind) -> (String, bool) {
 
 /// The whole table as nft text.
 pub fn to_text(rs: &Ruleset) -> String {
+    table_text(rs, |_| true, true)
+}
+
+/// Everything but the base chains, as [`super::json::create_unhooked`] creates it: the
+/// elements of sets for which `with_elements(kind)` is false are left out.
+pub fn unhooked_text(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) -> String {
+    table_text(rs, with_elements, false)
+}
+
+/// The number of objects (counters, sets and maps, chains, rules and element lists) that
+/// [`unhooked_text`] creates.
+pub fn unhooked_objects(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) -> usize {
+    rs.counters.len()
+        + rs.sets.len()
+        + rs.sets
+            .values()
+            .filter(|s| !s.elements.is_empty() && with_elements(s.kind))
+            .count()
+        + DISPATCH_MAPS.len()
+        + rs.dispatch_maps()
+            .iter()
+            .filter(|(_, e, _)| !e.is_empty())
+            .count()
+        + rs.chains.len()
+        + rs.chains.values().map(|c| c.len()).sum::<usize>()
+}
+
+fn table_text(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool, hooked: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "table inet {TABLE} {{");
     for name in rs.counters.keys() {
@@ -210,7 +238,7 @@ pub fn to_text(rs: &Ruleset) -> String {
         if let Some(size) = set.size {
             let _ = writeln!(s, "\t\tsize {size}");
         }
-        if !set.elements.is_empty() {
+        if !set.elements.is_empty() && with_elements(set.kind) {
             let list: Vec<String> = set.elements.iter().map(element_text).collect();
             let _ = writeln!(s, "\t\telements = {{ {} }}", list.join(", "));
         }
@@ -235,7 +263,8 @@ pub fn to_text(rs: &Ruleset) -> String {
         }
         let _ = writeln!(s, "\t}}\n");
     }
-    for (i, bc) in rs.base_chains.iter().enumerate() {
+    let base_chains = if hooked { &rs.base_chains[..] } else { &[] };
+    for (i, bc) in base_chains.iter().enumerate() {
         let _ = writeln!(
             s,
             "\tchain {} {{\n\t\ttype filter hook {} priority {}; policy accept;",
@@ -247,7 +276,7 @@ pub fn to_text(rs: &Ruleset) -> String {
             let _ = writeln!(s, "\t\t{}", base_statement_text(st));
         }
         let _ = writeln!(s, "\t}}");
-        if i + 1 < rs.base_chains.len() {
+        if i + 1 < base_chains.len() {
             s.push('\n');
         }
     }

@@ -799,7 +799,10 @@ impl Renderer {
                 out.counters = self.counters.clone();
             }
             self.counters = out.counters.clone();
-            self.counters_from = Some(rules.rules.clone());
+            // Compared first: cloning 10,000 origins costs more than comparing them.
+            if self.counters_from.as_ref() != Some(&rules.rules) {
+                self.counters_from = Some(rules.rules.clone());
+            }
         }
         self.pods = pods;
         self.lists = lists;

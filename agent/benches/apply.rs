@@ -738,7 +738,7 @@ fn base_bench() {
             "",
         ),
         row(
-            "txn 1: nft -j -f, table without base chains and host set elements",
+            "txn 1: nft -f (text), table without base chains and host set elements",
             Some("p_full_unhooked"),
             None,
             "",
@@ -798,7 +798,7 @@ fn base_bench() {
             "target".into(),
         ],
         row(
-            "nft -j -f: add table; delete table; add table; …",
+            "nft -f (text): add table; delete table; add table; …",
             Some("p_repl_nft"),
             None,
             "",

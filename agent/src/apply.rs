@@ -3,23 +3,26 @@
 //!
 //! * A full apply when the kernel has no table of ours (the agent's first start on a node,
 //!   or someone deleted the table) is staged, because nft is slow with 150,000 set
-//!   elements: (1) one nft transaction creates the table with everything but the base
-//!   chains and the host sets' elements; (2) one netlink batch loads those elements
-//!   ([`crate::nfnl::setelem`]); (3) one nft transaction adds the base chains, which hook
-//!   the table into the packet path. Before (3) the table sees no packet, so enforcement
-//!   starts atomically, complete; if (2) or (3) fails the table, which never enforced, is
-//!   deleted again.
+//!   elements and with thousands of counter declarations: (1) netlink batches create the
+//!   table (refused if one appeared meanwhile) and its named counters
+//!   ([`crate::nfnl::counters`]); (2) one nft transaction (text) adds everything else but
+//!   the base chains and the host sets' elements; (3) netlink batches load those elements
+//!   ([`crate::nfnl::setelem`]); (4) one nft transaction adds the base chains, which hook
+//!   the table into the packet path. Before (4) the table sees no packet, so enforcement
+//!   starts atomically, complete; if a step after the table's creation fails, the table,
+//!   which never enforced, is deleted again.
 //! * A full apply when our table exists (restart adoption, drift repair, a set type
 //!   change, the retry after a failure) replaces it in one nft transaction (`add table;
-//!   delete table; add table; …`): a restarted agent thus adopts whatever its predecessor
-//!   left without a moment of no enforcement, and never a half state.
+//!   delete table; add table; …`, as text): a restarted agent thus adopts whatever its
+//!   predecessor left without a moment of no enforcement, and never a half state.
 //! * Later applies are incremental ([`crate::diff::plan`]); one that only adds or deletes
 //!   host set elements is one netlink batch, anything else one nft transaction.
 //! * After each transaction that changed more than host set elements, the table is read
 //!   back over netlink ([`crate::nfnl::image`]: chains, rules, set declarations, objects
 //!   and the dispatch maps, without handles and counter values, plus a digest of each
 //!   set's elements ([`crate::nfnl::digest`]); host sets' digests are computed from the
-//!   elements loaded, not read back). After a host-element batch the image's digests are
+//!   elements loaded, not read back): whole after a full apply, and after an incremental
+//!   one only where it touched the table ([`image::refresh`]). After a host-element batch the image's digests are
 //!   updated from the batch's own elements. [`Applier::reconcile`] reads the table again,
 //!   every set's elements included (~80 ms with 150,000), and replaces the table if
 //!   anything differs: deleted table, edited chain or rule, dispatch element removed, a set
@@ -34,6 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prometheus::{Histogram, HistogramOpts};
 
 use crate::diff::{carry_sizes, elements_only, plan, to_commands, Plan, Step};
+use crate::nfnl::counters;
 use crate::nfnl::image::{self, TableImage};
 use crate::nfnl::setelem::{self, Change, Op};
 use crate::nfnl::{digest, scratch};
@@ -189,6 +193,7 @@ fn netlink_error(e: NfnlError) -> NftError {
 pub mod phase {
     pub const NFT: &str = "nft transaction";
     pub const NFT_UNHOOKED: &str = "nft: table without base chains";
+    pub const NETLINK_COUNTERS: &str = "netlink: table and counters";
     pub const NETLINK_ELEMENTS: &str = "netlink: host set elements";
     pub const NFT_HOOK: &str = "nft: base chains";
     pub const READ_BACK: &str = "read-back (netlink)";
@@ -387,16 +392,22 @@ impl Applier {
         desired: &Ruleset,
         phases: &mut Vec<(&'static str, Duration)>,
     ) -> Result<usize, NftError> {
-        // `create`: fails if a table appeared meanwhile, rather than merge into it.
+        let counters: Vec<&str> = desired.counters.keys().map(String::as_str).collect();
+        timed(phases, phase::NETLINK_COUNTERS, || {
+            // Refused if a table appeared meanwhile: then it is not ours to delete.
+            self.with_socket(|s| counters::create_table(s, TABLE))
+                .map_err(netlink_error)?;
+            self.with_socket(|s| counters::create(s, TABLE, &counters))
+                .map_err(netlink_error)
+                .inspect_err(|_| self.delete_unhooked())
+        })?;
         let with_elements = |kind| !setelem::handles(kind);
-        let unhooked = format!(
-            "create table inet {TABLE}\n{}",
-            text::unhooked_text(desired, with_elements)
-        );
-        let objects = 1 + text::unhooked_objects(desired, with_elements);
+        let unhooked = text::unhooked_text(desired, with_elements);
+        let objects = 1 + counters.len() + text::unhooked_objects(desired, with_elements);
         timed(phases, phase::NFT_UNHOOKED, || {
             self.nft.apply_text(unhooked)
-        })?;
+        })
+        .inspect_err(|_| self.delete_unhooked())?;
         let changes: Vec<Change<'_>> = desired
             .sets
             .iter()
@@ -417,14 +428,19 @@ impl Applier {
         })
         .and_then(|()| timed(phases, phase::NFT_HOOK, || self.nft.apply(&hook)));
         if let Err(e) = loaded {
-            // Nothing hooked the table into the packet path yet, so it never enforced:
-            // remove it whole rather than leave a half-loaded table behind.
-            if let Err(cleanup) = self.nft.apply(&[json::delete_table()]) {
-                tracing::error!(error = %cleanup, "cannot delete the half-loaded table");
-            }
+            self.delete_unhooked();
             return Err(e);
         }
         Ok(objects + changes.len() + hook.len())
+    }
+
+    /// Deletes the table of a first load that failed before its base chains: nothing
+    /// hooked it into the packet path yet, so it never enforced, and a half-loaded table
+    /// must not stay behind.
+    fn delete_unhooked(&mut self) {
+        if let Err(cleanup) = self.nft.apply(&[json::delete_table()]) {
+            tracing::error!(error = %cleanup, "cannot delete the half-loaded table");
+        }
     }
 
     /// The kernel's table (its image), if it is exactly what `desired` loads; `None` when

@@ -952,7 +952,8 @@ fn failed_first_load_leaves_no_table() {
     assert!(!table_exists(&lab.node), "the half-loaded table is gone");
     assert!(tcp_ok(&a.netns, b.ip4, 7070), "nothing enforced");
 
-    // Step 1 refused (a rule naming a set that does not exist): nothing created at all.
+    // The rules refused (one names a set that does not exist): the table and counters
+    // created for them over netlink are deleted again.
     let mut bad = desired.clone();
     Arc::make_mut(bad.chains.get_mut("ingress-rest/default/b").unwrap())[0].matches =
         vec![render::Match::AddrInSet {
@@ -965,6 +966,12 @@ fn failed_first_load_leaves_no_table() {
     assert_eq!(applier.stats().lock().unwrap().errors, 2);
 
     assert_eq!(applier.apply(&desired).unwrap().kind, ApplyKind::Full);
+    assert_enforced(&lab);
+    // A first load never merges into a table that appeared meanwhile: creating the table
+    // is refused, and the table stays as it was.
+    let mut socket = NfnlSocket::open(Some(&lab.node)).unwrap();
+    let err = palisade_agent::nfnl::counters::create_table(&mut socket, "palisade").unwrap_err();
+    assert!(err.to_string().contains("creating table"), "{err}");
     assert_enforced(&lab);
 }
 

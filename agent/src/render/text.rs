@@ -196,20 +196,20 @@ fn set_type_text(kind: SetKind) -> (String, bool) {
 
 /// The whole table as nft text.
 pub fn to_text(rs: &Ruleset) -> String {
-    table_text(rs, |_| true, true)
+    table_text(rs, |_| true, true, true)
 }
 
-/// Everything but the base chains, as [`super::json::create_unhooked`] creates it: the
-/// elements of sets for which `with_elements(kind)` is false are left out.
+/// Everything but the base chains and the counters (a first load creates those over
+/// netlink before), as [`super::json::create_unhooked`] creates it: the elements of sets
+/// for which `with_elements(kind)` is false are left out.
 pub fn unhooked_text(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) -> String {
-    table_text(rs, with_elements, false)
+    table_text(rs, with_elements, false, false)
 }
 
-/// The number of objects (counters, sets and maps, chains, rules and element lists) that
+/// The number of objects (sets and maps, chains, rules and element lists) that
 /// [`unhooked_text`] creates.
 pub fn unhooked_objects(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) -> usize {
-    rs.counters.len()
-        + rs.sets.len()
+    rs.sets.len()
         + rs.sets
             .values()
             .filter(|s| !s.elements.is_empty() && with_elements(s.kind))
@@ -223,10 +223,15 @@ pub fn unhooked_objects(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) -
         + rs.chains.values().map(|c| c.len()).sum::<usize>()
 }
 
-fn table_text(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool, hooked: bool) -> String {
+fn table_text(
+    rs: &Ruleset,
+    with_elements: impl Fn(SetKind) -> bool,
+    counters: bool,
+    hooked: bool,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "table inet {TABLE} {{");
-    for name in rs.counters.keys() {
+    for name in rs.counters.keys().filter(|_| counters) {
         let _ = writeln!(s, "\tcounter {name} {{\n\t}}\n");
     }
     for (name, set) in &rs.sets {

@@ -9,8 +9,8 @@
 //!
 //! Objects are keyed by name and rules kept per chain, in their order, so that after a
 //! transaction only what it touched is read again ([`refresh`]) and the result equals a
-//! whole new read: dumping every rule of a large table costs the kernel time quadratic in
-//! the rules (each dump batch walks the rules from the start), ~50 ms at 11,000 rules.
+//! whole new read (re-reading all 11,000 rules of a tiered node after adding one pod cost
+//! ~50 ms; the touched chains alone, ~2 ms). Rules are dumped chain by chain.
 
 use std::collections::BTreeMap;
 
@@ -471,8 +471,7 @@ pub fn refresh(
     Ok(true)
 }
 
-/// The rules of one chain (`chain` NUL-terminated), dumped apart: a dump of the whole
-/// table's rules costs the kernel time quadratic in them.
+/// The rules of one chain (`chain` NUL-terminated), dumped apart.
 fn read_rules(
     socket: &mut NfnlSocket,
     table: &str,
@@ -588,6 +587,58 @@ mod tests {
             (image.count("g-1_4"), image.count("g-2_4")),
             (Some(8), None)
         );
+    }
+
+    #[test]
+    fn chain_order_does_not_count_rule_order_does() {
+        let chain = |name: &[u8]| {
+            let mut body = Vec::new();
+            push_attr(&mut body, 1, b"palisade\0");
+            push_attr(&mut body, NFTA_CHAIN_NAME, name);
+            body
+        };
+        let rule = |chain: &[u8], verdict: u8| {
+            let mut body = Vec::new();
+            push_attr(&mut body, 1, b"palisade\0");
+            push_attr(&mut body, NFTA_RULE_CHAIN, chain);
+            push_attr(&mut body, 4, &[verdict]);
+            body
+        };
+        let image = |messages: &[(u16, Vec<u8>)]| {
+            let mut image = TableImage::default();
+            for (kind, body) in messages {
+                let attrs = normalise(*kind, body, "palisade").unwrap().unwrap();
+                image.insert(*kind, attrs, body).unwrap();
+            }
+            image
+        };
+        let (a, b) = (&b"a\0"[..], &b"b\0"[..]);
+        let one = image(&[
+            (msg::NEWCHAIN, chain(a)),
+            (msg::NEWCHAIN, chain(b)),
+            (msg::NEWRULE, rule(a, 1)),
+            (msg::NEWRULE, rule(a, 2)),
+            (msg::NEWRULE, rule(b, 3)),
+        ]);
+        // Chains created in the other order: the same table.
+        let other = image(&[
+            (msg::NEWCHAIN, chain(b)),
+            (msg::NEWCHAIN, chain(a)),
+            (msg::NEWRULE, rule(b, 3)),
+            (msg::NEWRULE, rule(a, 1)),
+            (msg::NEWRULE, rule(a, 2)),
+        ]);
+        assert_eq!(one, other);
+        // a's rules swapped: another table, and the difference names the chain.
+        let swapped = image(&[
+            (msg::NEWCHAIN, chain(a)),
+            (msg::NEWCHAIN, chain(b)),
+            (msg::NEWRULE, rule(a, 2)),
+            (msg::NEWRULE, rule(a, 1)),
+            (msg::NEWRULE, rule(b, 3)),
+        ]);
+        assert_ne!(one, swapped);
+        assert_eq!(one.differences(&swapped, 5), vec!["rules of chain a"]);
     }
 
     #[test]

@@ -195,12 +195,23 @@ async fn enforcement_is_counted_across_replicas_and_shown_where_users_look() {
         "{out}"
     );
 
-    // A spec change: the condition follows the new generation.
+    // A spec change: the condition follows the new generation, until both nodes enforce
+    // it (before that, a node still on generation 1 makes it "1 of 2" too, which the next
+    // step must not mistake for the node that goes).
     let changed = ADMIN.replace("priority: 10", "priority: 11");
     s.kube.apply_yaml(&changed).await.unwrap();
+    let enforced = Some((
+        "True".to_string(),
+        "enforced on 2 of 2 nodes".to_string(),
+        2,
+    ));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while condition(&s, "shop-guard").await.map(|c| c.2) != Some(2) {
-        assert!(Instant::now() < deadline, "observedGeneration stays behind");
+    while condition(&s, "shop-guard").await != enforced {
+        assert!(
+            Instant::now() < deadline,
+            "generation 2 not enforced on both nodes: {:?}",
+            condition(&s, "shop-guard").await
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 

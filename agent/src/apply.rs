@@ -38,7 +38,7 @@ use prometheus::{Histogram, HistogramOpts};
 
 use crate::diff::{carry_sizes, elements_only, plan, to_commands, Plan, Step};
 use crate::nfnl::counters;
-use crate::nfnl::image::{self, TableImage};
+use crate::nfnl::image::{self, TableImage, Touched};
 use crate::nfnl::setelem::{self, Change, Op};
 use crate::nfnl::{digest, scratch};
 use crate::nfnl::{NfnlError, NfnlSocket};
@@ -497,7 +497,7 @@ impl Applier {
         else {
             return Ok(None);
         };
-        for name in image.set_names().to_vec() {
+        for name in image.set_names() {
             let digest = match desired.sets.get(&name).filter(|s| setelem::handles(s.kind)) {
                 Some(def) => {
                     image.set_count(&name, def.elements.len());
@@ -619,7 +619,7 @@ impl Applier {
         image: &mut TableImage,
         loaded: Option<&Ruleset>,
     ) -> Result<(), NftError> {
-        for name in image.set_names().to_vec() {
+        for name in image.set_names() {
             if image.digest(&name).is_some() {
                 continue;
             }
@@ -650,14 +650,10 @@ impl Applier {
             return self.read_image(Some(loaded));
         };
         let exists = self
-            .with_socket(|s| image::refresh(s, TABLE, &DISPATCH_MAPS, &mut current, &touched.image))
+            .with_socket(|s| image::refresh(s, TABLE, &DISPATCH_MAPS, &mut current, touched))
             .map_err(netlink_error)?;
         if !exists {
             return Ok(None);
-        }
-        // The dispatch maps are small: their digests are read again every time.
-        for name in touched.sets.iter().map(String::as_str).chain(DISPATCH_MAPS) {
-            current.forget_digest(name);
         }
         self.fill_digests(&mut current, Some(loaded))?;
         Ok(Some(current))
@@ -697,12 +693,6 @@ enum Image {
 }
 
 /// What an incremental transaction from `applied` to `desired` changes, for the image.
-struct Touched {
-    image: image::Touched,
-    /// Sets created or whose elements changed: their digests are computed or read again.
-    sets: Vec<String>,
-}
-
 fn touched(applied: &Ruleset, desired: &Ruleset) -> Touched {
     fn differ<'a, V: PartialEq>(
         a: &'a BTreeMap<String, V>,
@@ -735,10 +725,8 @@ fn touched(applied: &Ruleset, desired: &Ruleset) -> Touched {
         .map(|(name, _)| name.clone())
         .collect();
     Touched {
-        image: image::Touched {
-            chains: differ(&applied.chains, &desired.chains),
-            counters,
-        },
+        chains: differ(&applied.chains, &desired.chains),
+        counters,
         sets,
     }
 }

@@ -57,8 +57,8 @@ impl Nft {
     }
 
     /// Runs nft text ([`crate::render::text`]) as one transaction: all or nothing. For
-    /// whole tables: nft 1.0 reads text in about half the time of the same table as JSON
-    /// (0.24 s against 0.6 s for 11,000 rules).
+    /// whole tables: nft 1.0.6 read a tiered node's table (11,000 rules) as text in 0.79 s,
+    /// as JSON in 1.34 s.
     pub fn apply_text(&self, text: String) -> Result<(), NftError> {
         self.run_file(&["-f", "-"], text)
     }

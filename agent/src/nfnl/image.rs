@@ -67,8 +67,6 @@ pub struct TableImage {
     /// or deleted by hand shows here without dumping 150,000 elements. Kept apart so that
     /// the agent's own element changes can update it without reading the table again.
     set_counts: BTreeMap<String, u32>,
-    /// Every set's (and map's) name, sorted.
-    set_names: Vec<String>,
     /// Set name → digest of its elements ([`super::digest`]), filled in by the caller: the
     /// applier computes host sets' digests from what it loaded and reads the others.
     contents: BTreeMap<String, u64>,
@@ -101,8 +99,12 @@ impl TableImage {
         self.set_counts.get(name).copied()
     }
 
-    pub fn set_names(&self) -> &[String] {
-        &self.set_names
+    /// Every set's (and map's) name, sorted.
+    pub fn set_names(&self) -> Vec<String> {
+        self.sets
+            .keys()
+            .map(|k| String::from_utf8_lossy(attr_text(k)).into_owned())
+            .collect()
     }
 
     pub fn digest(&self, name: &str) -> Option<u64> {
@@ -111,11 +113,6 @@ impl TableImage {
 
     pub fn set_digest(&mut self, name: &str, digest: u64) {
         self.contents.insert(name.to_string(), digest);
-    }
-
-    /// Forgets the digest of a set (gone, or changed and not read yet).
-    pub fn forget_digest(&mut self, name: &str) {
-        self.contents.remove(name);
     }
 }
 
@@ -189,7 +186,6 @@ impl TableImage {
                 .collect(),
             maps: self.maps.clone(),
             set_counts: self.set_counts.clone(),
-            set_names: self.set_names.clone(),
             contents: self.contents.clone(),
         }
     }
@@ -240,9 +236,6 @@ impl TableImage {
             String::clone,
             &mut out,
         );
-        if self.set_names != other.set_names {
-            out.push("the set names".to_string());
-        }
         out.truncate(limit);
         out
     }
@@ -260,9 +253,6 @@ impl TableImage {
                 .or_default()
                 .push(attrs),
             msg::NEWSET => {
-                if let Some(set) = set_name(body)? {
-                    self.set_names.push(set);
-                }
                 self.set_counts.extend(set_count(body)?);
                 self.sets.insert(name(NFTA_SET_NAME), attrs);
             }
@@ -274,18 +264,6 @@ impl TableImage {
         }
         Ok(())
     }
-}
-
-fn set_name(body: &[u8]) -> Result<Option<String>, NfnlError> {
-    for attr in attrs(body) {
-        let (kind, payload) = attr?;
-        if kind == NFTA_SET_NAME {
-            return Ok(Some(
-                String::from_utf8_lossy(attr_text(payload)).into_owned(),
-            ));
-        }
-    }
-    Ok(None)
 }
 
 /// (name, element count) of a `NEWSET` message.
@@ -411,25 +389,27 @@ pub fn read(
     for chain in &chains {
         read_rules(socket, table, chain, &mut image)?;
     }
-    read_sets(socket, table, &mut image)?;
+    dump(socket, table, msg::GETSET, msg::NEWSET, &mut image)?;
     dump(socket, table, msg::GETOBJ, msg::NEWOBJ, &mut image)?;
     read_maps(socket, table, maps, &mut image)?;
     Ok(Some(image))
 }
 
 /// What a transaction changed, so that [`refresh`] reads only that again: chains
-/// created, changed or deleted, and counters created or deleted.
+/// created, changed or deleted, counters created or deleted, and sets created or whose
+/// elements changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Touched {
     pub chains: Vec<String>,
     pub counters: Vec<String>,
+    pub sets: Vec<String>,
 }
 
 /// Brings `image` (of the table before a transaction) to what [`read`] would read after
 /// it, reading again the table, chains, sets and maps (hundreds of messages), and only the
 /// rules of the `touched` chains and the `touched` counters. `Ok(false)` when the table
-/// does not exist. Set digests are the caller's: those of sets that changed must be
-/// computed or read again.
+/// does not exist. Set digests are the caller's: those of the `touched` sets and of the
+/// maps are dropped, to be computed or read again.
 pub fn refresh(
     socket: &mut NfnlSocket,
     table: &str,
@@ -442,7 +422,7 @@ pub fn refresh(
         return Ok(false);
     }
     dump(socket, table, msg::GETCHAIN, msg::NEWCHAIN, &mut fresh)?;
-    read_sets(socket, table, &mut fresh)?;
+    dump(socket, table, msg::GETSET, msg::NEWSET, &mut fresh)?;
     read_maps(socket, table, maps, &mut fresh)?;
     fresh.rules = std::mem::take(&mut image.rules);
     fresh.objects = std::mem::take(&mut image.objects);
@@ -464,9 +444,12 @@ pub fn refresh(
         read_into(socket, table, msg::GETOBJ, msg::NEWOBJ, 0, &get, &mut fresh)?;
     }
     fresh.contents = std::mem::take(&mut image.contents);
-    fresh
-        .contents
-        .retain(|name, _| fresh.set_names.binary_search(name).is_ok());
+    let sets = &fresh.sets;
+    fresh.contents.retain(|name, _| {
+        sets.contains_key(&nul_terminated(name))
+            && !touched.sets.contains(name)
+            && !maps.contains(&name.as_str())
+    });
     *image = fresh;
     Ok(true)
 }
@@ -514,12 +497,6 @@ fn read_table(
         }
     }
     Ok(true)
-}
-
-fn read_sets(socket: &mut NfnlSocket, table: &str, out: &mut TableImage) -> Result<(), NfnlError> {
-    dump(socket, table, msg::GETSET, msg::NEWSET, out)?;
-    out.set_names.sort();
-    Ok(())
 }
 
 fn read_maps(

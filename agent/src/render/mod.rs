@@ -490,15 +490,14 @@ fn rule_counters(out: &Ruleset, chains: &[(String, Arc<Vec<RuleDef>>)]) -> Vec<S
 /// The counters of `ids` without an origin, where the rule set gave none.
 fn insert_rule_counters(counters: &mut CounterMap, ids: &[String]) {
     for id in ids {
-        if counters.contains_key(id) {
-            continue;
-        }
-        counters
-            .entry(id.clone())
-            .or_insert_with(|| CounterMeta::Rule {
+        // Looked up first: most are there already, and `entry` would clone the key.
+        if !counters.contains_key(id) {
+            let meta = CounterMeta::Rule {
                 id: id.clone(),
                 origin: None,
-            });
+            };
+            counters.insert(id.clone(), meta);
+        }
     }
 }
 

@@ -893,6 +893,16 @@ mod tiered {
     const FULL_REPS: usize = 3;
     const INCREMENTAL_REPS: usize = 10;
 
+    /// The agent's renderer; with `PALISADE_BENCH_CLASSES=off`, tier lists render as one
+    /// plain chain each (as before address classes), for a figure side by side.
+    fn renderer() -> Renderer {
+        let mut r = Renderer::default();
+        if std::env::var("PALISADE_BENCH_CLASSES").as_deref() == Ok("off") {
+            r.set_classes_from(usize::MAX);
+        }
+        r
+    }
+
     /// The base node with the tiered lists on top: one Admin and one Baseline list per
     /// direction, shared (one allocation) by every pod as the compiler shares them.
     pub fn node_rules() -> (NodeRuleSet, Groups, Interfaces) {
@@ -1013,13 +1023,19 @@ mod tiered {
     pub fn run() {
         let (rules, groups, interfaces) = node_rules();
         let t = Instant::now();
-        let rendered = render(&rules, &interfaces).expect("render");
+        let rendered = renderer().render(&rules, &interfaces).expect("render");
         let render_ms = ms(t.elapsed());
         let nft_rules: usize = rendered.chains.values().map(|c| c.len()).sum();
+        let classes: Vec<_> = rendered
+            .sets
+            .values()
+            .filter(|s| matches!(s.kind, palisade_agent::render::SetKind::Classes(_)))
+            .collect();
         println!();
         println!(
             "tiered variant: {} pods ({} isolated both ways), {} groups, {} rules; \
-             nftables: {} chains, {} rules (first render {render_ms:.0} ms)",
+             nftables: {} chains, {} rules, {} class maps of {} elements (first render \
+             {render_ms:.0} ms)",
             rules.pods.len(),
             rules
                 .pods
@@ -1029,7 +1045,9 @@ mod tiered {
             rules.groups.len(),
             rules.rules.len(),
             rendered.chains.len(),
-            nft_rules
+            nft_rules,
+            classes.len(),
+            classes.iter().map(|s| s.elements.len()).sum::<usize>(),
         );
         drop(rendered);
         let mut s = Samples::default();
@@ -1038,7 +1056,7 @@ mod tiered {
             let (r, i) = (rules.clone(), interfaces.clone());
             let (full, kernel, phases) = common::in_netns(&ns.name, move || {
                 let t0 = Instant::now();
-                let desired = render(&r, &i).expect("render");
+                let desired = renderer().render(&r, &i).expect("render");
                 let out = Applier::new(Nft::local())
                     .apply(&desired)
                     .expect("full apply");
@@ -1061,7 +1079,7 @@ mod tiered {
         let (r0, g0, i0) = (rules.clone(), groups.pods[0].clone(), interfaces.clone());
         let samples = common::in_netns(&ns.name, move || {
             let mut applier = Applier::new(Nft::local());
-            let mut renderer = Renderer::default();
+            let mut renderer = renderer();
             applier
                 .apply(&renderer.render(&r0, &i0).expect("render"))
                 .expect("initial apply");

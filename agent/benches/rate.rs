@@ -31,7 +31,9 @@
 //! audit beside B's enforced one (issue 10: every allowed new flow runs B's audit chain
 //! too, see [`with_audit`]); then with the 200 tiered policies of issue 11 on the client's
 //! egress and the server's ingress, which every new flow to B walks to their last rules
-//! ([`with_tiered`]). Both pods' flows cross the same
+//! ([`with_tiered`]): once rendered as the agent does (long lists through address
+//! classes), once as plain chains; then what one member joining a group of those classes
+//! costs to render and apply ([`membership_changes`]). Both pods' flows cross the same
 //! table and conntrack table under the same load, so the per-cycle ratio isolates what B's
 //! rules cost; separate runs differ by more than that on a shared machine (compare
 //! "Palisade, no policy" with its repeat).
@@ -463,6 +465,66 @@ impl Variant {
     }
 }
 
+/// What a member joining a group that the tier lists' classes are cut from costs on the
+/// node with the 200 tiered policies (issue 11's incremental target, with class maps):
+/// the table loaded, then 10 times one address added to `tier-pods-0`, rendered and
+/// applied (the class maps' intervals change with the host set, over netlink).
+fn membership_changes(node: &str, tiered: &NodeRuleSet, ifaces: &Interfaces) {
+    let mut renderer = agent_renderer(true);
+    let mut applier = Applier::new(Nft::in_netns(node));
+    let mut rules = tiered.clone();
+    let table = renderer.render(&rules, ifaces).expect("render");
+    let maps = table
+        .sets
+        .values()
+        .filter(|s| matches!(s.kind, palisade_agent::render::SetKind::Classes(_)))
+        .count();
+    applier.apply(&table).expect("apply the tiered table");
+    let id = group_id("tier-pods-0");
+    let (mut total, mut render, mut kernel) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..10u8 {
+        let Group::Hosts(set) = &*rules.groups[&id] else {
+            unreachable!("tier-pods-0 is a host group");
+        };
+        let mut set = set.clone();
+        set.push_addr(IpAddr::V4(Ipv4Addr::new(10, 99, 0, 101 + 2 * i)));
+        set.normalize();
+        rules.groups.insert(id.clone(), Arc::new(Group::Hosts(set)));
+        let t0 = Instant::now();
+        let desired = renderer.render(&rules, ifaces).expect("render");
+        let t1 = Instant::now();
+        let outcome = applier.apply(&desired).expect("incremental apply");
+        assert_eq!(outcome.kind, palisade_agent::ApplyKind::Incremental);
+        assert!(
+            outcome
+                .phases
+                .iter()
+                .any(|(p, _)| *p == palisade_agent::apply::phase::NETLINK_ELEMENTS),
+            "members go over netlink: {:?}",
+            outcome.phases
+        );
+        total.push(common::ms(t0.elapsed()));
+        render.push(common::ms(t1 - t0));
+        kernel.push(common::ms(outcome.duration));
+    }
+    println!(
+        "one member added to a group of the tiered lists' classes ({maps} class maps), \
+         render + apply, median of 10: {:.2} ms (render {:.2}, applier {:.2})",
+        median(&total),
+        median(&render),
+        median(&kernel)
+    );
+    let _ = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", node, "nft", "delete", "table", "inet", "palisade",
+        ])
+        .output();
+}
+
+/// Whether [`agent_renderer`] renders tier lists as one plain chain each, as before
+/// address classes: the paired measurement's baseline for them.
+static PLAIN_TIERS: AtomicBool = AtomicBool::new(false);
+
 /// The agent's renderer with its default configuration: the flow log on (denied packets
 /// go through its rate-limited NFLOG chains; allowed ones never meet them) and the start-up
 /// window's unknown-interface rules, or (`window` false) none of those rules, whose cost
@@ -473,6 +535,9 @@ fn agent_renderer(window: bool) -> Renderer {
     } else {
         Renderer::with_pod_interface_patterns(Vec::new())
     };
+    if PLAIN_TIERS.load(Ordering::Relaxed) {
+        renderer.set_classes_from(usize::MAX);
+    }
     renderer.set_flow_log(Some(FlowLog {
         group: 9469,
         per_second: 10,
@@ -1073,15 +1138,22 @@ fn main() {
             "the server has an audit chain"
         );
         let tiered = with_tiered(&policy.rules, &lab);
-        for (what, rules) in [
-            ("the policy", &policy.rules),
-            ("the policy and an audit Admin deny rule", &audited),
+        for (what, rules, plain) in [
+            ("the policy", &policy.rules, false),
+            ("the policy and an audit Admin deny rule", &audited, false),
             (
                 "the 200 tiered policies (on its ingress and the client's egress; to the \
                  other pod the client's first Admin rule allows)",
                 &tiered,
+                false,
+            ),
+            (
+                "the 200 tiered policies as plain chains, without address classes",
+                &tiered,
+                true,
             ),
         ] {
+            PLAIN_TIERS.store(plain, Ordering::Relaxed);
             let loaded = Loaded::load(&node, Variant::Palisade, &empty.rules, rules, &ifaces);
             check_enforced(&client_ns, src, dst, true);
             check_enforced(&client_ns, src, open, false);
@@ -1111,6 +1183,8 @@ fn main() {
             }
             drop(loaded);
         }
+        PLAIN_TIERS.store(false, Ordering::Relaxed);
+        membership_changes(&node, &tiered, &ifaces);
     }
     if tcp.is_empty() {
         return;

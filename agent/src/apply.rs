@@ -194,7 +194,7 @@ pub mod phase {
     pub const NFT: &str = "nft transaction";
     pub const NFT_UNHOOKED: &str = "nft: table without base chains";
     pub const NETLINK_COUNTERS: &str = "netlink: table and counters";
-    pub const NETLINK_ELEMENTS: &str = "netlink: host set elements";
+    pub const NETLINK_ELEMENTS: &str = "netlink: set elements";
     pub const NFT_HOOK: &str = "nft: base chains";
     pub const READ_BACK: &str = "read-back (netlink)";
     pub const ADOPT: &str = "compare with the table found";
@@ -252,7 +252,17 @@ impl Applier {
         // Host set elements alone: the image's only change is those sets' element counts
         // and digests, known without reading the table again (the point of this path is
         // speed). Any other change reads again what it touched.
-        let keep_image = over_netlink && self.image.is_some();
+        // A class map's digest is read again (its elements are intervals with verdicts).
+        let classes = steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::Elements {
+                    kind: SetKind::Classes(_),
+                    ..
+                }
+            )
+        });
+        let keep_image = over_netlink && !classes && self.image.is_some();
         let image = match keep_image {
             true => Image::Keep,
             false => Image::Refresh(touched(applied, desired)),

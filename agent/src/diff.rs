@@ -49,7 +49,7 @@ pub fn to_commands(steps: &[Step]) -> Vec<Command> {
 pub fn elements_only(steps: &[Step]) -> bool {
     steps.iter().all(|s| match s {
         Step::Elements { kind, elements, .. } => {
-            setelem::handles(*kind) && elements.iter().all(|e| setelem::key(e).is_some())
+            setelem::changes(*kind) && elements.iter().all(setelem::encodable)
         }
         Step::Nft(_) => false,
     })
@@ -143,12 +143,22 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
     for name in keys_only_in(&desired.counters, &applied.counters) {
         cmds.push(json::add(json::counter(name)));
     }
+    // Maps whose elements name chains, and their element changes: once those chains exist.
+    let mut chain_elements: Vec<Step> = Vec::new();
     for (name, set) in &desired.sets {
+        let later = set.kind.names_chains();
+        let steps = if later {
+            &mut chain_elements
+        } else {
+            &mut *cmds.0
+        };
         match applied.sets.get(name) {
             None => {
-                cmds.push(json::add(json::sized_set(name, set.kind, set.size)));
+                // A map after the chains too: nft 1.0.6 fails an element of an interval
+                // map created in the same batch before the chain it names (ENOENT).
+                steps.push(Step::Nft(json::add_set(name, set.kind, set.size)));
                 if !set.elements.is_empty() {
-                    cmds.push(json::add(json::elements(name, &set.elements)));
+                    steps.push(Step::Nft(json::add(json::elements(name, &set.elements))));
                 }
             }
             // The same allocation: the group did not change (the usual case).
@@ -157,7 +167,7 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
                 let (removed, added) = element_delta(&old.elements, &set.elements);
                 for (op, elements) in [(Op::Delete, removed), (Op::Add, added)] {
                     if !elements.is_empty() {
-                        cmds.0.push(Step::Elements {
+                        steps.push(Step::Elements {
                             set: name.clone(),
                             kind: set.kind,
                             op,
@@ -171,6 +181,7 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
     for name in keys_only_in(&desired.chains, &applied.chains) {
         cmds.push(json::add(json::chain(name)));
     }
+    cmds.0.append(&mut chain_elements);
 
     // Dispatch entries (of the entry and the rest-dispatch maps) that go away or point
     // elsewhere stop steering traffic first.
@@ -223,15 +234,24 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
         }
     }
 
+    // Gone maps whose elements name chains, now that no rule refers to them (their rules
+    // were refilled or flushed), before those chains.
+    let gone_sets = keys_only_in(&applied.sets, &desired.sets);
+    let (gone_maps, gone_sets): (Vec<&String>, Vec<&String>) = gone_sets
+        .into_iter()
+        .partition(|name| applied.sets[*name].kind.names_chains());
+    for name in gone_maps {
+        cmds.push(json::delete_set(name, applied.sets[name].kind));
+    }
     // Gone chains last: a chain that a rule or a map element refers to cannot be deleted,
     // and every reference to them is gone by now (stale elements deleted, referring
     // chains refilled or flushed).
     for name in gone_chains {
         cmds.push(json::delete(json::chain(name)));
     }
-    for name in keys_only_in(&applied.sets, &desired.sets) {
+    for name in gone_sets {
         let kind = applied.sets[name].kind;
-        cmds.push(json::delete(json::set(name, kind)));
+        cmds.push(json::delete_set(name, kind));
     }
     for name in keys_only_in(&applied.counters, &desired.counters) {
         cmds.push(json::delete(json::counter(name)));

@@ -18,6 +18,9 @@ struct GoldenInput {
     /// The flow log's settings, for inputs that render with it on.
     #[serde(default)]
     flow_log: Option<FlowLogInput>,
+    /// Shared lists with this many peer tests render through address classes.
+    #[serde(default)]
+    classes_from: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -27,15 +30,25 @@ struct FlowLogInput {
     burst: u32,
 }
 
-fn flow_log(path: &Path) -> Option<FlowLog> {
+/// The renderer an input asks for: the flow log on or off, and where address classes
+/// start (the default, when it does not say).
+fn renderer(path: &Path) -> Option<Renderer> {
     let text = std::fs::read_to_string(path).unwrap();
     let value: serde_json::Value = serde_yaml::from_str(&text).unwrap();
     let input: GoldenInput = serde_json::from_value(value).unwrap();
-    input.flow_log.map(|f| FlowLog {
+    if input.flow_log.is_none() && input.classes_from.is_none() {
+        return None;
+    }
+    let mut r = Renderer::default();
+    r.set_flow_log(input.flow_log.map(|f| FlowLog {
         group: f.group,
         per_second: f.per_second,
         burst: f.burst,
-    })
+    }));
+    if let Some(n) = input.classes_from {
+        r.set_classes_from(n);
+    }
+    Some(r)
 }
 
 pub fn load_input(path: &Path) -> (NodeRuleSet, Interfaces) {
@@ -64,12 +77,8 @@ fn golden_renders() {
             continue;
         }
         let (rules, interfaces) = load_input(&path);
-        let text = match flow_log(&path) {
-            Some(log) => to_text(
-                &Renderer::with_flow_log(log)
-                    .render(&rules, &interfaces)
-                    .unwrap(),
-            ),
+        let text = match renderer(&path) {
+            Some(mut r) => to_text(&r.render(&rules, &interfaces).unwrap()),
             None => render_text(&rules, &interfaces).unwrap(),
         };
         let expected_path = path.with_extension("nft");

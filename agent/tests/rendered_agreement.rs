@@ -30,6 +30,16 @@ fn render_all(
     cluster: &Cluster,
     rule_sets: &BTreeMap<String, palisade_policy::NodeRuleSet>,
 ) -> BTreeMap<String, Ruleset> {
+    render_with_classes_from(cluster, rule_sets, render::classes::CLASSES_FROM)
+}
+
+/// As [`render_all`], shared lists with at least `classes_from` peer tests rendered through
+/// address classes.
+fn render_with_classes_from(
+    cluster: &Cluster,
+    rule_sets: &BTreeMap<String, palisade_policy::NodeRuleSet>,
+    classes_from: usize,
+) -> BTreeMap<String, Ruleset> {
     let mut out = BTreeMap::new();
     for (node, set) in rule_sets {
         let interfaces: Interfaces = cluster
@@ -38,13 +48,15 @@ fn render_all(
             .filter(|p| p.node == *node && !p.host_network)
             .map(|p| (p.key(), veth(p)))
             .collect();
-        let table = render::Renderer::with_flow_log(render::FlowLog {
+        let mut renderer = render::Renderer::with_flow_log(render::FlowLog {
             group: 9469,
             per_second: 10,
             burst: 20,
-        })
-        .render(set, &interfaces)
-        .unwrap_or_else(|e| panic!("rendering node {node}: {e}"));
+        });
+        renderer.set_classes_from(classes_from);
+        let table = renderer
+            .render(set, &interfaces)
+            .unwrap_or_else(|e| panic!("rendering node {node}: {e}"));
         out.insert(node.clone(), table);
     }
     out
@@ -146,12 +158,46 @@ fn disagreement(cluster: &Cluster, policies: &[Policy]) -> Option<String> {
     None
 }
 
+/// Where the tables with every shared list rendered through its address classes differ
+/// from those with none: in a flow's verdict, or in the counters its hops counted in (the
+/// same rule must decide, and be counted, either way).
+fn class_disagreement(cluster: &Cluster, policies: &[Policy]) -> Option<String> {
+    let sets = compile(cluster, policies);
+    let linear = render_with_classes_from(cluster, &sets, usize::MAX);
+    let classed = render_with_classes_from(cluster, &sets, 1);
+    for flow in flows(cluster) {
+        let reference = evaluate(cluster, policies, &flow).expect("flows have both ends");
+        let (lv, lt) = dataplane(cluster, &linear, &flow);
+        let (cv, ct) = dataplane(cluster, &classed, &flow);
+        let counted = |t: &[(String, Trace)]| -> Vec<(String, Vec<String>)> {
+            t.iter()
+                .map(|(hop, trace)| (hop.clone(), trace.counters.clone()))
+                .collect()
+        };
+        if cv != reference.verdict || lv != cv || counted(&lt) != counted(&ct) {
+            return Some(format!(
+                "flow {flow}: with classes {cv}, without {lv}, the evaluator says\n{reference}\nhops with classes: {ct:#?}\nwithout: {lt:#?}"
+            ));
+        }
+    }
+    None
+}
+
 proptest! {
     #![proptest_config(config())]
 
     #[test]
     fn rendered_tables_agree_with_the_evaluator((cluster, policies) in cluster_and_policies()) {
         if let Some(report) = disagreement(&cluster, &policies) {
+            prop_assert!(false, "{}", report);
+        }
+    }
+
+    /// Shared lists rendered through address classes decide every flow as the evaluator
+    /// does, by the same rules (and counters) as the lists' plain chains.
+    #[test]
+    fn class_chains_decide_as_plain_chains_do((cluster, policies) in cluster_and_policies()) {
+        if let Some(report) = class_disagreement(&cluster, &policies) {
             prop_assert!(false, "{}", report);
         }
     }

@@ -104,12 +104,13 @@ fn state(rng: &mut Lcg) -> (NodeRuleSet, Interfaces) {
         node: "n1".into(),
         ..NodeRuleSet::default()
     };
+    // Members come and go too: a class map's elements change with them.
+    let members = ["10.9.0.2", "10.9.0.3", "10.200.1.1", "10.9.0.9"];
+    let keep = rng.below(members.len()) + 1;
     rules.groups.insert(
         HOSTS.into(),
         Arc::new(Group::Hosts(AddrSet::from_addrs(
-            ["10.9.0.2", "10.9.0.3"]
-                .iter()
-                .map(|a| a.parse::<IpAddr>().unwrap()),
+            members[..keep].iter().map(|a| a.parse::<IpAddr>().unwrap()),
         ))),
     );
     rules.groups.insert(
@@ -191,6 +192,7 @@ fn tier_chains(table: &palisade_agent::Ruleset) -> BTreeSet<String> {
         .chains
         .keys()
         .filter(|c| c.starts_with("admin-") || c.starts_with("baseline-"))
+        .filter(|c| !c.contains("/c-"))
         .cloned()
         .collect()
 }
@@ -212,13 +214,30 @@ fn lists_in_use(rules: &NodeRuleSet) -> BTreeSet<String> {
 
 #[test]
 fn shared_lists_render_once_and_the_cache_renders_as_fresh() {
+    cache_renders_as_fresh(usize::MAX);
+}
+
+/// As above with every shared list through its address classes, whose chains a render
+/// after a change of members takes from the render before.
+#[test]
+fn class_chains_cached_render_as_fresh() {
+    cache_renders_as_fresh(1);
+}
+
+fn cache_renders_as_fresh(classes_from: usize) {
     let mut rng = Lcg(11);
     let mut renderer = Renderer::default();
+    renderer.set_classes_from(classes_from);
+    let fresh_renderer = || {
+        let mut r = Renderer::default();
+        r.set_classes_from(classes_from);
+        r
+    };
     let mut shared_seen = false;
     for step in 0..STEPS {
         let (rules, interfaces) = state(&mut rng);
         let cached = renderer.render(&rules, &interfaces).unwrap();
-        let fresh = render(&rules, &interfaces).unwrap();
+        let fresh = fresh_renderer().render(&rules, &interfaces).unwrap();
         assert_eq!(cached, fresh, "step {step}: the cached render differs");
         assert_eq!(
             tier_chains(&fresh),
@@ -258,13 +277,27 @@ fn shared_lists_render_once_and_the_cache_renders_as_fresh() {
 
 #[test]
 fn incremental_applies_of_shared_chains_equal_a_full_load() {
+    incremental_applies_equal_a_full_load("plain", usize::MAX);
+}
+
+/// As above with every shared list rendered through its address classes: class maps and
+/// chains come and go, and the maps' elements change with the hosts group's members.
+#[test]
+fn incremental_applies_of_class_maps_equal_a_full_load() {
+    incremental_applies_equal_a_full_load("classes", 1);
+}
+
+fn incremental_applies_equal_a_full_load(variant: &str, classes_from: usize) {
     if !common::can_run(&[common::ROOT, common::IP, common::NFT]) {
         return;
     }
-    let netns = Netns::new(format!("pal-shared-{}", std::process::id()));
+    let netns = Netns::new(format!("pal-shared-{variant}-{}", std::process::id()));
     let nft = Nft::in_netns(&netns.0);
     let mut rng = Lcg(11);
     let mut renderer = Renderer::default();
+    renderer.set_classes_from(classes_from);
+    let mut class_maps = BTreeSet::new();
+    let mut netlink_steps = 0;
     let mut applier = Applier::new(nft.clone());
     let (mut created, mut deleted) = (0usize, 0usize);
     let mut before = BTreeSet::new();
@@ -282,6 +315,13 @@ fn incremental_applies_of_shared_chains_equal_a_full_load() {
         if outcome.kind != ApplyKind::Unchanged {
             assert_eq!(outcome.kind, expected, "step {step}");
         }
+        class_maps.extend(
+            desired
+                .sets
+                .iter()
+                .filter(|(_, s)| matches!(s.kind, render::SetKind::Classes(_)))
+                .map(|(name, s)| (name.clone(), s.elements.clone())),
+        );
         let now = tier_chains(&desired);
         created += now.difference(&before).count();
         deleted += before.difference(&now).count();
@@ -293,9 +333,51 @@ fn incremental_applies_of_shared_chains_equal_a_full_load() {
             ApplyKind::Adopted,
             "step {step}: the incrementally changed table differs from a full load"
         );
+        if classes_from == 1 {
+            // Members alone change: set and class-map elements, over netlink.
+            let mut more = rules.clone();
+            let hosts = match &*more.groups[HOSTS] {
+                Group::Hosts(set) => set.clone(),
+                _ => unreachable!(),
+            };
+            let mut hosts = hosts;
+            hosts.push_addr(format!("10.9.0.{}", 4 + step % 3).parse().unwrap());
+            hosts.normalize();
+            more.groups
+                .insert(HOSTS.into(), Arc::new(Group::Hosts(hosts)));
+            let desired = renderer.render(&more, &interfaces).unwrap();
+            let outcome = applier.apply(&desired).unwrap();
+            if outcome.kind != ApplyKind::Unchanged {
+                assert_eq!(outcome.kind, ApplyKind::Incremental, "step {step}");
+                let phases: Vec<&str> = outcome.phases.iter().map(|(p, _)| *p).collect();
+                assert_eq!(
+                    phases,
+                    [
+                        palisade_agent::apply::phase::NETLINK_ELEMENTS,
+                        palisade_agent::apply::phase::READ_BACK
+                    ],
+                    "step {step}: members alone go over netlink"
+                );
+                netlink_steps += 1;
+            }
+            let adopted = Applier::new(nft.clone()).apply(&desired).unwrap();
+            assert_eq!(
+                adopted.kind,
+                ApplyKind::Adopted,
+                "step {step}: class maps changed over netlink differ from a full load"
+            );
+        }
     }
     assert!(
         created > 2 && deleted > 0,
         "the sequence creates and deletes shared chains ({created} created, {deleted} deleted)"
     );
+    if classes_from == 1 {
+        let names: BTreeSet<&String> = class_maps.iter().map(|(n, _)| n).collect();
+        assert!(
+            names.len() >= 2 && class_maps.len() > names.len(),
+            "class maps exist and their elements change: {class_maps:?}"
+        );
+        assert!(netlink_steps > STEPS / 2, "{netlink_steps} netlink steps");
+    }
 }

@@ -13,6 +13,7 @@ pub mod counters;
 pub mod digest;
 pub mod events;
 pub mod image;
+pub mod intervals;
 pub mod nflog;
 pub mod scratch;
 pub mod setelem;

@@ -3,8 +3,9 @@
 //! batch: one transaction, all or nothing, like an nft transaction, without nft parsing
 //! 150,000 elements.
 //!
-//! Only single addresses in sets without flags are encoded here (the key is the address in
-//! network byte order); interval, concatenated and map elements stay with nft.
+//! Single addresses in sets without flags are encoded here (the key is the address in
+//! network byte order), and class maps' intervals ([`super::intervals`]); other interval,
+//! concatenated and map elements stay with nft.
 
 use std::net::IpAddr;
 
@@ -37,6 +38,18 @@ pub struct Change<'a> {
 /// Whether a set of this kind has its elements loaded here rather than through nft.
 pub fn handles(kind: SetKind) -> bool {
     matches!(kind, SetKind::Hosts(_) | SetKind::Prefixes(..))
+}
+
+/// Whether changes of the elements of a set of this kind can go over netlink: those of
+/// [`handles`], and of class maps (loaded with nft, whose intervals and verdicts a first
+/// load leaves to it, but changed here: nft fetches every interval set's elements first).
+pub fn changes(kind: SetKind) -> bool {
+    handles(kind) || matches!(kind, SetKind::Classes(_))
+}
+
+/// Whether [`messages`] can encode this element.
+pub fn encodable(element: &SetElement) -> bool {
+    key(element).is_some() || super::intervals::encodable(element)
 }
 
 /// The kernel's key of a host set element: the address in network byte order (kept on
@@ -95,7 +108,19 @@ pub(crate) fn messages(table: &str, change: &Change<'_>) -> Result<Vec<Message>,
         out.push(m);
         list.clear();
     };
-    for element in change.elements {
+    if matches!(change.elements.first(), Some(SetElement::Class { .. })) {
+        for element in super::intervals::elements(change.elements)? {
+            if list.len() + element.len() > MAX_ATTR_LEN {
+                flush(&mut list, &mut out);
+            }
+            list.extend(element);
+        }
+    }
+    for element in change
+        .elements
+        .iter()
+        .filter(|e| !matches!(e, SetElement::Class { .. }))
+    {
         let key = key(element).ok_or(NfnlError::Malformed(
             "only single addresses are loaded over netlink",
         ))?;

@@ -94,6 +94,12 @@ pub struct Endpoint {
 pub enum SetElement {
     Addr(AddrRange),
     Endpoint(Endpoint),
+    /// An element of a [`SetKind::Classes`] map: addresses of one class, and the class's
+    /// chain (`10.0.0.0/24 : goto CHAIN`).
+    Class {
+        range: AddrRange,
+        chain: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -113,6 +119,10 @@ pub enum SetKind {
     Prefixes(IpFamily, u8),
     /// `type ipv4_addr . inet_proto . inet_service`.
     NamedPorts(IpFamily),
+    /// A map `type ipv4_addr : verdict`, `flags interval`: a shared tier list's address
+    /// classes, each range to the chain of the rules that can match a peer there
+    /// ([`super::classes`]). Elements are [`SetElement::Class`].
+    Classes(IpFamily),
 }
 
 impl SetKind {
@@ -121,13 +131,20 @@ impl SetKind {
             SetKind::Addresses(f)
             | SetKind::Hosts(f)
             | SetKind::Prefixes(f, _)
-            | SetKind::NamedPorts(f) => f,
+            | SetKind::NamedPorts(f)
+            | SetKind::Classes(f) => f,
         }
     }
 
     /// Whether the set holds peer addresses matched whole (`ip saddr @set`).
     pub fn is_addresses(self) -> bool {
         matches!(self, SetKind::Addresses(_) | SetKind::Hosts(_))
+    }
+
+    /// Whether the elements refer to chains (a map), which must exist before them and
+    /// go after them.
+    pub fn names_chains(self) -> bool {
+        matches!(self, SetKind::Classes(_))
     }
 }
 
@@ -251,6 +268,14 @@ pub enum Verdict {
     LogReturn {
         prefix: String,
         group: u16,
+    },
+    /// `ip daddr vmap @map` (a [`SetKind::Classes`] map): on at the chain of the peer's
+    /// address class (the elements are `goto`). Not final: a peer in no class goes on
+    /// with the next rule; a packet of the other family does too.
+    ClassDispatch {
+        family: IpFamily,
+        end: End,
+        map: String,
     },
 }
 

@@ -65,6 +65,7 @@ pub fn element_text(e: &SetElement) -> String {
         SetElement::Endpoint(ep) => {
             format!("{} . {} . {}", ep.addr, protocol_name(ep.protocol), ep.port)
         }
+        SetElement::Class { range, chain } => format!("{} : goto {chain}", range_text(range)),
     }
 }
 
@@ -143,6 +144,9 @@ pub fn verdict_text(v: &Verdict) -> String {
         Verdict::LogReturn { prefix, group } => {
             format!("log prefix \"{prefix}\" group {group} return")
         }
+        Verdict::ClassDispatch { family, end, map } => {
+            format!("{} {} vmap @{map}", family.payload(), end.field())
+        }
     }
 }
 
@@ -186,6 +190,7 @@ pub fn base_statement_text(s: &BaseStatement) -> String {
 fn set_type_text(kind: SetKind) -> (String, bool) {
     match kind {
         SetKind::Addresses(f) => (f.addr_type().to_string(), true),
+        SetKind::Classes(f) => (format!("{} : verdict", f.addr_type()), true),
         SetKind::Hosts(f) | SetKind::Prefixes(f, _) => (f.addr_type().to_string(), false),
         SetKind::NamedPorts(f) => (
             format!("{} . inet_proto . inet_service", f.addr_type()),
@@ -236,7 +241,12 @@ fn table_text(
     }
     for (name, set) in &rs.sets {
         let (ty, interval) = set_type_text(set.kind);
-        let _ = writeln!(s, "\tset {name} {{\n\t\ttype {ty}");
+        let keyword = if matches!(set.kind, SetKind::Classes(_)) {
+            "map"
+        } else {
+            "set"
+        };
+        let _ = writeln!(s, "\t{keyword} {name} {{\n\t\ttype {ty}");
         if interval {
             let _ = writeln!(s, "\t\tflags interval");
         }

@@ -16,7 +16,7 @@
 use std::net::IpAddr;
 
 use palisade_agent::render::{
-    AddrRange, BaseStatement, End, Endpoint, IpFamily, Match, Ruleset, SetElement, Verdict,
+    AddrRange, BaseStatement, End, Endpoint, IpFamily, Match, Ruleset, SetElement, SetKind, Verdict,
 };
 use palisade_policy::model::{Direction, Protocol};
 
@@ -180,6 +180,26 @@ fn run_chain(
                 let target = ifname
                     .as_ref()
                     .and_then(|i| rs.rest_dispatch(*direction).get(i));
+                if let Some(callee) = target {
+                    return run_chain(rs, callee, pkt, counters, depth + 1);
+                }
+            }
+            // `ip daddr vmap @map`: a packet of the other family does not match the
+            // payload's implicit family test; a peer in no range goes on too.
+            Verdict::ClassDispatch { family, end, map } => {
+                if *family != pkt.family() {
+                    continue;
+                }
+                let peer = pkt.addr(*end);
+                let def = rs
+                    .sets
+                    .get(map)
+                    .unwrap_or_else(|| panic!("a rule names the missing map {map}"));
+                assert_eq!(def.kind, SetKind::Classes(*family), "map {map}'s kind");
+                let target = def.elements.iter().find_map(|e| match e {
+                    SetElement::Class { range, chain } if in_range(range, peer) => Some(chain),
+                    _ => None,
+                });
                 if let Some(callee) = target {
                     return run_chain(rs, callee, pkt, counters, depth + 1);
                 }

@@ -252,17 +252,12 @@ impl Applier {
         // Host set elements alone: the image's only change is those sets' element counts
         // and digests, known without reading the table again (the point of this path is
         // speed). Any other change reads again what it touched.
-        // A class map's digest is read again (its elements are intervals with verdicts).
-        let classes = steps.iter().any(|s| {
-            matches!(
-                s,
-                Step::Elements {
-                    kind: SetKind::Classes(_),
-                    ..
-                }
-            )
-        });
-        let keep_image = over_netlink && !classes && self.image.is_some();
+        // Only sets whose digests are computed from their elements ([`setelem::handles`]);
+        // a class map's is read again.
+        let digests_known = steps
+            .iter()
+            .all(|s| matches!(s, Step::Elements { kind, .. } if setelem::handles(*kind)));
+        let keep_image = over_netlink && digests_known && self.image.is_some();
         let image = match keep_image {
             true => Image::Keep,
             false => Image::Refresh(touched(applied, desired)),

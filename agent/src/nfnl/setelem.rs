@@ -115,20 +115,17 @@ pub(crate) fn messages(table: &str, change: &Change<'_>) -> Result<Vec<Message>,
             }
             list.extend(element);
         }
-    }
-    for element in change
-        .elements
-        .iter()
-        .filter(|e| !matches!(e, SetElement::Class { .. }))
-    {
-        let key = key(element).ok_or(NfnlError::Malformed(
-            "only single addresses are loaded over netlink",
-        ))?;
-        // An element is at most 28 bytes (IPv6); stay clear of the u16 length.
-        if list.len() + 32 + 4 > MAX_ATTR_LEN {
-            flush(&mut list, &mut out);
+    } else {
+        for element in change.elements {
+            let key = key(element).ok_or(NfnlError::Malformed(
+                "only single addresses are loaded over netlink",
+            ))?;
+            // An element is at most 28 bytes (IPv6); stay clear of the u16 length.
+            if list.len() + 32 + 4 > MAX_ATTR_LEN {
+                flush(&mut list, &mut out);
+            }
+            push_element(&mut list, key.as_ref());
         }
-        push_element(&mut list, key.as_ref());
     }
     if !list.is_empty() {
         flush(&mut list, &mut out);

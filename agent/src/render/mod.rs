@@ -962,13 +962,10 @@ fn shared_lists(pod: &PodRules) -> Vec<(SharedTier, Direction, &Arc<TierList>)> 
     out
 }
 
-/// Renders a shared tier chain into `out`. Admin: Allow → counter + `return` (the chain
-/// is reached by `goto` from the pod's entry chain, so this returns to the base chain:
-/// allowed in this direction), Deny → counter + drop, Pass → counter + `goto` the pass
-/// chain, and at the end the rest-dispatch lookup: on at the rest chain of the pod whose
-/// interface this is, or, without one, the end of the chain, which returns (allows).
-/// Baseline (reached by `goto` from a pod's entry chain, or as its rest-dispatch element):
-/// Deny → counter + drop, Allow and Pass → counter + `return`, the end returns.
+/// Renders a shared tier chain into `out` ([`shared_rules`]): through its address classes
+/// when [`classes::plan`] gives them (class maps and chains, then the list's chain with the
+/// lookups and what matches a peer in no class), else as one chain. Chains of `previous`
+/// (the same list's last render) are taken over where they are what would render.
 fn render_shared(
     out: &mut Ruleset,
     rules: &NodeRuleSet,
@@ -983,29 +980,26 @@ fn render_shared(
         maps: Vec::new(),
         deps: plan.as_ref().map(|p| p.deps.clone()),
     };
-    let families = plan.and_then(|p| p.families.map(|f| (p.ids, f)));
-    let Some((ids, families)) = families.filter(|(ids, f)| class_names_unique(&name, ids, f))
-    else {
+    let classed = plan.and_then(|p| {
+        let families = p.families?;
+        let names = class_chains(&name, &p.ids, &families)?;
+        Some((p.ids, families, names))
+    });
+    let Some((ids, families, names)) = classed else {
         let chain = shared_rules(out, rules, tier, direction, list.iter(), flow_log)?;
         out.chains.insert(name, Arc::new(chain));
         return Ok(rendered);
     };
     // One lookup per family to the peer's class chain; then what matches a peer in none.
     let mut chain = Vec::new();
-    for fp in &families {
+    for (fp, chains) in families.iter().zip(&names) {
         let map = class_map(&name, fp.family);
         let mut elements = Vec::with_capacity(fp.partition.pieces.len());
-        let chains: Vec<String> = fp
-            .partition
-            .signatures
-            .iter()
-            .map(|s| class_chain(&name, &ids, s, fp.family))
-            .collect();
         for (signature, (held, class)) in fp
             .partition
             .signatures
             .iter()
-            .zip(fp.instances.iter().zip(&chains))
+            .zip(fp.instances.iter().zip(chains.iter()))
         {
             if reuse_chain(out, previous, class) {
                 continue;
@@ -1024,10 +1018,7 @@ fn render_shared(
         }
         for piece in &fp.partition.pieces {
             elements.push(SetElement::Class {
-                range: AddrRange {
-                    lo: family_addr(fp.family, piece.lo),
-                    hi: family_addr(fp.family, piece.hi),
-                },
+                range: addr_range(fp.family, piece.lo, piece.hi),
                 chain: chains[piece.class].clone(),
             });
         }
@@ -1171,24 +1162,27 @@ fn class_chain(chain: &str, ids: &[String], signature: &[usize], family: IpFamil
     )
 }
 
-/// Whether no two classes' chains got the same name (a hash collision: the list then
-/// renders as one chain).
-fn class_names_unique(chain: &str, ids: &[String], families: &[classes::FamilyPlan]) -> bool {
+/// The names of every family's class chains, as its signatures order them; `None` if two
+/// got the same name (a hash collision: the list then renders as one chain).
+fn class_chains(
+    chain: &str,
+    ids: &[String],
+    families: &[classes::FamilyPlan],
+) -> Option<Vec<Vec<String>>> {
     let mut seen = BTreeSet::new();
-    families.iter().all(|fp| {
-        fp.partition
-            .signatures
-            .iter()
-            .all(|s| seen.insert(class_chain(chain, ids, s, fp.family)))
-    })
-}
-
-fn family_addr(family: IpFamily, a: u128) -> IpAddr {
-    match family {
-        // V4 pieces lie within u32.
-        IpFamily::V4 => IpAddr::V4((a as u32).into()),
-        IpFamily::V6 => IpAddr::V6(a.into()),
-    }
+    families
+        .iter()
+        .map(|fp| {
+            fp.partition
+                .signatures
+                .iter()
+                .map(|s| {
+                    let name = class_chain(chain, ids, s, fp.family);
+                    seen.insert(name.clone()).then_some(name)
+                })
+                .collect()
+        })
+        .collect()
 }
 
 fn render_rest(
@@ -1361,11 +1355,7 @@ fn group_sets(id: &str, group: &Group) -> Result<Vec<(SetKind, Vec<SetElement>)>
 /// A CIDR group's sets of one family: one hash set per prefix length when the ranges
 /// split into few lengths ([`prefixes::by_length`]), else one interval set.
 fn cidr_sets(family: IpFamily, ranges: &[(u128, u128)]) -> Vec<(SetKind, Vec<SetElement>)> {
-    let element = |lo: u128, hi: u128| match family {
-        // V4 ranges came from u32s.
-        IpFamily::V4 => v4_range(lo as u32, hi as u32),
-        IpFamily::V6 => v6_range(lo, hi),
-    };
+    let element = |lo: u128, hi: u128| SetElement::Addr(addr_range(family, lo, hi));
     match prefixes::by_length(ranges, family.bits()) {
         Some(buckets) => buckets
             .into_iter()
@@ -1392,6 +1382,20 @@ fn host_count(set: &palisade_policy::AddrSet) -> u128 {
         .iter()
         .map(|&(lo, hi)| hi.saturating_sub(lo).saturating_add(1));
     v4.chain(v6).fold(0u128, u128::saturating_add)
+}
+
+/// The range `lo..=hi` of addresses of `family`, given as numbers (within `u32` for IPv4).
+fn addr_range(family: IpFamily, lo: u128, hi: u128) -> AddrRange {
+    match family {
+        IpFamily::V4 => AddrRange {
+            lo: IpAddr::V4((lo as u32).into()),
+            hi: IpAddr::V4((hi as u32).into()),
+        },
+        IpFamily::V6 => AddrRange {
+            lo: IpAddr::V6(lo.into()),
+            hi: IpAddr::V6(hi.into()),
+        },
+    }
 }
 
 fn v4_range(lo: u32, hi: u32) -> SetElement {

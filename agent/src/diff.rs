@@ -7,35 +7,75 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::nfnl::rules;
 use crate::nfnl::setelem::{self, Op};
 use crate::render::json::{self, Command};
-use crate::render::{Ruleset, SetElement, SetKind, DISPATCH_MAPS};
+use crate::render::{RuleDef, Ruleset, SetElement, SetKind, DISPATCH_MAPS};
 
-/// One step of an incremental transaction.
+/// One step of an incremental transaction, kept as data so that a transaction can go to
+/// the kernel over netlink ([`crate::nfnl::transaction`]) or, as commands, to nft.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// An `nft -j` command.
+    /// An `nft -j` command: declaring or deleting a set, and a new set's elements.
     Nft(Command),
-    /// Elements added to or deleted from an existing named set: kept as data so that a
-    /// transaction of nothing else can go to the kernel over netlink.
+    /// Elements added to or deleted from an existing named set.
     Elements {
         set: String,
         kind: SetKind,
         op: Op,
         elements: Vec<SetElement>,
     },
+    Counter {
+        name: String,
+        op: Op,
+    },
+    Chain {
+        name: String,
+        op: ChainOp,
+    },
+    /// A rule appended to a chain.
+    Rule {
+        chain: String,
+        rule: RuleDef,
+    },
+    /// Interface → chain entries added to or deleted from a dispatch map.
+    Dispatch {
+        map: &'static str,
+        op: Op,
+        entries: Vec<(String, String)>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainOp {
+    Add,
+    /// Delete every rule of the chain.
+    Flush,
+    Delete,
 }
 
 impl Step {
     pub fn to_command(&self) -> Command {
+        let verb = |op: Op, obj| match op {
+            Op::Add => json::add(obj),
+            Op::Delete => json::delete(obj),
+        };
         match self {
             Step::Nft(cmd) => cmd.clone(),
             Step::Elements {
                 set, op, elements, ..
-            } => match op {
-                Op::Add => json::add(json::elements(set, elements)),
-                Op::Delete => json::delete(json::elements(set, elements)),
+            } => verb(*op, json::elements(set, elements)),
+            Step::Counter { name, op } => verb(*op, json::counter(name)),
+            Step::Chain { name, op } => match op {
+                ChainOp::Add => json::add(json::chain(name)),
+                ChainOp::Flush => json::flush_chain(name),
+                ChainOp::Delete => json::delete(json::chain(name)),
             },
+            Step::Rule { chain, rule } => json::add(json::rule(chain, rule)),
+            Step::Dispatch { map, op, entries } => verb(
+                *op,
+                json::dispatch_elements(map, entries.iter().map(|(k, v)| (k, v))),
+            ),
         }
     }
 }
@@ -51,7 +91,21 @@ pub fn elements_only(steps: &[Step]) -> bool {
         Step::Elements { kind, elements, .. } => {
             setelem::changes(*kind) && elements.iter().all(setelem::encodable)
         }
+        _ => false,
+    })
+}
+
+/// Whether the whole transaction can go over netlink: no set declared or deleted, and
+/// every rule, element and interface name one that netlink encodes here.
+pub fn netlink_only(steps: &[Step]) -> bool {
+    steps.iter().all(|s| match s {
         Step::Nft(_) => false,
+        Step::Elements { .. } => elements_only(std::slice::from_ref(s)),
+        Step::Rule { rule, .. } => rules::encodable(rule),
+        Step::Dispatch { entries, .. } => entries
+            .iter()
+            .all(|(ifname, _)| rules::encodable_ifname(ifname)),
+        Step::Counter { .. } | Step::Chain { .. } => true,
     })
 }
 
@@ -138,27 +192,29 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
     }
 
     let mut steps: Vec<Step> = Vec::new();
-    let mut cmds = Pusher(&mut steps);
     // Creations first: counters, sets and chains that rules and map elements will use.
     for name in keys_only_in(&desired.counters, &applied.counters) {
-        cmds.push(json::add(json::counter(name)));
+        steps.push(Step::Counter {
+            name: name.clone(),
+            op: Op::Add,
+        });
     }
     // Maps whose elements name chains, and their element changes: once those chains exist.
     let mut chain_elements: Vec<Step> = Vec::new();
     for (name, set) in &desired.sets {
         let later = set.kind.names_chains();
-        let steps = if later {
+        let out = if later {
             &mut chain_elements
         } else {
-            &mut *cmds.0
+            &mut steps
         };
         match applied.sets.get(name) {
             None => {
                 // A map after the chains too: nft 1.0.6 fails an element of an interval
                 // map created in the same batch before the chain it names (ENOENT).
-                steps.push(Step::Nft(json::add_set(name, set.kind, set.size)));
+                out.push(Step::Nft(json::add_set(name, set.kind, set.size)));
                 if !set.elements.is_empty() {
-                    steps.push(Step::Nft(json::add(json::elements(name, &set.elements))));
+                    out.push(Step::Nft(json::add(json::elements(name, &set.elements))));
                 }
             }
             // The same allocation: the group did not change (the usual case).
@@ -167,7 +223,7 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
                 let (removed, added) = element_delta(&old.elements, &set.elements);
                 for (op, elements) in [(Op::Delete, removed), (Op::Add, added)] {
                     if !elements.is_empty() {
-                        steps.push(Step::Elements {
+                        out.push(Step::Elements {
                             set: name.clone(),
                             kind: set.kind,
                             op,
@@ -179,9 +235,12 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
         }
     }
     for name in keys_only_in(&desired.chains, &applied.chains) {
-        cmds.push(json::add(json::chain(name)));
+        steps.push(Step::Chain {
+            name: name.clone(),
+            op: ChainOp::Add,
+        });
     }
-    cmds.0.append(&mut chain_elements);
+    steps.append(&mut chain_elements);
 
     // Dispatch entries (of the entry and the rest-dispatch maps) that go away or point
     // elsewhere stop steering traffic first.
@@ -191,12 +250,17 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
         .into_iter()
         .zip(desired.dispatch_maps())
     {
-        let stale: Vec<(&String, &String)> = old
+        let stale: Vec<(String, String)> = old
             .iter()
             .filter(|(k, v)| new.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         if !stale.is_empty() {
-            cmds.push(json::delete(json::dispatch_elements(map, stale)));
+            steps.push(Step::Dispatch {
+                map,
+                op: Op::Delete,
+                entries: stale,
+            });
         }
         to_add.extend(
             new.iter()
@@ -211,26 +275,36 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
         match applied.chains.get(name) {
             Some(old) if old == rules => {}
             Some(_) => {
-                cmds.push(json::flush_chain(name));
-                cmds.extend(rules.iter().map(|r| json::add(json::rule(name, r))));
+                steps.push(Step::Chain {
+                    name: name.clone(),
+                    op: ChainOp::Flush,
+                });
+                push_rules(&mut steps, name, rules);
             }
-            None => cmds.extend(rules.iter().map(|r| json::add(json::rule(name, r)))),
+            None => push_rules(&mut steps, name, rules),
         }
     }
     let gone_chains = keys_only_in(&applied.chains, &desired.chains);
     for name in &gone_chains {
-        cmds.push(json::flush_chain(name));
+        steps.push(Step::Chain {
+            name: (*name).clone(),
+            op: ChainOp::Flush,
+        });
     }
 
     // New elements once the chains they go to hold their rules.
     for map in DISPATCH_MAPS {
-        let entries: Vec<(&String, &String)> = to_add
+        let entries: Vec<(String, String)> = to_add
             .iter()
             .filter(|(m, _, _)| *m == map)
-            .map(|(_, k, v)| (*k, *v))
+            .map(|(_, k, v)| ((*k).clone(), (*v).clone()))
             .collect();
         if !entries.is_empty() {
-            cmds.push(json::add(json::dispatch_elements(map, entries)));
+            steps.push(Step::Dispatch {
+                map,
+                op: Op::Add,
+                entries,
+            });
         }
     }
 
@@ -241,20 +315,26 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
         .into_iter()
         .partition(|name| applied.sets[*name].kind.names_chains());
     for name in gone_maps {
-        cmds.push(json::delete_set(name, applied.sets[name].kind));
+        steps.push(Step::Nft(json::delete_set(name, applied.sets[name].kind)));
     }
     // Gone chains last: a chain that a rule or a map element refers to cannot be deleted,
     // and every reference to them is gone by now (stale elements deleted, referring
     // chains refilled or flushed).
     for name in gone_chains {
-        cmds.push(json::delete(json::chain(name)));
+        steps.push(Step::Chain {
+            name: name.clone(),
+            op: ChainOp::Delete,
+        });
     }
     for name in gone_sets {
         let kind = applied.sets[name].kind;
-        cmds.push(json::delete_set(name, kind));
+        steps.push(Step::Nft(json::delete_set(name, kind)));
     }
     for name in keys_only_in(&applied.counters, &desired.counters) {
-        cmds.push(json::delete(json::counter(name)));
+        steps.push(Step::Counter {
+            name: name.clone(),
+            op: Op::Delete,
+        });
     }
     if steps.is_empty() {
         // Only counter labels or set sizes changed: nothing for the kernel to do.
@@ -263,17 +343,11 @@ pub fn plan(applied: &Ruleset, desired: &Ruleset) -> Plan {
     Plan::Incremental(steps)
 }
 
-/// Collects nft commands as [`Step::Nft`] in order with the element steps.
-struct Pusher<'a>(&'a mut Vec<Step>);
-
-impl Pusher<'_> {
-    fn push(&mut self, cmd: Command) {
-        self.0.push(Step::Nft(cmd));
-    }
-
-    fn extend(&mut self, cmds: impl IntoIterator<Item = Command>) {
-        self.0.extend(cmds.into_iter().map(Step::Nft));
-    }
+fn push_rules(steps: &mut Vec<Step>, chain: &str, rules: &[RuleDef]) {
+    steps.extend(rules.iter().map(|r| Step::Rule {
+        chain: chain.to_string(),
+        rule: r.clone(),
+    }));
 }
 
 #[cfg(test)]

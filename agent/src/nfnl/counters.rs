@@ -33,18 +33,10 @@ pub fn create_table(socket: &mut NfnlSocket, table: &str) -> Result<(), NfnlErro
 /// Creates the counters `names` (zero) in table `inet TABLE`, in batches: only for a
 /// table without base chains yet, where nothing sees a packet until the load completes.
 pub fn create(socket: &mut NfnlSocket, table: &str, names: &[&str]) -> Result<(), NfnlError> {
-    let counter = NFT_OBJECT_COUNTER.to_be_bytes();
     for part in names.chunks(COUNTERS_PER_BATCH) {
         let messages = part
             .iter()
-            .map(|name| {
-                let mut m = Message::nftables(msg::NEWOBJ, NLM_F_REQUEST | NLM_F_CREATE);
-                m.attr_str(NFTA_OBJ_TABLE, table)
-                    .attr_str(NFTA_OBJ_NAME, name)
-                    .attr(NFTA_OBJ_TYPE, &counter)
-                    .attr(NFTA_OBJ_DATA | NLA_F_NESTED, &[]);
-                m
-            })
+            .map(|name| create_message(table, name))
             .collect();
         socket.batch(messages, |i| {
             part.get(i)
@@ -52,6 +44,16 @@ pub fn create(socket: &mut NfnlSocket, table: &str, names: &[&str]) -> Result<()
         })?;
     }
     Ok(())
+}
+
+/// `add counter` of a zero counter.
+pub(crate) fn create_message(table: &str, name: &str) -> Message {
+    let mut m = Message::nftables(msg::NEWOBJ, NLM_F_REQUEST | NLM_F_CREATE);
+    m.attr_str(NFTA_OBJ_TABLE, table)
+        .attr_str(NFTA_OBJ_NAME, name)
+        .attr(NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes())
+        .attr(NFTA_OBJ_DATA | NLA_F_NESTED, &[]);
+    m
 }
 
 fn be64(payload: &[u8]) -> Result<u64, NfnlError> {

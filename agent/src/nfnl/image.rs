@@ -14,7 +14,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{attr_text, attrs, msg, Message, NfnlError, NfnlSocket, NLM_F_DUMP, NLM_F_REQUEST};
+use super::{
+    attr_text, attrs, msg, Message, NfnlError, NfnlSocket, NLA_F_NESTED, NLM_F_DUMP, NLM_F_REQUEST,
+};
 
 /// Attribute 1 names the table in chain, rule, set and object messages alike.
 const ATTR_TABLE: u16 = 1;
@@ -138,6 +140,90 @@ fn without(attrs_raw: &[u8], drop: &[u16]) -> Vec<u8> {
     out
 }
 
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_LOOKUP_SET: u16 = 1;
+
+/// The kernel's name of an anonymous set (`__set` and a number) → a name by first use.
+#[derive(Default)]
+struct AnonymousNames(BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl AnonymousNames {
+    fn name_of(&mut self, kernel: &[u8]) -> Vec<u8> {
+        let next = self.0.len();
+        self.0
+            .entry(kernel.to_vec())
+            .or_insert_with(|| format!("__anon{next}\0").into_bytes())
+            .clone()
+    }
+
+    /// `map` keyed by set name with the anonymous sets renamed.
+    fn rename_keys<V: Clone>(&self, map: &BTreeMap<String, V>) -> BTreeMap<String, V> {
+        map.iter()
+            .map(|(k, v)| match self.0.get(k.as_bytes()) {
+                Some(name) => (
+                    String::from_utf8_lossy(attr_text(name)).into_owned(),
+                    v.clone(),
+                ),
+                None => (k.clone(), v.clone()),
+            })
+            .collect()
+    }
+
+    /// `rule` (its attributes) with its lookups' anonymous sets renamed.
+    fn rename_in_rule(&mut self, rule: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(rule.len());
+        for (kind, payload) in attrs(rule).map_while(Result::ok) {
+            if kind != NFTA_RULE_EXPRESSIONS {
+                super::push_attr(&mut out, kind, payload);
+                continue;
+            }
+            let mut list = Vec::with_capacity(payload.len());
+            for (elem_kind, expr) in attrs(payload).map_while(Result::ok) {
+                let renamed = self.rename_in_expr(expr);
+                super::push_attr(&mut list, elem_kind | NLA_F_NESTED, &renamed);
+            }
+            super::push_attr(&mut out, kind | NLA_F_NESTED, &list);
+        }
+        out
+    }
+
+    fn rename_in_expr(&mut self, expr: &[u8]) -> Vec<u8> {
+        let is_lookup = attr_of(expr, NFTA_EXPR_NAME).is_some_and(|n| attr_text(n) == b"lookup");
+        let set = attr_of(expr, NFTA_EXPR_DATA).and_then(|d| attr_of(d, NFTA_LOOKUP_SET));
+        match set {
+            Some(set) if is_lookup && attr_text(set).starts_with(b"__set") => {
+                let name = self.name_of(attr_text(set));
+                let mut out = Vec::with_capacity(expr.len());
+                for (kind, payload) in attrs(expr).map_while(Result::ok) {
+                    match kind {
+                        NFTA_EXPR_DATA => super::push_attr(
+                            &mut out,
+                            kind | NLA_F_NESTED,
+                            &rename_attr(payload, NFTA_LOOKUP_SET, &name),
+                        ),
+                        _ => super::push_attr(&mut out, kind, payload),
+                    }
+                }
+                out
+            }
+            _ => expr.to_vec(),
+        }
+    }
+}
+
+/// `attrs_raw` with attribute `which`'s payload replaced by `payload`. Nested attributes
+/// are copied without their nesting flag, which the kernel sets on none of the ones
+/// renamed here and the comparison ignores either way (both sides are rewritten alike).
+fn rename_attr(attrs_raw: &[u8], which: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(attrs_raw.len());
+    for (kind, p) in attrs(attrs_raw).map_while(Result::ok) {
+        super::push_attr(&mut out, kind, if kind == which { payload } else { p });
+    }
+    out
+}
+
 impl TableImage {
     /// Whether the table has base chains (chains with a hook): without them it filters
     /// nothing (a first load killed between its steps leaves such a table).
@@ -154,10 +240,33 @@ impl TableImage {
             .all(|a| attr_of(a, NFTA_TABLE_FLAGS).is_none_or(|f| f.iter().all(|b| *b == 0)))
     }
 
-    /// The image without the table's name and flags: for comparing our table with a
-    /// scratch table that loaded the same rules.
+    /// The image without the table's name and flags, and with anonymous sets named by
+    /// where they are first used (chains in name order, rules in order) rather than by
+    /// the kernel's `__setN`, which depends on the order of their creation: for comparing
+    /// our table, changed incrementally, with a scratch table that loaded the same rules
+    /// at once.
     pub fn canonical(&self) -> TableImage {
+        let mut names = AnonymousNames::default();
+        let rules = self
+            .rules
+            .iter()
+            .map(|(k, rules)| {
+                let rules = rules
+                    .iter()
+                    .map(|r| names.rename_in_rule(&without(r, &[ATTR_TABLE])))
+                    .collect();
+                (k.clone(), rules)
+            })
+            .collect();
         let strip = |a: &Vec<u8>| without(a, &[ATTR_TABLE]);
+        let sets = self
+            .sets
+            .iter()
+            .map(|(k, a)| match names.0.get(attr_text(k)) {
+                Some(name) => (name.clone(), rename_attr(&strip(a), NFTA_SET_NAME, name)),
+                None => (k.clone(), strip(a)),
+            })
+            .collect();
         TableImage {
             table: self
                 .table
@@ -169,24 +278,16 @@ impl TableImage {
                 .iter()
                 .map(|(k, a)| (k.clone(), strip(a)))
                 .collect(),
-            rules: self
-                .rules
-                .iter()
-                .map(|(k, rules)| (k.clone(), rules.iter().map(strip).collect()))
-                .collect(),
-            sets: self
-                .sets
-                .iter()
-                .map(|(k, a)| (k.clone(), strip(a)))
-                .collect(),
+            rules,
+            sets,
             objects: self
                 .objects
                 .iter()
                 .map(|(k, a)| (k.clone(), strip(a)))
                 .collect(),
             maps: self.maps.clone(),
-            set_counts: self.set_counts.clone(),
-            contents: self.contents.clone(),
+            set_counts: names.rename_keys(&self.set_counts),
+            contents: names.rename_keys(&self.contents),
         }
     }
 

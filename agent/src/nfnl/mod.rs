@@ -1,5 +1,6 @@
 //! Netfilter netlink (nf_tables) spoken directly, for what `nft` does slowly at issue 4's
-//! scale: loading and changing the elements of big address sets ([`setelem`]), reading the
+//! scale: loading and changing the elements of big address sets ([`setelem`]), writing
+//! rules and whole incremental transactions ([`rules`], [`transaction`]), reading the
 //! table back for drift detection ([`image`]) and reading counters ([`counters`]).
 //!
 //! nft 1.0.x fills its whole cache (every element of every set) before listing anything,
@@ -15,8 +16,10 @@ pub mod events;
 pub mod image;
 pub mod intervals;
 pub mod nflog;
+pub mod rules;
 pub mod scratch;
 pub mod setelem;
+pub mod transaction;
 
 use std::os::fd::AsRawFd;
 
@@ -44,8 +47,10 @@ pub mod msg {
     pub const GETTABLE: u16 = 1;
     pub const NEWCHAIN: u16 = 3;
     pub const GETCHAIN: u16 = 4;
+    pub const DELCHAIN: u16 = 5;
     pub const NEWRULE: u16 = 6;
     pub const GETRULE: u16 = 7;
+    pub const DELRULE: u16 = 8;
     pub const NEWSET: u16 = 9;
     pub const GETSET: u16 = 10;
     pub const NEWSETELEM: u16 = 12;
@@ -53,6 +58,7 @@ pub mod msg {
     pub const DELSETELEM: u16 = 14;
     pub const NEWOBJ: u16 = 18;
     pub const GETOBJ: u16 = 19;
+    pub const DELOBJ: u16 = 20;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -222,7 +222,8 @@ pub fn rest_dispatch_map_name(direction: Direction) -> &'static str {
     }
 }
 
-fn is_rest_map(map: &str) -> bool {
+/// Whether `map` is a rest-dispatch map (its elements are `goto`).
+pub fn is_rest_map(map: &str) -> bool {
     map == EGRESS_REST_DISPATCH || map == INGRESS_REST_DISPATCH
 }
 

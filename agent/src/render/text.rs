@@ -201,14 +201,24 @@ fn set_type_text(kind: SetKind) -> (String, bool) {
 
 /// The whole table as nft text.
 pub fn to_text(rs: &Ruleset) -> String {
-    table_text(rs, |_| true, true, true)
+    table_text(rs, |_| true, |_| true, true, true)
 }
 
 /// Everything but the base chains and the counters (a first load creates those over
 /// netlink before), as [`super::json::create_unhooked`] creates it: the elements of sets
 /// for which `with_elements(kind)` is false are left out.
 pub fn unhooked_text(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) -> String {
-    table_text(rs, with_elements, false, false)
+    table_text(rs, with_elements, |_| true, false, false)
+}
+
+/// [`unhooked_text`] with only the chains (and their rules) for which `with_chain(rules)`
+/// is true: the others a first load writes over netlink.
+pub fn unhooked_text_of(
+    rs: &Ruleset,
+    with_elements: impl Fn(SetKind) -> bool,
+    with_chain: impl Fn(&[RuleDef]) -> bool,
+) -> String {
+    table_text(rs, with_elements, with_chain, false, false)
 }
 
 /// The number of objects (sets and maps, chains, rules and element lists) that
@@ -231,6 +241,7 @@ pub fn unhooked_objects(rs: &Ruleset, with_elements: impl Fn(SetKind) -> bool) -
 fn table_text(
     rs: &Ruleset,
     with_elements: impl Fn(SetKind) -> bool,
+    with_chain: impl Fn(&[RuleDef]) -> bool,
     counters: bool,
     hooked: bool,
 ) -> String {
@@ -271,7 +282,7 @@ fn table_text(
         }
         let _ = writeln!(s, "\t}}\n");
     }
-    for (name, rules) in &rs.chains {
+    for (name, rules) in rs.chains.iter().filter(|(_, r)| with_chain(r)) {
         let _ = writeln!(s, "\tchain {name} {{");
         for r in rules.iter() {
             let _ = writeln!(s, "\t\t{}", rule_text(r));

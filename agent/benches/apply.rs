@@ -434,7 +434,10 @@ fn palisade_full(
             ("p_full_render", ms(t1 - t0)),
             ("p_full_unhooked", phase_ms(&out, phase::NFT_UNHOOKED)),
             ("p_full_elements", phase_ms(&out, phase::NETLINK_ELEMENTS)),
-            ("p_full_hook", phase_ms(&out, phase::NFT_HOOK)),
+            (
+                "p_full_hook",
+                phase_ms(&out, phase::NFT_HOOK) + phase_ms(&out, phase::NETLINK_HOOK),
+            ),
             ("p_full_kernel", ms(out.duration)),
             ("p_full_readback", phase_ms(&out, phase::READ_BACK)),
             ("p_full_total", ms(t2 - t0)),

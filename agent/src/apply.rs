@@ -9,8 +9,8 @@
 //!   (text) declares the sets and maps and loads the elements that are not host
 //!   addresses; (3) netlink batches append every chain's rules ([`crate::nfnl::rules`],
 //!   encoded as nft encodes them, anonymous sets included) and load the host sets'
-//!   elements ([`crate::nfnl::setelem`]); (4) one nft transaction adds the base chains,
-//!   which hook the table into the packet path. Before (4) the table sees no packet, so
+//!   elements ([`crate::nfnl::setelem`]); (4) one batch adds the base chains, which hook
+//!   the table into the packet path. Before (4) the table sees no packet, so
 //!   enforcement starts atomically, complete; if a step after the table's creation fails,
 //!   the table, which never enforced, is deleted again.
 //! * A full apply when our table exists (restart adoption, drift repair, a set type
@@ -205,6 +205,7 @@ pub mod phase {
     /// A first load's regular chains and their rules.
     pub const NETLINK_RULES: &str = "netlink: chains and rules";
     pub const NFT_HOOK: &str = "nft: base chains";
+    pub const NETLINK_HOOK: &str = "netlink: base chains";
     pub const READ_BACK: &str = "read-back (netlink)";
     pub const ADOPT: &str = "compare with the table found";
 }
@@ -461,7 +462,16 @@ impl Applier {
             })
             .map_err(netlink_error)
         })
-        .and_then(|()| timed(phases, phase::NFT_HOOK, || self.nft.apply(&hook)));
+        .and_then(|()| {
+            timed(phases, phase::NETLINK_HOOK, || {
+                self.with_socket(|s| transaction::add_base_chains(s, TABLE, &desired.base_chains))
+                    .map_err(netlink_error)
+            })
+        })
+        .and_then(|sent| match sent {
+            true => Ok(()),
+            false => timed(phases, phase::NFT_HOOK, || self.nft.apply(&hook)),
+        });
         if let Err(e) = loaded {
             self.delete_unhooked();
             return Err(e);

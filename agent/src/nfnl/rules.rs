@@ -17,7 +17,8 @@ use palisade_policy::model::{Direction, Protocol};
 
 use super::{msg, push_attr, Message, NLA_F_NESTED, NLM_F_CREATE, NLM_F_REQUEST};
 use crate::render::{
-    End, IpFamily, Match, RuleDef, Verdict, EGRESS_REST_DISPATCH, INGRESS_REST_DISPATCH,
+    BaseChain, BaseStatement, End, IpFamily, Match, RuleDef, Verdict, EGRESS_DISPATCH,
+    EGRESS_REST_DISPATCH, INGRESS_DISPATCH, INGRESS_REST_DISPATCH, UNKNOWN_INTERFACE_COUNTER,
 };
 
 /// Append the rule at the chain's end.
@@ -66,8 +67,16 @@ const NFT_CMP_NEQ: u32 = 1;
 const NFT_CMP_LTE: u32 = 3;
 const NFT_CMP_GTE: u32 = 5;
 const NFT_CT_STATE: u32 = 0;
-/// `established,related` as conntrack state bits (`NF_CT_STATE_BIT`).
+/// `established,related` and `new` as conntrack state bits (`NF_CT_STATE_BIT`).
 const CT_ESTABLISHED_RELATED: u32 = 0x2 | 0x4;
+const CT_NEW: u32 = 0x8;
+const TCP_SYN: u8 = 0x02;
+const IPPROTO_ICMPV6: u8 = 58;
+/// nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert.
+const ND_TYPES: [u8; 3] = [133, 135, 136];
+/// nft's `TYPE_ICMP6_TYPE`, and the protocol and field indexes of `icmpv6 type`.
+const TYPE_ICMP6_TYPE: u32 = 29;
+const ICMP6_TYPEOF: (u8, u8) = (14, 1);
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 /// `ifname` keys are `IFNAMSIZ` bytes, NUL-padded.
@@ -126,12 +135,16 @@ pub(crate) fn add_rule(
         .iter()
         .flat_map(|set| set.messages(table))
         .collect();
+    out.push(rule_message(table, chain, &e.out));
+    Some(out)
+}
+
+fn rule_message(table: &str, chain: &str, expressions: &[u8]) -> Message {
     let mut m = Message::nftables(msg::NEWRULE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND);
     m.attr_str(NFTA_RULE_TABLE, table)
         .attr_str(NFTA_RULE_CHAIN, chain)
-        .attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, &e.out);
-    out.push(m);
-    Some(out)
+        .attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, expressions);
+    m
 }
 
 /// `add chain` of a regular chain.
@@ -140,6 +153,47 @@ pub(crate) fn add_chain(table: &str, chain: &str) -> Message {
     m.attr_str(NFTA_CHAIN_TABLE, table)
         .attr_str(NFTA_CHAIN_NAME, chain);
     m
+}
+
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+
+/// A base chain (`type filter hook H priority P; policy accept;`) and its statements: what
+/// hooks the table into the packet path. `None` for a hook the agent does not use.
+pub(crate) fn add_base_chain(table: &str, chain: &BaseChain) -> Option<Vec<Message>> {
+    let hooknum: u32 = match chain.hook {
+        "prerouting" => 0,
+        "input" => 1,
+        "forward" => 2,
+        "output" => 3,
+        "postrouting" => 4,
+        _ => return None,
+    };
+    let mut hook = attr(NFTA_HOOK_HOOKNUM, &hooknum.to_be_bytes());
+    push_attr(&mut hook, NFTA_HOOK_PRIORITY, &chain.priority.to_be_bytes());
+    let mut m = Message::nftables(msg::NEWCHAIN, NLM_F_REQUEST | NLM_F_CREATE);
+    m.attr_str(NFTA_CHAIN_TABLE, table)
+        .attr_str(NFTA_CHAIN_NAME, chain.name)
+        .attr_str(NFTA_CHAIN_TYPE, "filter")
+        .attr(NFTA_CHAIN_POLICY, &(NF_ACCEPT as u32).to_be_bytes())
+        .attr(NFTA_CHAIN_HOOK | NLA_F_NESTED, &hook);
+    let mut out = vec![m];
+    let mut ids = SetIds::default();
+    for statement in &chain.statements {
+        let mut e = Exprs {
+            out: Vec::new(),
+            family: None,
+            anonymous: Vec::new(),
+            ids: &mut ids,
+        };
+        e.base_statement(statement)?;
+        out.extend(e.anonymous.iter().flat_map(|set| set.messages(table)));
+        out.push(rule_message(table, chain.name, &e.out));
+    }
+    Some(out)
 }
 
 /// `flush chain`: a rule deletion naming the chain and no rule.
@@ -212,23 +266,45 @@ pub(crate) fn dispatch_elements<'a>(
 
 /// `NFTA_DATA_VERDICT` with `code` and, for a jump or goto, its chain.
 pub(crate) fn verdict_data(code: i32, chain: Option<&str>) -> Vec<u8> {
-    let mut verdict = attr(NFTA_VERDICT_CODE, &code.to_be_bytes());
-    if let Some(chain) = chain {
-        push_attr(&mut verdict, NFTA_VERDICT_CHAIN, &nul_terminated(chain));
-    }
-    attr(NFTA_DATA_VERDICT | NLA_F_NESTED, &verdict)
+    let mut out = Vec::new();
+    put_verdict(&mut out, code, chain);
+    out
+}
+
+fn put_verdict(buf: &mut Vec<u8>, code: i32, chain: Option<&str>) {
+    nest(buf, NFTA_DATA_VERDICT, |b| {
+        push_attr(b, NFTA_VERDICT_CODE, &code.to_be_bytes());
+        if let Some(chain) = chain {
+            put_str(b, NFTA_VERDICT_CHAIN, chain);
+        }
+    });
+}
+
+/// A nested attribute whose content `content` appends to `buf`; its length is filled in
+/// after.
+fn nest(buf: &mut Vec<u8>, kind: u16, content: impl FnOnce(&mut Vec<u8>)) {
+    let at = buf.len();
+    buf.extend_from_slice(&[0, 0]);
+    buf.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+    content(buf);
+    // Every attribute inside was padded to 4 bytes, so the nest ends aligned.
+    let len = (buf.len() - at) as u16;
+    buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// A NUL-terminated string attribute.
+fn put_str(buf: &mut Vec<u8>, kind: u16, text: &str) {
+    let len = 4 + text.len() + 1;
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(text.as_bytes());
+    buf.push(0);
+    buf.resize(buf.len().next_multiple_of(4), 0);
 }
 
 fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 4);
     push_attr(&mut out, kind, payload);
-    out
-}
-
-fn nul_terminated(text: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(text.len() + 1);
-    out.extend_from_slice(text.as_bytes());
-    out.push(0);
     out
 }
 
@@ -389,9 +465,10 @@ impl Exprs<'_> {
             self.matches(m)?;
         }
         if let Some(counter) = &rule.counter {
-            let mut data = attr(1, &NFT_OBJECT_COUNTER.to_be_bytes());
-            push_attr(&mut data, 2, &nul_terminated(counter));
-            self.push("objref", &data);
+            self.expr(b"objref\0", |b| {
+                push_attr(b, 1, &NFT_OBJECT_COUNTER.to_be_bytes());
+                put_str(b, 2, counter);
+            });
         }
         self.verdict(&rule.verdict);
         Some(())
@@ -400,68 +477,79 @@ impl Exprs<'_> {
     /// A lookup of reg 1 in a new anonymous set.
     fn lookup_anonymous(&mut self, mut set: AnonymousSet, inverted: bool) {
         set.id = self.ids.next();
-        let mut data = attr(1, &nul_terminated(ANONYMOUS_NAME));
-        push_attr(&mut data, 2, &REG_1.to_be_bytes());
-        push_attr(&mut data, 4, &set.id.to_be_bytes());
-        if inverted {
-            push_attr(&mut data, 5, &NFT_LOOKUP_F_INV.to_be_bytes());
-        }
-        self.push("lookup", &data);
+        self.expr(b"lookup\0", |b| {
+            put_str(b, 1, ANONYMOUS_NAME);
+            push_attr(b, 2, &REG_1.to_be_bytes());
+            push_attr(b, 4, &set.id.to_be_bytes());
+            if inverted {
+                push_attr(b, 5, &NFT_LOOKUP_F_INV.to_be_bytes());
+            }
+        });
         self.anonymous.push(set);
     }
 
-    fn push(&mut self, name: &str, data: &[u8]) {
-        let mut expr = attr(NFTA_EXPR_NAME, &nul_terminated(name));
-        push_attr(&mut expr, NFTA_EXPR_DATA | NLA_F_NESTED, data);
-        push_attr(&mut self.out, NFTA_LIST_ELEM | NLA_F_NESTED, &expr);
+    /// One expression, `name` NUL-terminated, its data written by `data`: in place, as a
+    /// first load encodes 11,000 rules.
+    fn expr(&mut self, name: &[u8], data: impl FnOnce(&mut Vec<u8>)) {
+        nest(&mut self.out, NFTA_LIST_ELEM, |b| {
+            push_attr(b, NFTA_EXPR_NAME, name);
+            nest(b, NFTA_EXPR_DATA, data);
+        });
     }
 
     fn meta(&mut self, key: u32, dreg: u32) {
-        let mut data = attr(2, &key.to_be_bytes());
-        push_attr(&mut data, 1, &dreg.to_be_bytes());
-        self.push("meta", &data);
+        self.expr(b"meta\0", |b| {
+            push_attr(b, 2, &key.to_be_bytes());
+            push_attr(b, 1, &dreg.to_be_bytes());
+        });
     }
 
     fn cmp(&mut self, op: u32, value: &[u8]) {
-        let mut data = attr(1, &REG_1.to_be_bytes());
-        push_attr(&mut data, 2, &op.to_be_bytes());
-        push_attr(&mut data, 3 | NLA_F_NESTED, &attr(NFTA_DATA_VALUE, value));
-        self.push("cmp", &data);
+        self.expr(b"cmp\0", |b| {
+            push_attr(b, 1, &REG_1.to_be_bytes());
+            push_attr(b, 2, &op.to_be_bytes());
+            nest(b, 3, |b| push_attr(b, NFTA_DATA_VALUE, value));
+        });
     }
 
     fn payload(&mut self, base: u32, offset: u32, len: u32, dreg: u32) {
-        let mut data = attr(1, &dreg.to_be_bytes());
-        push_attr(&mut data, 2, &base.to_be_bytes());
-        push_attr(&mut data, 3, &offset.to_be_bytes());
-        push_attr(&mut data, 4, &len.to_be_bytes());
-        self.push("payload", &data);
+        self.expr(b"payload\0", |b| {
+            push_attr(b, 1, &dreg.to_be_bytes());
+            push_attr(b, 2, &base.to_be_bytes());
+            push_attr(b, 3, &offset.to_be_bytes());
+            push_attr(b, 4, &len.to_be_bytes());
+        });
     }
 
     /// `reg 1 = (reg 1 & mask) ^ 0`.
     fn bitwise(&mut self, mask: &[u8]) {
-        let mut data = attr(1, &REG_1.to_be_bytes());
-        push_attr(&mut data, 2, &REG_1.to_be_bytes());
-        push_attr(&mut data, 3, &(mask.len() as u32).to_be_bytes());
-        push_attr(&mut data, 4 | NLA_F_NESTED, &attr(NFTA_DATA_VALUE, mask));
-        let xor = vec![0u8; mask.len()];
-        push_attr(&mut data, 5 | NLA_F_NESTED, &attr(NFTA_DATA_VALUE, &xor));
-        self.push("bitwise", &data);
+        let xor = [0u8; 16];
+        let xor = &xor[..mask.len().min(16)];
+        self.expr(b"bitwise\0", |b| {
+            push_attr(b, 1, &REG_1.to_be_bytes());
+            push_attr(b, 2, &REG_1.to_be_bytes());
+            push_attr(b, 3, &(mask.len() as u32).to_be_bytes());
+            nest(b, 4, |b| push_attr(b, NFTA_DATA_VALUE, mask));
+            nest(b, 5, |b| push_attr(b, NFTA_DATA_VALUE, xor));
+        });
     }
 
     /// A lookup of reg 1 in `set`; into the verdict register for a verdict map.
     fn lookup(&mut self, set: &str, verdict_map: bool) {
-        let mut data = attr(1, &nul_terminated(set));
-        push_attr(&mut data, 2, &REG_1.to_be_bytes());
-        if verdict_map {
-            push_attr(&mut data, 3, &REG_VERDICT.to_be_bytes());
-        }
-        self.push("lookup", &data);
+        self.expr(b"lookup\0", |b| {
+            put_str(b, 1, set);
+            push_attr(b, 2, &REG_1.to_be_bytes());
+            if verdict_map {
+                push_attr(b, 3, &REG_VERDICT.to_be_bytes());
+            }
+        });
     }
 
     fn immediate(&mut self, code: i32, chain: Option<&str>) {
-        let mut data = attr(1, &REG_VERDICT.to_be_bytes());
-        push_attr(&mut data, 2 | NLA_F_NESTED, &verdict_data(code, chain));
-        self.push("immediate", &data);
+        self.expr(b"immediate\0", |b| {
+            push_attr(b, 1, &REG_VERDICT.to_be_bytes());
+            nest(b, 2, |b| put_verdict(b, code, chain));
+        });
     }
 
     /// `meta nfproto` for a match of `family`'s addresses, unless established.
@@ -558,29 +646,127 @@ impl Exprs<'_> {
                 self.lookup(set, false);
             }
             Match::Established => {
-                let mut data = attr(1, &REG_1.to_be_bytes());
-                push_attr(&mut data, 2, &NFT_CT_STATE.to_be_bytes());
-                self.push("ct", &data);
+                self.expr(b"ct\0", |b| {
+                    push_attr(b, 1, &REG_1.to_be_bytes());
+                    push_attr(b, 2, &NFT_CT_STATE.to_be_bytes());
+                });
                 // The ct state is a host-order u32.
                 self.bitwise(&CT_ESTABLISHED_RELATED.to_ne_bytes());
                 self.cmp(NFT_CMP_NEQ, &0u32.to_ne_bytes());
             }
-            Match::Limit { per_second, burst } => {
-                let mut data = attr(1, &u64::from(*per_second).to_be_bytes());
-                push_attr(&mut data, 2, &1u64.to_be_bytes());
-                push_attr(&mut data, 3, &burst.to_be_bytes());
-                push_attr(&mut data, 4, &0u32.to_be_bytes());
-                push_attr(&mut data, 5, &0u32.to_be_bytes());
-                self.push("limit", &data);
+            Match::Limit { per_second, burst } => self.expr(b"limit\0", |b| {
+                push_attr(b, 1, &u64::from(*per_second).to_be_bytes());
+                push_attr(b, 2, &1u64.to_be_bytes());
+                push_attr(b, 3, &burst.to_be_bytes());
+                push_attr(b, 4, &0u32.to_be_bytes());
+                push_attr(b, 5, &0u32.to_be_bytes());
+            }),
+        }
+        Some(())
+    }
+
+    /// The interface a direction's dispatch looks at (`iifname` for egress).
+    fn ifname(&mut self, direction: Direction) {
+        let key = match direction {
+            Direction::Egress => NFT_META_IIFNAME,
+            Direction::Ingress => NFT_META_OIFNAME,
+        };
+        self.meta(key, REG_1);
+    }
+
+    /// `ct state S` for state bits `bits`.
+    fn ct_state(&mut self, bits: u32) {
+        self.expr(b"ct\0", |b| {
+            push_attr(b, 1, &REG_1.to_be_bytes());
+            push_attr(b, 2, &NFT_CT_STATE.to_be_bytes());
+        });
+        // The ct state is a host-order u32.
+        self.bitwise(&bits.to_ne_bytes());
+        self.cmp(NFT_CMP_NEQ, &0u32.to_ne_bytes());
+    }
+
+    fn base_statement(&mut self, statement: &BaseStatement) -> Option<()> {
+        match statement {
+            BaseStatement::Established => {
+                self.ct_state(CT_ESTABLISHED_RELATED);
+                self.immediate(NF_ACCEPT, None);
+            }
+            BaseStatement::NeighbourDiscovery => {
+                // `icmpv6 type { nd-router-solicit, nd-neighbor-solicit,
+                // nd-neighbor-advert }`, after nft's dependencies.
+                self.family(IpFamily::V6);
+                self.meta(NFT_META_L4PROTO, REG_1);
+                self.cmp(NFT_CMP_EQ, &[IPPROTO_ICMPV6]);
+                self.payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, REG_1);
+                let mut elements = Vec::new();
+                for t in ND_TYPES {
+                    push_key(&mut elements, &[t], 0, None);
+                }
+                let set = AnonymousSet {
+                    id: 0,
+                    flags: NFT_SET_ANONYMOUS | NFT_SET_CONSTANT,
+                    key_type: TYPE_ICMP6_TYPE,
+                    key_len: 1,
+                    size: ND_TYPES.len() as u32,
+                    udata: set_udata(false, ICMP6_TYPEOF.0, ICMP6_TYPEOF.1),
+                    elements,
+                };
+                self.lookup_anonymous(set, false);
+                self.immediate(NF_ACCEPT, None);
+            }
+            BaseStatement::Dispatch(direction) => {
+                self.ifname(*direction);
+                let map = match direction {
+                    Direction::Egress => EGRESS_DISPATCH,
+                    Direction::Ingress => INGRESS_DISPATCH,
+                };
+                self.lookup(map, true);
+            }
+            BaseStatement::UnknownInterface { direction, pattern } => {
+                // A wildcard compares the name's prefix.
+                let prefix = pattern.strip_suffix('*')?;
+                if prefix.is_empty() || prefix.len() >= IFNAMSIZ || prefix.contains('*') {
+                    return None;
+                }
+                self.ifname(*direction);
+                self.cmp(NFT_CMP_EQ, prefix.as_bytes());
+                self.ifname(*direction);
+                self.lookup_inverted(EGRESS_DISPATCH);
+                self.expr(b"objref\0", |b| {
+                    push_attr(b, 1, &NFT_OBJECT_COUNTER.to_be_bytes());
+                    put_str(b, 2, UNKNOWN_INTERFACE_COUNTER);
+                });
+                self.immediate(NF_DROP, None);
+            }
+            BaseStatement::TcpPickup(direction) => {
+                self.ct_state(CT_NEW);
+                self.meta(NFT_META_L4PROTO, REG_1);
+                self.cmp(NFT_CMP_EQ, &[protocol_number(Protocol::Tcp)]);
+                self.payload(NFT_PAYLOAD_TRANSPORT_HEADER, 13, 1, REG_1);
+                self.bitwise(&[TCP_SYN]);
+                self.cmp(NFT_CMP_EQ, &[0]);
+                self.ifname(*direction);
+                self.lookup(EGRESS_DISPATCH, false);
+                self.immediate(NF_DROP, None);
             }
         }
         Some(())
     }
 
+    /// `!= @set` of reg 1.
+    fn lookup_inverted(&mut self, set: &str) {
+        self.expr(b"lookup\0", |b| {
+            put_str(b, 1, set);
+            push_attr(b, 2, &REG_1.to_be_bytes());
+            push_attr(b, 5, &NFT_LOOKUP_F_INV.to_be_bytes());
+        });
+    }
+
     fn log(&mut self, prefix: &str, group: u16) {
-        let mut data = attr(1, &group.to_be_bytes());
-        push_attr(&mut data, 2, &nul_terminated(prefix));
-        self.push("log", &data);
+        self.expr(b"log\0", |b| {
+            push_attr(b, 1, &group.to_be_bytes());
+            put_str(b, 2, prefix);
+        });
     }
 
     fn verdict(&mut self, v: &Verdict) {

@@ -5,7 +5,7 @@
 use super::{rules, setelem, Message, NfnlError, NfnlSocket};
 use crate::diff::{ChainOp, Step};
 use crate::nfnl::setelem::{Change, Op};
-use crate::render::{json, RuleDef};
+use crate::render::{json, BaseChain, RuleDef};
 
 /// The batch's messages, each with what it does (for an error); `None` if a step is not
 /// one netlink encodes here ([`crate::diff::netlink_only`]).
@@ -107,12 +107,7 @@ pub fn create_chains(
 ) -> Result<(), NfnlError> {
     let messages = names
         .iter()
-        .map(|name| {
-            vec![(
-                rules::add_chain(table, name),
-                format!("adding chain {name}"),
-            )]
-        })
+        .map(|name| vec![(rules::add_chain(table, name), What::Chain(name))])
         .collect();
     in_batches(socket, messages)
 }
@@ -131,8 +126,7 @@ pub fn append_rules(
             let Some(msgs) = rules::add_rule(table, chain, rule, &mut ids) else {
                 return Ok(false);
             };
-            let what = format!("adding a rule to chain {chain}");
-            messages.push(msgs.into_iter().map(|m| (m, what.clone())).collect());
+            messages.push(msgs.into_iter().map(|m| (m, What::Rule(chain))).collect());
         }
     }
     in_batches(socket, messages)?;
@@ -141,11 +135,26 @@ pub fn append_rules(
 
 /// Sends `groups` in batches of about [`UNHOOKED_BATCH`] messages, each group whole in
 /// one batch: a rule finds its anonymous sets by their ids in the same batch.
+/// What a first load's message does, named only if the kernel refuses it.
+enum What<'a> {
+    Chain(&'a str),
+    Rule(&'a str),
+}
+
+impl std::fmt::Display for What<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            What::Chain(name) => write!(f, "adding chain {name}"),
+            What::Rule(chain) => write!(f, "adding a rule to chain {chain}"),
+        }
+    }
+}
+
 fn in_batches(
     socket: &mut NfnlSocket,
-    groups: Vec<Vec<(Message, String)>>,
+    groups: Vec<Vec<(Message, What<'_>)>>,
 ) -> Result<(), NfnlError> {
-    let mut batch: Vec<(Message, String)> = Vec::new();
+    let mut batch: Vec<(Message, What<'_>)> = Vec::new();
     for group in groups {
         if !batch.is_empty() && batch.len() + group.len() > UNHOOKED_BATCH {
             send(socket, std::mem::take(&mut batch))?;
@@ -155,7 +164,34 @@ fn in_batches(
     send(socket, batch)
 }
 
-fn send(socket: &mut NfnlSocket, messages: Vec<(Message, String)>) -> Result<(), NfnlError> {
-    let (messages, what): (Vec<Message>, Vec<String>) = messages.into_iter().unzip();
-    socket.batch(messages, |i| what.get(i).cloned().unwrap_or_default())
+fn send<W: std::fmt::Display>(
+    socket: &mut NfnlSocket,
+    messages: Vec<(Message, W)>,
+) -> Result<(), NfnlError> {
+    let (messages, what): (Vec<Message>, Vec<W>) = messages.into_iter().unzip();
+    socket.batch(messages, |i| {
+        what.get(i).map(W::to_string).unwrap_or_default()
+    })
+}
+
+/// Adds the base chains with their statements in one batch: the moment the table starts
+/// to filter, all at once. `Ok(false)` (nothing sent) if one is not encodable here.
+pub fn add_base_chains(
+    socket: &mut NfnlSocket,
+    table: &str,
+    chains: &[BaseChain],
+) -> Result<bool, NfnlError> {
+    let mut messages = Vec::new();
+    for chain in chains {
+        let Some(msgs) = rules::add_base_chain(table, chain) else {
+            return Ok(false);
+        };
+        messages.extend(msgs.into_iter().map(|m| (m, chain.name)));
+    }
+    let what = |chain: &str| format!("adding base chain {chain}");
+    let (messages, names): (Vec<Message>, Vec<&str>) = messages.into_iter().unzip();
+    socket.batch(messages, |i| {
+        names.get(i).map(|n| what(n)).unwrap_or_default()
+    })?;
+    Ok(true)
 }

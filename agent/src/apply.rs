@@ -40,7 +40,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::{Histogram, HistogramOpts};
 
-use crate::diff::{carry_sizes, elements_only, netlink_only, plan, to_commands, Plan, Step};
+use crate::diff::{
+    carry_sizes, elements_only, keys_only_in, netlink_only, plan, to_commands, Plan, Step,
+};
 use crate::nfnl::counters;
 use crate::nfnl::image::{self, TableImage, Touched};
 use crate::nfnl::rules as nfnl_rules;
@@ -754,14 +756,12 @@ fn touched(applied: &Ruleset, desired: &Ruleset) -> Touched {
         let gone = a.keys().filter(|k| !b.contains_key(*k)).cloned();
         changed.chain(gone).collect()
     }
-    let counters = if Arc::ptr_eq(&applied.counters, &desired.counters) {
-        Vec::new()
-    } else {
-        let (a, b) = (&*applied.counters, &*desired.counters);
-        let added = b.keys().filter(|k| !a.contains_key(*k));
-        let gone = a.keys().filter(|k| !b.contains_key(*k));
-        added.chain(gone).cloned().collect()
-    };
+    let (a, b) = (&*applied.counters, &*desired.counters);
+    let counters = keys_only_in(b, a)
+        .into_iter()
+        .chain(keys_only_in(a, b))
+        .cloned()
+        .collect();
     let sets = desired
         .sets
         .iter()

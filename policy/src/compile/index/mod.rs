@@ -219,7 +219,7 @@ impl Compiler {
         let mut by_node: HashMap<&str, (u32, Vec<Arc<PodKey>>)> = HashMap::default();
         let mut shapes = ShapeTable::default();
         // The nodes of the pods sharing each combination of tier groups: their references
-        // are counted one group at a time, which keeps each group's node table in cache.
+        // are counted one group at a time (`reference_tier_groups`).
         let mut tier_users: HashMap<usize, (Arc<Defs>, Vec<u32>)> = HashMap::default();
         c.pod_entries.reserve(pods.len());
         for (key, pod) in &pods {
@@ -268,11 +268,8 @@ impl Compiler {
             };
             c.pod_entries.insert(key, entry);
         }
-        for (defs, nodes) in tier_users.into_values() {
-            for (gkey, def) in defs.iter() {
-                c.reference_group_from(&nodes, *gkey, def);
-            }
-        }
+        let tier_users: Vec<(Arc<Defs>, Vec<u32>)> = tier_users.into_values().collect();
+        c.reference_tier_groups(&tier_users);
         // Keys arrive sorted, so each set is built in bulk.
         c.pods_by_node = by_node
             .into_iter()

@@ -106,23 +106,32 @@ impl GroupDef {
         }
     }
 
-    /// Whether a (non-host-network) pod is in the group's peer. It reads only the pod's
-    /// namespace and labels, so the full compile asks once for pods that share them.
+    /// Whether a (non-host-network) pod is in the group's peer and, for named ports, has a
+    /// port of the name. It reads only the pod's namespace, labels and ports, so the full
+    /// compile asks once for pods that share them.
     pub(crate) fn admits(&self, pod: &Pod, ns_labels: &Labels) -> bool {
         match self {
             GroupDef::Pods { .. } => self.pod_matches(pod, ns_labels),
-            GroupDef::NamedPorts { peer, .. } => match peer.as_deref() {
-                None | Some(GroupDef::Block { .. }) => true,
-                Some(p @ GroupDef::Pods { .. }) => p.pod_matches(pod, ns_labels),
-                // Pods are never node peers (host-network ones are not asked).
-                Some(GroupDef::Nodes(_)) | Some(GroupDef::NamedPorts { .. }) => false,
-            },
+            GroupDef::NamedPorts {
+                peer,
+                name,
+                protocol,
+            } => {
+                let in_peer = match peer.as_deref() {
+                    None | Some(GroupDef::Block { .. }) => true,
+                    Some(p @ GroupDef::Pods { .. }) => p.pod_matches(pod, ns_labels),
+                    // Pods are never node peers (host-network ones are not asked).
+                    Some(GroupDef::Nodes(_)) | Some(GroupDef::NamedPorts { .. }) => false,
+                };
+                in_peer && pod.named_ports(name, *protocol).next().is_some()
+            }
             GroupDef::Block { .. } | GroupDef::Nodes(_) => false,
         }
     }
 
     /// What a (non-host-network) pod the group admits contributes: its addresses, or for
     /// named ports the ports the name means on it at its addresses (in the block, if any).
+    /// A pod it does not admit may contribute anything.
     pub(crate) fn admitted_members(&self, pod: &Pod, out: &mut Vec<Member>) {
         match self {
             GroupDef::Pods { .. } => out.extend(pod.ips.iter().map(|a| Member::Addr(*a))),
@@ -131,10 +140,6 @@ impl GroupDef {
                 name,
                 protocol,
             } => {
-                // Most pods of a scan have no port of the name.
-                if pod.named_ports(name, *protocol).next().is_none() {
-                    return;
-                }
                 for addr in &pod.ips {
                     if let Some(GroupDef::Block { cidr, except }) = peer.as_deref() {
                         let in_block =

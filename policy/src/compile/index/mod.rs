@@ -625,7 +625,7 @@ impl Compiler {
 
 /// The full compile's non-host-network pods per namespace, in classes of pods with equal
 /// labels and ports, the first of each standing for all: whether a group admits a pod
-/// depends only on its namespace and labels.
+/// depends only on its namespace, labels and ports.
 type ShapeClasses<'a> = Vec<(&'a str, Vec<Vec<&'a Pod>>)>;
 
 /// The full compile's table of pod shapes, one namespace at a time (pods come sorted by

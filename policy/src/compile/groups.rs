@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap as HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
@@ -101,30 +101,45 @@ impl GroupDef {
     /// What one pod contributes to this group (nothing for node- and block-based groups,
     /// except named-port groups over a block).
     pub(crate) fn contribution(&self, pod: &Pod, ns_labels: &Labels, out: &mut Vec<Member>) {
-        if pod.host_network {
-            return;
+        if !pod.host_network && self.admits(pod, ns_labels) {
+            self.admitted_members(pod, out);
         }
+    }
+
+    /// Whether a (non-host-network) pod is in the group's peer and, for named ports, has a
+    /// port of the name. It reads only the pod's namespace, labels and ports, so the full
+    /// compile asks once for pods that share them.
+    pub(crate) fn admits(&self, pod: &Pod, ns_labels: &Labels) -> bool {
         match self {
-            GroupDef::Pods { .. } => {
-                if self.pod_matches(pod, ns_labels) {
-                    out.extend(pod.ips.iter().map(|a| Member::Addr(*a)));
-                }
-            }
+            GroupDef::Pods { .. } => self.pod_matches(pod, ns_labels),
             GroupDef::NamedPorts {
                 peer,
                 name,
                 protocol,
             } => {
-                // Cheap tests first: most pods of a scan are not in the peer.
-                let pod_in_peer = match peer.as_deref() {
+                let in_peer = match peer.as_deref() {
                     None | Some(GroupDef::Block { .. }) => true,
                     Some(p @ GroupDef::Pods { .. }) => p.pod_matches(pod, ns_labels),
-                    // Pods are never node peers (host-network ones are skipped above).
+                    // Pods are never node peers (host-network ones are not asked).
                     Some(GroupDef::Nodes(_)) | Some(GroupDef::NamedPorts { .. }) => false,
                 };
-                if !pod_in_peer || pod.named_ports(name, *protocol).next().is_none() {
-                    return;
-                }
+                in_peer && pod.named_ports(name, *protocol).next().is_some()
+            }
+            GroupDef::Block { .. } | GroupDef::Nodes(_) => false,
+        }
+    }
+
+    /// What a (non-host-network) pod the group admits contributes: its addresses, or for
+    /// named ports the ports the name means on it at its addresses (in the block, if any).
+    /// A pod it does not admit may contribute anything.
+    pub(crate) fn admitted_members(&self, pod: &Pod, out: &mut Vec<Member>) {
+        match self {
+            GroupDef::Pods { .. } => out.extend(pod.ips.iter().map(|a| Member::Addr(*a))),
+            GroupDef::NamedPorts {
+                peer,
+                name,
+                protocol,
+            } => {
                 for addr in &pod.ips {
                     if let Some(GroupDef::Block { cidr, except }) = peer.as_deref() {
                         let in_block =
@@ -163,6 +178,9 @@ fn count_members(mut all: Vec<Member>) -> BTreeMap<Member, u32> {
         }
         return fresh;
     }
+    if let Some(packed) = all.iter().map(Member::packed_v4).collect() {
+        return count_packed(packed);
+    }
     if !all.is_sorted_by_key(Member::order_key) {
         all.sort_unstable_by_key(Member::order_key);
     }
@@ -172,7 +190,50 @@ fn count_members(mut all: Vec<Member>) -> BTreeMap<Member, u32> {
         .collect()
 }
 
+/// [`count_members`] for IPv4 members, packed: sorting machine words is several times
+/// faster than sorting by `order_key`, and the largest groups are sorted at every full
+/// compile.
+fn count_packed(mut packed: Vec<u64>) -> BTreeMap<Member, u32> {
+    packed.sort_unstable();
+    packed
+        .chunk_by(|a, b| a == b)
+        .map(|same| (Member::unpack_v4(same[0]), same.len() as u32))
+        .collect()
+}
+
 impl Member {
+    /// An IPv4 member as one integer, in the order of `Ord` (kind, address, protocol,
+    /// port); `None` for IPv6.
+    fn packed_v4(&self) -> Option<u64> {
+        let (kind, addr, protocol, port) = match self {
+            Member::Addr(IpAddr::V4(a)) => (0, a, 0, 0),
+            Member::Endpoint(PortEndpoint {
+                addr: IpAddr::V4(a),
+                protocol,
+                port,
+            }) => (1, a, *protocol as u64, *port),
+            _ => return None,
+        };
+        Some(kind << 56 | u64::from(u32::from(*addr)) << 24 | protocol << 16 | u64::from(port))
+    }
+
+    fn unpack_v4(packed: u64) -> Member {
+        let addr = IpAddr::V4(Ipv4Addr::from((packed >> 24) as u32));
+        if packed >> 56 == 0 {
+            return Member::Addr(addr);
+        }
+        let protocol = match (packed >> 16) & 0xff {
+            0 => Protocol::Tcp,
+            1 => Protocol::Udp,
+            _ => Protocol::Sctp,
+        };
+        Member::Endpoint(PortEndpoint {
+            addr,
+            protocol,
+            port: packed as u16,
+        })
+    }
+
     /// Integers in the order of `Ord`, which compare faster than the nested enums.
     fn order_key(&self) -> (u8, u8, u128, u8, u16) {
         fn bits(a: &IpAddr) -> (u8, u128) {
@@ -287,4 +348,69 @@ pub(crate) fn node_members<'a>(
         .filter(|n| sel.matches(&n.labels))
         .flat_map(|n| n.addresses.iter().map(|a| Member::Addr(*a)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Member> {
+        let mut out = Vec::new();
+        for addr in [
+            "10.0.0.2",
+            "10.0.0.1",
+            "192.168.1.1",
+            "0.0.0.0",
+            "255.255.255.255",
+        ] {
+            let addr: IpAddr = addr.parse().unwrap();
+            out.push(Member::Addr(addr));
+            for protocol in [Protocol::Sctp, Protocol::Tcp, Protocol::Udp] {
+                for port in [443, 1, u16::MAX] {
+                    out.push(Member::Endpoint(PortEndpoint {
+                        addr,
+                        protocol,
+                        port,
+                    }));
+                }
+            }
+        }
+        out
+    }
+
+    fn counted_one_by_one(all: &[Member]) -> BTreeMap<Member, u32> {
+        let mut out = BTreeMap::new();
+        for m in all {
+            *out.entry(*m).or_insert(0) += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn packed_members_sort_and_read_back_as_members() {
+        let all = sample();
+        for a in &all {
+            let pa = a.packed_v4().unwrap();
+            assert_eq!(Member::unpack_v4(pa), *a);
+            for b in &all {
+                assert_eq!(pa.cmp(&b.packed_v4().unwrap()), a.cmp(b), "{a:?} {b:?}");
+            }
+        }
+        let v6 = Member::Addr("fd00::1".parse().unwrap());
+        assert_eq!(v6.packed_v4(), None);
+    }
+
+    /// IPv4-only lists take the packed path, a list with IPv6 the general one: both count
+    /// as one-by-one insertion does.
+    #[test]
+    fn counting_in_bulk_equals_counting_one_by_one() {
+        let mut v4 = sample();
+        v4.extend(sample().into_iter().rev().step_by(3));
+        let mut mixed = v4.clone();
+        mixed.insert(7, Member::Addr("fd00::1".parse().unwrap()));
+        mixed.push(Member::Addr("fd00::1".parse().unwrap()));
+        for all in [v4, mixed] {
+            assert_eq!(count_members(all.clone()), counted_one_by_one(&all));
+        }
+    }
 }

@@ -16,13 +16,13 @@ impl Compiler {
     /// Counts a reference from `node`, creating the group without members if it is new (the
     /// full compile computes all members at the end).
     pub(super) fn reference_group(&mut self, node: u32, gkey: GroupKey, def: &Arc<GroupDef>) {
-        self.reference_group_from(&[node], gkey, def);
+        self.reference_group_from([(node, 1)], gkey, def);
     }
 
-    /// [`Compiler::reference_group`] for one pod on each of `nodes`.
+    /// [`Compiler::reference_group`] for `pods` pods on each `(node, pods)` of `counts`.
     pub(super) fn reference_group_from(
         &mut self,
-        nodes: &[u32],
+        counts: impl IntoIterator<Item = (u32, u32)>,
         gkey: GroupKey,
         def: &Arc<GroupDef>,
     ) {
@@ -35,8 +35,42 @@ impl Compiler {
                     .or_insert_with(|| GroupState::new(def.clone()))
             }
         };
-        for &node in nodes {
-            *g.nodes.entry(node).or_insert(0) += 1;
+        for (node, pods) in counts {
+            *g.nodes.entry(node).or_insert(0) += pods;
+        }
+    }
+
+    /// The full compile's references from tier lists: `users` holds each combination of
+    /// the lists' groups with the node of every pod that has it. A group of many
+    /// combinations (a cluster-wide peer) meets most pods of the cluster but few nodes by
+    /// comparison: its pods are counted per node in a dense table first, and its node
+    /// table is then written once per node, not once per pod.
+    pub(super) fn reference_tier_groups(&mut self, users: &[(Arc<Defs>, Vec<u32>)]) {
+        let mut by_group: HashMap<GroupKey, (&Arc<GroupDef>, Vec<&[u32]>)> = HashMap::default();
+        for (defs, nodes) in users {
+            for (gkey, def) in defs.iter() {
+                by_group
+                    .entry(*gkey)
+                    .or_insert_with(|| (def, Vec::new()))
+                    .1
+                    .push(nodes);
+            }
+        }
+        let mut pods_on = vec![0u32; self.node_names.len()];
+        let mut nodes = Vec::new();
+        for (gkey, (def, lists)) in by_group {
+            for &node in lists.into_iter().flatten() {
+                let pods = &mut pods_on[node as usize];
+                if *pods == 0 {
+                    nodes.push(node);
+                }
+                *pods += 1;
+            }
+            nodes.sort_unstable();
+            self.reference_group_from(nodes.iter().map(|&n| (n, pods_on[n as usize])), gkey, def);
+            for node in nodes.drain(..) {
+                pods_on[node as usize] = 0;
+            }
         }
     }
 

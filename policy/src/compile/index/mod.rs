@@ -217,10 +217,9 @@ impl Compiler {
         // groups are created empty and their members computed once, after.
         let mut memo = Memo::default();
         let mut by_node: HashMap<&str, (u32, Vec<Arc<PodKey>>)> = HashMap::default();
-        let mut shapes: HashMap<u64, Vec<(&Pod, Arc<Compiled>)>> = HashMap::default();
-        let mut shapes_ns = "";
+        let mut shapes = ShapeTable::default();
         // The nodes of the pods sharing each combination of tier groups: their references
-        // are counted one group at a time, which keeps each group's node table in cache.
+        // are counted one group at a time (`reference_tier_groups`).
         let mut tier_users: HashMap<usize, (Arc<Defs>, Vec<u32>)> = HashMap::default();
         c.pod_entries.reserve(pods.len());
         for (key, pod) in &pods {
@@ -242,24 +241,15 @@ impl Compiler {
             if pod.host_network {
                 continue;
             }
-            if pod.namespace != shapes_ns {
-                shapes.clear();
-                shapes_ns = &pod.namespace;
-            }
             let hash = memo_hash(&pod.labels, &pod.ports);
-            let bucket = shapes.entry(hash).or_default();
-            let compiled = match bucket.iter().find(|(rep, _)| same_shape(rep, pod)) {
-                Some((_, compiled)) => compiled.clone(),
-                None => {
-                    let compiled = Arc::new(c.pod_rules(pod));
-                    bucket.push((pod, compiled.clone()));
-                    memo_namespace(&mut memo, &pod.namespace)
-                        .entry(hash)
-                        .or_default()
-                        .push((key.clone(), compiled.clone()));
-                    compiled
-                }
-            };
+            let compiled = shapes.compiled(pod, hash, || {
+                let compiled = Arc::new(c.pod_rules(pod));
+                memo_namespace(&mut memo, &pod.namespace)
+                    .entry(hash)
+                    .or_default()
+                    .push((key.clone(), compiled.clone()));
+                compiled
+            });
             let at = Arc::as_ptr(&compiled.tier_defs) as usize;
             match tier_users.get_mut(&at) {
                 Some((_, nodes)) => nodes.push(node),
@@ -278,38 +268,31 @@ impl Compiler {
             };
             c.pod_entries.insert(key, entry);
         }
-        for (defs, nodes) in tier_users.into_values() {
-            for (gkey, def) in defs.iter() {
-                c.reference_group_from(&nodes, *gkey, def);
-            }
-        }
+        let tier_users: Vec<(Arc<Defs>, Vec<u32>)> = tier_users.into_values().collect();
+        c.reference_tier_groups(&tier_users);
         // Keys arrive sorted, so each set is built in bulk.
         c.pods_by_node = by_node
             .into_iter()
             .map(|(node, (_, keys))| (node.to_string(), keys.into_iter().collect()))
             .collect();
-        drop(shapes);
+        let classes = shapes.into_classes();
         c.pod_labels.finish_bulk();
         c.memo = memo;
+        c.compute_all_members(&pods, &classes);
+        drop(classes);
         c.cluster.pods = pods;
-        c.compute_all_members();
         c
     }
 
-    /// Every group's members at once, for the full compile: pods are grouped by namespace
-    /// and namespaces by label once, instead of searching all of them for every group.
-    fn compute_all_members(&mut self) {
-        let mut pods_by_ns: HashMap<&str, (&Labels, Vec<&Pod>)> = HashMap::default();
-        pods_by_ns.reserve(self.pods_by_ns.len());
-        for pod in self.cluster.pods.values() {
-            match pods_by_ns.get_mut(pod.namespace.as_str()) {
-                Some((_, pods)) => pods.push(pod),
-                None => {
-                    let labels = self.ns_labels(&pod.namespace);
-                    pods_by_ns.insert(&pod.namespace, (labels, vec![pod]));
-                }
-            }
-        }
+    /// Every group's members at once, for the full compile: a group meets the classes of
+    /// the namespaces it can select (or, in a large namespace, the pods its selector's
+    /// anchor finds), and namespaces are grouped by label once, instead of searching all
+    /// of them for every group.
+    fn compute_all_members(&mut self, pods: &BTreeMap<PodKey, Pod>, classes: &ShapeClasses) {
+        let classes_by_ns: HashMap<&str, (&Labels, &[Vec<&Pod>])> = classes
+            .iter()
+            .map(|(ns, list)| (*ns, (self.ns_labels(ns), &list[..])))
+            .collect();
         let mut ns_by_label: HashMap<(&str, &str), Vec<&Namespace>> = HashMap::default();
         for ns in self.cluster.namespaces.values() {
             for (k, v) in &ns.labels {
@@ -317,24 +300,20 @@ impl Compiler {
             }
         }
         let members_in = |ns: &str, def: &GroupDef, out: &mut Vec<Member>| {
-            let Some((labels, pods)) = pods_by_ns.get(ns) else {
+            let Some((labels, classes)) = classes_by_ns.get(ns) else {
                 return;
             };
             let selector = group_pod_selector(def).unwrap_or(&EVERYTHING);
-            let index = (!scan_instead(pods.len()))
+            let index = (!scan_instead(self.pods_by_ns[ns]))
                 .then(|| self.pod_labels.candidates(ns, selector))
                 .flatten();
             match index {
                 Some(keys) => {
-                    for pod in keys.into_iter().filter_map(|k| self.cluster.pods.get(&**k)) {
+                    for pod in keys.into_iter().filter_map(|k| pods.get(&**k)) {
                         def.contribution(pod, labels, out);
                     }
                 }
-                None => {
-                    for pod in pods {
-                        def.contribution(pod, labels, out);
-                    }
-                }
+                None => class_members(def, labels, classes, out),
             }
         };
         let computed: Vec<(GroupKey, Vec<Member>)> = self
@@ -370,10 +349,8 @@ impl Compiler {
                     // Named ports on any pod: one pass over the namespaces, each one's
                     // labels read once.
                     Slot::PortName(_) => {
-                        for (labels, pods) in pods_by_ns.values() {
-                            for pod in pods {
-                                g.def.contribution(pod, labels, &mut out);
-                            }
+                        for (labels, classes) in classes_by_ns.values() {
+                            class_members(&g.def, labels, classes, &mut out);
                         }
                     }
                     _ => out = self.compute_members(&g.def),
@@ -643,6 +620,74 @@ impl Compiler {
             }
         }
         self.touch_groups(&changed, t);
+    }
+}
+
+/// The full compile's non-host-network pods per namespace, in classes of pods with equal
+/// labels and ports, the first of each standing for all: whether a group admits a pod
+/// depends only on its namespace, labels and ports.
+type ShapeClasses<'a> = Vec<(&'a str, Vec<Vec<&'a Pod>>)>;
+
+/// The full compile's table of pod shapes, one namespace at a time (pods come sorted by
+/// namespace): each shape's compilation and class.
+#[derive(Default)]
+struct ShapeTable<'a> {
+    /// The namespace of the latest pod, with its classes so far.
+    current: Option<(&'a str, Vec<Vec<&'a Pod>>)>,
+    /// Hash of (labels, ports) → the current namespace's classes of that hash, by index.
+    by_hash: HashMap<u64, Vec<(usize, Arc<Compiled>)>>,
+    done: ShapeClasses<'a>,
+}
+
+impl<'a> ShapeTable<'a> {
+    /// The compilation of `pod`'s shape (`hash` is its `memo_hash`): a pod of its
+    /// namespace with that shape had it, or else `compile` makes it. The pod joins the
+    /// class of its shape.
+    fn compiled(
+        &mut self,
+        pod: &'a Pod,
+        hash: u64,
+        compile: impl FnOnce() -> Arc<Compiled>,
+    ) -> Arc<Compiled> {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(ns, _)| *ns != pod.namespace)
+        {
+            self.done.extend(self.current.take());
+            self.by_hash.clear();
+        }
+        let (_, classes) = self
+            .current
+            .get_or_insert_with(|| (&pod.namespace, Vec::new()));
+        let bucket = self.by_hash.entry(hash).or_default();
+        if let Some((class, compiled)) = bucket
+            .iter()
+            .find(|(class, _)| same_shape(classes[*class][0], pod))
+        {
+            classes[*class].push(pod);
+            return compiled.clone();
+        }
+        let compiled = compile();
+        bucket.push((classes.len(), compiled.clone()));
+        classes.push(vec![pod]);
+        compiled
+    }
+
+    fn into_classes(mut self) -> ShapeClasses<'a> {
+        self.done.extend(self.current);
+        self.done
+    }
+}
+
+/// What the pods of `classes` (of a namespace with `ns_labels`) contribute to `def`.
+fn class_members(def: &GroupDef, ns_labels: &Labels, classes: &[Vec<&Pod>], out: &mut Vec<Member>) {
+    for class in classes {
+        if class.first().is_some_and(|rep| def.admits(rep, ns_labels)) {
+            for pod in class {
+                def.admitted_members(pod, out);
+            }
+        }
     }
 }
 

@@ -103,18 +103,56 @@ pub(super) fn subject_pods(policy: &Policy) -> &LabelSelector {
     }
 }
 
+/// The full compile's group definitions, one instance per key. Policies of many
+/// namespaces name equal peers that are not one namespace's pods (the cluster DNS, the
+/// internet block), and the key of such a definition seen before is looked up instead of
+/// hashed again through its `Debug` text.
+#[derive(Default)]
+struct SharedDefs {
+    by_key: HashMap<GroupKey, Arc<GroupDef>>,
+    keys: HashMap<Arc<GroupDef>, GroupKey>,
+}
+
+/// Whether equal copies of a definition are likely in other namespaces' policies: a peer
+/// of one namespace's pods is mostly named by that namespace's policies alone, and the
+/// lookup would cost more than it saves.
+fn recurs_across_namespaces(def: &GroupDef) -> bool {
+    !matches!(
+        def,
+        GroupDef::Pods {
+            namespaces: NamespaceScope::Named(_),
+            ..
+        }
+    )
+}
+
+impl SharedDefs {
+    fn share(&mut self, def: GroupDef) -> (GroupKey, Arc<GroupDef>) {
+        let recurs = recurs_across_namespaces(&def);
+        if let Some(&key) = recurs.then(|| self.keys.get(&def)).flatten() {
+            return (key, self.by_key[&key].clone());
+        }
+        let key = def.key();
+        let shared = self
+            .by_key
+            .entry(key)
+            .or_insert_with(|| Arc::new(def))
+            .clone();
+        if recurs {
+            self.keys.insert(shared.clone(), key);
+        }
+        (key, shared)
+    }
+}
+
 impl Compiler {
     /// The full compile's `index_policy` for all policies at once: sorted first, so that
     /// the maps are built in bulk.
     pub(super) fn index_policies(&mut self, policies: Vec<Policy>) {
-        let mut defs: HashMap<GroupKey, Arc<GroupDef>> = HashMap::default();
+        let mut defs = SharedDefs::default();
         let mut compiled: Vec<Arc<CompiledPolicy>> = policies
             .into_iter()
-            .map(|policy| {
-                Arc::new(CompiledPolicy::new(policy, &mut |key, def| {
-                    defs.entry(key).or_insert_with(|| Arc::new(def)).clone()
-                }))
-            })
+            .map(|policy| Arc::new(CompiledPolicy::new(policy, &mut |def| defs.share(def))))
             .collect();
         drop(defs);
         // Stable, and the later of two policies with one id wins, as with upserts in turn.
@@ -233,10 +271,12 @@ impl Compiler {
         }
         if let Some(policy) = new {
             let groups = &self.groups;
-            let cp = CompiledPolicy::new(policy, &mut |key, def| {
-                groups
+            let cp = CompiledPolicy::new(policy, &mut |def| {
+                let key = def.key();
+                let def = groups
                     .get(&key)
-                    .map_or_else(|| Arc::new(def), |g| g.def.clone())
+                    .map_or_else(|| Arc::new(def), |g| g.def.clone());
+                (key, def)
             });
             affected.extend(self.subjects(&cp));
             tiered_changed |= cp.policy.tier != Tier::NetworkPolicy;

@@ -9,7 +9,6 @@ use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
 use super::*;
-use crate::model::PortSpec;
 use crate::ruleset::TierList;
 
 struct Entry {
@@ -39,18 +38,6 @@ pub(super) struct TierLists {
     /// per group of each list, and no merging of the lists' groups per pod.
     combined: Mutex<Combined>,
     no_defs: Arc<Defs>,
-}
-
-/// Whether a policy's rules in `direction` mean something different on pods with
-/// different named ports: ingress rules resolve port names on the selected pod.
-fn reads_named_ports(cp: &CompiledPolicy, direction: Direction) -> bool {
-    direction == Direction::Ingress
-        && cp.policy.rules(direction).iter().any(|r| {
-            r.ports
-                .iter()
-                .flatten()
-                .any(|p| matches!(p.port, PortSpec::Named(_)))
-        })
 }
 
 impl TierLists {
@@ -104,19 +91,20 @@ impl TierLists {
         if !policies.iter().any(|cp| cp.policy.tier == tier) {
             return (TierList::empty(), self.no_defs.clone());
         }
-        let policies: Vec<&Arc<CompiledPolicy>> = policies
-            .iter()
-            .copied()
-            .filter(|cp| cp.policy.tier == tier)
-            .collect();
-        let ports = policies
-            .iter()
-            .any(|cp| reads_named_ports(cp, direction))
+        // Most calls find their list: the tier's policies are collected only to build one.
+        let of_tier = || {
+            policies
+                .iter()
+                .copied()
+                .filter(move |cp| cp.policy.tier == tier)
+        };
+        let ports = of_tier()
+            .any(|cp| cp.reads_named_ports(direction))
             .then_some(&pod.ports);
         let hash = {
             let mut h = rustc_hash::FxHasher::default();
             (direction, tier).hash(&mut h);
-            for cp in &policies {
+            for cp in of_tier() {
                 Arc::as_ptr(cp).hash(&mut h);
             }
             ports.hash(&mut h);
@@ -129,16 +117,17 @@ impl TierLists {
                 e.direction == direction
                     && e.tier == tier
                     && e.ports.as_ref() == ports
-                    && e.policies.len() == policies.len()
+                    && e.policies.len() == of_tier().count()
                     && e.policies
                         .iter()
-                        .zip(&policies)
+                        .zip(of_tier())
                         .all(|(a, b)| Arc::ptr_eq(a, b))
             })
         });
         if let Some(e) = found {
             return (e.list.clone(), e.defs.clone());
         }
+        let policies: Vec<&Arc<CompiledPolicy>> = of_tier().collect();
         let mut list = Vec::new();
         let mut own_defs = Vec::new();
         for cp in &policies {

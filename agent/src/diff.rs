@@ -411,7 +411,10 @@ mod tests {
             keys.iter().map(|k| (k.to_string(), ())).collect()
         };
         let only = |a: &[&str], b: &[&str]| -> Vec<String> {
-            keys_only_in(&map(a), &map(b)).into_iter().cloned().collect()
+            keys_only_in(&map(a), &map(b))
+                .into_iter()
+                .cloned()
+                .collect()
         };
         assert_eq!(only(&["a", "c", "e"], &["b", "c", "d"]), ["a", "e"]);
         assert_eq!(only(&["b", "c", "d"], &["a", "c", "e"]), ["b", "d"]);

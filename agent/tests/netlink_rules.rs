@@ -391,10 +391,7 @@ fn netlink_rules_read_back_as_nft_loads_them() {
     let first = applier.apply(&full()).unwrap();
     assert_eq!(first.kind, ApplyKind::Full);
     for netlink in [phase::NETLINK_RULES, phase::NETLINK_HOOK] {
-        assert!(
-            first.phases.iter().any(|(n, _)| *n == netlink),
-            "{first:?}"
-        );
+        assert!(first.phases.iter().any(|(n, _)| *n == netlink), "{first:?}");
     }
     assert!(
         !first.phases.iter().any(|(n, _)| *n == phase::NFT_HOOK),

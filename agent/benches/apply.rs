@@ -25,6 +25,7 @@
 //! namespaces are not isolated, so the Baseline tier decides for them). Palisade only:
 //! full apply (median of 3), and incremental applies (render + `Applier::apply`): one
 //! address added to one group, and one pod added (medians of 10).
+//! `PALISADE_BENCH_VARIANT=tiered-render` times its renders alone (no kernel, seconds).
 
 mod common;
 
@@ -540,6 +541,10 @@ fn main() {
         return;
     }
     let variant = std::env::var("PALISADE_BENCH_VARIANT").unwrap_or_default();
+    if variant == "tiered-render" {
+        tiered::render_only();
+        return;
+    }
     if variant != "tiered" {
         base_bench();
     }
@@ -1021,6 +1026,55 @@ mod tiered {
         );
         rules.pods.push(pod);
         (rules, interfaces)
+    }
+
+    /// The tiered variant's renders alone, without a namespace or the kernel
+    /// (`PALISADE_BENCH_VARIANT=tiered-render`, `PALISADE_BENCH_REPS` steps of each kind,
+    /// default 30): a quick loop for the renderer. The last table is held, as an applier
+    /// holds it, and the last one-pod render is checked against a fresh one.
+    pub fn render_only() {
+        let reps: usize = std::env::var("PALISADE_BENCH_REPS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(30);
+        let (rules, groups, interfaces) = node_rules();
+        let mut s = Samples::default();
+        let mut renderer = renderer();
+        let t = Instant::now();
+        let mut held = renderer.render(&rules, &interfaces).expect("render");
+        s.push("full", ms(t.elapsed()));
+        let mut extra = Vec::new();
+        for i in 0..reps {
+            extra.push(extra_address(i));
+            let changed = with_extra_address(&rules, &groups.pods[0], &extra);
+            let t = Instant::now();
+            held = renderer.render(&changed, &interfaces).expect("render");
+            s.push("address", ms(t.elapsed()));
+        }
+        let (mut rules, mut interfaces) = (
+            with_extra_address(&rules, &groups.pods[0], &extra),
+            interfaces,
+        );
+        for i in 0..reps {
+            (rules, interfaces) = with_pod(&rules, &interfaces, i);
+            let t = Instant::now();
+            held = renderer.render(&rules, &interfaces).expect("render");
+            s.push("pod", ms(t.elapsed()));
+        }
+        let t = Instant::now();
+        let fresh = self::renderer()
+            .render(&rules, &interfaces)
+            .expect("render");
+        s.push("fresh", ms(t.elapsed()));
+        assert!(held == fresh, "incremental render differs from a fresh one");
+        println!(
+            "tiered renders, ms: first {:.1}, fresh {:.1}; medians of {reps}: one address {:.3}, \
+             one pod {:.3}",
+            s.median("full"),
+            s.median("fresh"),
+            s.median("address"),
+            s.median("pod")
+        );
     }
 
     pub fn run() {

@@ -106,6 +106,7 @@
 //!   prefix) and both ends, with the local pod by name.
 
 pub mod classes;
+mod counters;
 pub mod json;
 pub mod model;
 pub mod prefixes;
@@ -178,9 +179,10 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID
         && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        // Bytes, not chars: those of a non-ASCII char fail the test alike.
         && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn valid_ifname(name: &str) -> bool {
@@ -412,8 +414,7 @@ pub fn render(rules: &NodeRuleSet, interfaces: &Interfaces) -> Result<Ruleset, R
     Renderer::default().render(rules, interfaces)
 }
 
-/// Counter name → what it counts (a [`Ruleset`]'s counters).
-type CounterMap = BTreeMap<String, CounterMeta>;
+use counters::{Additions, CounterMap, CounterMaps, Put};
 
 /// The sets a group renders to: (kind, elements) per family, empty ones included.
 type GroupSets = Vec<(SetKind, Arc<[SetElement]>)>;
@@ -435,12 +436,15 @@ pub struct Renderer {
     lists: HashMap<String, RenderedList>,
     shapes: BTreeMap<String, SetKind>,
     flow_log: Option<FlowLog>,
-    /// The counters of the last render and the rule origins they were labelled from:
-    /// handed on as they are while no pod or list renders anew, none goes and the origins
-    /// stay (rebuilding 10,000 rule counters cost more than the rest of a one-address
-    /// render).
-    counters: Arc<CounterMap>,
+    /// The counters of the last render and the rule origins they were labelled from
+    /// (whose ids were checked): while none goes and the origins stay, they are handed on,
+    /// with what new pods and lists add (rebuilding 10,000 rule counters cost more than
+    /// the rest of a one-address render).
+    counters: CounterMaps,
     counters_from: Option<BTreeMap<String, palisade_policy::model::RuleOrigin>>,
+    /// The rules only audit lists referenced in the last render (their origins make no
+    /// counter).
+    audit_only: BTreeSet<String>,
     /// Shared lists with at least this many peer tests render through address classes
     /// ([`classes`]).
     classes_from: usize,
@@ -731,8 +735,9 @@ impl Renderer {
             lists: HashMap::new(),
             shapes: BTreeMap::new(),
             flow_log: None,
-            counters: Arc::default(),
+            counters: CounterMaps::default(),
             counters_from: None,
+            audit_only: BTreeSet::new(),
             classes_from: classes::CLASSES_FROM,
         }
     }
@@ -821,103 +826,183 @@ impl Renderer {
             self.forget_renders();
             self.shapes = shapes;
         }
+        // Compared once: comparing 10,000 origins costs more than the rest of a one-pod
+        // render.
+        let same_origins = self.counters_from.as_ref() == Some(&rules.rules);
         let mut pods = HashMap::with_capacity(rules.pods.len());
         let mut lists: HashMap<String, RenderedList> = HashMap::new();
-        let mut rendered_anew = false;
-        let out = render_rest(out, rules, interfaces, |out, pod, key, ifname| {
-            match self.pods.remove(key) {
-                Some(cached) if cached.rendered_from(pod, ifname) => {
-                    cached.copy_into(out);
-                    pods.insert(key.clone(), cached);
-                }
-                _ => {
-                    rendered_anew = true;
-                    render_pod(out, rules, pod, key, ifname, flow_log)?;
-                    pods.insert(key.clone(), RenderedPod::extract(out, pod, key, ifname));
-                }
-            }
-            // The shared tier chains it goes to, each rendered once.
-            for (tier, direction, list) in shared_lists(pod) {
-                let id = list.id();
-                if !valid_id(id) {
-                    return Err(RenderError::BadListId(id.to_string()));
-                }
-                let name = tier.chain(direction, id);
-                if let Some(done) = lists.get(&name) {
-                    if !same_list(&done.list, list) {
-                        return Err(RenderError::ListIdCollision(id.to_string()));
-                    }
-                    continue;
-                }
-                let rendered = match self.lists.remove(&name) {
-                    Some(cached) if cached.holds(list, rules) => {
+        let mut changes = Changes::default();
+        let out = render_rest(
+            out,
+            rules,
+            interfaces,
+            !same_origins,
+            |out, pod, key, ifname| {
+                match self.pods.remove(key) {
+                    Some(cached) if cached.rendered_from(pod, ifname) => {
                         cached.copy_into(out);
-                        cached
+                        pods.insert(key.clone(), cached);
                     }
                     cached => {
-                        // The same list with other members: its classes' chains hold.
-                        let previous: HashMap<&str, &Arc<Vec<RuleDef>>> = cached
-                            .iter()
-                            .filter(|c| same_list(&c.list, list))
-                            .flat_map(|c| c.chains.iter().map(|(n, r)| (n.as_str(), r)))
-                            .collect();
-                        let shared = render_shared(
-                            out,
-                            rules,
-                            (tier, direction, list),
-                            flow_log,
-                            classes_from,
-                            &previous,
-                        )?;
-                        let rendered =
-                            RenderedList::extract(out, &name, list, shared, cached.as_ref());
-                        // Counters change only with the rules a list counts in.
-                        rendered_anew |= cached.is_none_or(|c| c.rule_ids != rendered.rule_ids);
-                        rendered
+                        if cached.is_some() {
+                            changes.replaced = true;
+                        } else {
+                            changes.pods.push(key.clone());
+                        }
+                        render_pod(out, rules, pod, key, ifname, flow_log)?;
+                        pods.insert(key.clone(), RenderedPod::extract(out, pod, key, ifname));
                     }
-                };
-                lists.insert(name, rendered);
-            }
-            Ok(())
-        });
+                }
+                // The shared tier chains it goes to, each rendered once.
+                for (tier, direction, list) in shared_lists(pod) {
+                    let id = list.id();
+                    if !valid_id(id) {
+                        return Err(RenderError::BadListId(id.to_string()));
+                    }
+                    let name = tier.chain(direction, id);
+                    if let Some(done) = lists.get(&name) {
+                        if !same_list(&done.list, list) {
+                            return Err(RenderError::ListIdCollision(id.to_string()));
+                        }
+                        continue;
+                    }
+                    let rendered = match self.lists.remove(&name) {
+                        Some(cached) if cached.holds(list, rules) => {
+                            cached.copy_into(out);
+                            cached
+                        }
+                        cached => {
+                            // The same list with other members: its classes' chains hold.
+                            let previous: HashMap<&str, &Arc<Vec<RuleDef>>> = cached
+                                .iter()
+                                .filter(|c| same_list(&c.list, list))
+                                .flat_map(|c| c.chains.iter().map(|(n, r)| (n.as_str(), r)))
+                                .collect();
+                            let shared = render_shared(
+                                out,
+                                rules,
+                                (tier, direction, list),
+                                flow_log,
+                                classes_from,
+                                &previous,
+                            )?;
+                            let rendered =
+                                RenderedList::extract(out, &name, list, shared, cached.as_ref());
+                            // Counters change only with the rules a list counts in.
+                            match cached {
+                                None => changes.lists.push(name.clone()),
+                                Some(c) if c.rule_ids != rendered.rule_ids => {
+                                    changes.replaced = true
+                                }
+                                Some(_) => {}
+                            }
+                            rendered
+                        }
+                    };
+                    lists.insert(name, rendered);
+                }
+                Ok(())
+            },
+        );
         let Ok(mut out) = out else {
             self.forget_renders();
             return out;
         };
         // What is left in the caches rendered last time and not now.
-        let same_items = !rendered_anew && self.pods.is_empty() && self.lists.is_empty();
-        if same_items && self.counters_from.as_ref() == Some(&rules.rules) {
-            out.counters = self.counters.clone();
+        changes.replaced |= !self.pods.is_empty() || !self.lists.is_empty();
+        let audit_only = audit_only_rules(rules);
+        let same_audit_only = audit_only.iter().eq(self.audit_only.iter());
+        out.counters = if same_origins && same_audit_only && !changes.replaced {
+            self.counters
+                .add(changes.additions(&out.counters, &pods, &lists))
         } else {
-            let counters = out.counters_mut();
-            if flow_log.is_some() {
-                counters.insert(FLOW_LOG_SUPPRESSED.into(), CounterMeta::FlowLogSuppressed);
-            }
-            if !self.patterns.is_empty() {
-                counters.insert(
-                    UNKNOWN_INTERFACE_COUNTER.to_string(),
-                    CounterMeta::UnknownInterface,
-                );
-            }
-            insert_origin_counters(counters, rules);
-            for pod in pods.values() {
-                pod.insert_counters(counters);
-            }
-            for list in lists.values() {
-                list.insert_counters(counters);
-            }
-            if out.counters == self.counters {
-                out.counters = self.counters.clone();
-            }
-            self.counters = out.counters.clone();
+            let counters = self.counters_anew(out.counters, rules, &audit_only, &pods, &lists);
             // Compared first: cloning 10,000 origins costs more than comparing them.
-            if self.counters_from.as_ref() != Some(&rules.rules) {
+            if !same_origins {
                 self.counters_from = Some(rules.rules.clone());
             }
-        }
+            if !same_audit_only {
+                self.audit_only = audit_only.iter().map(|id| id.to_string()).collect();
+            }
+            counters
+        };
         self.pods = pods;
         self.lists = lists;
         Ok(out)
+    }
+
+    /// The counters of a render built from its own (`rendered`: those of what rendered
+    /// anew) and the cached pods' and lists'.
+    fn counters_anew(
+        &mut self,
+        mut rendered: Arc<CounterMap>,
+        rules: &NodeRuleSet,
+        audit_only: &BTreeSet<&str>,
+        pods: &HashMap<PodKey, RenderedPod>,
+        lists: &HashMap<String, RenderedList>,
+    ) -> Arc<CounterMap> {
+        let counters = Arc::make_mut(&mut rendered);
+        if self.flow_log.is_some() {
+            counters.insert(FLOW_LOG_SUPPRESSED.into(), CounterMeta::FlowLogSuppressed);
+        }
+        if !self.patterns.is_empty() {
+            counters.insert(
+                UNKNOWN_INTERFACE_COUNTER.to_string(),
+                CounterMeta::UnknownInterface,
+            );
+        }
+        insert_origin_counters(counters, rules, audit_only);
+        for pod in pods.values() {
+            pod.insert_counters(counters);
+        }
+        for list in lists.values() {
+            list.insert_counters(counters);
+        }
+        if *rendered != **self.counters.current() {
+            self.counters.replace(rendered);
+        }
+        self.counters.current().clone()
+    }
+}
+
+/// What a render added to and changed of the last one's pods and lists.
+#[derive(Default)]
+struct Changes {
+    /// Pods rendered that the last render did not have.
+    pods: Vec<PodKey>,
+    /// Shared lists rendered that the last render did not have.
+    lists: Vec<String>,
+    /// Whether a pod or list went, or rendered anew with other counters.
+    replaced: bool,
+}
+
+impl Changes {
+    /// What the new pods and lists add to the last render's counters, in the order a
+    /// render anew makes them: those `rendered` made (each holds, as it comes before the
+    /// origins), the new pods' own ones (each replaces), then their rule counters.
+    fn additions(
+        &self,
+        rendered: &CounterMap,
+        pods: &HashMap<PodKey, RenderedPod>,
+        lists: &HashMap<String, RenderedList>,
+    ) -> Additions {
+        let mut additions = Additions::default();
+        for (name, meta) in rendered {
+            additions.push(name, meta, Put::IfAbsent);
+        }
+        let new_pods: Vec<&RenderedPod> = self.pods.iter().map(|key| &pods[key]).collect();
+        for pod in &new_pods {
+            for (name, meta) in &pod.counters {
+                additions.push(name, meta, Put::Over);
+            }
+        }
+        for pod in new_pods {
+            additions.push_rule_ids(&pod.rule_ids);
+        }
+        for name in &self.lists {
+            additions.push_rule_ids(&lists[name].rule_ids);
+        }
+        additions
     }
 }
 
@@ -1185,14 +1270,19 @@ fn class_chains(
         .collect()
 }
 
+/// Renders the pods of `rules` that have an interface, in order, after checking the
+/// rule ids if `check_rule_ids` (not when they are those a render already checked).
 fn render_rest(
     mut out: Ruleset,
     rules: &NodeRuleSet,
     interfaces: &Interfaces,
+    check_rule_ids: bool,
     mut render_pod: impl FnMut(&mut Ruleset, &PodRules, &PodKey, &str) -> Result<(), RenderError>,
 ) -> Result<Ruleset, RenderError> {
-    if let Some(id) = rules.rules.keys().find(|id| !valid_id(id)) {
-        return Err(RenderError::BadRuleId(id.clone()));
+    if check_rule_ids {
+        if let Some(id) = rules.rules.keys().find(|id| !valid_id(id)) {
+            return Err(RenderError::BadRuleId(id.clone()));
+        }
     }
     let mut taken: BTreeSet<&str> = BTreeSet::new();
     for pod in &rules.pods {
@@ -1215,8 +1305,11 @@ fn render_rest(
 
 /// The labelled counter of every rule of the rule set but those only audit lists
 /// reference; over the unlabelled ones that rendering pods and lists made.
-fn insert_origin_counters(counters: &mut CounterMap, rules: &NodeRuleSet) {
-    let audit_only = audit_only_rules(rules);
+fn insert_origin_counters(
+    counters: &mut CounterMap,
+    rules: &NodeRuleSet,
+    audit_only: &BTreeSet<&str>,
+) {
     for (id, origin) in &rules.rules {
         if audit_only.contains(id.as_str()) {
             continue;
@@ -2145,6 +2238,96 @@ mod tests {
         assert!(plain.counters.keys().all(|c| !c.starts_with(AUDIT_PREFIX)));
         rules.pods[0] = pod("a", true);
         assert_eq!(renderer.render(&rules, &interfaces).unwrap(), first);
+    }
+
+    /// Pods that come render their counters into the last map as a fresh render makes
+    /// them, including when a new one changes which rules only audit lists reference.
+    #[test]
+    fn added_pods_add_to_the_counters_as_a_fresh_render() {
+        let instance = |rule: &str| RuleInstance {
+            rule: rule.into(),
+            action: Action::Allow,
+            clauses: vec![Clause::PeerPort {
+                peers: Some(vec!["g-1".into()]),
+                ports: None,
+            }],
+        };
+        let policy = palisade_policy::model::PolicyId {
+            kind: palisade_policy::model::PolicyKind::NetworkPolicy,
+            namespace: Some("ns".into()),
+            name: "p".into(),
+        };
+        let isolated = |rule: &str| {
+            Arc::new(DirectionRules {
+                isolated_by: vec![policy.clone()],
+                network_policy: vec![instance(rule)],
+                ..DirectionRules::default()
+            })
+        };
+        let admin = Arc::new(DirectionRules {
+            admin: Arc::new(TierList::new(vec![instance("r-2")])),
+            ..DirectionRules::default()
+        });
+        let pod = |name: &str, ingress: Arc<DirectionRules>, audit: Option<&str>| PodRules {
+            namespace: "ns".into(),
+            name: name.into(),
+            ips: vec!["10.0.0.9".parse().unwrap()],
+            ingress,
+            egress: Arc::default(),
+            audit: palisade_policy::AuditRules {
+                ingress: audit.map(isolated),
+                egress: None,
+            },
+        };
+        let mut rules = NodeRuleSet::default();
+        rules.groups.insert(
+            "g-1".into(),
+            Arc::new(Group::Hosts(palisade_policy::AddrSet::from_addrs([
+                "10.0.0.1".parse().unwrap(),
+            ]))),
+        );
+        for (index, rule) in ["r-1", "r-3"].into_iter().enumerate() {
+            let origin = palisade_policy::model::RuleOrigin {
+                policy: policy.clone(),
+                tier: palisade_policy::model::Tier::NetworkPolicy,
+                priority: 0,
+                direction: Direction::Ingress,
+                index,
+                name: None,
+            };
+            rules.rules.insert(rule.into(), origin);
+        }
+        rules.pods = vec![pod("a", isolated("r-1"), None)];
+        let mut interfaces = Interfaces::new();
+        let mut renderer = Renderer::default();
+        let mut last = renderer.render(&rules, &interfaces).unwrap();
+        let mut maps = vec![Arc::as_ptr(&last.counters)];
+        let steps = [
+            // A new shared list (r-2 has no origin).
+            pod("b", admin.clone(), None),
+            // r-3 only in an audit list: its origin makes no counter.
+            pod("c", Arc::default(), Some("r-3")),
+            // Now enforced too.
+            pod("d", isolated("r-3"), None),
+            pod("e", isolated("r-1"), Some("r-1")),
+            pod("f", admin.clone(), None),
+            pod("g", isolated("r-1"), None),
+        ];
+        for (i, added) in steps.into_iter().enumerate() {
+            let key = PodKey::new(&added.namespace, &added.name);
+            interfaces.insert(key.clone(), format!("veth-{i}"));
+            rules.pods.push(added);
+            // Only the last render is held, as an applier holds it.
+            last = renderer.render(&rules, &interfaces).unwrap();
+            assert_eq!(last, render(&rules, &interfaces).unwrap(), "step {i}");
+            assert!(last.counters.contains_key(&spoof_counter(&key)));
+            maps.push(Arc::as_ptr(&last.counters));
+        }
+        // The last two steps only added, after one that did: each made the map before the
+        // last (free) the new one.
+        assert_eq!(maps[5], maps[3]);
+        assert_eq!(maps[6], maps[4]);
+        assert!(!last.counters.contains_key("audit/r-3"));
     }
 
     fn ingress_from(group: Group) -> (NodeRuleSet, Interfaces) {

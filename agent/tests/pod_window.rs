@@ -455,11 +455,15 @@ fn the_agents_first_start_cuts_what_pods_established_before_it() {
     let _agent = s.agent(&[]);
     let ready = started.elapsed();
     // The sweep follows the first transaction (later than readiness on a loaded machine).
-    let deleted = r#"palisade_conntrack_deleted_total{reason="enforcement_start"}"#;
-    eventually("the sweep at enforcement start", || {
-        s.metric(deleted) >= 1.0
+    // What counts is that the established flow stops: the sweep deletes its entry when
+    // the dump holds it, and a packet without an entry meets the rules. (With the first
+    // load over netlink the sweep may come before the entry shows in the dump: then it
+    // deletes nothing, and nothing passes either.)
+    eventually("the established flow to the denied port to stop", || {
+        let seen = s.echo.denied();
+        std::thread::sleep(Duration::from_millis(300));
+        s.echo.denied() == seen
     });
-    std::thread::sleep(Duration::from_millis(100));
     let at_enforcement = s.echo.denied();
     std::thread::sleep(Duration::from_millis(500));
     println!(
@@ -475,5 +479,4 @@ fn the_agents_first_start_cuts_what_pods_established_before_it() {
     let allowed = s.echo.allowed();
     s.echo.first_allowed_after(Instant::now());
     assert!(s.echo.allowed() > allowed, "the allowed flow goes on");
-    assert!(s.metric(r#"palisade_conntrack_deleted_total{reason="enforcement_start"}"#) >= 1.0);
 }

@@ -266,6 +266,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     println!("Try: palisadectl explain --from shop/web --to shop/db --port 5432 (with the demo's files in cli/demo/).");
     if !args.no_wait {
+        let edits = crate::file_edits::FileEdits::new(&policies_file);
         println!(
             "\nEdit {} to change the policies: the controller streams the change to the agents \
              and the matrix is shown again. Running until Ctrl-C; everything is removed then.",
@@ -276,7 +277,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             let _ = tx.send(());
         })
         .context("installing the Ctrl-C handler")?;
-        follow_edits(&mut running, &cluster, &policies_file, &rx)?;
+        follow_edits(&mut running, &cluster, &policies_file, edits, &rx)?;
     }
     println!("Removing the lab…");
     drop(prometheus);
@@ -290,20 +291,16 @@ fn follow_edits(
     running: &mut RunningCluster,
     cluster: &Cluster,
     path: &std::path::Path,
+    mut edits: crate::file_edits::FileEdits,
     stop: &mpsc::Receiver<()>,
 ) -> Result<()> {
-    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen = stamp(path);
     loop {
         if stop.recv_timeout(Duration::from_millis(500)).is_ok() {
             return Ok(());
         }
-        let now = stamp(path);
-        if now == seen {
+        let Some(text) = edits.changed() else {
             continue;
-        }
-        seen = now;
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+        };
         let policies = match palisade_resources::parse_policies(&path.display().to_string(), &text)
         {
             Ok(p) => p.policies,

@@ -7,7 +7,7 @@
 //! deleted), so the matrix follows the file as it would follow `kubectl apply`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -160,6 +160,7 @@ async fn demo(
         system.kube.kubeconfig().display()
     );
     if !args.no_wait {
+        let mut edits = crate::file_edits::FileEdits::new(&file);
         println!(
             "\nEdit {} to change the policies: each edit is applied to the API server, the \
              controller streams the change to the agents and the matrix is shown again. \
@@ -171,18 +172,13 @@ async fn demo(
             let _ = tx.send(());
         })
         .context("installing the Ctrl-C handler")?;
-        let stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut seen = stamp(&file);
         loop {
             if rx.recv_timeout(Duration::from_millis(300)).is_ok() {
                 break;
             }
-            let now = stamp(&file);
-            if now == seen {
+            let Some(text) = edits.changed() else {
                 continue;
-            }
-            seen = now;
-            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            };
             match apply_file(
                 system,
                 &mut applied,

@@ -7,6 +7,7 @@ mod dataplane;
 mod demo;
 mod demo_api;
 mod explain;
+mod file_edits;
 mod flows;
 mod inputs;
 mod prometheus;

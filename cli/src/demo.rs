@@ -277,7 +277,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             let _ = tx.send(());
         })
         .context("installing the Ctrl-C handler")?;
-        follow_edits(&mut running, &cluster, &policies_file, edits, &rx)?;
+        follow_edits(&mut running, &cluster, edits, &rx)?;
     }
     println!("Removing the lab…");
     drop(prometheus);
@@ -290,7 +290,6 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 fn follow_edits(
     running: &mut RunningCluster,
     cluster: &Cluster,
-    path: &std::path::Path,
     mut edits: crate::file_edits::FileEdits,
     stop: &mpsc::Receiver<()>,
 ) -> Result<()> {
@@ -301,14 +300,14 @@ fn follow_edits(
         let Some(text) = edits.changed() else {
             continue;
         };
-        let policies = match palisade_resources::parse_policies(&path.display().to_string(), &text)
-        {
-            Ok(p) => p.policies,
-            Err(e) => {
-                println!("\n{e}\nThe controller keeps the last good policies in force.");
-                continue;
-            }
-        };
+        let policies =
+            match palisade_resources::parse_policies(&edits.path().display().to_string(), &text) {
+                Ok(p) => p.policies,
+                Err(e) => {
+                    println!("\n{e}\nThe controller keeps the last good policies in force.");
+                    continue;
+                }
+            };
         let sets = compile(cluster, &policies);
         let nodes = running.metrics_addresses().len();
         if let Some(c) = running.controller.as_mut() {

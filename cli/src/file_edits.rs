@@ -21,6 +21,10 @@ impl FileEdits {
         }
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The file's text when it differs from the last text seen; a missing or unreadable
     /// file is no edit, so an editor's rename-and-replace does not show as an empty file.
     pub fn changed(&mut self) -> Option<String> {

@@ -8,9 +8,18 @@
 
 use std::collections::BTreeMap;
 use std::mem;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::model::CounterMeta;
+use super::model::{CounterLineage, CounterMeta};
+
+/// Serials of counter maps, unique in the process (0 is no serial), so that two
+/// renderers' maps are never taken for each other.
+static SERIALS: AtomicU64 = AtomicU64::new(1);
+
+fn next_serial() -> u64 {
+    SERIALS.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Counter name → what it counts (a [`super::Ruleset`]'s counters).
 pub(super) type CounterMap = BTreeMap<String, CounterMeta>;
@@ -44,6 +53,19 @@ impl Additions {
         }
     }
 
+    /// The names that `map` lacks, sorted and once each.
+    fn new_names(&self, map: &CounterMap) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .0
+            .iter()
+            .filter(|(name, _, _)| !map.contains_key(name))
+            .map(|(name, _, _)| name.clone())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     fn changes(&self, map: &CounterMap) -> bool {
         self.0.iter().any(|(name, meta, put)| match map.get(name) {
             None => true,
@@ -69,6 +91,10 @@ impl Additions {
 #[derive(Debug, Default)]
 pub(super) struct CounterMaps {
     current: Arc<CounterMap>,
+    /// The current map's serial and, if it was made by [`CounterMaps::add`], the serial
+    /// of the map it was made from and the names it added.
+    serial: u64,
+    from: Option<(u64, Arc<[String]>)>,
     spare: Option<(Arc<CounterMap>, Additions)>,
 }
 
@@ -77,11 +103,18 @@ impl CounterMaps {
         &self.current
     }
 
+    /// The current map's lineage, for the table that holds it.
+    pub(super) fn lineage(&self) -> CounterLineage {
+        CounterLineage::new(self.serial, self.from.clone(), &self.current)
+    }
+
     /// Takes `map` as the last render's (built anew: the spare no longer leads to it).
     pub(super) fn replace(&mut self, map: Arc<CounterMap>) {
-        if !Arc::ptr_eq(&map, &self.current) {
+        if !Arc::ptr_eq(&map, &self.current) || self.serial == 0 {
             self.spare = None;
             self.current = map;
+            self.serial = next_serial();
+            self.from = None;
         }
     }
 
@@ -90,10 +123,14 @@ impl CounterMaps {
         if !additions.changes(&self.current) {
             return self.current.clone();
         }
+        let names = additions.new_names(&self.current);
         let mut next = self.take_spare();
         additions.make(Arc::make_mut(&mut next));
         let last = mem::replace(&mut self.current, next);
         self.spare = Some((last, additions));
+        let base = mem::replace(&mut self.serial, next_serial());
+        // A map of no serial is of unknown history: additions to it tell nothing.
+        self.from = (base != 0).then(|| (base, names.into()));
         self.current.clone()
     }
 
@@ -152,6 +189,34 @@ mod tests {
         );
         let keys: Vec<&str> = three.keys().map(String::as_str).collect();
         assert_eq!(keys, ["d-0", "d-1", "d-2", "r-1"]);
+    }
+
+    #[test]
+    fn a_lineage_names_the_map_grown_from_and_only_the_new_names() {
+        let mut maps = CounterMaps::default();
+        maps.replace(Arc::new(
+            [("r-1".to_string(), CounterMeta::UnknownInterface)].into(),
+        ));
+        let base = maps.serial;
+        assert!(maps.from.is_none() && base != 0);
+
+        let mut additions = Additions::default();
+        additions.push_rule_ids(&["r-3".into(), "r-1".into(), "r-2".into(), "r-3".into()]);
+        additions.push("r-1", &rule("r-1"), Put::Over);
+        maps.add(additions);
+        let grown = maps.serial;
+        let (from, names) = maps.from.clone().unwrap();
+        assert_eq!(from, base);
+        assert_eq!(&*names, ["r-2", "r-3"]);
+
+        let mut nothing = Additions::default();
+        nothing.push_rule_ids(&["r-2".into()]);
+        maps.add(nothing);
+        assert_eq!(maps.serial, grown, "the same map");
+
+        let copy = Arc::new((**maps.current()).clone());
+        maps.replace(copy);
+        assert!(maps.from.is_none() && maps.serial != grown);
     }
 
     #[test]

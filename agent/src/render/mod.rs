@@ -926,6 +926,7 @@ impl Renderer {
             }
             counters
         };
+        out.counter_lineage = self.counters.lineage();
         self.pods = pods;
         self.lists = lists;
         Ok(out)
@@ -2302,6 +2303,7 @@ mod tests {
         let mut renderer = Renderer::default();
         let mut last = renderer.render(&rules, &interfaces).unwrap();
         let mut maps = vec![Arc::as_ptr(&last.counters)];
+        let mut lineage_plans = Vec::new();
         let steps = [
             // A new shared list (r-2 has no origin).
             pod("b", admin.clone(), None),
@@ -2318,16 +2320,47 @@ mod tests {
             interfaces.insert(key.clone(), format!("veth-{i}"));
             rules.pods.push(added);
             // Only the last render is held, as an applier holds it.
+            let applied = std::mem::take(&mut last);
             last = renderer.render(&rules, &interfaces).unwrap();
             assert_eq!(last, render(&rules, &interfaces).unwrap(), "step {i}");
             assert!(last.counters.contains_key(&spoof_counter(&key)));
             maps.push(Arc::as_ptr(&last.counters));
+            lineage_plans.push(plans_agree(&applied, &last));
         }
         // The last two steps only added, after one that did: each made the map before the
-        // last (free) the new one.
+        // last (free) the new one, and told the plan what it added.
         assert_eq!(maps[5], maps[3]);
         assert_eq!(maps[6], maps[4]);
+        assert_eq!(&lineage_plans[4..], [true, true]);
         assert!(!last.counters.contains_key("audit/r-3"));
+
+        // A pod gone: the map is built anew, and the plan compares the maps.
+        let applied = std::mem::take(&mut last);
+        rules.pods.remove(1);
+        last = renderer.render(&rules, &interfaces).unwrap();
+        assert!(!plans_agree(&applied, &last));
+        // Changed outside the renderer: its lineage no longer holds.
+        let mut edited = last.clone();
+        edited
+            .counters_mut()
+            .remove(&spoof_counter(&PodKey::new("ns", "g")));
+        assert!(!plans_agree(&last, &edited));
+        assert!(!plans_agree(&edited, &last));
+    }
+
+    /// Asserts that the plan from `applied` to `desired` is the one that comparing their
+    /// counter maps gives; true if the renderer's lineage told the added counters.
+    fn plans_agree(applied: &Ruleset, desired: &Ruleset) -> bool {
+        let strip = |table: &Ruleset| Ruleset {
+            counter_lineage: CounterLineage::default(),
+            ..table.clone()
+        };
+        let told = desired.counters_added_to(applied).is_some();
+        assert_eq!(
+            crate::diff::plan(applied, desired),
+            crate::diff::plan(&strip(applied), &strip(desired)),
+        );
+        told
     }
 
     fn ingress_from(group: Group) -> (NodeRuleSet, Interfaces) {

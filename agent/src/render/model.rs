@@ -343,6 +343,44 @@ pub enum CounterMeta {
     Audit(Box<CounterMeta>),
 }
 
+/// A counter map's place in the renderer's history: its serial and, when a render only
+/// added to the map before, that map's serial and the names it added. Bookkeeping, not
+/// content: any two compare equal, so tables compare by what they hold.
+#[derive(Clone, Debug, Default)]
+pub struct CounterLineage {
+    /// 0 for a map of unknown history (built or changed outside the renderer).
+    serial: u64,
+    from: Option<(u64, Arc<[String]>)>,
+    /// The map this describes: a lineage copied beside another map describes nothing.
+    map: usize,
+}
+
+impl CounterLineage {
+    pub(crate) fn new(
+        serial: u64,
+        from: Option<(u64, Arc<[String]>)>,
+        map: &Arc<impl Sized>,
+    ) -> Self {
+        CounterLineage {
+            serial,
+            from,
+            map: Arc::as_ptr(map) as *const () as usize,
+        }
+    }
+
+    fn describes<T>(&self, map: &Arc<T>) -> bool {
+        self.serial != 0 && self.map == Arc::as_ptr(map) as *const () as usize
+    }
+}
+
+impl PartialEq for CounterLineage {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for CounterLineage {}
+
 /// The whole table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ruleset {
@@ -351,6 +389,9 @@ pub struct Ruleset {
     /// and cloning the table stay cheap with thousands of rule counters (`Arc`'s `Eq`
     /// short-circuits on the pointer). Change it through [`Ruleset::counters_mut`].
     pub counters: Arc<BTreeMap<String, CounterMeta>>,
+    /// Where `counters` came from, so that a plan need not compare 10,000 names to find
+    /// the few a render added.
+    pub counter_lineage: CounterLineage,
     pub sets: BTreeMap<String, SetDef>,
     /// Interface name → chain, per dispatch map.
     pub egress_dispatch: BTreeMap<String, String>,
@@ -366,7 +407,25 @@ pub struct Ruleset {
 
 impl Ruleset {
     pub fn counters_mut(&mut self) -> &mut BTreeMap<String, CounterMeta> {
+        self.counter_lineage = CounterLineage::default();
         Arc::make_mut(&mut self.counters)
+    }
+
+    /// The counter names `self` has and `base` lacks, sorted, when the renderer's
+    /// lineage tells them (`self`'s map is `base`'s or `base`'s with only additions);
+    /// `None` when only comparing the maps can.
+    pub fn counters_added_to(&self, base: &Ruleset) -> Option<&[String]> {
+        let (new, old) = (&self.counter_lineage, &base.counter_lineage);
+        if !new.describes(&self.counters) || !old.describes(&base.counters) {
+            return None;
+        }
+        if new.serial == old.serial {
+            return Some(&[]);
+        }
+        match &new.from {
+            Some((serial, names)) if *serial == old.serial => Some(names),
+            _ => None,
+        }
     }
 
     pub fn dispatch(&self, direction: Direction) -> &BTreeMap<String, String> {

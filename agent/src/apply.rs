@@ -745,17 +745,22 @@ enum Image {
 
 /// What an incremental transaction (`steps`, from `applied` to `desired`) changes, for
 /// the image: the chains and counters its steps name (the plan already compared the
-/// 10,000 counters once), and the sets whose elements differ.
+/// 10,000 counters once), the sets whose elements differ and the dispatch maps whose
+/// elements it changes.
 fn touched(applied: &Ruleset, desired: &Ruleset, steps: &[Step]) -> Touched {
     let mut chains = BTreeSet::new();
     let mut counters = Vec::new();
+    let mut maps = BTreeSet::new();
     for step in steps {
         match step {
             Step::Chain { name, .. } | Step::Rule { chain: name, .. } => {
                 chains.insert(name);
             }
             Step::Counter { name, .. } => counters.push(name.clone()),
-            Step::Nft(_) | Step::Elements { .. } | Step::Dispatch { .. } => {}
+            Step::Dispatch { map, .. } => {
+                maps.insert(map.to_string());
+            }
+            Step::Nft(_) | Step::Elements { .. } => {}
         }
     }
     let sets = desired
@@ -773,6 +778,7 @@ fn touched(applied: &Ruleset, desired: &Ruleset, steps: &[Step]) -> Touched {
         chains: chains.into_iter().cloned().collect(),
         counters,
         sets,
+        maps: maps.into_iter().collect(),
     }
 }
 

@@ -565,6 +565,35 @@ fn incremental_read_back_equals_a_whole_read() {
     );
     expect_reconcile(&mut applier, &desired_b, ReconcileOutcome::Repaired);
     expect_reconcile(&mut applier, &desired_b, ReconcileOutcome::InSync);
+
+    // Someone adds a chain, or a dispatch element; then a transaction refills b's chain
+    // alone. The read-back keeps what the transaction did not touch as it was read, so
+    // the next reconcile still sees each.
+    let stray_element = "{ \"stray0\" : goto egress/default/a }";
+    let edits: [&[&str]; 2] = [
+        &["add", "chain", "inet", "palisade", "stray"],
+        &[
+            "add",
+            "element",
+            "inet",
+            "palisade",
+            "egress_dispatch",
+            stray_element,
+        ],
+    ];
+    for (i, edit) in edits.into_iter().enumerate() {
+        nft_in(&lab.node, edit);
+        let ports: &[u16] = if i == 0 { &[8080] } else { &[8080, 9090] };
+        Arc::make_mut(&mut rs.pods[1].ingress).network_policy[0] =
+            instance(R_B_IN, Action::Allow, G_A, ports);
+        let desired = render::render(&rs, &lab.interfaces()).unwrap();
+        assert_eq!(
+            applier.apply(&desired).unwrap().kind,
+            ApplyKind::Incremental
+        );
+        expect_reconcile(&mut applier, &desired, ReconcileOutcome::Repaired);
+        expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
+    }
     assert_enforced(&lab);
 }
 

@@ -9,8 +9,9 @@
 //!
 //! Objects are keyed by name and rules kept per chain, in their order, so that after a
 //! transaction only what it touched is read again ([`refresh`]) and the result equals a
-//! whole new read (re-reading all 11,000 rules of a tiered node after adding one pod cost
-//! ~50 ms; the touched chains alone, ~2 ms). Rules are dumped chain by chain.
+//! whole new read when no one else edited the table (re-reading all 11,000 rules of a
+//! tiered node after adding one pod cost ~50 ms; the touched chains alone, ~2 ms). Rules
+//! are dumped chain by chain.
 
 use std::collections::BTreeMap;
 
@@ -497,20 +498,24 @@ pub fn read(
 }
 
 /// What a transaction changed, so that [`refresh`] reads only that again: chains
-/// created, changed or deleted, counters created or deleted, and sets created or whose
-/// elements changed.
+/// created, changed or deleted, counters created or deleted, sets created or whose
+/// elements changed, and the dispatch maps whose elements it changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Touched {
     pub chains: Vec<String>,
     pub counters: Vec<String>,
     pub sets: Vec<String>,
+    pub maps: Vec<String>,
 }
 
 /// Brings `image` (of the table before a transaction) to what [`read`] would read after
-/// it, reading again the table, chains, sets and maps (hundreds of messages), and only the
-/// rules of the `touched` chains and the `touched` counters. `Ok(false)` when the table
-/// does not exist. Set digests are the caller's: those of the `touched` sets and of the
-/// maps are dropped, to be computed or read again.
+/// it if no one else changed the table, reading again the table and the set declarations
+/// (a refilled rule's anonymous sets come back under new names), and only the `touched`
+/// chains with their rules, counters and maps. What no one touched is kept as it was
+/// read: an edit by hand elsewhere stays a difference for the next reconcile instead of
+/// being taken into the image. `Ok(false)` when the table does not exist. Set digests are
+/// the caller's: those of the `touched` sets and maps are dropped, to be computed or read
+/// again.
 pub fn refresh(
     socket: &mut NfnlSocket,
     table: &str,
@@ -522,14 +527,26 @@ pub fn refresh(
     if !read_table(socket, table, &mut fresh)? {
         return Ok(false);
     }
-    dump(socket, table, msg::GETCHAIN, msg::NEWCHAIN, &mut fresh)?;
     dump(socket, table, msg::GETSET, msg::NEWSET, &mut fresh)?;
-    read_maps(socket, table, maps, &mut fresh)?;
+    fresh.chains = std::mem::take(&mut image.chains);
     fresh.rules = std::mem::take(&mut image.rules);
     fresh.objects = std::mem::take(&mut image.objects);
+    fresh.maps = std::mem::take(&mut image.maps);
     for chain in &touched.chains {
         let name = nul_terminated(chain);
+        fresh.chains.remove(&name);
         fresh.rules.remove(&name);
+        // A chain deleted is not found: it stays out.
+        let get = [(NFTA_CHAIN_NAME, name.as_slice())];
+        read_into(
+            socket,
+            table,
+            msg::GETCHAIN,
+            msg::NEWCHAIN,
+            0,
+            &get,
+            &mut fresh,
+        )?;
         if fresh.chains.contains_key(&name) {
             read_rules(socket, table, &name, &mut fresh)?;
         }
@@ -544,6 +561,12 @@ pub fn refresh(
         ];
         read_into(socket, table, msg::GETOBJ, msg::NEWOBJ, 0, &get, &mut fresh)?;
     }
+    let stale: Vec<&str> = maps
+        .iter()
+        .copied()
+        .filter(|map| touched.maps.iter().any(|t| t == map) || !fresh.maps.contains_key(*map))
+        .collect();
+    read_maps(socket, table, &stale, &mut fresh)?;
     fresh.contents = std::mem::take(&mut image.contents);
     let sets = &fresh.sets;
     fresh.contents.retain(|name, _| {

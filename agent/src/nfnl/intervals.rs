@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 
-use super::{push_attr, NfnlError, NLA_F_NESTED};
+use super::{push_attr, rules, NfnlError, NLA_F_NESTED};
 use crate::render::SetElement;
 
 const NFTA_LIST_ELEM: u16 = 1;
@@ -15,12 +15,7 @@ const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_DATA_VERDICT: u16 = 2;
-const NFTA_VERDICT_CODE: u16 = 1;
-const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
-/// `NFT_GOTO` (-4) as the kernel's unsigned 32-bit verdict code.
-const NFT_GOTO: u32 = (-4i32) as u32;
 
 /// Whether this is a class element that [`elements`] can encode.
 pub fn encodable(element: &SetElement) -> bool {
@@ -82,13 +77,7 @@ fn element_bytes(key: &[u8], goto: Option<&str>) -> Vec<u8> {
     push_attr(&mut elem, NFTA_SET_ELEM_KEY | NLA_F_NESTED, &value);
     match goto {
         Some(chain) => {
-            let mut verdict = Vec::with_capacity(16 + chain.len());
-            push_attr(&mut verdict, NFTA_VERDICT_CODE, &NFT_GOTO.to_be_bytes());
-            let mut name = chain.as_bytes().to_vec();
-            name.push(0);
-            push_attr(&mut verdict, NFTA_VERDICT_CHAIN, &name);
-            let mut data = Vec::with_capacity(8 + verdict.len());
-            push_attr(&mut data, NFTA_DATA_VERDICT | NLA_F_NESTED, &verdict);
+            let data = rules::verdict_data(rules::NFT_GOTO, Some(chain));
             push_attr(&mut elem, NFTA_SET_ELEM_DATA | NLA_F_NESTED, &data);
         }
         None => push_attr(
@@ -107,6 +96,8 @@ mod tests {
     use super::*;
     use crate::nfnl::attrs;
     use crate::render::AddrRange;
+
+    const NFTA_VERDICT_CHAIN: u16 = 2;
 
     fn class(lo: &str, hi: &str, chain: &str) -> SetElement {
         SetElement::Class {
@@ -140,7 +131,7 @@ mod tests {
                                 if k == NFTA_VERDICT_CHAIN {
                                     chain = String::from_utf8(p[..p.len() - 1].to_vec()).unwrap();
                                 } else {
-                                    assert_eq!(p, NFT_GOTO.to_be_bytes());
+                                    assert_eq!(p, rules::NFT_GOTO.to_be_bytes());
                                 }
                             }
                         }

@@ -85,7 +85,7 @@ const IFNAMSIZ: usize = 16;
 const NF_DROP: i32 = 0;
 const NF_ACCEPT: i32 = 1;
 const NFT_JUMP: i32 = -3;
-const NFT_GOTO: i32 = -4;
+pub(crate) const NFT_GOTO: i32 = -4;
 const NFT_RETURN: i32 = -5;
 
 /// Whether [`add_rule`] encodes this rule: every rule with its lists non-empty (the

@@ -186,12 +186,9 @@ pub fn add_base_chains(
         let Some(msgs) = rules::add_base_chain(table, chain) else {
             return Ok(false);
         };
-        messages.extend(msgs.into_iter().map(|m| (m, chain.name)));
+        let what = format!("adding base chain {}", chain.name);
+        messages.extend(msgs.into_iter().map(|m| (m, what.clone())));
     }
-    let what = |chain: &str| format!("adding base chain {chain}");
-    let (messages, names): (Vec<Message>, Vec<&str>) = messages.into_iter().unzip();
-    socket.batch(messages, |i| {
-        names.get(i).map(|n| what(n)).unwrap_or_default()
-    })?;
+    send(socket, messages)?;
     Ok(true)
 }

@@ -27,6 +27,10 @@
 //! address added to one group, and one pod added (medians of 10).
 //! `PALISADE_BENCH_VARIANT=tiered-render` times its renders alone (no kernel, seconds).
 
+// The agent binary's allocator (src/main.rs), so that renders cost what they cost there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -4,6 +4,9 @@ use std::sync::Arc;
 use palisade_agent::config::Flags;
 use palisade_httpd::{Access, Authorize, KubeAuthorizer, ThreadAuthorizer};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -12,10 +12,9 @@
 mod common;
 
 use std::net::IpAddr;
-use std::process::Command;
 use std::sync::Arc;
 
-use common::{can_run, IP, NFT, ROOT};
+use common::{can_run, Netns, IP, NFT, ROOT};
 use palisade_agent::apply::phase;
 use palisade_agent::render::{
     self, AddrRange, CounterMeta, End, IpFamily, Match, RuleDef, SetDef, SetElement, SetKind,
@@ -25,23 +24,6 @@ use palisade_agent::{Applier, ApplyKind, Interfaces, Nft, ReconcileOutcome, Rule
 use palisade_policy::model::Direction;
 use palisade_policy::model::Protocol::{self, Tcp, Udp};
 use palisade_policy::ruleset::NodeRuleSet;
-
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", name]).output();
-        let out = Command::new("ip").args(["netns", "add", name]).output();
-        assert!(out.is_ok_and(|o| o.status.success()), "ip netns add {name}");
-        Netns(name.to_string())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
 
 fn ip(a: &str) -> IpAddr {
     a.parse().unwrap()

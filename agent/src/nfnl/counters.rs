@@ -11,7 +11,8 @@ use super::{
 const NFTA_TABLE_NAME: u16 = 1;
 /// Fail if the object exists.
 const NLM_F_EXCL: u16 = 0x200;
-/// Counters per batch: one acknowledgement each, and the receive buffer sized for them.
+/// Counters per batch: at worst one error report each, and the receive buffer sized for
+/// them.
 const COUNTERS_PER_BATCH: usize = 2048;
 
 const NFTA_OBJ_TABLE: u16 = 1;

@@ -134,8 +134,8 @@ pub(crate) fn messages(table: &str, change: &Change<'_>) -> Result<Vec<Message>,
 }
 
 /// Messages per batch when a load need not be atomic ([`apply_in_batches`]): ~16 MiB, a
-/// datagram the kernel allocates without trouble, and acknowledgements that fit any
-/// receive buffer.
+/// datagram the kernel allocates without trouble, and error reports (at worst one per
+/// message) that fit any receive buffer.
 pub const UNHOOKED_BATCH_MESSAGES: usize = 256;
 
 /// Applies every change in one batch. The error names the set whose message the kernel

@@ -95,8 +95,8 @@ pub fn apply(socket: &mut NfnlSocket, table: &str, steps: &[Step]) -> Result<boo
 }
 
 /// Messages per batch of a first load's chains and rules: the table is not hooked yet, so
-/// the load need not be one transaction, and acknowledgements stay within a receive
-/// buffer sized for them.
+/// the load need not be one transaction, and error reports (at worst one per message)
+/// stay within a receive buffer sized for them.
 const UNHOOKED_BATCH: usize = 2048;
 
 /// Creates the regular chains `names`, empty, in a table no packet sees yet.

@@ -22,6 +22,25 @@ use palisade_policy::model::PodKey;
 
 pub use palisade_testkit::{can_run, IP, NFT, ROOT};
 
+/// A network namespace of the test's own, deleted on drop (also when the test fails); one
+/// of the same name that a crashed run left is deleted first.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let out = Command::new("ip").args(["netns", "add", name]).output();
+        assert!(out.is_ok_and(|o| o.status.success()), "ip netns add {name}");
+        Netns(name.to_string())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])

@@ -750,17 +750,20 @@ enum Image {
 fn touched(applied: &Ruleset, desired: &Ruleset, steps: &[Step]) -> Touched {
     let mut chains = BTreeSet::new();
     let mut counters = Vec::new();
-    let mut maps = BTreeSet::new();
+    let mut maps: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut declared = false;
     for step in steps {
         match step {
             Step::Chain { name, .. } | Step::Rule { chain: name, .. } => {
                 chains.insert(name);
             }
             Step::Counter { name, .. } => counters.push(name.clone()),
-            Step::Dispatch { map, .. } => {
-                maps.insert(map.to_string());
+            Step::Dispatch { map, entries, .. } => {
+                let keys = maps.entry(map.to_string()).or_default();
+                keys.extend(entries.iter().map(|(ifname, _)| ifname.clone()));
             }
-            Step::Nft(_) | Step::Elements { .. } => {}
+            Step::Nft(_) => declared = true,
+            Step::Elements { .. } => {}
         }
     }
     let sets = desired
@@ -778,7 +781,8 @@ fn touched(applied: &Ruleset, desired: &Ruleset, steps: &[Step]) -> Touched {
         chains: chains.into_iter().cloned().collect(),
         counters,
         sets,
-        maps: maps.into_iter().collect(),
+        maps,
+        declared,
     }
 }
 

@@ -526,7 +526,27 @@ fn incremental_read_back_equals_a_whole_read() {
     step(&mut applier, &rs, &without_b);
     // And comes back: all created again.
     step(&mut applier, &rs, &lab.interfaces());
+    // A rule changes one of its two ports: its anonymous set comes back with other
+    // elements, maybe under the name of the one that went.
+    Arc::make_mut(&mut rs.pods[1].ingress).network_policy[0] =
+        instance(R_B_IN, Action::Allow, G_A, &[8080, 9091]);
+    step(&mut applier, &rs, &lab.interfaces());
     // A rule changes its ports: one chain refilled.
+    Arc::make_mut(&mut rs.pods[1].ingress).network_policy[0] =
+        instance(R_B_IN, Action::Allow, G_A, &[8080]);
+    step(&mut applier, &rs, &lab.interfaces());
+    // A host group gains an address as a rule changes, in one transaction (the set's
+    // declaration, which carries its element count, is read again by name: one port, so
+    // no anonymous set makes the read-back dump every declaration), then both go back.
+    let a = lab.pod("a");
+    let g_a = rs.groups[G_A].clone();
+    let more = [a.ip4, a.ip6, "10.99.0.9".parse().unwrap()];
+    rs.groups
+        .insert(G_A.into(), Group::Hosts(AddrSet::from_addrs(more)).into());
+    Arc::make_mut(&mut rs.pods[1].ingress).network_policy[0] =
+        instance(R_B_IN, Action::Allow, G_A, &[9090]);
+    step(&mut applier, &rs, &lab.interfaces());
+    rs.groups.insert(G_A.into(), g_a);
     Arc::make_mut(&mut rs.pods[1].ingress).network_policy[0] =
         instance(R_B_IN, Action::Allow, G_A, &[8080]);
     step(&mut applier, &rs, &lab.interfaces());
@@ -569,30 +589,45 @@ fn incremental_read_back_equals_a_whole_read() {
     // Someone adds a chain, or a dispatch element; then a transaction refills b's chain
     // alone. The read-back keeps what the transaction did not touch as it was read, so
     // the next reconcile still sees each.
-    let stray_element = "{ \"stray0\" : goto egress/default/a }";
+    let stray_element: &[&str] = &[
+        "add",
+        "element",
+        "inet",
+        "palisade",
+        "egress_dispatch",
+        "{ \"stray0\" : goto egress/default/a }",
+    ];
     let edits: [&[&str]; 2] = [
         &["add", "chain", "inet", "palisade", "stray"],
-        &[
-            "add",
-            "element",
-            "inet",
-            "palisade",
-            "egress_dispatch",
-            stray_element,
-        ],
+        stray_element,
     ];
+    // The transaction after an edit, and the repair the edit still calls for.
+    let then_repaired = |applier: &mut Applier, desired: &Ruleset| {
+        assert_eq!(applier.apply(desired).unwrap().kind, ApplyKind::Incremental);
+        expect_reconcile(applier, desired, ReconcileOutcome::Repaired);
+        expect_reconcile(applier, desired, ReconcileOutcome::InSync);
+    };
     for (i, edit) in edits.into_iter().enumerate() {
         nft_in(&lab.node, edit);
         let ports: &[u16] = if i == 0 { &[8080] } else { &[8080, 9090] };
         Arc::make_mut(&mut rs.pods[1].ingress).network_policy[0] =
             instance(R_B_IN, Action::Allow, G_A, ports);
-        let desired = render::render(&rs, &lab.interfaces()).unwrap();
-        assert_eq!(
-            applier.apply(&desired).unwrap().kind,
-            ApplyKind::Incremental
+        then_repaired(
+            &mut applier,
+            &render::render(&rs, &lab.interfaces()).unwrap(),
         );
-        expect_reconcile(&mut applier, &desired, ReconcileOutcome::Repaired);
-        expect_reconcile(&mut applier, &desired, ReconcileOutcome::InSync);
+    }
+
+    // Someone adds a dispatch element; then transactions delete and add others (b's
+    // interface goes, and comes back). The read-back reads again only the elements they
+    // changed, by key, so the next reconcile still sees the stray one. (One port: the
+    // maps' declarations, with their element counts, are read again by name.)
+    Arc::make_mut(&mut rs.pods[1].ingress).network_policy[0] =
+        instance(R_B_IN, Action::Allow, G_A, &[8080]);
+    step(&mut applier, &rs, &lab.interfaces());
+    for interfaces in [without_b.clone(), lab.interfaces()] {
+        nft_in(&lab.node, stray_element);
+        then_repaired(&mut applier, &render::render(&rs, &interfaces).unwrap());
     }
     assert_enforced(&lab);
 }

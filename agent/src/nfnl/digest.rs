@@ -84,6 +84,13 @@ fn of_dumped(element: &[u8]) -> Result<u64, NfnlError> {
     Ok(element_hash(key, key_end, flags, data))
 }
 
+/// The digest of a set whose elements are these, as the kernel dumps them.
+pub(crate) fn of_elements(elements: &[Vec<u8>]) -> Result<u64, NfnlError> {
+    elements
+        .iter()
+        .try_fold(0u64, |sum, e| Ok(sum.wrapping_add(of_dumped(e)?)))
+}
+
 /// The digest of set `set` of `inet TABLE` as the kernel holds it; `None` if the set does
 /// not exist.
 pub fn read(socket: &mut NfnlSocket, table: &str, set: &str) -> Result<Option<u64>, NfnlError> {

@@ -13,10 +13,11 @@
 //! tiered node after adding one pod cost ~50 ms; the touched chains alone, ~2 ms). Rules
 //! are dumped chain by chain.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    attr_text, attrs, msg, Message, NfnlError, NfnlSocket, NLA_F_NESTED, NLM_F_DUMP, NLM_F_REQUEST,
+    attr_text, attrs, msg, Message, NfnlError, NfnlSocket, Reply, NLA_F_NESTED, NLM_F_DUMP,
+    NLM_F_REQUEST,
 };
 
 /// Attribute 1 names the table in chain, rule, set and object messages alike.
@@ -25,6 +26,8 @@ const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
 const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_OBJ_NAME: u16 = 2;
@@ -191,11 +194,9 @@ impl AnonymousNames {
     }
 
     fn rename_in_expr(&mut self, expr: &[u8]) -> Vec<u8> {
-        let is_lookup = attr_of(expr, NFTA_EXPR_NAME).is_some_and(|n| attr_text(n) == b"lookup");
-        let set = attr_of(expr, NFTA_EXPR_DATA).and_then(|d| attr_of(d, NFTA_LOOKUP_SET));
-        match set {
-            Some(set) if is_lookup && attr_text(set).starts_with(b"__set") => {
-                let name = self.name_of(attr_text(set));
+        match anonymous_lookup(expr) {
+            Some(set) => {
+                let name = self.name_of(set);
                 let mut out = Vec::with_capacity(expr.len());
                 for (kind, payload) in attrs(expr).map_while(Result::ok) {
                     match kind {
@@ -212,6 +213,23 @@ impl AnonymousNames {
             _ => expr.to_vec(),
         }
     }
+}
+
+/// The kernel's name of the anonymous set `expr` looks up, if it is such a lookup.
+fn anonymous_lookup(expr: &[u8]) -> Option<&[u8]> {
+    let is_lookup = attr_of(expr, NFTA_EXPR_NAME).is_some_and(|n| attr_text(n) == b"lookup");
+    let set = attr_of(expr, NFTA_EXPR_DATA).and_then(|d| attr_of(d, NFTA_LOOKUP_SET))?;
+    (is_lookup && attr_text(set).starts_with(b"__set")).then(|| attr_text(set))
+}
+
+/// The kernel's names of the anonymous sets `rule` (its attributes) looks up: the kernel
+/// creates each with its rule and deletes it with the rule.
+fn anonymous_sets(rule: &[u8]) -> impl Iterator<Item = &[u8]> {
+    attrs(rule)
+        .map_while(Result::ok)
+        .filter(|(kind, _)| *kind == NFTA_RULE_EXPRESSIONS)
+        .flat_map(|(_, list)| attrs(list).map_while(Result::ok))
+        .filter_map(|(_, expr)| anonymous_lookup(expr))
 }
 
 /// `attrs_raw` with attribute `which`'s payload replaced by `payload`. Nested attributes
@@ -456,6 +474,13 @@ pub(crate) fn set_elements(
     let Some(replies) = socket.request(req)? else {
         return Ok(None);
     };
+    let mut elements = elements_of(replies)?;
+    elements.sort_unstable();
+    Ok(Some(elements))
+}
+
+/// The raw elements of `NEWSETELEM` replies.
+fn elements_of(replies: Vec<Reply>) -> Result<Vec<Vec<u8>>, NfnlError> {
     let mut elements = Vec::new();
     for reply in replies {
         if reply.kind != msg::NEWSETELEM {
@@ -471,8 +496,7 @@ pub(crate) fn set_elements(
             }
         }
     }
-    elements.sort_unstable();
-    Ok(Some(elements))
+    Ok(elements)
 }
 
 /// The image of `inet TABLE` with the elements of `maps`; `None` when the table does not
@@ -499,23 +523,29 @@ pub fn read(
 
 /// What a transaction changed, so that [`refresh`] reads only that again: chains
 /// created, changed or deleted, counters created or deleted, sets created or whose
-/// elements changed, and the dispatch maps whose elements it changed.
+/// elements changed, and the dispatch elements it added or deleted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Touched {
     pub chains: Vec<String>,
     pub counters: Vec<String>,
     pub sets: Vec<String>,
-    pub maps: Vec<String>,
+    /// Dispatch map → the interfaces whose elements it added or deleted.
+    pub maps: BTreeMap<String, BTreeSet<String>>,
+    /// Whether it declared or deleted a set (nft).
+    pub declared: bool,
 }
 
 /// Brings `image` (of the table before a transaction) to what [`read`] would read after
-/// it if no one else changed the table, reading again the table and the set declarations
-/// (a refilled rule's anonymous sets come back under new names), and only the `touched`
-/// chains with their rules, counters and maps. What no one touched is kept as it was
-/// read: an edit by hand elsewhere stays a difference for the next reconcile instead of
-/// being taken into the image. `Ok(false)` when the table does not exist. Set digests are
-/// the caller's: those of the `touched` sets and maps are dropped, to be computed or read
-/// again.
+/// it if no one else changed the table, reading again the table and only what the
+/// transaction `touched`: its chains with their rules, its counters, the declarations of
+/// its sets and dispatch maps (a declaration carries the element count) and its dispatch
+/// elements, each by name or key, and the anonymous sets of the touched chains' rules
+/// before and after it (a refilled rule's anonymous sets come back under new names). The
+/// set declarations are dumped whole when it declared or deleted a set. What no one touched is
+/// kept as it was read: an edit by hand elsewhere stays a difference for the next
+/// reconcile instead of being taken into the image. `Ok(false)` when the table does not
+/// exist. Set digests are the caller's: those of the `touched` sets are dropped, to be
+/// computed or read again; the dispatch maps' are computed here from their elements.
 pub fn refresh(
     socket: &mut NfnlSocket,
     table: &str,
@@ -527,15 +557,19 @@ pub fn refresh(
     if !read_table(socket, table, &mut fresh)? {
         return Ok(false);
     }
-    dump(socket, table, msg::GETSET, msg::NEWSET, &mut fresh)?;
     fresh.chains = std::mem::take(&mut image.chains);
     fresh.rules = std::mem::take(&mut image.rules);
     fresh.objects = std::mem::take(&mut image.objects);
     fresh.maps = std::mem::take(&mut image.maps);
+    // The anonymous sets of the touched chains' rules, before and after: they go and come
+    // with their rules.
+    let (mut gone, mut came): (Vec<String>, Vec<String>) = Default::default();
+    let text = |set: &[u8]| String::from_utf8_lossy(set).into_owned();
     for chain in &touched.chains {
         let name = nul_terminated(chain);
         fresh.chains.remove(&name);
-        fresh.rules.remove(&name);
+        let old = fresh.rules.remove(&name).unwrap_or_default();
+        gone.extend(old.iter().flat_map(|r| anonymous_sets(r)).map(text));
         // A chain deleted is not found: it stays out.
         let get = [(NFTA_CHAIN_NAME, name.as_slice())];
         read_into(
@@ -549,6 +583,9 @@ pub fn refresh(
         )?;
         if fresh.chains.contains_key(&name) {
             read_rules(socket, table, &name, &mut fresh)?;
+            if let Some(new) = fresh.rules.get(&name) {
+                came.extend(new.iter().flat_map(|r| anonymous_sets(r)).map(text));
+            }
         }
     }
     let counter = NFT_OBJECT_COUNTER.to_be_bytes();
@@ -561,21 +598,93 @@ pub fn refresh(
         ];
         read_into(socket, table, msg::GETOBJ, msg::NEWOBJ, 0, &get, &mut fresh)?;
     }
-    let stale: Vec<&str> = maps
-        .iter()
-        .copied()
-        .filter(|map| touched.maps.iter().any(|t| t == map) || !fresh.maps.contains_key(*map))
-        .collect();
-    read_maps(socket, table, &stale, &mut fresh)?;
+    if touched.declared || image.sets.is_empty() {
+        dump(socket, table, msg::GETSET, msg::NEWSET, &mut fresh)?;
+    } else {
+        fresh.sets = std::mem::take(&mut image.sets);
+        fresh.set_counts = std::mem::take(&mut image.set_counts);
+        let declarations = touched
+            .sets
+            .iter()
+            .chain(touched.maps.keys())
+            .chain(&gone)
+            .chain(&came);
+        for set in declarations {
+            let name = nul_terminated(set);
+            fresh.sets.remove(&name);
+            fresh.set_counts.remove(set);
+            let get = [(NFTA_SET_NAME, name.as_slice())];
+            read_into(socket, table, msg::GETSET, msg::NEWSET, 0, &get, &mut fresh)?;
+        }
+    }
+    let mut whole = Vec::new();
+    for map in maps {
+        let keys = touched.maps.get(*map);
+        match fresh.maps.get_mut(*map) {
+            Some(elements) if keys.is_some() => {
+                if !refresh_elements(socket, table, map, keys.into_iter().flatten(), elements)? {
+                    whole.push(*map);
+                }
+            }
+            Some(_) => {}
+            None => whole.push(*map),
+        }
+    }
+    read_maps(socket, table, &whole, &mut fresh)?;
     fresh.contents = std::mem::take(&mut image.contents);
     let sets = &fresh.sets;
     fresh.contents.retain(|name, _| {
         sets.contains_key(&nul_terminated(name))
             && !touched.sets.contains(name)
             && !maps.contains(&name.as_str())
+            // The kernel may give a new anonymous set the name of one that went.
+            && !gone.contains(name)
+            && !came.contains(name)
     });
+    for map in maps {
+        if let Some(elements) = fresh.maps.get(*map) {
+            if fresh.sets.contains_key(&nul_terminated(map)) {
+                let digest = super::digest::of_elements(elements)?;
+                fresh.contents.insert(map.to_string(), digest);
+            }
+        }
+    }
     *image = fresh;
     Ok(true)
+}
+
+/// Reads again the elements of dispatch map `map` keyed by `ifnames` into `elements` (its
+/// elements as read before, sorted): those found replace the ones read before, those gone
+/// go. `Ok(false)` (nothing changed) for a name no element can have: read the map whole.
+fn refresh_elements<'a>(
+    socket: &mut NfnlSocket,
+    table: &str,
+    map: &str,
+    ifnames: impl Iterator<Item = &'a String>,
+    elements: &mut Vec<Vec<u8>>,
+) -> Result<bool, NfnlError> {
+    let mut found = Vec::new();
+    let mut keys = Vec::new();
+    for ifname in ifnames {
+        let (Some(get), Some(key)) = (
+            super::rules::dispatch_get(table, map, ifname),
+            super::rules::dispatch_key_value(ifname),
+        ) else {
+            return Ok(false);
+        };
+        keys.push(key);
+        // Not found (ENOENT): the element is gone.
+        found.extend(elements_of(socket.request(get)?.unwrap_or_default())?);
+    }
+    elements.retain(|e| element_key(e).is_none_or(|k| !keys.iter().any(|key| key[..] == *k)));
+    elements.extend(found);
+    elements.sort_unstable();
+    Ok(true)
+}
+
+/// The key value of an element as the kernel dumps it (the payload of `NFTA_LIST_ELEM`).
+fn element_key(element: &[u8]) -> Option<&[u8]> {
+    attr_of(element, NFTA_SET_ELEM_KEY).and_then(|key| attr_of(key, NFTA_DATA_VALUE))
 }
 
 /// The rules of one chain (`chain` NUL-terminated), dumped apart.

@@ -232,17 +232,7 @@ pub(crate) fn dispatch_elements<'a>(
     let code = if goto { NFT_GOTO } else { NFT_JUMP };
     let mut list = Vec::new();
     for (ifname, chain) in entries {
-        if !encodable_ifname(ifname) {
-            return None;
-        }
-        let mut key = [0u8; IFNAMSIZ];
-        key[..ifname.len()].copy_from_slice(ifname.as_bytes());
-        let mut elem = Vec::new();
-        push_attr(
-            &mut elem,
-            NFTA_SET_ELEM_KEY | NLA_F_NESTED,
-            &attr(NFTA_DATA_VALUE, &key),
-        );
+        let mut elem = dispatch_key(ifname)?;
         if add {
             push_attr(
                 &mut elem,
@@ -262,6 +252,45 @@ pub(crate) fn dispatch_elements<'a>(
         .attr_str(NFTA_SET_ELEM_LIST_SET, map)
         .attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, &list);
     Some(m)
+}
+
+/// The request for the element of dispatch map `map` keyed `ifname` (`nft get element`);
+/// `None` for an interface name longer than the kernel's.
+pub(crate) fn dispatch_get(table: &str, map: &str, ifname: &str) -> Option<Message> {
+    let mut list = Vec::new();
+    push_attr(
+        &mut list,
+        NFTA_LIST_ELEM | NLA_F_NESTED,
+        &dispatch_key(ifname)?,
+    );
+    let mut m = Message::nftables(msg::GETSETELEM, NLM_F_REQUEST);
+    m.attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
+        .attr_str(NFTA_SET_ELEM_LIST_SET, map)
+        .attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, &list);
+    Some(m)
+}
+
+/// A dispatch element's key attribute: the interface name, NUL-padded as the `ifname`
+/// type is.
+fn dispatch_key(ifname: &str) -> Option<Vec<u8>> {
+    let key = dispatch_key_value(ifname)?;
+    let mut elem = Vec::new();
+    push_attr(
+        &mut elem,
+        NFTA_SET_ELEM_KEY | NLA_F_NESTED,
+        &attr(NFTA_DATA_VALUE, &key),
+    );
+    Some(elem)
+}
+
+/// The key of dispatch element `ifname` as the kernel dumps it, for finding an element of
+/// a dump; `None` as for [`dispatch_get`].
+pub(crate) fn dispatch_key_value(ifname: &str) -> Option<[u8; IFNAMSIZ]> {
+    encodable_ifname(ifname).then(|| {
+        let mut key = [0u8; IFNAMSIZ];
+        key[..ifname.len()].copy_from_slice(ifname.as_bytes());
+        key
+    })
 }
 
 /// `NFTA_DATA_VERDICT` with `code` and, for a jump or goto, its chain.

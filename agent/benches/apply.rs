@@ -119,7 +119,7 @@ impl Builder {
             name: None,
         };
         let id = rule_id(&format!("{origin:?}"));
-        self.rules.rules.insert(id.clone(), origin);
+        std::sync::Arc::make_mut(&mut self.rules.rules).insert(id.clone(), origin);
         RuleInstance {
             rule: id,
             action,

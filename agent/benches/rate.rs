@@ -164,7 +164,7 @@ fn node_rules(lab: &Lab, with_policy: bool) -> Policy {
             name: None,
         };
         let id = rule_id(&format!("{origin:?}"));
-        rules.rules.insert(id.clone(), origin);
+        std::sync::Arc::make_mut(&mut rules.rules).insert(id.clone(), origin);
         RuleInstance {
             rule: id,
             action: Action::Allow,
@@ -192,7 +192,7 @@ fn node_rules(lab: &Lab, with_policy: bool) -> Policy {
             ..DirectionRules::default()
         }
     } else {
-        rules.rules.clear();
+        std::sync::Arc::make_mut(&mut rules.rules).clear();
         DirectionRules::default()
     };
     rules.pods = vec![
@@ -222,7 +222,7 @@ fn with_audit(rules: &NodeRuleSet) -> NodeRuleSet {
         name: Some("no-far-networks".into()),
     };
     let id = rule_id(&format!("{origin:?}"));
-    rules.rules.insert(id.clone(), origin);
+    std::sync::Arc::make_mut(&mut rules.rules).insert(id.clone(), origin);
     let server = &mut rules.pods[1];
     let mut full = (*server.ingress).clone();
     full.admin = Arc::new(palisade_policy::ruleset::TierList::new(vec![
@@ -288,7 +288,7 @@ fn with_tiered(rules: &NodeRuleSet, lab: &Lab) -> NodeRuleSet {
             name: None,
         };
         let id = rule_id(&format!("{origin:?}"));
-        rules.rules.insert(id.clone(), origin);
+        std::sync::Arc::make_mut(&mut rules.rules).insert(id.clone(), origin);
         RuleInstance {
             rule: id,
             action,

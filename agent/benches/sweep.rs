@@ -245,7 +245,7 @@ fn rules(lab: &Lab, cut_half: bool) -> NodeRuleSet {
             name: None,
         };
         let id = rule_id(&format!("{origin:?}"));
-        rules.rules.insert(id.clone(), origin);
+        std::sync::Arc::make_mut(&mut rules.rules).insert(id.clone(), origin);
         ingress.isolated_by = vec![policy];
         ingress.network_policy = vec![RuleInstance {
             rule: id,

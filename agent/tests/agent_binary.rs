@@ -82,7 +82,8 @@ fn agent_binary_enforces_follows_files_and_interfaces_and_serves_metrics() {
             },
         )]
         .into_iter()
-        .collect(),
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into(),
     };
     let dir = std::env::temp_dir().join(format!("palisade-agent-bin-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -90,7 +90,8 @@ fn rules(b_ip: IpAddr, allowed: Vec<IpAddr>, b_isolated: bool) -> NodeRuleSet {
             },
         )]
         .into_iter()
-        .collect(),
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into(),
     }
 }
 

@@ -168,7 +168,8 @@ fn rules(lab: &Lab) -> NodeRuleSet {
             ),
         ]
         .into_iter()
-        .collect(),
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into(),
     }
 }
 

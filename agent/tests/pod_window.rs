@@ -108,7 +108,8 @@ fn rules(a: IpAddr, isolated: &[(&str, IpAddr)]) -> NodeRuleSet {
             },
         )]
         .into_iter()
-        .collect(),
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into(),
     }
 }
 

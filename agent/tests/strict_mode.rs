@@ -93,7 +93,8 @@ fn rules(a: [IpAddr; 2], b: [IpAddr; 2], ports: &[u16]) -> NodeRuleSet {
             },
         )]
         .into_iter()
-        .collect(),
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into(),
     }
 }
 

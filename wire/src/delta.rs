@@ -156,7 +156,10 @@ pub fn diff_in(old: Option<&NodeRuleSet>, new: &NodeRuleSet, form: Form) -> pb::
             name: name.to_string(),
         });
     }
-    for (id, o) in &new.rules {
+    if Arc::ptr_eq(&old.rules, &new.rules) {
+        return update;
+    }
+    for (id, o) in new.rules.iter() {
         if old.rules.get(id) != Some(o) {
             update.upsert_rules.push(rule_to(id, o));
         }
@@ -261,12 +264,16 @@ pub fn apply(
         pods.insert((pod.namespace.clone(), pod.name.clone()), pod);
     }
     state.pods = pods.into_values().collect();
-    for id in &update.remove_rules {
-        state.rules.remove(id);
-    }
-    for (i, r) in update.upsert_rules.iter().enumerate() {
-        let (id, origin) = rule_from(r, &format!("upsertRules[{i}]"))?;
-        state.rules.insert(id, origin);
+    if !(update.remove_rules.is_empty() && update.upsert_rules.is_empty()) {
+        // Copied only when they change: unchanged origins stay the same allocation.
+        let rules = Arc::make_mut(&mut state.rules);
+        for id in &update.remove_rules {
+            rules.remove(id);
+        }
+        for (i, r) in update.upsert_rules.iter().enumerate() {
+            let (id, origin) = rule_from(r, &format!("upsertRules[{i}]"))?;
+            rules.insert(id, origin);
+        }
     }
     check_references(&state)?;
     if digest_in(&state, form) != update.digest {

@@ -56,6 +56,14 @@ fn snapshots_and_deltas_rebuild_every_state() {
             assert!(!delta.snapshot);
             let rebuilt = apply(&new.node, Some(&old), &delta).expect("a delta applies");
             assert_eq!(&rebuilt, new);
+            // Origins that did not change stay the base's allocation, for consumers that
+            // tell them unchanged by pointer.
+            assert_eq!(
+                std::sync::Arc::ptr_eq(&rebuilt.rules, &old.rules),
+                old.rules == new.rules,
+                "{}: origins shared exactly when unchanged",
+                new.node
+            );
             deltas += 1;
         }
     }
@@ -71,7 +79,7 @@ fn a_delta_on_the_wrong_base_or_with_a_wrong_digest_is_refused() {
     // A base holding something neither side has: the delta cannot know to remove it.
     let mut wrong_base = a.clone();
     let (id, origin) = a.rules.iter().next().expect("a rule");
-    wrong_base.rules.insert(format!("{id}0"), origin.clone());
+    std::sync::Arc::make_mut(&mut wrong_base.rules).insert(format!("{id}0"), origin.clone());
     assert!(!b.rules.contains_key(&format!("{id}0")));
     let err = apply(&b.node, Some(&wrong_base), &delta).unwrap_err();
     assert_eq!(err.field, "digest", "{err}");
@@ -196,7 +204,7 @@ fn audit_lists_cross_the_wire() {
                 .find(|r| !enforced_rules.contains(r));
             if let Some(rule) = audit_only {
                 let mut broken = state.clone();
-                broken.rules.remove(rule);
+                std::sync::Arc::make_mut(&mut broken.rules).remove(rule);
                 let update = diff(None, &broken);
                 assert!(apply(node, None, &update).is_err(), "{rule} missing");
                 refused += 1;

@@ -441,7 +441,7 @@ pub struct Renderer {
     /// with what new pods and lists add (rebuilding 10,000 rule counters cost more than
     /// the rest of a one-address render).
     counters: CounterMaps,
-    counters_from: Option<BTreeMap<String, palisade_policy::model::RuleOrigin>>,
+    counters_from: Option<Arc<BTreeMap<String, palisade_policy::model::RuleOrigin>>>,
     /// The rules only audit lists referenced in the last render (their origins make no
     /// counter).
     audit_only: BTreeSet<String>,
@@ -826,9 +826,12 @@ impl Renderer {
             self.forget_renders();
             self.shapes = shapes;
         }
-        // Compared once: comparing 10,000 origins costs more than the rest of a one-pod
-        // render.
-        let same_origins = self.counters_from.as_ref() == Some(&rules.rules);
+        // Compared once, by pointer first: comparing 10,000 origins costs more than the rest
+        // of a one-pod render.
+        let same_origins = self
+            .counters_from
+            .as_ref()
+            .is_some_and(|from| Arc::ptr_eq(from, &rules.rules) || **from == *rules.rules);
         let mut pods = HashMap::with_capacity(rules.pods.len());
         let mut lists: HashMap<String, RenderedList> = HashMap::new();
         let mut changes = Changes::default();
@@ -917,15 +920,14 @@ impl Renderer {
                 .add(changes.additions(&out.counters, &pods, &lists))
         } else {
             let counters = self.counters_anew(out.counters, rules, &audit_only, &pods, &lists);
-            // Compared first: cloning 10,000 origins costs more than comparing them.
-            if !same_origins {
-                self.counters_from = Some(rules.rules.clone());
-            }
             if !same_audit_only {
                 self.audit_only = audit_only.iter().map(|id| id.to_string()).collect();
             }
             counters
         };
+        // Equal or the same: held, so that the next render of these origins finds them by
+        // pointer.
+        self.counters_from = Some(rules.rules.clone());
         out.counter_lineage = self.counters.lineage();
         self.pods = pods;
         self.lists = lists;
@@ -1311,7 +1313,7 @@ fn insert_origin_counters(
     rules: &NodeRuleSet,
     audit_only: &BTreeSet<&str>,
 ) {
-    for (id, origin) in &rules.rules {
+    for (id, origin) in rules.rules.iter() {
         if audit_only.contains(id.as_str()) {
             continue;
         }
@@ -2135,7 +2137,7 @@ mod tests {
         assert_eq!(renderer.render(&rules, &moved).unwrap(), third);
 
         // The rule gets an origin (labels): the cached pods do not hide it.
-        rules.rules.insert(
+        std::sync::Arc::make_mut(&mut rules.rules).insert(
             "r-1".into(),
             palisade_policy::model::RuleOrigin {
                 policy: palisade_policy::model::PolicyId {
@@ -2296,7 +2298,7 @@ mod tests {
                 index,
                 name: None,
             };
-            rules.rules.insert(rule.into(), origin);
+            std::sync::Arc::make_mut(&mut rules.rules).insert(rule.into(), origin);
         }
         rules.pods = vec![pod("a", isolated("r-1"), None)];
         let mut interfaces = Interfaces::new();

@@ -279,8 +279,9 @@ impl StagedCompiler {
             for (id, group) in full.groups {
                 set.groups.entry(id).or_insert(group);
             }
-            for (id, origin) in full.rules {
-                set.rules.entry(id).or_insert(origin);
+            let rules = Arc::make_mut(&mut set.rules);
+            for (id, origin) in full.rules.iter() {
+                rules.entry(id.clone()).or_insert_with(|| origin.clone());
             }
         }
         Some(set)

@@ -426,6 +426,7 @@ impl Compiler {
         };
         let mut seen_groups = rustc_hash::FxHashSet::default();
         let mut seen_lists = rustc_hash::FxHashSet::default();
+        let mut origins = BTreeMap::new();
         for key in self.pods_by_node.get(node).into_iter().flatten() {
             let Some(entry) = self.pod_entries.get(key) else {
                 continue;
@@ -447,10 +448,9 @@ impl Compiler {
                     .filter(|l| seen_lists.insert(Arc::as_ptr(l) as usize))
                     .flat_map(|l| l.iter());
                 for inst in tiers.chain(&rules.network_policy) {
-                    if !set.rules.contains_key(&inst.rule) {
+                    if !origins.contains_key(&inst.rule) {
                         if let Some(origin) = self.rule_origins.get(&inst.rule) {
-                            set.rules
-                                .insert(inst.rule.clone(), RuleOrigin::clone(origin));
+                            origins.insert(inst.rule.clone(), RuleOrigin::clone(origin));
                         }
                     }
                 }
@@ -464,6 +464,7 @@ impl Compiler {
                 audit: Default::default(),
             });
         }
+        set.rules = Arc::new(origins);
         Some(set)
     }
 

@@ -545,7 +545,8 @@ pub struct Touched {
 /// kept as it was read: an edit by hand elsewhere stays a difference for the next
 /// reconcile instead of being taken into the image. `Ok(false)` when the table does not
 /// exist. Set digests are the caller's: those of the `touched` sets are dropped, to be
-/// computed or read again; the dispatch maps' are computed here from their elements.
+/// computed or read again; those of the dispatch maps read again are computed here from
+/// their elements.
 pub fn refresh(
     socket: &mut NfnlSocket,
     table: &str,
@@ -617,32 +618,36 @@ pub fn refresh(
             read_into(socket, table, msg::GETSET, msg::NEWSET, 0, &get, &mut fresh)?;
         }
     }
+    // The maps read again, by key or whole; the others are kept as they were read.
+    let mut read_again = Vec::new();
     let mut whole = Vec::new();
     for map in maps {
-        let keys = touched.maps.get(*map);
-        match fresh.maps.get_mut(*map) {
-            Some(elements) if keys.is_some() => {
-                if !refresh_elements(socket, table, map, keys.into_iter().flatten(), elements)? {
-                    whole.push(*map);
-                }
+        let kept = match (fresh.maps.get_mut(*map), touched.maps.get(*map)) {
+            (Some(elements), Some(keys)) => {
+                read_again.push(*map);
+                refresh_elements(socket, table, map, keys, elements)?
             }
-            Some(_) => {}
-            None => whole.push(*map),
+            (Some(_), None) => continue,
+            (None, _) => false,
+        };
+        if !kept {
+            whole.push(*map);
         }
     }
     read_maps(socket, table, &whole, &mut fresh)?;
+    read_again.extend(&whole);
     fresh.contents = std::mem::take(&mut image.contents);
     let sets = &fresh.sets;
     fresh.contents.retain(|name, _| {
         sets.contains_key(&nul_terminated(name))
             && !touched.sets.contains(name)
-            && !maps.contains(&name.as_str())
+            && !read_again.contains(&name.as_str())
             // The kernel may give a new anonymous set the name of one that went.
             && !gone.contains(name)
             && !came.contains(name)
     });
-    for map in maps {
-        if let Some(elements) = fresh.maps.get(*map) {
+    for map in read_again {
+        if let Some(elements) = fresh.maps.get(map) {
             if fresh.sets.contains_key(&nul_terminated(map)) {
                 let digest = super::digest::of_elements(elements)?;
                 fresh.contents.insert(map.to_string(), digest);
@@ -656,11 +661,11 @@ pub fn refresh(
 /// Reads again the elements of dispatch map `map` keyed by `ifnames` into `elements` (its
 /// elements as read before, sorted): those found replace the ones read before, those gone
 /// go. `Ok(false)` (nothing changed) for a name no element can have: read the map whole.
-fn refresh_elements<'a>(
+fn refresh_elements(
     socket: &mut NfnlSocket,
     table: &str,
     map: &str,
-    ifnames: impl Iterator<Item = &'a String>,
+    ifnames: &BTreeSet<String>,
     elements: &mut Vec<Vec<u8>>,
 ) -> Result<bool, NfnlError> {
     let mut found = Vec::new();

@@ -43,6 +43,10 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+// The controller's allocator, so the figures are the controller's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CHILD_ARG: &str = "--fanout-controller";
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 

@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 use palisade_policy::workloads as synth;
 use palisade_policy::*;
 
+// The controller's allocator, so the figures are the controller's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const WORKLOADS: [&str; 6] = [
     "scale",
     "scale-tiered",

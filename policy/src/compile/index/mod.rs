@@ -426,6 +426,11 @@ impl Compiler {
         };
         let mut seen_groups = rustc_hash::FxHashSet::default();
         let mut seen_lists = rustc_hash::FxHashSet::default();
+        // An allocation nothing else holds is this pod's alone: no need to remember it.
+        let mut first_read = |p: *const ()| seen_lists.insert(p as usize);
+        fn shared<T>(a: &Arc<T>) -> bool {
+            Arc::strong_count(a) > 1
+        }
         let mut origins = BTreeMap::new();
         for key in self.pods_by_node.get(node).into_iter().flatten() {
             let Some(entry) = self.pod_entries.get(key) else {
@@ -440,12 +445,12 @@ impl Compiler {
             }
             // Pods share their direction rules and tier lists: each is read once.
             for rules in [&entry.compiled.ingress, &entry.compiled.egress] {
-                if !seen_lists.insert(Arc::as_ptr(rules) as usize) {
+                if shared(rules) && !first_read(Arc::as_ptr(rules).cast()) {
                     continue;
                 }
                 let tiers = [&rules.admin, &rules.baseline]
                     .into_iter()
-                    .filter(|l| seen_lists.insert(Arc::as_ptr(l) as usize))
+                    .filter(|l| !l.is_empty() && (!shared(l) || first_read(Arc::as_ptr(l).cast())))
                     .flat_map(|l| l.iter());
                 for inst in tiers.chain(&rules.network_policy) {
                     if !origins.contains_key(&inst.rule) {

@@ -32,7 +32,8 @@
 //! too, see [`with_audit`]); then with the 200 tiered policies of issue 11 on the client's
 //! egress and the server's ingress, which every new flow to B walks to their last rules
 //! ([`with_tiered`]): once rendered as the agent does (long lists through address
-//! classes), once as plain chains; then what one member joining a group of those classes
+//! classes, their maps split by prefix length), once as plain chains, once with the class
+//! maps as interval maps; then what one member joining a group of those classes
 //! costs to render and apply ([`membership_changes`]). Both pods' flows cross the same
 //! table and conntrack table under the same load, so the per-cycle ratio isolates what B's
 //! rules cost; separate runs differ by more than that on a shared machine (compare
@@ -48,7 +49,10 @@
 //! default iptables backend; `PALISADE_BENCH_SECONDS` / `PALISADE_BENCH_ROUNDS` change the
 //! run length, default 3 s and 5 rounds; `PALISADE_BENCH_PAIRED_SECONDS` the paired
 //! measurement's, per protocol, default 20 s, 0 skips it; `PALISADE_BENCH_VARIANTS` runs
-//! some variants only (none, empty, policy, iptables, again); `PALISADE_BENCH_CIDRS` /
+//! some variants only (none, empty, policy, iptables, again); `PALISADE_BENCH_PAIRED` the
+//! paired measurement's parts (default `policy,audit,tiered,plain,interval,members`;
+//! `interval`: the tiered policies with their class maps as interval maps);
+//! `PALISADE_BENCH_CIDRS` /
 //! `PALISADE_BENCH_RANGES` the policy's size, for profiling.)
 
 mod common;
@@ -477,8 +481,13 @@ fn membership_changes(node: &str, tiered: &NodeRuleSet, ifaces: &Interfaces) {
     let maps = table
         .sets
         .values()
-        .filter(|s| matches!(s.kind, palisade_agent::render::SetKind::Classes(_)))
+        .filter(|s| s.kind.names_chains())
         .count();
+    let form = if INTERVAL_CLASS_MAPS.load(Ordering::Relaxed) {
+        "interval maps"
+    } else {
+        "the agent's maps"
+    };
     applier.apply(&table).expect("apply the tiered table");
     let id = group_id("tier-pods-0");
     let (mut total, mut render, mut kernel) = (Vec::new(), Vec::new(), Vec::new());
@@ -508,8 +517,8 @@ fn membership_changes(node: &str, tiered: &NodeRuleSet, ifaces: &Interfaces) {
         kernel.push(common::ms(outcome.duration));
     }
     println!(
-        "one member added to a group of the tiered lists' classes ({maps} class maps), \
-         render + apply, median of 10: {:.2} ms (render {:.2}, applier {:.2})",
+        "one member added to a group of the tiered lists' classes ({maps} class maps, \
+         {form}), render + apply, median of 10: {:.2} ms (render {:.2}, applier {:.2})",
         median(&total),
         median(&render),
         median(&kernel)
@@ -524,6 +533,8 @@ fn membership_changes(node: &str, tiered: &NodeRuleSet, ifaces: &Interfaces) {
 /// Whether [`agent_renderer`] renders tier lists as one plain chain each, as before
 /// address classes: the paired measurement's baseline for them.
 static PLAIN_TIERS: AtomicBool = AtomicBool::new(false);
+/// Whether class maps stay interval maps (the paired measurement's `interval` part).
+static INTERVAL_CLASS_MAPS: AtomicBool = AtomicBool::new(false);
 
 /// The agent's renderer with its default configuration: the flow log on (denied packets
 /// go through its rate-limited NFLOG chains; allowed ones never meet them) and the start-up
@@ -537,6 +548,9 @@ fn agent_renderer(window: bool) -> Renderer {
     };
     if PLAIN_TIERS.load(Ordering::Relaxed) {
         renderer.set_classes_from(usize::MAX);
+    }
+    if INTERVAL_CLASS_MAPS.load(Ordering::Relaxed) {
+        renderer.set_class_map_lengths(0);
     }
     renderer.set_flow_log(Some(FlowLog {
         group: 9469,
@@ -1010,6 +1024,11 @@ fn main() {
     let secs: f64 = env_or("PALISADE_BENCH_SECONDS", 3.0);
     let rounds: usize = env_or("PALISADE_BENCH_ROUNDS", 5);
     let paired_secs: f64 = env_or("PALISADE_BENCH_PAIRED_SECONDS", 20.0);
+    let paired_parts: Vec<String> = std::env::var("PALISADE_BENCH_PAIRED")
+        .unwrap_or_else(|_| "policy,audit,tiered,plain,interval,members".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
     let lab = Lab::new(SUBNET, &["bench/client", "bench/server", "bench/open"]);
     let node = lab.node.name.clone();
     for s in [
@@ -1138,7 +1157,7 @@ fn main() {
             "the server has an audit chain"
         );
         let tiered = with_tiered(&policy.rules, &lab);
-        for (what, rules, plain) in [
+        for ((what, rules, plain), part) in [
             ("the policy", &policy.rules, false),
             ("the policy and an audit Admin deny rule", &audited, false),
             (
@@ -1152,8 +1171,18 @@ fn main() {
                 &tiered,
                 true,
             ),
-        ] {
+            (
+                "the 200 tiered policies, class maps as interval maps",
+                &tiered,
+                false,
+            ),
+        ]
+        .into_iter()
+        .zip(["policy", "audit", "tiered", "plain", "interval"])
+        .filter(|(_, part)| paired_parts.iter().any(|p| p == part))
+        {
             PLAIN_TIERS.store(plain, Ordering::Relaxed);
+            INTERVAL_CLASS_MAPS.store(part == "interval", Ordering::Relaxed);
             let loaded = Loaded::load(&node, Variant::Palisade, &empty.rules, rules, &ifaces);
             check_enforced(&client_ns, src, dst, true);
             check_enforced(&client_ns, src, open, false);
@@ -1184,7 +1213,14 @@ fn main() {
             drop(loaded);
         }
         PLAIN_TIERS.store(false, Ordering::Relaxed);
-        membership_changes(&node, &tiered, &ifaces);
+        INTERVAL_CLASS_MAPS.store(false, Ordering::Relaxed);
+        if paired_parts.iter().any(|p| p == "members") {
+            for interval in [false, true, false, true] {
+                INTERVAL_CLASS_MAPS.store(interval, Ordering::Relaxed);
+                membership_changes(&node, &tiered, &ifaces);
+            }
+            INTERVAL_CLASS_MAPS.store(false, Ordering::Relaxed);
+        }
     }
     if tcp.is_empty() {
         return;

@@ -452,6 +452,7 @@ impl Applier {
             .filter(|(_, s)| setelem::handles(s.kind) && !s.elements.is_empty())
             .map(|(name, s)| Change {
                 set: name,
+                kind: s.kind,
                 op: Op::Add,
                 elements: &s.elements,
             })

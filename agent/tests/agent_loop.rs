@@ -563,6 +563,7 @@ fn a_batch_of_2000_messages_is_acknowledged_without_overflow() {
         .chunks(1)
         .map(|e| Change {
             set: "hosts",
+            kind: palisade_agent::render::SetKind::Hosts(palisade_agent::render::IpFamily::V4),
             op: Op::Add,
             elements: e,
         })

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use palisade_agent::render::{classes, SetElement, SetKind, Verdict};
+use palisade_agent::render::{classes, IpFamily, SetElement, SetKind, Verdict};
 use palisade_agent::{Interfaces, Renderer, Ruleset};
 use palisade_policy::model::{Action, PodKey, Protocol};
 use palisade_policy::ruleset::{
@@ -69,7 +69,7 @@ fn class_maps(table: &Ruleset) -> Vec<(&String, usize)> {
     table
         .sets
         .iter()
-        .filter(|(_, s)| matches!(s.kind, SetKind::Classes(_)))
+        .filter(|(_, s)| s.kind.names_chains())
         .map(|(n, s)| (n, s.elements.len()))
         .collect()
 }
@@ -95,12 +95,17 @@ fn a_long_list_looks_its_peer_up_and_walks_only_its_class() {
     let table = Renderer::default().render(&rules, &interfaces).unwrap();
     let maps = class_maps(&table);
     assert_eq!(maps.len(), 1, "one map, IPv4 only: {maps:?}");
-    assert_eq!(maps[0].1, 8 * 3, "a range per scattered address");
+    assert_eq!(maps[0].1, 8 * 3, "an element per scattered address");
+    assert_eq!(
+        table.sets[maps[0].0].kind,
+        SetKind::ClassPrefixes(IpFamily::V4, 32),
+        "24 single addresses: a hash map of /32s"
+    );
     let list = rules.pods[0].egress.admin.id();
     let chain = &table.chains[&format!("admin-egress/{list}")];
     assert!(
-        matches!(&chain[0].verdict, Verdict::ClassDispatch { map, .. } if map == maps[0].0),
-        "the list's chain starts with the lookup: {chain:?}"
+        matches!(&chain[0].verdict, Verdict::ClassDispatch { map, prefix: None, .. } if map == maps[0].0),
+        "the list's chain starts with the lookup, unmasked: {chain:?}"
     );
     // Each of the 8 classes holds the 5 instances of its group and the rest dispatch.
     let classes: Vec<_> = table
@@ -121,6 +126,61 @@ fn a_long_list_looks_its_peer_up_and_walks_only_its_class() {
     assert!(
         class_maps(&table).is_empty(),
         "a short list stays one chain"
+    );
+}
+
+/// Interval map or hash maps per prefix length, by what a lookup costs: a binary search
+/// over few pieces is cheaper than a masked lookup per length.
+#[test]
+fn a_map_is_split_by_prefix_length_only_where_that_takes_fewer_steps() {
+    let kinds = |rules: &NodeRuleSet, interfaces: &Interfaces| -> Vec<SetKind> {
+        let table = Renderer::default().render(rules, interfaces).unwrap();
+        let mut kinds: Vec<SetKind> = table
+            .sets
+            .values()
+            .filter(|s| s.kind.names_chains())
+            .map(|s| s.kind)
+            .collect();
+        kinds.sort();
+        kinds
+    };
+    let (rules, interfaces) = node(40, 2, 1);
+    assert_eq!(
+        kinds(&rules, &interfaces),
+        vec![SetKind::Classes(IpFamily::V4)],
+        "two pieces: one interval map"
+    );
+    // 8 groups of 3 scattered addresses and 8 /24s: a map of /32s and one of /24s, the
+    // latter looked up through the mask.
+    let (mut rules, interfaces) = node(40, 16, 3);
+    for g in 8..16u8 {
+        let net = format!("192.168.{g}.0/24").parse().unwrap();
+        rules.groups.insert(
+            group_id(usize::from(g)),
+            Arc::new(Group::Addresses(AddrSet::from_block(&net, &[]))),
+        );
+    }
+    assert_eq!(
+        kinds(&rules, &interfaces),
+        vec![
+            SetKind::ClassPrefixes(IpFamily::V4, 24),
+            SetKind::ClassPrefixes(IpFamily::V4, 32),
+        ]
+    );
+    let table = Renderer::default().render(&rules, &interfaces).unwrap();
+    let list = rules.pods[0].egress.admin.id();
+    let chain = &table.chains[&format!("admin-egress/{list}")];
+    let prefixes: Vec<Option<u8>> = chain
+        .iter()
+        .filter_map(|r| match &r.verdict {
+            Verdict::ClassDispatch { prefix, .. } => Some(*prefix),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        prefixes,
+        vec![None, Some(24)],
+        "/32s first, then the masked /24s"
     );
 }
 

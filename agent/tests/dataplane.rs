@@ -934,11 +934,13 @@ fn netlink_element_batches_are_all_or_nothing() {
         &[
             Change {
                 set: &set,
+                kind: render::SetKind::Hosts(render::IpFamily::V4),
                 op: Op::Add,
                 elements: &more,
             },
             Change {
                 set: "g-nope_4",
+                kind: render::SetKind::Hosts(render::IpFamily::V4),
                 op: Op::Add,
                 elements: &one,
             },
@@ -957,6 +959,7 @@ fn netlink_element_batches_are_all_or_nothing() {
         "palisade",
         &[Change {
             set: &set,
+            kind: render::SetKind::Hosts(render::IpFamily::V4),
             op: Op::Add,
             elements: &more,
         }],
@@ -974,11 +977,13 @@ fn netlink_element_batches_are_all_or_nothing() {
         &[
             Change {
                 set: &set,
+                kind: render::SetKind::Hosts(render::IpFamily::V4),
                 op: Op::Delete,
                 elements: &gone,
             },
             Change {
                 set: &set,
+                kind: render::SetKind::Hosts(render::IpFamily::V4),
                 op: Op::Add,
                 elements: &too_many,
             },

@@ -116,6 +116,23 @@ fn base() -> Ruleset {
             ),
         );
     }
+    for (name, kind, net) in [
+        ("cp_4", SetKind::ClassPrefixes(v4, 24), "10.5.0.0"),
+        ("cp32_4", SetKind::ClassPrefixes(v4, 32), "10.5.1.1"),
+        ("cp_6", SetKind::ClassPrefixes(v6, 64), "fd05::"),
+    ] {
+        rs.sets.insert(
+            name.into(),
+            set(
+                kind,
+                vec![SetElement::Class {
+                    range: range(net, net),
+                    chain: "target".into(),
+                }],
+                None,
+            ),
+        );
+    }
     rs
 }
 
@@ -249,6 +266,7 @@ fn full() -> Ruleset {
                 family: v4,
                 end: End::Destination,
                 map: "cl_4".into(),
+                prefix: None,
             },
         ),
         rule(
@@ -258,6 +276,7 @@ fn full() -> Ruleset {
                 family: v6,
                 end: End::Source,
                 map: "cl_6".into(),
+                prefix: None,
             },
         ),
         rule(vec![], None, Verdict::RestDispatch(Direction::Egress)),
@@ -282,6 +301,32 @@ fn full() -> Ruleset {
             },
         ),
     ];
+    // Class maps of prefixes, masked or not.
+    let entry: Vec<RuleDef> = entry
+        .into_iter()
+        .chain(
+            [
+                (v4, End::Source, "cp_4", Some(24)),
+                (v4, End::Destination, "cp32_4", None),
+                (v6, End::Destination, "cp_6", Some(64)),
+            ]
+            .into_iter()
+            .map(|(family, end, map, prefix)| {
+                let matches = if family == v6 {
+                    vec![Family(v6)]
+                } else {
+                    vec![]
+                };
+                let verdict = Verdict::ClassDispatch {
+                    family,
+                    end,
+                    map: map.into(),
+                    prefix,
+                };
+                rule(matches, None, verdict)
+            }),
+        )
+        .collect();
     // Lists: anonymous sets of every kind, in a chain of their own.
     let lists = vec![
         rule(

@@ -69,6 +69,32 @@ pub fn elements(elements: &[SetElement]) -> Result<Vec<Vec<u8>>, NfnlError> {
     Ok(out.into_iter().map(|(_, _, bytes)| bytes).collect())
 }
 
+/// The kernel elements of `elements` in a class map of prefixes
+/// ([`crate::render::SetKind::ClassPrefixes`]): each network address a key carrying its
+/// `goto`, no interval ends.
+pub fn keyed(elements: &[SetElement]) -> Result<Vec<Vec<u8>>, NfnlError> {
+    elements
+        .iter()
+        .map(|element| {
+            let SetElement::Class { range, chain } = element else {
+                return Err(NfnlError::Malformed(
+                    "a class map holds only class elements",
+                ));
+            };
+            let key = match (range.lo, range.hi) {
+                (IpAddr::V4(lo), IpAddr::V4(hi)) if lo == hi => lo.octets().to_vec(),
+                (IpAddr::V6(lo), IpAddr::V6(hi)) if lo == hi => lo.octets().to_vec(),
+                _ => {
+                    return Err(NfnlError::Malformed(
+                        "a class map of prefixes holds single network addresses",
+                    ))
+                }
+            };
+            Ok(element_bytes(&key, Some(chain)))
+        })
+        .collect()
+}
+
 /// One element: its key, and the start's `goto` chain, or the end flag.
 fn element_bytes(key: &[u8], goto: Option<&str>) -> Vec<u8> {
     let mut value = Vec::with_capacity(8 + key.len());

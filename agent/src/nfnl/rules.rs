@@ -821,8 +821,16 @@ impl Exprs<'_> {
                 self.log(prefix, *group);
                 self.immediate(NFT_RETURN, None);
             }
-            Verdict::ClassDispatch { family, end, map } => {
+            Verdict::ClassDispatch {
+                family,
+                end,
+                map,
+                prefix,
+            } => {
                 self.address(*family, *end, REG_1);
+                if let Some(len) = prefix {
+                    self.bitwise(&mask(*family, *len));
+                }
                 self.lookup(map, true);
             }
         }

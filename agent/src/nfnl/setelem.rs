@@ -31,6 +31,7 @@ pub enum Op {
 #[derive(Clone, Copy, Debug)]
 pub struct Change<'a> {
     pub set: &'a str,
+    pub kind: SetKind,
     pub op: Op,
     pub elements: &'a [SetElement],
 }
@@ -44,7 +45,7 @@ pub fn handles(kind: SetKind) -> bool {
 /// [`handles`], and of class maps (loaded with nft, whose intervals and verdicts a first
 /// load leaves to it, but changed here: nft fetches every interval set's elements first).
 pub fn changes(kind: SetKind) -> bool {
-    handles(kind) || matches!(kind, SetKind::Classes(_))
+    handles(kind) || matches!(kind, SetKind::Classes(_) | SetKind::ClassPrefixes(..))
 }
 
 /// Whether [`messages`] can encode this element.
@@ -108,8 +109,15 @@ pub(crate) fn messages(table: &str, change: &Change<'_>) -> Result<Vec<Message>,
         out.push(m);
         list.clear();
     };
-    if matches!(change.elements.first(), Some(SetElement::Class { .. })) {
+    if matches!(change.kind, SetKind::Classes(_)) {
         for element in super::intervals::elements(change.elements)? {
+            if list.len() + element.len() > MAX_ATTR_LEN {
+                flush(&mut list, &mut out);
+            }
+            list.extend(element);
+        }
+    } else if matches!(change.kind, SetKind::ClassPrefixes(..)) {
+        for element in super::intervals::keyed(change.elements)? {
             if list.len() + element.len() > MAX_ATTR_LEN {
                 flush(&mut list, &mut out);
             }
@@ -219,6 +227,7 @@ mod tests {
         let elems = [addr("10.0.0.1"), addr("fd00::2")];
         let change = Change {
             set: "g-1_4",
+            kind: SetKind::Hosts(crate::render::IpFamily::V4),
             op: Op::Add,
             elements: &elems,
         };
@@ -238,6 +247,7 @@ mod tests {
             .collect();
         let change = Change {
             set: "g-1_4",
+            kind: SetKind::Hosts(crate::render::IpFamily::V4),
             op: Op::Delete,
             elements: &elems,
         };
@@ -259,9 +269,36 @@ mod tests {
         });
         let change = Change {
             set: "g-1_4",
+            kind: SetKind::Hosts(crate::render::IpFamily::V4),
             op: Op::Add,
             elements: std::slice::from_ref(&r),
         };
         assert!(messages("palisade", &change).is_err());
+    }
+
+    #[test]
+    fn prefix_class_maps_take_keys_with_verdicts_and_refuse_ranges() {
+        let class = |lo: &str, hi: &str| SetElement::Class {
+            range: AddrRange {
+                lo: lo.parse().unwrap(),
+                hi: hi.parse().unwrap(),
+            },
+            chain: "admin-egress/l-1/c-2_4".into(),
+        };
+        let change = |elements| Change {
+            set: "admin-egress/l-1/classes_4/24",
+            kind: SetKind::ClassPrefixes(crate::render::IpFamily::V4, 24),
+            op: Op::Add,
+            elements,
+        };
+        let one = [class("10.1.2.0", "10.1.2.0")];
+        let msgs = messages("palisade", &change(&one)).unwrap();
+        // Key and data, no interval end: one element.
+        assert_eq!(
+            keys(&msgs.into_iter().next().unwrap().finish(1)),
+            vec![vec![10, 1, 2, 0]]
+        );
+        let range = [class("10.1.2.0", "10.1.2.255")];
+        assert!(messages("palisade", &change(&range)).is_err());
     }
 }

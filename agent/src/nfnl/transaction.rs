@@ -19,10 +19,14 @@ pub(crate) fn messages(
         match step {
             Step::Nft(_) => return Ok(None),
             Step::Elements {
-                set, op, elements, ..
+                set,
+                kind,
+                op,
+                elements,
             } => {
                 let change = Change {
                     set,
+                    kind: *kind,
                     op: *op,
                     elements,
                 };

@@ -109,6 +109,46 @@ const SPARE_COPIES: usize = 64;
 /// pod. Over it, the list renders as one chain.
 pub const MAX_RANGES: usize = 16_384;
 
+/// Most prefix lengths a list's class map may be split into by default: each is a rule
+/// and a hash lookup for every new flow.
+pub const MAX_MAP_LENGTHS: usize = 3;
+
+/// Elements the prefix form of a class map may hold per piece of the partition (plus
+/// [`SPARE_ELEMENTS`]), widening prefixes to fewer lengths: the interval map holds two
+/// per piece.
+const ELEMENTS_PER_PIECE: usize = 4;
+const SPARE_ELEMENTS: usize = 64;
+
+/// A family's pieces as prefixes of a few lengths, each with its class (as
+/// [`Partition::signatures`]), per length: the class map as hash maps, one per length,
+/// when that takes fewer lookups than the interval map's binary search. The kernel's
+/// search takes `log2(2 × pieces)` steps (a start and an end element per piece), and a
+/// hash lookup costs about two of them (a rule, a mask, a hash); so a map of a few
+/// pieces stays one interval map,
+/// and one of 1,000 pod addresses and 25 /24s becomes a map of /32s and one of /24s.
+pub(super) fn prefix_maps(
+    partition: &Partition,
+    family: IpFamily,
+    max_lengths: usize,
+) -> Option<BTreeMap<u8, Vec<(u128, usize)>>> {
+    let pieces = partition.pieces.len();
+    let steps = usize::BITS - (2 * pieces).saturating_sub(1).leading_zeros();
+    // Strictly fewer steps: 2 × lengths < steps.
+    let affordable = (steps.saturating_sub(1) as usize / 2).min(max_lengths);
+    if affordable == 0 {
+        return None;
+    }
+    let ranges: Vec<(u128, u128, usize)> = partition
+        .pieces
+        .iter()
+        .map(|p| (p.lo, p.hi, p.class))
+        .collect();
+    let budget = pieces
+        .saturating_mul(ELEMENTS_PER_PIECE)
+        .saturating_add(SPARE_ELEMENTS);
+    super::prefixes::widened(&ranges, family.bits(), affordable, budget)
+}
+
 /// What a list with enough peer tests rendered from: while it holds, the render does.
 #[derive(Clone, Debug)]
 pub(super) enum Deps {

@@ -66,6 +66,10 @@ pub fn add_set(name: &str, kind: SetKind, size: Option<u32>) -> Command {
             "family": "inet", "table": TABLE, "name": name,
             "type": f.addr_type(), "map": "verdict", "flags": ["interval"],
         }}}),
+        SetKind::ClassPrefixes(f, _) => json!({"add": {"map": {
+            "family": "inet", "table": TABLE, "name": name,
+            "type": f.addr_type(), "map": "verdict",
+        }}}),
         _ => add(sized_set(name, kind, size)),
     }
 }
@@ -73,7 +77,7 @@ pub fn add_set(name: &str, kind: SetKind, size: Option<u32>) -> Command {
 /// `delete set`, or `delete map` for a [`SetKind::Classes`] map.
 pub fn delete_set(name: &str, kind: SetKind) -> Command {
     match kind {
-        SetKind::Classes(_) => {
+        SetKind::Classes(_) | SetKind::ClassPrefixes(..) => {
             json!({"delete": {"map": {"family": "inet", "table": TABLE, "name": name}}})
         }
         _ => delete(set(name, kind)),
@@ -88,7 +92,8 @@ pub fn sized_set(name: &str, kind: SetKind, size: Option<u32>) -> NfListObject<'
             Some(HashSet::from([SetFlag::Interval])),
         ),
         SetKind::Hosts(f) | SetKind::Prefixes(f, _) => (SetTypeValue::Single(addr_type(f)), None),
-        // Declared by `add_set`; as a plain interval set here, never sent.
+        // Declared by `add_set`; as plain sets here, never sent.
+        SetKind::ClassPrefixes(f, _) => (SetTypeValue::Single(addr_type(f)), None),
         SetKind::Classes(f) => (
             SetTypeValue::Single(addr_type(f)),
             Some(HashSet::from([SetFlag::Interval])),
@@ -432,8 +437,19 @@ pub fn verdict_statements(v: &Verdict) -> Vec<Statement<'static>> {
             key: meta(ifname_key(*direction)),
             data: set_ref(rest_dispatch_map_name(*direction)),
         }),
-        Verdict::ClassDispatch { family, end, map } => Statement::VerdictMap(stmt::VerdictMap {
-            key: payload(family.payload(), end.field()),
+        Verdict::ClassDispatch {
+            family,
+            end,
+            map,
+            prefix,
+        } => Statement::VerdictMap(stmt::VerdictMap {
+            key: match prefix {
+                None => payload(family.payload(), end.field()),
+                Some(len) => Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    payload(family.payload(), end.field()),
+                    Expression::String(mask_text(*family, *len).into()),
+                ))),
+            },
             data: set_ref(map),
         }),
         Verdict::LogDrop { prefix, group } | Verdict::LogReturn { prefix, group } => {

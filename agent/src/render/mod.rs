@@ -76,6 +76,11 @@
 //!   costs their number at every change of their members) or when its class chains would
 //!   hold more than about four copies of each instance (groups overlapping in many ways).
 //!   Members joining or leaving change the maps' intervals over netlink, like host sets.
+//!   A map of many pieces renders instead as hash maps of prefixes, one per length
+//!   (`<chain>/classes_4/32`, `<chain>/classes_4/24`, looked up as `ip daddr vmap @…/32`,
+//!   `ip daddr & 255.255.255.0 vmap @…/24`), when fewer lookups than the binary search's
+//!   steps cover its pieces ([`classes::prefix_maps`]): the kernel's interval lookup is
+//!   a binary search of about 30 ns a step, a hash lookup costs the same at any size.
 //! * A pod without a known interface has no chains and no dispatch elements. An interface
 //!   whose name matches a pod interface pattern ([`DEFAULT_POD_INTERFACE_PATTERNS`]) and
 //!   that is not an enforced pod's (not a key of `egress_dispatch`) is dropped both ways,
@@ -448,6 +453,8 @@ pub struct Renderer {
     /// Shared lists with at least this many peer tests render through address classes
     /// ([`classes`]).
     classes_from: usize,
+    /// Most prefix lengths a class map is split into ([`classes::prefix_maps`]).
+    class_map_lengths: usize,
 }
 
 /// What one shared tier chain rendered to, and from what.
@@ -739,6 +746,7 @@ impl Renderer {
             counters_from: None,
             audit_only: BTreeSet::new(),
             classes_from: classes::CLASSES_FROM,
+            class_map_lengths: classes::MAX_MAP_LENGTHS,
         }
     }
 
@@ -749,6 +757,15 @@ impl Renderer {
         if self.classes_from != n {
             self.forget_renders();
             self.classes_from = n;
+        }
+    }
+
+    /// Class maps are split into hash maps of at most `n` prefix lengths (default
+    /// [`classes::MAX_MAP_LENGTHS`]; 0: every class map is one interval map).
+    pub fn set_class_map_lengths(&mut self, n: usize) {
+        if self.class_map_lengths != n {
+            self.forget_renders();
+            self.class_map_lengths = n;
         }
     }
 
@@ -786,7 +803,7 @@ impl Renderer {
             ..Ruleset::default()
         };
         let flow_log = self.flow_log;
-        let classes_from = self.classes_from;
+        let classes_from = (self.classes_from, self.class_map_lengths);
         let mut cache = HashMap::with_capacity(rules.groups.len());
         for (id, group) in &rules.groups {
             if !valid_id(id) {
@@ -1059,7 +1076,7 @@ fn render_shared(
     rules: &NodeRuleSet,
     (tier, direction, list): (SharedTier, Direction, &TierList),
     flow_log: Option<FlowLog>,
-    classes_from: usize,
+    (classes_from, class_map_lengths): (usize, usize),
     previous: &HashMap<&str, &Arc<Vec<RuleDef>>>,
 ) -> Result<SharedRender, RenderError> {
     let name = tier.chain(direction, list.id());
@@ -1082,7 +1099,6 @@ fn render_shared(
     let mut chain = Vec::new();
     for (fp, chains) in families.iter().zip(&names) {
         let map = class_map(&name, fp.family);
-        let mut elements = Vec::with_capacity(fp.partition.pieces.len());
         for (signature, (held, class)) in fp
             .partition
             .signatures
@@ -1104,30 +1120,60 @@ fn render_shared(
             let rules_of_class = shared_rules(out, rules, tier, direction, insts.iter(), flow_log)?;
             out.chains.insert(class.clone(), Arc::new(rules_of_class));
         }
-        for piece in &fp.partition.pieces {
-            elements.push(SetElement::Class {
-                range: addr_range(fp.family, piece.lo, piece.hi),
-                chain: chains[piece.class].clone(),
+        // (map, kind, mask, elements): one interval map, or a hash map per prefix length,
+        // longest first (pod addresses, the most numerous, are /32s or /128s).
+        let maps: Vec<(String, SetKind, Option<u8>, Vec<SetElement>)> =
+            match classes::prefix_maps(&fp.partition, fp.family, class_map_lengths) {
+                Some(by_length) => by_length
+                    .iter()
+                    .rev()
+                    .map(|(&len, nets)| {
+                        let elements = nets
+                            .iter()
+                            .map(|&(net, class)| SetElement::Class {
+                                range: addr_range(fp.family, net, net),
+                                chain: chains[class].clone(),
+                            })
+                            .collect();
+                        let mask = (u32::from(len) < fp.family.bits()).then_some(len);
+                        let kind = SetKind::ClassPrefixes(fp.family, len);
+                        (format!("{map}/{len}"), kind, mask, elements)
+                    })
+                    .collect(),
+                None => {
+                    let elements = fp
+                        .partition
+                        .pieces
+                        .iter()
+                        .map(|piece| SetElement::Class {
+                            range: addr_range(fp.family, piece.lo, piece.hi),
+                            chain: chains[piece.class].clone(),
+                        })
+                        .collect();
+                    vec![(map, SetKind::Classes(fp.family), None, elements)]
+                }
+            };
+        for (map, kind, prefix, elements) in maps {
+            out.sets.insert(
+                map.clone(),
+                SetDef {
+                    kind,
+                    elements: elements.into(),
+                    size: None,
+                },
+            );
+            chain.push(RuleDef {
+                matches: vec![],
+                counter: None,
+                verdict: Verdict::ClassDispatch {
+                    family: fp.family,
+                    end: End::peer_of(direction),
+                    map: map.clone(),
+                    prefix,
+                },
             });
+            rendered.maps.push(map);
         }
-        out.sets.insert(
-            map.clone(),
-            SetDef {
-                kind: SetKind::Classes(fp.family),
-                elements: elements.into(),
-                size: None,
-            },
-        );
-        chain.push(RuleDef {
-            matches: vec![],
-            counter: None,
-            verdict: Verdict::ClassDispatch {
-                family: fp.family,
-                end: End::peer_of(direction),
-                map: map.clone(),
-            },
-        });
-        rendered.maps.push(map);
     }
     // The same lookups as before: the rest of the chain is too.
     let same_start = !chain.is_empty()

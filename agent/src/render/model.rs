@@ -123,6 +123,13 @@ pub enum SetKind {
     /// classes, each range to the chain of the rules that can match a peer there
     /// ([`super::classes`]). Elements are [`SetElement::Class`].
     Classes(IpFamily),
+    /// A map `type ipv4_addr : verdict` without flags (a hash map): a shared tier list's
+    /// address classes as the network addresses of prefixes of one length, each to its
+    /// class's chain, looked up through the length's mask
+    /// (`ip daddr & 255.255.255.0 vmap @map`): a hash lookup per length instead of the
+    /// interval map's binary search ([`super::prefixes::widened`]). Elements are
+    /// [`SetElement::Class`] of single addresses.
+    ClassPrefixes(IpFamily, u8),
 }
 
 impl SetKind {
@@ -132,7 +139,8 @@ impl SetKind {
             | SetKind::Hosts(f)
             | SetKind::Prefixes(f, _)
             | SetKind::NamedPorts(f)
-            | SetKind::Classes(f) => f,
+            | SetKind::Classes(f)
+            | SetKind::ClassPrefixes(f, _) => f,
         }
     }
 
@@ -144,7 +152,7 @@ impl SetKind {
     /// Whether the elements refer to chains (a map), which must exist before them and
     /// go after them.
     pub fn names_chains(self) -> bool {
-        matches!(self, SetKind::Classes(_))
+        matches!(self, SetKind::Classes(_) | SetKind::ClassPrefixes(..))
     }
 }
 
@@ -269,13 +277,16 @@ pub enum Verdict {
         prefix: String,
         group: u16,
     },
-    /// `ip daddr vmap @map` (a [`SetKind::Classes`] map): on at the chain of the peer's
-    /// address class (the elements are `goto`). Not final: a peer in no class goes on
-    /// with the next rule; a packet of the other family does too.
+    /// `ip daddr vmap @map` (a [`SetKind::Classes`] map), or `ip daddr & MASK vmap @map`
+    /// (a [`SetKind::ClassPrefixes`] map of `prefix`-long networks; `None` for a full-length
+    /// one, which needs no mask): on at the chain of the peer's address class (the
+    /// elements are `goto`). Not final: a peer in no class goes on with the next rule; a
+    /// packet of the other family does too.
     ClassDispatch {
         family: IpFamily,
         end: End,
         map: String,
+        prefix: Option<u8>,
     },
 }
 

@@ -77,6 +77,92 @@ pub fn by_length(ranges: &[(u128, u128)], bits: u32) -> Option<BTreeMap<u8, Vec<
     Some(buckets)
 }
 
+/// The fewest prefix lengths (at most `max_lengths`) that cover the tagged ranges with at
+/// most `budget` prefixes, each range's minimal cover with every prefix widened to the
+/// next longer chosen length (a /30 among chosen /32s is four /32s): the network
+/// addresses per chosen length, with their ranges' tags, sorted. `None` when no choice
+/// fits, or a range covers the whole family. Fewer lengths are fewer lookups per packet;
+/// the budget bounds what widening adds to the elements.
+pub fn widened<T: Copy>(
+    ranges: &[(u128, u128, T)],
+    bits: u32,
+    max_lengths: usize,
+    budget: usize,
+) -> Option<BTreeMap<u8, Vec<(u128, T)>>> {
+    let covers: Vec<Vec<(u128, u8)>> = ranges
+        .iter()
+        .map(|&(lo, hi, _)| cover(lo, hi, bits))
+        .collect();
+    // How many prefixes of each length the minimal covers hold.
+    let mut count: BTreeMap<u8, u128> = BTreeMap::new();
+    for &(_, len) in covers.iter().flatten() {
+        if len == 0 {
+            return None;
+        }
+        *count.entry(len).or_default() += 1;
+    }
+    let lengths: Vec<(u8, u128)> = count.into_iter().collect();
+    let Some(last) = lengths.len().checked_sub(1) else {
+        return Some(BTreeMap::new());
+    };
+    // Prefixes when lengths[i+1..=j] all widen to lengths[j].
+    let widen = |i: Option<usize>, j: usize| -> u128 {
+        let from = i.map_or(0, |i| i + 1);
+        lengths[from..=j]
+            .iter()
+            .map(|&(len, n)| {
+                let shift = u32::from(lengths[j].0 - len);
+                n.saturating_mul(1u128.checked_shl(shift).unwrap_or(u128::MAX))
+            })
+            .fold(0, u128::saturating_add)
+    };
+    // best[m][j]: fewest prefixes for lengths[..=j] with m + 1 chosen lengths, the longest
+    // lengths[j]; and the choice before it.
+    let mut best: Vec<Vec<(u128, Option<usize>)>> = Vec::new();
+    for m in 0..max_lengths.min(lengths.len()) {
+        let row: Vec<(u128, Option<usize>)> = (0..lengths.len())
+            .map(|j| match m {
+                0 => (widen(None, j), None),
+                _ => (0..j)
+                    .map(|i| (best[m - 1][i].0.saturating_add(widen(Some(i), j)), Some(i)))
+                    .min_by_key(|&(n, _)| n)
+                    .unwrap_or((u128::MAX, None)),
+            })
+            .collect();
+        let fits = row[last].0 <= budget as u128;
+        best.push(row);
+        if fits {
+            break;
+        }
+    }
+    let m = best.len().checked_sub(1)?;
+    if best[m][last].0 > budget as u128 {
+        return None;
+    }
+    let mut chosen = vec![lengths[last].0];
+    let (mut row, mut at) = (m, last);
+    while let Some(i) = best[row][at].1 {
+        chosen.push(lengths[i].0);
+        (row, at) = (row - 1, i);
+    }
+    chosen.sort_unstable();
+    let mut out: BTreeMap<u8, Vec<(u128, T)>> = BTreeMap::new();
+    for (cover, &(_, _, tag)) in covers.iter().zip(ranges) {
+        for &(net, len) in cover {
+            let to = chosen[chosen.partition_point(|&c| c < len)];
+            let step = 1u128 << (bits - u32::from(to));
+            let nets = out.entry(to).or_default();
+            for k in 0..1u128 << (to - len) {
+                nets.push((net + k * step, tag));
+            }
+        }
+    }
+    for nets in out.values_mut() {
+        nets.sort_unstable_by_key(|&(net, _)| net);
+    }
+    Some(out)
+}
+
 /// The network mask of a prefix length in a `bits`-bit space.
 pub fn mask(len: u8, bits: u32) -> u128 {
     let len = u32::from(len).min(bits);
@@ -238,6 +324,81 @@ mod tests {
             assert!(buckets.len() <= MAX_PREFIX_LENGTHS);
             assert!(!buckets.contains_key(&0));
         }
+    }
+
+    #[test]
+    fn widening_picks_the_fewest_lengths_within_budget() {
+        // Ten scattered /32s, one /24 and 1..=6 (/32, /31, /31, /32).
+        let mut rs: Vec<(u128, u128, usize)> = (0..10u128)
+            .map(|i| (1000 + 2 * i, 1000 + 2 * i, 0))
+            .collect();
+        rs.push((0x1_0000, 0x1_00ff, 1));
+        rs.push((1, 6, 2));
+        rs.sort_unstable();
+        // Everything as /32s: 10 + 256 + 6.
+        let one = widened(&rs, 32, 3, 272).unwrap();
+        assert_eq!(one.keys().copied().collect::<Vec<_>>(), vec![32]);
+        assert_eq!(one[&32].len(), 272);
+        // Under that budget: /24 and /32 (the /31s widened), 10 + 1 + 6.
+        let two = widened(&rs, 32, 3, 271).unwrap();
+        assert_eq!(two.keys().copied().collect::<Vec<_>>(), vec![24, 32]);
+        assert_eq!(two[&24], vec![(0x1_0000, 1)]);
+        assert_eq!(two[&32].len(), 16);
+        // Three lengths are the minimal covers: 10 + 1 + 4 prefixes.
+        assert_eq!(widened(&rs, 32, 3, 15).unwrap().len(), 3);
+        assert_eq!(widened(&rs, 32, 2, 15), None);
+        assert_eq!(widened(&rs, 32, 3, 14), None);
+        assert_eq!(
+            widened(&[(0, u128::from(u32::MAX), 0)], 32, 4, 1 << 20),
+            None
+        );
+        assert_eq!(widened::<u8>(&[], 32, 4, 0), Some(BTreeMap::new()));
+    }
+
+    #[test]
+    fn widened_prefixes_hold_exactly_their_ranges_addresses() {
+        let mut rng = Rng(0x71de);
+        let mut found = 0;
+        for case in 0..4_000 {
+            let bits = if case % 2 == 0 { 32 } else { 128 };
+            let rs: Vec<(u128, u128, usize)> = ranges(&mut rng, bits)
+                .into_iter()
+                .enumerate()
+                .map(|(i, (lo, hi))| (lo, hi, i))
+                .collect();
+            let max_lengths = 1 + case % 4;
+            let budget = 4 * rs.len() + (case % 3) * 64;
+            let Some(buckets) = widened(&rs, bits, max_lengths, budget) else {
+                continue;
+            };
+            found += 1;
+            assert!(buckets.len() <= max_lengths);
+            assert!(buckets.values().map(Vec::len).sum::<usize>() <= budget);
+            let tag = |a: u128| -> Vec<usize> {
+                buckets
+                    .iter()
+                    .filter_map(|(&len, nets)| {
+                        let key = a & mask(len, bits);
+                        nets.binary_search_by_key(&key, |&(n, _)| n)
+                            .ok()
+                            .map(|i| nets[i].1)
+                    })
+                    .collect()
+            };
+            let max = mask(u8::try_from(bits).unwrap_or(128), bits);
+            for &(lo, hi, t) in &rs {
+                for a in [lo, hi, lo + (hi - lo) / 2] {
+                    assert_eq!(tag(a), vec![t], "{a:x} in {lo:x}-{hi:x}");
+                }
+                if lo > 0 {
+                    assert!(tag(lo - 1).is_empty());
+                }
+                if hi < max {
+                    assert!(tag(hi + 1).is_empty());
+                }
+            }
+        }
+        assert!(found > 500, "{found}");
     }
 
     #[test]

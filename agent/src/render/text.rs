@@ -144,9 +144,23 @@ pub fn verdict_text(v: &Verdict) -> String {
         Verdict::LogReturn { prefix, group } => {
             format!("log prefix \"{prefix}\" group {group} return")
         }
-        Verdict::ClassDispatch { family, end, map } => {
-            format!("{} {} vmap @{map}", family.payload(), end.field())
-        }
+        Verdict::ClassDispatch {
+            family,
+            end,
+            map,
+            prefix: None,
+        } => format!("{} {} vmap @{map}", family.payload(), end.field()),
+        Verdict::ClassDispatch {
+            family,
+            end,
+            map,
+            prefix: Some(len),
+        } => format!(
+            "{} {} & {} vmap @{map}",
+            family.payload(),
+            end.field(),
+            mask_text(*family, *len)
+        ),
     }
 }
 
@@ -191,6 +205,7 @@ fn set_type_text(kind: SetKind) -> (String, bool) {
     match kind {
         SetKind::Addresses(f) => (f.addr_type().to_string(), true),
         SetKind::Classes(f) => (format!("{} : verdict", f.addr_type()), true),
+        SetKind::ClassPrefixes(f, _) => (format!("{} : verdict", f.addr_type()), false),
         SetKind::Hosts(f) | SetKind::Prefixes(f, _) => (f.addr_type().to_string(), false),
         SetKind::NamedPorts(f) => (
             format!("{} . inet_proto . inet_service", f.addr_type()),
@@ -252,7 +267,7 @@ fn table_text(
     }
     for (name, set) in &rs.sets {
         let (ty, interval) = set_type_text(set.kind);
-        let keyword = if matches!(set.kind, SetKind::Classes(_)) {
+        let keyword = if set.kind.names_chains() {
             "map"
         } else {
             "set"

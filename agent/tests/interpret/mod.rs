@@ -186,18 +186,40 @@ fn run_chain(
             }
             // `ip daddr vmap @map`: a packet of the other family does not match the
             // payload's implicit family test; a peer in no range goes on too.
-            Verdict::ClassDispatch { family, end, map } => {
+            // `ip daddr & MASK vmap @map`: the peer's network address is the key.
+            Verdict::ClassDispatch {
+                family,
+                end,
+                map,
+                prefix,
+            } => {
                 if *family != pkt.family() {
                     continue;
                 }
-                let peer = pkt.addr(*end);
                 let def = rs
                     .sets
                     .get(map)
                     .unwrap_or_else(|| panic!("a rule names the missing map {map}"));
-                assert_eq!(def.kind, SetKind::Classes(*family), "map {map}'s kind");
+                let peer = match (def.kind, prefix) {
+                    (SetKind::Classes(f), None) if f == *family => pkt.addr(*end),
+                    (SetKind::ClassPrefixes(f, len), _) if f == *family => {
+                        let full = u8::try_from(f.bits()).unwrap_or(128);
+                        assert_eq!(
+                            prefix.unwrap_or(full),
+                            len,
+                            "map {map}'s length and its rule's mask"
+                        );
+                        masked(pkt.addr(*end), len)
+                    }
+                    (kind, _) => panic!("map {map}'s kind {kind:?} with mask {prefix:?}"),
+                };
                 let target = def.elements.iter().find_map(|e| match e {
-                    SetElement::Class { range, chain } if in_range(range, peer) => Some(chain),
+                    SetElement::Class { range, chain } if in_range(range, peer) => {
+                        if let SetKind::ClassPrefixes(..) = def.kind {
+                            assert_eq!(range.lo, range.hi, "a prefix map's key is one address");
+                        }
+                        Some(chain)
+                    }
                     _ => None,
                 });
                 if let Some(callee) = target {

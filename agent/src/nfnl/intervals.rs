@@ -81,16 +81,12 @@ pub fn keyed(elements: &[SetElement]) -> Result<Vec<Vec<u8>>, NfnlError> {
                     "a class map holds only class elements",
                 ));
             };
-            let key = match (range.lo, range.hi) {
-                (IpAddr::V4(lo), IpAddr::V4(hi)) if lo == hi => lo.octets().to_vec(),
-                (IpAddr::V6(lo), IpAddr::V6(hi)) if lo == hi => lo.octets().to_vec(),
-                _ => {
-                    return Err(NfnlError::Malformed(
-                        "a class map of prefixes holds single network addresses",
-                    ))
-                }
-            };
-            Ok(element_bytes(&key, Some(chain)))
+            if range.lo != range.hi {
+                return Err(NfnlError::Malformed(
+                    "a class map of prefixes holds single network addresses",
+                ));
+            }
+            Ok(element_bytes(&rules::address_bytes(&range.lo), Some(chain)))
         })
         .collect()
 }

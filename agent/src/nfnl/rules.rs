@@ -902,7 +902,7 @@ fn address_field(family: IpFamily, end: End) -> AddressField {
     }
 }
 
-fn address_bytes(addr: &IpAddr) -> Vec<u8> {
+pub(super) fn address_bytes(addr: &IpAddr) -> Vec<u8> {
     match addr {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),

@@ -109,15 +109,13 @@ pub(crate) fn messages(table: &str, change: &Change<'_>) -> Result<Vec<Message>,
         out.push(m);
         list.clear();
     };
-    if matches!(change.kind, SetKind::Classes(_)) {
-        for element in super::intervals::elements(change.elements)? {
-            if list.len() + element.len() > MAX_ATTR_LEN {
-                flush(&mut list, &mut out);
-            }
-            list.extend(element);
-        }
-    } else if matches!(change.kind, SetKind::ClassPrefixes(..)) {
-        for element in super::intervals::keyed(change.elements)? {
+    let classes = match change.kind {
+        SetKind::Classes(_) => Some(super::intervals::elements(change.elements)?),
+        SetKind::ClassPrefixes(..) => Some(super::intervals::keyed(change.elements)?),
+        _ => None,
+    };
+    if let Some(classes) = classes {
+        for element in classes {
             if list.len() + element.len() > MAX_ATTR_LEN {
                 flush(&mut list, &mut out);
             }

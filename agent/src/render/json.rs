@@ -295,6 +295,14 @@ fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
     )))
 }
 
+/// `ip saddr & 255.255.255.0`: the network of the packet's address at prefix length `len`.
+fn masked_address(family: IpFamily, end: End, len: u8) -> Expression<'static> {
+    Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+        payload(family.payload(), end.field()),
+        Expression::String(mask_text(family, len).into()),
+    )))
+}
+
 fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
 }
@@ -363,10 +371,7 @@ pub fn match_statement(m: &Match) -> Statement<'static> {
             len,
             set,
         } => matches(
-            Expression::BinaryOperation(Box::new(BinaryOperation::AND(
-                payload(family.payload(), end.field()),
-                Expression::String(mask_text(*family, *len).into()),
-            ))),
+            masked_address(*family, *end, *len),
             Operator::EQ,
             set_ref(set),
         ),
@@ -445,10 +450,7 @@ pub fn verdict_statements(v: &Verdict) -> Vec<Statement<'static>> {
         } => Statement::VerdictMap(stmt::VerdictMap {
             key: match prefix {
                 None => payload(family.payload(), end.field()),
-                Some(len) => Expression::BinaryOperation(Box::new(BinaryOperation::AND(
-                    payload(family.payload(), end.field()),
-                    Expression::String(mask_text(*family, *len).into()),
-                ))),
+                Some(len) => masked_address(*family, *end, *len),
             },
             data: set_ref(map),
         }),

@@ -50,6 +50,16 @@ pub fn prefix_len(r: &AddrRange) -> Option<u8> {
 }
 
 /// A prefix length's network mask as an address (`255.255.255.0`, `ffff:ffff::`).
+/// `ip saddr & 255.255.255.0`.
+fn masked_address_text(family: IpFamily, end: End, len: u8) -> String {
+    format!(
+        "{} {} & {}",
+        family.payload(),
+        end.field(),
+        mask_text(family, len)
+    )
+}
+
 pub fn mask_text(family: IpFamily, len: u8) -> String {
     let m = super::prefixes::mask(len, family.bits());
     match family {
@@ -101,13 +111,7 @@ pub fn match_text(m: &Match) -> String {
             end,
             len,
             set,
-        } => format!(
-            "{} {} & {} @{}",
-            family.payload(),
-            end.field(),
-            mask_text(*family, *len),
-            set
-        ),
+        } => format!("{} @{set}", masked_address_text(*family, *end, *len)),
         Match::Protocol(p) => format!("meta l4proto {}", protocol_name(*p)),
         Match::Dports(ranges) => match ranges.as_slice() {
             [one] => format!("th dport {}", port_range_text(one)),
@@ -155,12 +159,7 @@ pub fn verdict_text(v: &Verdict) -> String {
             end,
             map,
             prefix: Some(len),
-        } => format!(
-            "{} {} & {} vmap @{map}",
-            family.payload(),
-            end.field(),
-            mask_text(*family, *len)
-        ),
+        } => format!("{} vmap @{map}", masked_address_text(*family, *end, *len)),
     }
 }
 

@@ -24,7 +24,9 @@
 //! every pod (modelled on `palisade_policy::workloads::scale_tiered`; the pods of odd
 //! namespaces are not isolated, so the Baseline tier decides for them). Palisade only:
 //! full apply (median of 3), and incremental applies (render + `Applier::apply`): one
-//! address added to one group, and one pod added (medians of 10).
+//! address added to one group, and one pod added (medians of 10); then one egress dispatch
+//! element alone, whose transaction is the kernel's validation of the table at commit,
+//! the floor under a pod's.
 //! `PALISADE_BENCH_VARIANT=tiered-render` times its renders alone (no kernel, seconds).
 
 // The agent binary's allocator (src/main.rs), so that renders cost what they cost there.
@@ -1176,6 +1178,37 @@ mod tiered {
                 out.push(("pod_transaction", transaction));
                 out.push(("pod_readback", phase_ms(&outcome, phase::READ_BACK)));
             }
+            // The kernel's share of a pod added: one egress dispatch element (another
+            // interface name for a pod's entry chain) and nothing else. A verdict that
+            // jumps makes the commit validate every rule reachable from the base chains,
+            // which is most of a pod's transaction; measured beside it, in the same table.
+            let applied = applier.applied().expect("applied").clone();
+            let chain = applied
+                .egress_dispatch
+                .values()
+                .next()
+                .expect("a pod")
+                .clone();
+            for i in 0..INCREMENTAL_REPS {
+                let mut more = applied.clone();
+                more.egress_dispatch
+                    .insert(format!("pfloor{i}"), chain.clone());
+                let outcome = applier.apply(&more).expect("one dispatch element");
+                assert_eq!(outcome.kind, ApplyKind::Incremental);
+                assert!(
+                    outcome
+                        .phases
+                        .iter()
+                        .any(|(name, _)| *name == phase::NETLINK_TRANSACTION),
+                    "one dispatch element goes over netlink: {:?}",
+                    outcome.phases
+                );
+                out.push((
+                    "floor_transaction",
+                    phase_ms(&outcome, phase::NETLINK_TRANSACTION),
+                ));
+                applier.apply(&applied).expect("dispatch element removed");
+            }
             out
         })
         .join()
@@ -1196,12 +1229,14 @@ mod tiered {
         );
         println!(
             "  of which: one address: render {:.2}, kernel {:.2}; one pod: render {:.2}, \
-             transaction {:.2}, read-back {:.2}",
+             transaction {:.2}, read-back {:.2}; one dispatch element alone (the commit's \
+             validation of the table): transaction {:.2}",
             s.median("address_render"),
             s.median("address_kernel"),
             s.median("pod_render"),
             s.median("pod_transaction"),
-            s.median("pod_readback")
+            s.median("pod_readback"),
+            s.median("floor_transaction")
         );
     }
 }

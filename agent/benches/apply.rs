@@ -1195,18 +1195,17 @@ mod tiered {
                     .insert(format!("pfloor{i}"), chain.clone());
                 let outcome = applier.apply(&more).expect("one dispatch element");
                 assert_eq!(outcome.kind, ApplyKind::Incremental);
-                assert!(
-                    outcome
-                        .phases
-                        .iter()
-                        .any(|(name, _)| *name == phase::NETLINK_TRANSACTION),
-                    "one dispatch element goes over netlink: {:?}",
-                    outcome.phases
-                );
-                out.push((
-                    "floor_transaction",
-                    phase_ms(&outcome, phase::NETLINK_TRANSACTION),
-                ));
+                let Some((_, transaction)) = outcome
+                    .phases
+                    .iter()
+                    .find(|(name, _)| *name == phase::NETLINK_TRANSACTION)
+                else {
+                    panic!(
+                        "one dispatch element goes over netlink: {:?}",
+                        outcome.phases
+                    );
+                };
+                out.push(("floor_transaction", ms(*transaction)));
                 applier.apply(&applied).expect("dispatch element removed");
             }
             out
